@@ -1,0 +1,564 @@
+//! The board: one cache-line-padded slot per watched thread, written by that thread's probes
+//! and read by the watchdog.
+//!
+//! # The poll protocol (the hot path)
+//!
+//! A probe calls [`Board::enter`] when a poll starts and [`Board::exit`] when it ends. Entering
+//! and exiting nest (a task span around a user span, a poll hook around a task span): only the
+//! outermost pair is a poll. On the common path a poll does, on the thread's own slot:
+//!
+//! - at start: a few relaxed stores (what is polled, the *watchdog's* clock as the start time)
+//!   and a release store of the sequence number, which becomes odd;
+//! - at end: one load of the watchdog's clock, a compare (to count a slow poll), and a release
+//!   store that makes the sequence even again.
+//!
+//! No lock, no allocation, no syscall, and no clock read: the watchdog keeps time. Two things
+//! read the real clock, both off the common path: one poll in `sample_every` (for the exact
+//! poll-duration histogram), and the end of a poll the watchdog has flagged as a stall (for
+//! the stall's exact end).
+//!
+//! The watchdog reads a slot like a seqlock: sequence, fields, sequence again; a changed
+//! sequence means the fields may mix two polls and the read is dropped.
+//!
+//! # Slots
+//!
+//! A thread claims a slot the first time it polls under a board (allocation and locks are
+//! fine there: once per thread), keeps it in a thread-local, and gives it back when it exits.
+
+use std::cell::Cell;
+use std::ptr;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::kinds::{KindId, Kinds, OTHER};
+use crate::stall::LayerKind;
+
+// --- the culprit word: what a slot is polling ------------------------------------------------
+//
+// bits 0..2  tag: 0 none, 1 interned kind, 2 `&'static Location` pointer (tokio poll hooks)
+// tag 1:     bits 2..4 layer, bits 32..64 kind id
+// tag 2:     the pointer itself (a `Location` is 8-aligned, so its low bits are free); async.
+
+const TAG_MASK: u64 = 0b11;
+const TAG_KIND: u64 = 1;
+const TAG_LOCATION: u64 = 2;
+
+/// Encodes an interned kind polled on `layer`.
+#[inline]
+pub(crate) const fn kind_word(kind: KindId, layer: LayerKind) -> u64 {
+    ((kind as u64) << 32) | ((layer as u64) << 2) | TAG_KIND
+}
+
+/// Encodes a spawn location (the poll-hook probe), resolved to a kind later by the watchdog.
+#[inline]
+#[cfg_attr(not(tokio_unstable), allow(dead_code))]
+pub(crate) fn location_word(loc: &'static std::panic::Location<'static>) -> u64 {
+    (loc as *const std::panic::Location<'static> as u64) | TAG_LOCATION
+}
+
+/// A decoded culprit word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Culprit {
+    None,
+    Kind(KindId, LayerKind),
+    Location(&'static std::panic::Location<'static>),
+}
+
+#[inline]
+pub(crate) fn layer_of(word: u64) -> LayerKind {
+    if word & TAG_MASK == TAG_KIND {
+        LayerKind::from_bits((word >> 2) & 0b11)
+    } else {
+        LayerKind::Async
+    }
+}
+
+pub(crate) fn decode(word: u64) -> Culprit {
+    match word & TAG_MASK {
+        TAG_KIND => Culprit::Kind((word >> 32) as KindId, layer_of(word)),
+        TAG_LOCATION => {
+            let p = (word & !TAG_MASK) as *const std::panic::Location<'static>;
+            // SAFETY: a TAG_LOCATION word is only ever made by `location_word` from a
+            // `&'static Location<'static>`, so the pointer is valid for the whole program.
+            Culprit::Location(unsafe { &*p })
+        }
+        _ => Culprit::None,
+    }
+}
+
+// --- slots -------------------------------------------------------------------------------------
+
+/// One exact poll duration, taken one poll in `sample_every`.
+#[derive(Debug, Default)]
+pub(crate) struct Sample {
+    word: AtomicU64,
+    nanos: AtomicU64,
+}
+
+/// Facts about the thread that owns a slot, set when it claims the slot.
+#[derive(Debug, Clone)]
+pub(crate) struct ThreadMeta {
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) tid: Option<u64>,
+}
+
+const RING: usize = 512;
+
+/// One thread's state. Aligned so two threads never share a cache line.
+#[repr(align(128))]
+#[derive(Debug)]
+pub(crate) struct Slot {
+    // Written by the owning thread only.
+    seq: AtomicU64,
+    culprit: AtomicU64,
+    task: AtomicU64,
+    inner: AtomicU64,
+    start_ns: AtomicU64,
+    end_coarse_ns: AtomicU64,
+    end_ns: AtomicU64,
+    slow_polls: AtomicU64,
+    ring_head: AtomicU64,
+    ring_dropped: AtomicU64,
+    // Written by the watchdog.
+    flagged: AtomicU64,
+    ring_tail: AtomicU64,
+    // Claim state and the cold parts.
+    claimed: AtomicBool,
+    ring: OnceLock<Box<[Sample]>>,
+    meta: Mutex<Option<ThreadMeta>>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            seq: AtomicU64::new(0),
+            culprit: AtomicU64::new(0),
+            task: AtomicU64::new(0),
+            inner: AtomicU64::new(0),
+            start_ns: AtomicU64::new(0),
+            end_coarse_ns: AtomicU64::new(0),
+            end_ns: AtomicU64::new(0),
+            slow_polls: AtomicU64::new(0),
+            ring_head: AtomicU64::new(0),
+            ring_dropped: AtomicU64::new(0),
+            flagged: AtomicU64::new(0),
+            ring_tail: AtomicU64::new(0),
+            claimed: AtomicBool::new(false),
+            ring: OnceLock::new(),
+            meta: Mutex::new(None),
+        }
+    }
+
+    /// Reads the poll in progress, if the slot was stable while read.
+    pub(crate) fn read(&self) -> SlotRead {
+        let s1 = self.seq.load(Ordering::Acquire);
+        let word = self.culprit.load(Ordering::Relaxed);
+        let task = self.task.load(Ordering::Relaxed);
+        let inner = self.inner.load(Ordering::Relaxed);
+        let start_ns = self.start_ns.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        let s2 = self.seq.load(Ordering::Relaxed);
+        SlotRead {
+            seq: s2,
+            stable: s1 == s2,
+            word,
+            task,
+            inner,
+            start_ns,
+        }
+    }
+
+    /// Flags the poll `seq` as a stall: its end will read the real clock.
+    pub(crate) fn flag(&self, seq: u64) {
+        self.end_ns.store(0, Ordering::Relaxed);
+        self.flagged.store(seq, Ordering::SeqCst);
+    }
+
+    /// The exact end of the flagged poll, if the worker saw the flag (0 if not).
+    pub(crate) fn flagged_end_ns(&self) -> u64 {
+        self.end_ns.load(Ordering::Acquire)
+    }
+
+    /// The watchdog's clock when the last poll ended.
+    pub(crate) fn end_coarse_ns(&self) -> u64 {
+        self.end_coarse_ns.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn slow_polls(&self) -> u64 {
+        self.slow_polls.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn samples_dropped(&self) -> u64 {
+        self.ring_dropped.load(Ordering::Relaxed)
+    }
+
+    /// The owner's name and OS thread id; `None` if the owner is claiming the slot right now
+    /// (the watchdog never waits on a worker).
+    pub(crate) fn meta(&self) -> Option<ThreadMeta> {
+        self.meta.try_lock().ok().and_then(|m| m.clone())
+    }
+
+    /// Takes the samples pushed since the last drain (watchdog only).
+    pub(crate) fn drain_samples(&self, mut f: impl FnMut(u64, u64)) {
+        let Some(ring) = self.ring.get() else { return };
+        let head = self.ring_head.load(Ordering::Acquire);
+        let mut tail = self.ring_tail.load(Ordering::Relaxed);
+        while tail < head {
+            let s = &ring[(tail as usize) & (RING - 1)];
+            f(
+                s.word.load(Ordering::Relaxed),
+                s.nanos.load(Ordering::Relaxed),
+            );
+            tail += 1;
+        }
+        self.ring_tail.store(tail, Ordering::Release);
+    }
+
+    #[inline]
+    fn push_sample(&self, word: u64, nanos: u64) {
+        let Some(ring) = self.ring.get() else { return };
+        let head = self.ring_head.load(Ordering::Relaxed);
+        let tail = self.ring_tail.load(Ordering::Acquire);
+        if head - tail >= RING as u64 {
+            self.ring_dropped.store(
+                self.ring_dropped.load(Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
+            return;
+        }
+        let s = &ring[(head as usize) & (RING - 1)];
+        s.word.store(word, Ordering::Relaxed);
+        s.nanos.store(nanos, Ordering::Relaxed);
+        self.ring_head.store(head + 1, Ordering::Release);
+    }
+}
+
+/// What the watchdog read from a slot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotRead {
+    pub(crate) seq: u64,
+    pub(crate) stable: bool,
+    pub(crate) word: u64,
+    pub(crate) task: u64,
+    pub(crate) inner: u64,
+    pub(crate) start_ns: u64,
+}
+
+impl SlotRead {
+    pub(crate) fn in_poll(&self) -> bool {
+        self.seq & 1 == 1
+    }
+}
+
+// --- the board ---------------------------------------------------------------------------------
+
+#[repr(align(128))]
+#[derive(Debug)]
+struct Padded<T>(T);
+
+/// Every slot, the watchdog's clock, and what the probes need to know of the config.
+#[derive(Debug)]
+pub(crate) struct Board {
+    epoch: Instant,
+    epoch_system: SystemTime,
+    /// The watchdog's clock: nanoseconds since `epoch`, stored every tick.
+    clock_ns: Padded<AtomicU64>,
+    /// Per-layer threshold in nanoseconds (`u64::MAX`: the layer is not watched).
+    thresholds_ns: [u64; 3],
+    sample_mask: u64,
+    precise_start: bool,
+    slots: Box<[Slot]>,
+    high_water: AtomicUsize,
+    unwatched_threads: AtomicU64,
+    pub(crate) kinds: Kinds,
+}
+
+impl Board {
+    pub(crate) fn new(
+        thresholds: [Option<Duration>; 3],
+        sample_every: u32,
+        precise_start: bool,
+        max_threads: usize,
+        max_kinds: usize,
+    ) -> Board {
+        let epoch = Instant::now();
+        Board {
+            epoch,
+            epoch_system: SystemTime::now(),
+            clock_ns: Padded(AtomicU64::new(0)),
+            thresholds_ns: thresholds
+                .map(|t| t.map_or(u64::MAX, |d| d.as_nanos().try_into().unwrap_or(u64::MAX))),
+            sample_mask: u64::from(sample_every.max(1)) - 1,
+            precise_start,
+            slots: (0..max_threads).map(|_| Slot::new()).collect(),
+            high_water: AtomicUsize::new(0),
+            unwatched_threads: AtomicU64::new(0),
+            kinds: Kinds::new(max_kinds),
+        }
+    }
+
+    /// Nanoseconds since the board's epoch, from the real clock.
+    #[inline]
+    pub(crate) fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The wall-clock time of a board timestamp.
+    pub(crate) fn system_time(&self, ns: u64) -> SystemTime {
+        self.epoch_system + Duration::from_nanos(ns)
+    }
+
+    /// Stores the watchdog's clock (watchdog only).
+    pub(crate) fn tick(&self, now_ns: u64) {
+        self.clock_ns.0.store(now_ns, Ordering::Relaxed);
+    }
+
+    pub(crate) fn threshold_ns(&self, layer: LayerKind) -> u64 {
+        self.thresholds_ns[layer as usize]
+    }
+
+    pub(crate) fn sample_every(&self) -> u64 {
+        self.sample_mask + 1
+    }
+
+    /// The slots that have ever been claimed.
+    pub(crate) fn slots(&self) -> &[Slot] {
+        let n = self
+            .high_water
+            .load(Ordering::Acquire)
+            .min(self.slots.len());
+        &self.slots[..n]
+    }
+
+    /// Threads that polled but found no free slot.
+    pub(crate) fn unwatched_threads(&self) -> u64 {
+        self.unwatched_threads.load(Ordering::Relaxed)
+    }
+
+    /// A poll (or a nested span) starts on this thread. `task` is called only for the outermost.
+    #[inline]
+    pub(crate) fn enter(self: &Arc<Self>, word: u64, task: impl FnOnce() -> u64) {
+        let _ = LOCAL.try_with(|l| {
+            if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l) {
+                return;
+            }
+            let Some(slot) = self.slots.get(l.slot.get()) else {
+                return;
+            };
+            let depth = l.depth.get();
+            l.depth.set(depth + 1);
+            if depth == 0 {
+                self.begin(slot, l, word, task());
+            } else if depth == 1 {
+                slot.inner.store(word, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// The poll (or nested span) entered last on this thread ends.
+    #[inline]
+    pub(crate) fn exit(self: &Arc<Self>) {
+        let _ = LOCAL.try_with(|l| {
+            if !ptr::eq(l.board.get(), Arc::as_ptr(self)) {
+                return;
+            }
+            let Some(slot) = self.slots.get(l.slot.get()) else {
+                return;
+            };
+            match l.depth.get() {
+                0 => {}
+                1 => {
+                    l.depth.set(0);
+                    self.end(slot, l);
+                }
+                d => l.depth.set(d - 1),
+            }
+        });
+    }
+
+    #[inline]
+    fn begin(&self, slot: &Slot, l: &Local, word: u64, task: u64) {
+        let s = slot.seq.load(Ordering::Relaxed);
+        // The previous poll's end (even sequence) is published before the new poll's fields,
+        // so a reader that sees these fields also sees a sequence past its own (seqlock).
+        fence(Ordering::Release);
+        slot.culprit.store(word, Ordering::Relaxed);
+        slot.task.store(task, Ordering::Relaxed);
+        slot.inner.store(0, Ordering::Relaxed);
+        let start = if self.precise_start {
+            self.now_ns()
+        } else {
+            self.clock_ns.0.load(Ordering::Relaxed)
+        };
+        slot.start_ns.store(start, Ordering::Relaxed);
+        slot.seq.store(s | 1, Ordering::Release);
+        if (s >> 1) & self.sample_mask == 0 {
+            l.sample_start.set(Some(Instant::now()));
+        }
+    }
+
+    #[inline]
+    fn end(&self, slot: &Slot, l: &Local) {
+        let s = slot.seq.load(Ordering::Relaxed);
+        let coarse = self.clock_ns.0.load(Ordering::Relaxed);
+        if slot.flagged.load(Ordering::Relaxed) == s {
+            slot.end_ns.store(self.now_ns().max(1), Ordering::Relaxed);
+        }
+        let word = slot.culprit.load(Ordering::Relaxed);
+        let start = slot.start_ns.load(Ordering::Relaxed);
+        if coarse.saturating_sub(start) >= self.thresholds_ns[layer_of(word) as usize] {
+            slot.slow_polls.store(
+                slot.slow_polls.load(Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
+        }
+        slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
+        slot.seq.store((s | 1) + 1, Ordering::Release);
+        if let Some(t0) = l.sample_start.take() {
+            let nanos = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            slot.push_sample(word, nanos);
+        }
+    }
+
+    /// Slow path: this thread polls under this board for the first time (or came back to it).
+    #[cold]
+    fn attach(self: &Arc<Self>, l: &Local) -> bool {
+        if l.own.get() || l.depth.get() > 0 {
+            // loopwatch's own threads are never watched; a thread never switches boards in
+            // the middle of a poll.
+            return false;
+        }
+        // Only threads inside a tokio runtime are watched: a span held for long on some
+        // other thread is not a stalled worker.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return false;
+        }
+        l.release();
+        l.board.set(Arc::as_ptr(self));
+        match self.claim() {
+            Some(i) => {
+                l.slot.set(i);
+                l.hold.set(Some(self.clone()));
+                true
+            }
+            None => {
+                self.unwatched_threads.fetch_add(1, Ordering::Relaxed);
+                l.slot.set(usize::MAX);
+                l.hold.set(Some(self.clone()));
+                false
+            }
+        }
+    }
+
+    fn claim(&self) -> Option<usize> {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.claimed.load(Ordering::Relaxed) {
+                continue;
+            }
+            if slot
+                .claimed
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                slot.ring
+                    .get_or_init(|| (0..RING).map(|_| Sample::default()).collect());
+                let current = std::thread::current();
+                let meta = ThreadMeta {
+                    name: current.name().map(Arc::from),
+                    tid: os_thread_id(),
+                };
+                if let Ok(mut m) = slot.meta.lock() {
+                    *m = Some(meta);
+                }
+                self.high_water.fetch_max(i + 1, Ordering::AcqRel);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn release(&self, i: usize) {
+        if let Some(slot) = self.slots.get(i) {
+            let s = slot.seq.load(Ordering::Relaxed);
+            if s & 1 == 1 {
+                // The thread is going away in the middle of a poll (it cannot come back).
+                slot.seq.store(s + 1, Ordering::Release);
+            }
+            slot.claimed.store(false, Ordering::Release);
+        }
+    }
+
+    /// Resolves a culprit word to an interned kind and its layer (watchdog side).
+    pub(crate) fn resolve(&self, word: u64) -> (KindId, LayerKind) {
+        match decode(word) {
+            Culprit::None => (OTHER, LayerKind::Async),
+            Culprit::Kind(k, layer) => (k, layer),
+            Culprit::Location(loc) => (
+                self.kinds
+                    .intern(None, Some((loc.file(), loc.line(), loc.column()))),
+                LayerKind::Async,
+            ),
+        }
+    }
+}
+
+// --- the thread-local ----------------------------------------------------------------------
+
+struct Local {
+    board: Cell<*const Board>,
+    slot: Cell<usize>,
+    depth: Cell<u32>,
+    hold: Cell<Option<Arc<Board>>>,
+    sample_start: Cell<Option<Instant>>,
+    own: Cell<bool>,
+}
+
+impl Local {
+    fn release(&self) {
+        if let Some(board) = self.hold.take() {
+            board.release(self.slot.get());
+        }
+        self.board.set(ptr::null());
+        self.slot.set(usize::MAX);
+        self.depth.set(0);
+        self.sample_start.set(None);
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+thread_local! {
+    static LOCAL: Local = const {
+        Local {
+            board: Cell::new(ptr::null()),
+            slot: Cell::new(usize::MAX),
+            depth: Cell::new(0),
+            hold: Cell::new(None),
+            sample_start: Cell::new(None),
+            own: Cell::new(false),
+        }
+    };
+}
+
+/// Marks the calling thread as one of loopwatch's own: it is never watched, so nothing
+/// loopwatch does (reporting a stall through `tracing`) feeds back into its probes.
+pub(crate) fn mark_own_thread() {
+    let _ = LOCAL.try_with(|l| l.own.set(true));
+}
+
+#[cfg(target_os = "linux")]
+fn os_thread_id() -> Option<u64> {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    u64::try_from(tid).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn os_thread_id() -> Option<u64> {
+    None
+}

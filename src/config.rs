@@ -1,0 +1,289 @@
+//! Settings, their defaults, and the `LOOPWATCH_*` environment variables.
+
+use std::time::Duration;
+
+use crate::Error;
+
+/// Default stall threshold: a poll that holds its worker this long is a stall.
+pub const DEFAULT_THRESHOLD: Duration = Duration::from_millis(10);
+/// Smallest accepted threshold.
+pub const MIN_THRESHOLD: Duration = Duration::from_micros(100);
+/// Largest accepted threshold.
+pub const MAX_THRESHOLD: Duration = Duration::from_secs(3600);
+/// Smallest accepted watchdog tick.
+pub const MIN_TICK: Duration = Duration::from_micros(50);
+/// Largest tick the default picks (the default is a tenth of the threshold, within
+/// [`MIN_TICK`]..=[`MAX_DEFAULT_TICK`]).
+pub const MAX_DEFAULT_TICK: Duration = Duration::from_millis(10);
+/// Default: one poll in this many (per worker) is timed exactly for the poll-duration histograms.
+pub const DEFAULT_SAMPLE_EVERY: u32 = 64;
+/// Default capacity of the queue of stall reports between the watchdog and the reporter thread.
+pub const DEFAULT_REPORT_QUEUE: usize = 1024;
+/// Default number of threads that can be watched at once (each gets a slot).
+pub const DEFAULT_MAX_THREADS: usize = 1024;
+/// Default number of distinct task kinds (name + spawn site) kept apart; the rest become `other`.
+pub const DEFAULT_MAX_TASK_KINDS: usize = 512;
+/// Default number of live instrumented spans the layer can follow at once.
+pub const DEFAULT_MAX_LIVE_SPANS: usize = 65_536;
+
+/// Environment variable: stall threshold, a duration such as `10ms`, `250us`, `1.5s`.
+pub const ENV_THRESHOLD: &str = "LOOPWATCH_THRESHOLD";
+/// Environment variable: watchdog tick, a duration no longer than the threshold.
+pub const ENV_TICK: &str = "LOOPWATCH_TICK";
+/// Environment variable: `0`/`false`/`off`/`no` turns loopwatch off, `1`/`true`/`on`/`yes` on.
+pub const ENV_ENABLE: &str = "LOOPWATCH_ENABLE";
+/// Environment variable: time one poll in N exactly (a power of two, 1..=65536).
+pub const ENV_SAMPLE_EVERY: &str = "LOOPWATCH_SAMPLE_EVERY";
+
+/// The settings loopwatch runs with, after the builder and the environment were applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Is loopwatch on at all.
+    pub enabled: bool,
+    /// Stall threshold for the async worker layer.
+    pub threshold: Duration,
+    /// Watchdog tick: how often the watchdog samples every worker.
+    pub tick: Duration,
+    /// Time one poll in this many exactly (power of two).
+    pub sample_every: u32,
+    /// Read the clock at every poll start (exact stall start) instead of the watchdog's clock.
+    pub precise_start: bool,
+    /// Capacity of the stall report queue.
+    pub report_queue: usize,
+    /// Threads that can be watched at once.
+    pub max_threads: usize,
+    /// Distinct task kinds kept apart.
+    pub max_task_kinds: usize,
+    /// Live instrumented spans followed at once.
+    pub max_live_spans: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            enabled: true,
+            threshold: DEFAULT_THRESHOLD,
+            tick: default_tick(DEFAULT_THRESHOLD),
+            sample_every: DEFAULT_SAMPLE_EVERY,
+            precise_start: false,
+            report_queue: DEFAULT_REPORT_QUEUE,
+            max_threads: DEFAULT_MAX_THREADS,
+            max_task_kinds: DEFAULT_MAX_TASK_KINDS,
+            max_live_spans: DEFAULT_MAX_LIVE_SPANS,
+        }
+    }
+}
+
+/// The tick used when none is set: a tenth of the threshold, within [`MIN_TICK`]..=[`MAX_DEFAULT_TICK`].
+pub fn default_tick(threshold: Duration) -> Duration {
+    (threshold / 10).clamp(MIN_TICK, MAX_DEFAULT_TICK)
+}
+
+/// Values read from the `LOOPWATCH_*` variables; `None` where a variable is unset.
+#[derive(Debug, Default)]
+pub(crate) struct EnvOverrides {
+    pub(crate) enabled: Option<bool>,
+    pub(crate) threshold: Option<Duration>,
+    pub(crate) tick: Option<Duration>,
+    pub(crate) sample_every: Option<u32>,
+}
+
+impl EnvOverrides {
+    /// Reads the process environment.
+    pub(crate) fn from_env() -> Result<Self, Error> {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// Reads through `lookup`, so tests need not touch the process environment.
+    pub(crate) fn from_lookup(
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, Error> {
+        let get = |var: &'static str| -> Result<Option<String>, Error> {
+            match lookup(var) {
+                None => Ok(None),
+                Some(v) => match v.into_string() {
+                    Ok(s) => Ok(Some(s)),
+                    Err(raw) => Err(Error::InvalidEnv {
+                        var,
+                        value: raw.to_string_lossy().into_owned(),
+                        reason: "not valid UTF-8".into(),
+                    }),
+                },
+            }
+        };
+        let mut out = EnvOverrides::default();
+        if let Some(v) = get(ENV_ENABLE)? {
+            out.enabled = Some(parse_bool(&v).map_err(|reason| Error::InvalidEnv {
+                var: ENV_ENABLE,
+                value: v.clone(),
+                reason,
+            })?);
+        }
+        if let Some(v) = get(ENV_THRESHOLD)? {
+            out.threshold = Some(parse_duration(&v).map_err(|reason| Error::InvalidEnv {
+                var: ENV_THRESHOLD,
+                value: v.clone(),
+                reason,
+            })?);
+        }
+        if let Some(v) = get(ENV_TICK)? {
+            out.tick = Some(parse_duration(&v).map_err(|reason| Error::InvalidEnv {
+                var: ENV_TICK,
+                value: v.clone(),
+                reason,
+            })?);
+        }
+        if let Some(v) = get(ENV_SAMPLE_EVERY)? {
+            let n = v.trim().parse::<u32>().map_err(|e| Error::InvalidEnv {
+                var: ENV_SAMPLE_EVERY,
+                value: v.clone(),
+                reason: format!("not a whole number ({e}); expected a power of two in 1..=65536"),
+            })?;
+            out.sample_every = Some(n);
+        }
+        Ok(out)
+    }
+}
+
+/// Which knob a value came from, so range errors name it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source {
+    Setter(&'static str),
+    Env(&'static str),
+}
+
+impl Source {
+    pub(crate) fn error(self, value: String, reason: String) -> Error {
+        match self {
+            Source::Setter(setting) => Error::InvalidConfig {
+                setting,
+                reason: format!("{value}: {reason}"),
+            },
+            Source::Env(var) => Error::InvalidEnv { var, value, reason },
+        }
+    }
+}
+
+/// Checks the ranges of a finished config. `threshold_src`, `tick_src` and `sample_src` say where
+/// each value came from so the error names the right variable or setter.
+pub(crate) fn validate(
+    cfg: &Config,
+    threshold_src: Source,
+    tick_src: Source,
+    sample_src: Source,
+) -> Result<(), Error> {
+    if cfg.threshold < MIN_THRESHOLD || cfg.threshold > MAX_THRESHOLD {
+        return Err(threshold_src.error(
+            format!("{:?}", cfg.threshold),
+            format!("the threshold must be between {MIN_THRESHOLD:?} and {MAX_THRESHOLD:?}"),
+        ));
+    }
+    if cfg.tick < MIN_TICK {
+        return Err(tick_src.error(
+            format!("{:?}", cfg.tick),
+            format!("the tick must be at least {MIN_TICK:?}"),
+        ));
+    }
+    if cfg.tick > cfg.threshold {
+        return Err(tick_src.error(
+            format!("{:?}", cfg.tick),
+            format!(
+                "the tick must not be longer than the threshold ({:?}), or stalls would be seen late",
+                cfg.threshold
+            ),
+        ));
+    }
+    if !cfg.sample_every.is_power_of_two() || cfg.sample_every > 65_536 {
+        return Err(sample_src.error(
+            cfg.sample_every.to_string(),
+            "expected a power of two in 1..=65536".into(),
+        ));
+    }
+    for (setting, v) in [
+        ("report_queue", cfg.report_queue),
+        ("max_threads", cfg.max_threads),
+        ("max_task_kinds", cfg.max_task_kinds),
+        ("max_live_spans", cfg.max_live_spans),
+    ] {
+        if v == 0 || v > 1 << 24 {
+            return Err(Error::InvalidConfig {
+                setting,
+                reason: format!("{v}: must be between 1 and {}", 1 << 24),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Parses `1`/`0`, `true`/`false`, `on`/`off`, `yes`/`no` (any case).
+pub(crate) fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err("expected one of 1, 0, true, false, on, off, yes, no".into()),
+    }
+}
+
+/// Parses a duration with a unit: `ns`, `us` (or `µs`), `ms`, `s`; decimals allowed (`1.5ms`).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    const HELP: &str = "expected a number with a unit: ns, us, ms or s (e.g. 10ms, 250us, 1.5s)";
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("no unit; {HELP}"))?;
+    let (num, unit) = t.split_at(split);
+    let nanos_per_unit: f64 = match unit.trim() {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        other => return Err(format!("unknown unit {other:?}; {HELP}")),
+    };
+    if num.is_empty() {
+        return Err(format!("no number; {HELP}"));
+    }
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{num:?} is not a number; {HELP}"))?;
+    let nanos = value * nanos_per_unit;
+    if !nanos.is_finite() || nanos > 1e15 {
+        return Err(format!("too large; {HELP}"));
+    }
+    Ok(Duration::from_nanos(nanos.round() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_duration(" 250us "), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("250µs"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("100000ns"), Ok(Duration::from_micros(100)));
+        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(parse_duration("ms").unwrap_err().contains("no number"));
+        assert!(parse_duration("10 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_duration("1.2.3ms")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(parse_duration("99999999999s")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn default_tick_is_a_tenth_of_the_threshold_within_bounds() {
+        assert_eq!(
+            default_tick(Duration::from_millis(10)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(default_tick(Duration::from_micros(100)), MIN_TICK);
+        assert_eq!(default_tick(Duration::from_secs(10)), MAX_DEFAULT_TICK);
+    }
+}

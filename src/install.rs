@@ -1,0 +1,392 @@
+//! Setting loopwatch up: the [`Builder`], the [`Guard`] that owns its threads, and the
+//! one-call [`init`] / [`try_init`].
+
+use std::fmt;
+use std::future::Future;
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
+use crate::board::Board;
+use crate::config::{self, Config, EnvOverrides, Source};
+use crate::probe::layer::{LayerShared, LoopwatchLayer};
+use crate::probe::spans::SpanTable;
+use crate::probe::watched::{self, Watched};
+use crate::report::{self, Callback};
+use crate::snapshot::Snapshot;
+use crate::stall::Stall;
+use crate::watchdog::{Shared, Watchdog};
+use crate::Error;
+
+/// Configures and starts loopwatch. Made by [`builder`](crate::builder).
+///
+/// Setters give the application's values; `LOOPWATCH_*` environment variables, when set,
+/// override them so an operator can retune or turn off loopwatch without a rebuild
+/// ([`ignore_env`](Builder::ignore_env) opts out).
+#[must_use = "a Builder does nothing until `build`, `init` or `try_init` is called"]
+pub struct Builder {
+    cfg: Config,
+    threshold_set: bool,
+    tick_set: bool,
+    use_env: bool,
+    callbacks: Vec<Callback>,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("cfg", &self.cfg)
+            .field("use_env", &self.use_env)
+            .field("callbacks", &self.callbacks.len())
+            .finish()
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            cfg: Config::default(),
+            threshold_set: false,
+            tick_set: false,
+            use_env: true,
+            callbacks: Vec::new(),
+        }
+    }
+}
+
+impl Builder {
+    /// A poll that holds an async worker this long is a stall. Default
+    /// [`DEFAULT_THRESHOLD`](crate::DEFAULT_THRESHOLD) (10 ms); accepted from
+    /// [`MIN_THRESHOLD`](crate::MIN_THRESHOLD) (100 µs) to
+    /// [`MAX_THRESHOLD`](crate::MAX_THRESHOLD). Env: `LOOPWATCH_THRESHOLD`.
+    pub fn threshold(mut self, threshold: Duration) -> Self {
+        self.cfg.threshold = threshold;
+        self.threshold_set = true;
+        self
+    }
+
+    /// How often the watchdog samples the workers. Default: a tenth of the threshold, within
+    /// [`MIN_TICK`](crate::MIN_TICK)..=[`MAX_DEFAULT_TICK`](crate::MAX_DEFAULT_TICK); never
+    /// longer than the threshold. A stall is reported within one tick of crossing the
+    /// threshold. Env: `LOOPWATCH_TICK`.
+    pub fn tick(mut self, tick: Duration) -> Self {
+        self.cfg.tick = tick;
+        self.tick_set = true;
+        self
+    }
+
+    /// Turns loopwatch on or off (off: the layer does nothing and no thread starts).
+    /// Default on. Env: `LOOPWATCH_ENABLE`.
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.cfg.enabled = enabled;
+        self
+    }
+
+    /// Time one poll in `n` (per thread) exactly for the poll-duration histograms; a power of
+    /// two from 1 to 65536. Default [`DEFAULT_SAMPLE_EVERY`](crate::DEFAULT_SAMPLE_EVERY).
+    /// Env: `LOOPWATCH_SAMPLE_EVERY`.
+    pub fn sample_every(mut self, n: u32) -> Self {
+        self.cfg.sample_every = n;
+        self
+    }
+
+    /// Read the real clock at every poll start, so a stall's start and total are exact instead
+    /// of within a tick. Costs one clock read per poll (see `docs/PERFORMANCE.md`). Default off.
+    pub fn precise_start(mut self, on: bool) -> Self {
+        self.cfg.precise_start = on;
+        self
+    }
+
+    /// Capacity of the queue between the watchdog and the reporter thread; reports beyond it
+    /// are dropped and counted. Default [`DEFAULT_REPORT_QUEUE`](crate::DEFAULT_REPORT_QUEUE).
+    pub fn report_queue(mut self, capacity: usize) -> Self {
+        self.cfg.report_queue = capacity;
+        self
+    }
+
+    /// How many threads can be watched at once. Default
+    /// [`DEFAULT_MAX_THREADS`](crate::DEFAULT_MAX_THREADS).
+    pub fn max_threads(mut self, n: usize) -> Self {
+        self.cfg.max_threads = n;
+        self
+    }
+
+    /// How many task kinds (name + site) are kept apart; the rest are `other`. Default
+    /// [`DEFAULT_MAX_TASK_KINDS`](crate::DEFAULT_MAX_TASK_KINDS).
+    pub fn max_task_kinds(mut self, n: usize) -> Self {
+        self.cfg.max_task_kinds = n;
+        self
+    }
+
+    /// How many live spans the layer can follow. Default
+    /// [`DEFAULT_MAX_LIVE_SPANS`](crate::DEFAULT_MAX_LIVE_SPANS).
+    pub fn max_live_spans(mut self, n: usize) -> Self {
+        self.cfg.max_live_spans = n;
+        self
+    }
+
+    /// Calls `f` with every stall report (once when detected, once when ended), on loopwatch's
+    /// reporter thread. A slow callback delays only later reports; when the report queue is
+    /// full they are dropped and counted. A panic in `f` is caught and counted.
+    pub fn on_stall(mut self, f: impl Fn(&Stall) + Send + Sync + 'static) -> Self {
+        self.callbacks.push(Arc::new(f));
+        self
+    }
+
+    /// Do not read `LOOPWATCH_*` environment variables.
+    pub fn ignore_env(mut self) -> Self {
+        self.use_env = false;
+        self
+    }
+
+    /// The settings `build` would use (builder values with the environment applied).
+    ///
+    /// # Errors
+    /// A named [`Error`] for any bad value, saying which setter or variable and why.
+    pub fn config(&self) -> Result<Config, Error> {
+        let env = if self.use_env {
+            EnvOverrides::from_env()?
+        } else {
+            EnvOverrides::default()
+        };
+        self.resolve(env)
+    }
+
+    pub(crate) fn resolve(&self, env: EnvOverrides) -> Result<Config, Error> {
+        let mut cfg = self.cfg.clone();
+        let mut threshold_src = Source::Setter("threshold");
+        let mut tick_src = Source::Setter("tick");
+        let mut sample_src = Source::Setter("sample_every");
+        if let Some(v) = env.enabled {
+            cfg.enabled = v;
+        }
+        if let Some(v) = env.threshold {
+            cfg.threshold = v;
+            threshold_src = Source::Env(config::ENV_THRESHOLD);
+        }
+        let tick_given = if let Some(v) = env.tick {
+            cfg.tick = v;
+            tick_src = Source::Env(config::ENV_TICK);
+            true
+        } else {
+            self.tick_set
+        };
+        if !tick_given {
+            cfg.tick = config::default_tick(cfg.threshold);
+        }
+        if let Some(v) = env.sample_every {
+            cfg.sample_every = v;
+            sample_src = Source::Env(config::ENV_SAMPLE_EVERY);
+        }
+        let _ = self.threshold_set;
+        config::validate(&cfg, threshold_src, tick_src, sample_src)?;
+        Ok(cfg)
+    }
+
+    /// Starts the watchdog and returns the layer to add to a `tracing_subscriber::registry()`
+    /// and the guard that owns loopwatch's threads (drop it to stop them).
+    ///
+    /// # Errors
+    /// A named [`Error`] for a bad setting or variable, or if a thread could not start.
+    pub fn build(self) -> Result<(LoopwatchLayer, Guard), Error> {
+        let cfg = self.config()?;
+        if !cfg.enabled {
+            return Ok((LoopwatchLayer::new(None), Guard { inner: None, cfg }));
+        }
+        let board = Arc::new(Board::new(
+            [Some(cfg.threshold), None, None],
+            cfg.sample_every,
+            cfg.precise_start,
+            cfg.max_threads,
+            cfg.max_task_kinds,
+        ));
+        let layer_shared = Arc::new(LayerShared {
+            board: board.clone(),
+            spans: SpanTable::new(cfg.max_live_spans),
+            dispatch: Mutex::new(None),
+        });
+        let shared = Arc::new(Shared::new(
+            board.clone(),
+            layer_shared.clone(),
+            cfg.clone(),
+        ));
+        let (tx, rx) = sync_channel::<Stall>(cfg.report_queue);
+
+        let reporter = {
+            let shared = shared.clone();
+            let callbacks = self.callbacks;
+            std::thread::Builder::new()
+                .name("loopwatch-report".into())
+                .spawn(move || report::run(shared, rx, callbacks))
+                .map_err(|source| Error::SpawnThread {
+                    thread: "loopwatch-report",
+                    source,
+                })?
+        };
+        let watchdog = {
+            let dog = Watchdog::new(shared.clone(), tx);
+            std::thread::Builder::new()
+                .name("loopwatch-watchdog".into())
+                .spawn(move || dog.run())
+                .map_err(|source| Error::SpawnThread {
+                    thread: "loopwatch-watchdog",
+                    source,
+                })?
+        };
+        watched::set_current(&board);
+        Ok((
+            LoopwatchLayer::new(Some(layer_shared)),
+            Guard {
+                inner: Some(Inner {
+                    shared,
+                    watchdog: Some(watchdog),
+                    reporter: Some(reporter),
+                }),
+                cfg,
+            },
+        ))
+    }
+
+    /// Builds loopwatch and sets, as the global default subscriber, a registry with its layer
+    /// and a `fmt` layer that prints to stderr (filtered by `RUST_LOG`, default `info`).
+    ///
+    /// # Errors
+    /// As [`build`](Builder::build), and [`Error::SetGlobalDefault`] if a global subscriber was
+    /// already set.
+    pub fn try_init(self) -> Result<Guard, Error> {
+        let (layer, guard) = self.build()?;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .try_init()
+            .map_err(Error::SetGlobalDefault)?;
+        Ok(guard)
+    }
+
+    /// As [`try_init`](Builder::try_init), panicking on error.
+    ///
+    /// # Panics
+    /// If a setting or `LOOPWATCH_*` variable is invalid, a thread cannot start, or a global
+    /// subscriber is already set. The panic message is the [`Error`]'s.
+    pub fn init(self) -> Guard {
+        match self.try_init() {
+            Ok(g) => g,
+            Err(e) => panic!("loopwatch::init failed: {e}"),
+        }
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    watchdog: Option<JoinHandle<()>>,
+    reporter: Option<JoinHandle<()>>,
+}
+
+/// Owns loopwatch's threads. Dropping it stops the watchdog, lets the reporter deliver the
+/// reports already queued, and joins both (waiting at most one second for a stuck callback).
+#[must_use = "dropping the Guard stops loopwatch"]
+pub struct Guard {
+    inner: Option<Inner>,
+    cfg: Config,
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("running", &self.inner.is_some())
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Guard {
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Is loopwatch running (false when it was turned off)?
+    pub fn is_running(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Counters and histograms as of now. All zero when loopwatch is off.
+    pub fn snapshot(&self) -> Snapshot {
+        self.inner
+            .as_ref()
+            .map(|i| i.shared.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Watches `future` under `name` with this guard (see [`watch`](crate::watch)).
+    #[track_caller]
+    pub fn watch<F: Future>(&self, name: &str, future: F) -> Watched<F> {
+        Watched::new(
+            self.inner.as_ref().map(|i| i.shared.board.clone()),
+            name,
+            future,
+            std::panic::Location::caller(),
+        )
+    }
+
+    /// Installs tokio's poll hooks on a runtime builder, so every task on that runtime is
+    /// watched with no span at all (the cheapest probe). Requires `--cfg tokio_unstable`.
+    ///
+    /// ```ignore
+    /// let mut rt = tokio::runtime::Builder::new_multi_thread();
+    /// guard.install_poll_hooks(rt.enable_all());
+    /// let rt = rt.build()?;
+    /// ```
+    #[cfg(tokio_unstable)]
+    #[cfg_attr(docsrs, doc(cfg(tokio_unstable)))]
+    pub fn install_poll_hooks<'a>(
+        &self,
+        builder: &'a mut tokio::runtime::Builder,
+    ) -> &'a mut tokio::runtime::Builder {
+        match &self.inner {
+            Some(i) => crate::probe::hooks::install(&i.shared.board, builder),
+            None => builder,
+        }
+    }
+
+    /// Stops loopwatch now (the same as dropping the guard).
+    pub fn shutdown(self) {}
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let Some(mut inner) = self.inner.take() else {
+            return;
+        };
+        inner
+            .shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
+        watched::clear_current(&inner.shared.board);
+        if let Some(w) = inner.watchdog.take() {
+            w.thread().unpark();
+            let _ = w.join();
+        }
+        // The watchdog has dropped the sending side: the reporter ends after the queue.
+        if let Some(r) = inner.reporter.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while !r.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Task kinds: a task's name and spawn site, interned into a capped, lock-free table.
+//!
+//! A kind is what metrics and histograms are keyed by (never a task id, which is unbounded).
+//! Interning happens when a span or a watched future is created, or on the watchdog thread,
+//! never on the poll hot path. Past the cap, new kinds become [`OTHER`] and are counted.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The id of an interned kind. `0` is [`OTHER`].
+pub(crate) type KindId = u32;
+
+/// The kind every task gets once the table is full.
+pub(crate) const OTHER: KindId = 0;
+
+const EMPTY: u8 = 0;
+const WRITING: u8 = 1;
+const READY: u8 = 2;
+
+/// What a task kind is: the task's name (if it has one) and where it was spawned or declared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskKind {
+    /// The task's name: `tokio::task::Builder::name`, the span's name, or a watched future's name.
+    pub name: Option<Arc<str>>,
+    /// `file:line:column` (or `file:line`) of the spawn site or of the instrumented span.
+    pub site: Option<Arc<str>>,
+}
+
+impl TaskKind {
+    /// The label used for this kind: its name, else its site, else `unknown`.
+    pub fn label(&self) -> &str {
+        self.name
+            .as_deref()
+            .or(self.site.as_deref())
+            .unwrap_or("unknown")
+    }
+
+    pub(crate) fn other() -> TaskKind {
+        TaskKind {
+            name: Some(Arc::from("other")),
+            site: None,
+        }
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.name, &self.site) {
+            (Some(n), Some(s)) => write!(f, "{n} ({s})"),
+            (Some(n), None) => f.write_str(n),
+            (None, Some(s)) => f.write_str(s),
+            (None, None) => f.write_str("unknown"),
+        }
+    }
+}
+
+struct Entry {
+    state: AtomicU8,
+    hash: AtomicU64,
+    id: AtomicU32,
+    kind: OnceLock<TaskKind>,
+}
+
+/// The capped intern table.
+pub(crate) struct Kinds {
+    entries: Box<[Entry]>,
+    /// `entries` index of each id, in insertion order (`ids[id - 1]`).
+    ids: Box<[AtomicUsize]>,
+    len: AtomicUsize,
+    cap: usize,
+    overflow: AtomicU64,
+    other: TaskKind,
+}
+
+impl fmt::Debug for Kinds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kinds")
+            .field("len", &self.len.load(Ordering::Relaxed))
+            .field("cap", &self.cap)
+            .field("overflow", &self.overflow.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Kinds {
+    pub(crate) fn new(cap: usize) -> Kinds {
+        let size = (cap * 2).next_power_of_two().max(8);
+        Kinds {
+            entries: (0..size)
+                .map(|_| Entry {
+                    state: AtomicU8::new(EMPTY),
+                    hash: AtomicU64::new(0),
+                    id: AtomicU32::new(OTHER),
+                    kind: OnceLock::new(),
+                })
+                .collect(),
+            ids: (0..cap).map(|_| AtomicUsize::new(usize::MAX)).collect(),
+            len: AtomicUsize::new(0),
+            cap,
+            overflow: AtomicU64::new(0),
+            other: TaskKind::other(),
+        }
+    }
+
+    /// Kinds that did not fit and were counted as [`OTHER`].
+    pub(crate) fn overflow(&self) -> u64 {
+        self.overflow.load(Ordering::Relaxed)
+    }
+
+    /// The kind of `id`.
+    pub(crate) fn get(&self, id: KindId) -> &TaskKind {
+        if id == OTHER {
+            return &self.other;
+        }
+        let slot = self
+            .ids
+            .get(id as usize - 1)
+            .map(|i| i.load(Ordering::Acquire))
+            .unwrap_or(usize::MAX);
+        self.entries
+            .get(slot)
+            .and_then(|e| e.kind.get())
+            .unwrap_or(&self.other)
+    }
+
+    /// Interns a kind from its parts. `site` is `(file, line, column)`; a column of 0 is left out.
+    pub(crate) fn intern(&self, name: Option<&str>, site: Option<(&str, u32, u32)>) -> KindId {
+        let name = name.filter(|n| !n.is_empty());
+        let mut h = DefaultHasher::new();
+        name.hash(&mut h);
+        site.hash(&mut h);
+        let hash = h.finish() | 1; // never 0
+        let mask = self.entries.len() - 1;
+        let mut i = (hash as usize) & mask;
+        for _ in 0..self.entries.len() {
+            let e = &self.entries[i];
+            loop {
+                match e.state.load(Ordering::Acquire) {
+                    READY => {
+                        if e.hash.load(Ordering::Relaxed) == hash {
+                            if let Some(k) = e.kind.get() {
+                                if matches(k, name, site) {
+                                    return e.id.load(Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        break;
+                    }
+                    WRITING => std::hint::spin_loop(),
+                    _ => {
+                        // Empty: claim it, unless the table is full.
+                        if self.len.load(Ordering::Relaxed) >= self.cap {
+                            self.overflow.fetch_add(1, Ordering::Relaxed);
+                            return OTHER;
+                        }
+                        if e.state
+                            .compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Acquire)
+                            .is_err()
+                        {
+                            continue; // someone else is writing here; look again
+                        }
+                        let n = self.len.fetch_add(1, Ordering::Relaxed);
+                        if n >= self.cap {
+                            self.len.fetch_sub(1, Ordering::Relaxed);
+                            e.state.store(EMPTY, Ordering::Release);
+                            self.overflow.fetch_add(1, Ordering::Relaxed);
+                            return OTHER;
+                        }
+                        let _ = e.kind.set(TaskKind {
+                            name: name.map(Arc::from),
+                            site: site.map(|(f, l, c)| Arc::from(format_site(f, l, c))),
+                        });
+                        e.hash.store(hash, Ordering::Relaxed);
+                        e.id.store(n as KindId + 1, Ordering::Relaxed);
+                        self.ids[n].store(i, Ordering::Release);
+                        e.state.store(READY, Ordering::Release);
+                        return n as KindId + 1;
+                    }
+                }
+            }
+            i = (i + 1) & mask;
+        }
+        self.overflow.fetch_add(1, Ordering::Relaxed);
+        OTHER
+    }
+}
+
+fn matches(k: &TaskKind, name: Option<&str>, site: Option<(&str, u32, u32)>) -> bool {
+    k.name.as_deref() == name
+        && match (site, &k.site) {
+            (None, None) => true,
+            (Some((f, l, c)), Some(s)) => site_matches(s, f, l, c),
+            _ => false,
+        }
+}
+
+/// `s == format_site(file, line, col)`, without allocating.
+fn site_matches(s: &str, file: &str, line: u32, col: u32) -> bool {
+    let Some(rest) = s.strip_prefix(file).and_then(|r| r.strip_prefix(':')) else {
+        return false;
+    };
+    let (l, c) = match rest.split_once(':') {
+        Some((l, c)) => (l, Some(c)),
+        None => (rest, None),
+    };
+    l.parse() == Ok(line)
+        && match c {
+            Some(c) => col != 0 && c.parse() == Ok(col),
+            None => col == 0,
+        }
+}
+
+pub(crate) fn format_site(file: &str, line: u32, col: u32) -> String {
+    if col == 0 {
+        format!("{file}:{line}")
+    } else {
+        format!("{file}:{line}:{col}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_parts_give_the_same_id() {
+        let k = Kinds::new(4);
+        let a = k.intern(Some("a"), Some(("src/x.rs", 1, 2)));
+        let b = k.intern(Some("b"), Some(("src/x.rs", 1, 2)));
+        assert_ne!(a, OTHER);
+        assert_ne!(a, b);
+        assert_eq!(k.intern(Some("a"), Some(("src/x.rs", 1, 2))), a);
+        assert_eq!(k.get(a).name.as_deref(), Some("a"));
+        assert_eq!(k.get(a).site.as_deref(), Some("src/x.rs:1:2"));
+        // An empty name is no name.
+        let c = k.intern(Some(""), Some(("src/y.rs", 3, 0)));
+        assert_eq!(k.get(c).label(), "src/y.rs:3");
+    }
+
+    #[test]
+    fn overflow_goes_to_other_and_is_counted() {
+        let k = Kinds::new(2);
+        k.intern(Some("a"), None);
+        k.intern(Some("b"), None);
+        assert_eq!(k.intern(Some("c"), None), OTHER);
+        assert_eq!(k.intern(Some("d"), None), OTHER);
+        assert_eq!(k.overflow(), 2);
+        assert_eq!(k.get(OTHER).label(), "other");
+        // Known kinds are still found.
+        assert_ne!(k.intern(Some("a"), None), OTHER);
+    }
+
+    #[test]
+    fn concurrent_interning_agrees() {
+        let k = Arc::new(Kinds::new(64));
+        let ids: Vec<Vec<KindId>> = (0..4)
+            .map(|_| {
+                let k = k.clone();
+                std::thread::spawn(move || {
+                    (0..32)
+                        .map(|i| k.intern(Some(&format!("t{i}")), None))
+                        .collect()
+                })
+            })
+            .map(|h| h.join().unwrap())
+            .collect();
+        for other in &ids[1..] {
+            assert_eq!(&ids[0], other);
+        }
+        assert_eq!(k.overflow(), 0);
+    }
+}

@@ -1,0 +1,51 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod board;
+mod config;
+mod error;
+mod install;
+mod kinds;
+mod probe;
+mod report;
+mod snapshot;
+mod stall;
+mod watchdog;
+
+pub use config::{
+    default_tick, Config, DEFAULT_MAX_LIVE_SPANS, DEFAULT_MAX_TASK_KINDS, DEFAULT_MAX_THREADS,
+    DEFAULT_REPORT_QUEUE, DEFAULT_SAMPLE_EVERY, DEFAULT_THRESHOLD, ENV_ENABLE, ENV_SAMPLE_EVERY,
+    ENV_THRESHOLD, ENV_TICK, MAX_DEFAULT_TICK, MAX_THRESHOLD, MIN_THRESHOLD, MIN_TICK,
+};
+pub use error::Error;
+pub use install::{Builder, Guard};
+pub use kinds::TaskKind;
+pub use probe::layer::LoopwatchLayer;
+pub use probe::watched::{watch, WatchExt, Watched};
+pub use snapshot::{Histogram, KindPolls, Snapshot, POLL_BUCKETS_NS};
+pub use stall::{LayerKind, Stall, StallState, TaskInfo, WorkerInfo};
+
+/// A [`Builder`] with the defaults (and `LOOPWATCH_*` variables applied when it is built).
+pub fn builder() -> Builder {
+    Builder::default()
+}
+
+/// Starts loopwatch with the defaults and sets a global subscriber that prints stall reports
+/// (and the application's own events) to stderr. Keep the returned guard alive.
+///
+/// # Panics
+/// If a `LOOPWATCH_*` variable is invalid, a thread cannot start, or a global subscriber is
+/// already set: see [`try_init`] for the non-panicking form.
+pub fn init() -> Guard {
+    builder().init()
+}
+
+/// As [`init`], returning an error instead of panicking.
+///
+/// # Errors
+/// [`Error::InvalidEnv`] for a bad `LOOPWATCH_*` variable, [`Error::SpawnThread`] if a thread
+/// cannot start, [`Error::SetGlobalDefault`] if a global subscriber is already set.
+pub fn try_init() -> Result<Guard, Error> {
+    builder().try_init()
+}

@@ -1,0 +1,269 @@
+//! The `tracing` probe: a [`tracing_subscriber::Layer`] that sees polls as span enter/exit.
+//!
+//! Two kinds of spans are followed:
+//!
+//! - tokio's own `runtime.spawn` spans (tokio's `tracing` feature, built with
+//!   `--cfg tokio_unstable`): one per task, entered on every poll, carrying the task's id, name
+//!   and spawn location. Every task is seen with no user code changed.
+//! - any other span (`#[instrument]`, `.instrument(span)`): its enter/exit on a runtime thread
+//!   is a poll of the instrumented future. This works on stable tokio.
+//!
+//! tokio's resource spans (`runtime.resource*`, targets `tokio::*`) are ignored.
+
+use std::fmt::{self, Write as _};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use tracing_core::dispatcher::WeakDispatch;
+use tracing_core::field::{Field, Visit};
+use tracing_core::span::{Attributes, Id};
+use tracing_core::{Dispatch, Subscriber};
+use tracing_subscriber::layer::Context;
+
+use crate::board::{kind_word, Board};
+use crate::probe::spans::SpanTable;
+use crate::stall::LayerKind;
+
+/// What the layer shares with the rest of loopwatch.
+#[derive(Debug)]
+pub(crate) struct LayerShared {
+    pub(crate) board: Arc<Board>,
+    pub(crate) spans: SpanTable,
+    /// The subscriber the layer was added to, so reports go to the same place.
+    pub(crate) dispatch: Mutex<Option<WeakDispatch>>,
+}
+
+/// The `tracing_subscriber` layer that probes polls. Add it to a registry:
+///
+/// ```
+/// use tracing_subscriber::prelude::*;
+/// let (layer, _guard) = loopwatch::builder().build()?;
+/// let _subscriber = tracing_subscriber::registry().with(layer);
+/// # Ok::<(), loopwatch::Error>(())
+/// ```
+///
+/// A disabled loopwatch (`LOOPWATCH_ENABLE=0`) gives a layer that does nothing.
+#[derive(Debug, Clone)]
+pub struct LoopwatchLayer {
+    shared: Option<Arc<LayerShared>>,
+}
+
+impl LoopwatchLayer {
+    pub(crate) fn new(shared: Option<Arc<LayerShared>>) -> Self {
+        LoopwatchLayer { shared }
+    }
+}
+
+/// tokio's task id as a number (`tokio::task::Id` shows it only through `Display` and `Hash`;
+/// its `Hash` writes the number with `write_u64`).
+pub(crate) fn task_id_u64(id: tokio::task::Id) -> u64 {
+    use std::hash::{Hash, Hasher};
+    struct Capture(u64);
+    impl Hasher for Capture {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 << 8) | u64::from(*b);
+            }
+        }
+        fn write_u64(&mut self, n: u64) {
+            self.0 = n;
+        }
+    }
+    let mut h = Capture(0);
+    id.hash(&mut h);
+    h.0
+}
+
+/// The id of the task being polled on this thread, 0 outside a task.
+#[inline]
+pub(crate) fn current_task_id() -> u64 {
+    tokio::task::try_id().map_or(0, task_id_u64)
+}
+
+/// A small string on the stack, for field values read when a span is created.
+struct StackStr<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackStr<N> {
+    fn new() -> Self {
+        StackStr {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever written (truncated at a char boundary).
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> fmt::Write for StackStr<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = N - self.len;
+        let mut n = s.len().min(room);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// The fields of a tokio `runtime.spawn` span, read without allocating.
+struct TaskFields {
+    kind: StackStr<16>,
+    name: StackStr<96>,
+    file: StackStr<256>,
+    id: u64,
+    line: u32,
+    col: u32,
+}
+
+impl Visit for TaskFields {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match field.name() {
+            "task.id" => self.id = value,
+            "loc.line" => self.line = u32::try_from(value).unwrap_or(u32::MAX),
+            "loc.col" => self.col = u32::try_from(value).unwrap_or(u32::MAX),
+            _ => {}
+        }
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if let Ok(v) = u64::try_from(value) {
+            self.record_u64(field, v);
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let _ = match field.name() {
+            "loc.file" => self.file.write_str(value),
+            "kind" => self.kind.write_str(value),
+            "task.name" => self.name.write_str(value),
+            _ => Ok(()),
+        };
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let _ = match field.name() {
+            "loc.file" => write!(self.file, "{value:?}"),
+            "kind" => write!(self.kind, "{value:?}"),
+            "task.name" => write!(self.name, "{value:?}"),
+            _ => Ok(()),
+        };
+    }
+}
+
+impl LayerShared {
+    fn span_created(&self, attrs: &Attributes<'_>, id: &Id) {
+        let meta = attrs.metadata();
+        let target = meta.target();
+        let (word, task) = if meta.name() == "runtime.spawn" && target.starts_with("tokio::task") {
+            let mut f = TaskFields {
+                kind: StackStr::new(),
+                name: StackStr::new(),
+                file: StackStr::new(),
+                id: 0,
+                line: 0,
+                col: 0,
+            };
+            attrs.record(&mut f);
+            let file = f.file.as_str();
+            let site = (!file.is_empty()).then_some((file, f.line, f.col));
+            let layer = if f.kind.as_str() == "blocking" {
+                LayerKind::Blocking
+            } else {
+                LayerKind::Async
+            };
+            let name = f.name.as_str();
+            let kind = self
+                .board
+                .kinds
+                .intern((!name.is_empty()).then_some(name), site);
+            (kind_word(kind, layer), f.id)
+        } else if target.starts_with("tokio") || target.starts_with("runtime") {
+            return; // tokio's resource spans: not polls
+        } else {
+            let site = meta.file().map(|f| (f, meta.line().unwrap_or(0), 0));
+            let kind = self.board.kinds.intern(Some(meta.name()), site);
+            (kind_word(kind, LayerKind::Async), 0)
+        };
+        self.spans.insert(id.into_u64(), word, task);
+    }
+}
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
+    fn on_register_dispatch(&self, subscriber: &Dispatch) {
+        if let Some(shared) = &self.shared {
+            if let Ok(mut d) = shared.dispatch.lock() {
+                *d = Some(subscriber.downgrade());
+            }
+        }
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _ctx: Context<'_, S>) {
+        if let Some(shared) = &self.shared {
+            let _ = catch_unwind(AssertUnwindSafe(|| shared.span_created(attrs, id)));
+        }
+    }
+
+    #[inline]
+    fn on_enter(&self, id: &Id, _ctx: Context<'_, S>) {
+        if let Some(shared) = &self.shared {
+            if let Some((word, task)) = shared.spans.get(id.into_u64()) {
+                shared
+                    .board
+                    .enter(word, || if task != 0 { task } else { current_task_id() });
+            }
+        }
+    }
+
+    #[inline]
+    fn on_exit(&self, id: &Id, _ctx: Context<'_, S>) {
+        if let Some(shared) = &self.shared {
+            if shared.spans.get(id.into_u64()).is_some() {
+                shared.board.exit();
+            }
+        }
+    }
+
+    fn on_close(&self, id: Id, _ctx: Context<'_, S>) {
+        if let Some(shared) = &self.shared {
+            shared.spans.remove(id.into_u64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_read_through_hash_match_display() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (id, shown) = rt.block_on(async {
+            tokio::spawn(async {
+                let id = tokio::task::id();
+                (task_id_u64(id), id.to_string())
+            })
+            .await
+            .unwrap()
+        });
+        assert_ne!(id, 0);
+        assert_eq!(id.to_string(), shown);
+    }
+
+    #[test]
+    fn stack_strings_truncate_on_char_boundaries() {
+        let mut s = StackStr::<96>::new();
+        let long = "é".repeat(100);
+        let _ = s.write_str(&long);
+        assert!(s.as_str().len() <= 96);
+        assert!(s.as_str().chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,7 @@
+//! The probes: what runs on the watched threads, at every poll.
+
+#[cfg(tokio_unstable)]
+pub(crate) mod hooks;
+pub(crate) mod layer;
+pub(crate) mod spans;
+pub(crate) mod watched;

@@ -1,0 +1,179 @@
+//! In-process figures: counters and poll-duration histograms, read with
+//! [`Guard::snapshot`](crate::Guard::snapshot).
+
+use std::time::Duration;
+
+use crate::kinds::TaskKind;
+use crate::stall::LayerKind;
+
+/// Upper bounds of the poll-duration histogram buckets, in nanoseconds (the last bucket,
+/// above 10 s, is implicit). 10 µs to 10 s, with 50 µs and 100 µs among them.
+pub const POLL_BUCKETS_NS: [u64; 21] = [
+    1_000,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// A histogram of durations over [`POLL_BUCKETS_NS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// `counts[i]` holds durations `<= POLL_BUCKETS_NS[i]` (and above the previous bound);
+    /// the last entry holds everything above 10 s.
+    pub counts: Vec<u64>,
+    /// How many durations were recorded.
+    pub count: u64,
+    /// Their sum.
+    pub sum: Duration,
+    /// The largest.
+    pub max: Duration,
+}
+
+impl Histogram {
+    pub(crate) fn new() -> Histogram {
+        Histogram {
+            counts: vec![0; POLL_BUCKETS_NS.len() + 1],
+            ..Histogram::default()
+        }
+    }
+
+    pub(crate) fn record(&mut self, nanos: u64) {
+        let i = POLL_BUCKETS_NS.partition_point(|&b| b < nanos);
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
+        self.count += 1;
+        let d = Duration::from_nanos(nanos);
+        self.sum = self.sum.saturating_add(d);
+        self.max = self.max.max(d);
+    }
+
+    /// The upper bound of the bucket that holds quantile `q` (0..=1), or `None` if empty.
+    /// Durations above the last bound report `Duration::MAX`.
+    pub fn quantile_bound(&self, q: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(
+                    POLL_BUCKETS_NS
+                        .get(i)
+                        .map_or(Duration::MAX, |&ns| Duration::from_nanos(ns)),
+                );
+            }
+        }
+        Some(Duration::MAX)
+    }
+}
+
+/// The poll durations of one task kind on one layer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct KindPolls {
+    /// The task kind (name and site).
+    pub kind: TaskKind,
+    /// The layer its polls ran on.
+    pub layer: LayerKind,
+    /// Exactly timed polls (one in [`Snapshot::sample_every`] per thread).
+    pub histogram: Histogram,
+}
+
+/// loopwatch's figures at one moment.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Polls that ended on watched threads.
+    pub polls: u64,
+    /// Polls that held their thread at least the threshold, measured on the watchdog's clock
+    /// (to within one tick), whether or not the watchdog caught them running.
+    pub slow_polls: u64,
+    /// Stalls detected (polls the watchdog saw running past the threshold).
+    pub stalls_total: u64,
+    /// Stalls running now.
+    pub stalls_in_progress: u64,
+    /// How long the oldest running stall has run, if any runs.
+    pub oldest_stall: Option<Duration>,
+    /// Stall reports dropped because the report queue was full.
+    pub dropped_reports: u64,
+    /// Timed-poll samples dropped because the watchdog fell behind.
+    pub dropped_samples: u64,
+    /// Spans the layer could not follow because its span table was full.
+    pub dropped_spans: u64,
+    /// Task kinds that did not fit the kind table and were counted as `other`.
+    pub kinds_overflow: u64,
+    /// Threads that polled but found no free slot (raise `max_threads`).
+    pub unwatched_threads: u64,
+    /// Panics caught inside loopwatch's callbacks (a bug in loopwatch or in an `on_stall`
+    /// callback; the service is not affected).
+    pub caught_panics: u64,
+    /// One poll in this many per thread is timed for the histograms.
+    pub sample_every: u64,
+    /// Poll durations per task kind and layer.
+    pub poll_durations: Vec<KindPolls>,
+}
+
+impl Snapshot {
+    /// The histogram of all kinds on `layer`, merged.
+    pub fn poll_durations_on(&self, layer: LayerKind) -> Histogram {
+        let mut h = Histogram::new();
+        for k in self.poll_durations.iter().filter(|k| k.layer == layer) {
+            for (a, b) in h.counts.iter_mut().zip(&k.histogram.counts) {
+                *a += b;
+            }
+            h.count += k.histogram.count;
+            h.sum = h.sum.saturating_add(k.histogram.sum);
+            h.max = h.max.max(k.histogram.max);
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_upper_bounds() {
+        let mut h = Histogram::new();
+        h.record(1_000); // = 1 µs: first bucket
+        h.record(1_001); // second
+        h.record(20_000_000_000); // above 10 s: last
+        assert_eq!(h.counts[0], 1);
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[POLL_BUCKETS_NS.len()], 1);
+        assert_eq!(h.count, 3);
+        assert_eq!(h.max, Duration::from_secs(20));
+        assert_eq!(h.quantile_bound(0.0), Some(Duration::from_micros(1)));
+        assert_eq!(h.quantile_bound(0.5), Some(Duration::from_micros(5)));
+        assert_eq!(h.quantile_bound(1.0), Some(Duration::MAX));
+        assert_eq!(Histogram::new().quantile_bound(0.5), None);
+    }
+
+    #[test]
+    fn buckets_include_50_and_100_microseconds() {
+        assert!(POLL_BUCKETS_NS.contains(&50_000));
+        assert!(POLL_BUCKETS_NS.contains(&100_000));
+        assert!(POLL_BUCKETS_NS.windows(2).all(|w| w[0] < w[1]));
+    }
+}

@@ -1,0 +1,157 @@
+//! The stall record: which task held which worker, for how long, and whether it still does.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// The layer of the service a thread belongs to. The seeds of this project insist the two
+/// layers be measured apart: the concurrency layer (async workers, where one long poll delays
+/// every task queued behind it) and the parallelism layer (the blocking pool and CPU pools,
+/// where long jobs are normal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum LayerKind {
+    /// tokio worker threads polling tasks.
+    Async = 0,
+    /// tokio's blocking pool (`spawn_blocking`). Not watched for stalls yet.
+    Blocking = 1,
+    /// A CPU pool such as rayon. Not watched yet.
+    Cpu = 2,
+}
+
+impl LayerKind {
+    /// The label used in reports and metrics: `async`, `blocking` or `cpu`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerKind::Async => "async",
+            LayerKind::Blocking => "blocking",
+            LayerKind::Cpu => "cpu",
+        }
+    }
+
+    pub(crate) fn from_bits(b: u64) -> LayerKind {
+        match b {
+            1 => LayerKind::Blocking,
+            2 => LayerKind::Cpu,
+            _ => LayerKind::Async,
+        }
+    }
+}
+
+impl fmt::Display for LayerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The task that stalled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TaskInfo {
+    /// The task's name, if it has one (`tokio::task::Builder::name`, the instrumented span's
+    /// name, or the name given to [`watch`](crate::watch)).
+    pub name: Option<Arc<str>>,
+    /// tokio's task id, when known (`tokio::task::Id`, as a number).
+    pub id: Option<u64>,
+    /// Where the task was spawned (`file:line:column`, tokio_unstable probes and
+    /// [`watch`](crate::watch)) or where its span is declared (`file:line`, stable tracing).
+    pub site: Option<Arc<str>>,
+    /// The innermost instrumented span entered inside the poll, if it differs from the task's
+    /// own (for example the `#[instrument]`ed function a tokio task was running).
+    pub span: Option<Arc<str>>,
+}
+
+/// The thread the stall holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerInfo {
+    /// loopwatch's index of the thread (its slot on the board), stable while the thread lives.
+    pub index: usize,
+    /// The thread's name (tokio's default is `tokio-runtime-worker`).
+    pub thread_name: Option<Arc<str>>,
+    /// The OS thread id (Linux `gettid`), `None` on other systems.
+    pub tid: Option<u64>,
+}
+
+/// Is the stalled poll still running?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StallState {
+    /// The poll was still running when this record was made.
+    Running,
+    /// The poll returned; [`Stall::duration`] is its total.
+    Ended,
+}
+
+/// One poll that held its worker past the threshold.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Stall {
+    /// A number unique to this stall within one [`Guard`](crate::Guard), shared by its
+    /// `Running` and `Ended` reports.
+    pub id: u64,
+    /// The task.
+    pub task: TaskInfo,
+    /// The worker thread.
+    pub worker: WorkerInfo,
+    /// The layer the thread belongs to.
+    pub layer: LayerKind,
+    /// When the poll started (to within one watchdog tick, unless `precise_start` is on).
+    pub started_at: SystemTime,
+    /// How long the poll had run when this record was made; its total once it has ended.
+    pub duration: Duration,
+    /// Running or ended.
+    pub state: StallState,
+    /// The threshold it crossed.
+    pub threshold: Duration,
+    /// Is `duration` exact at its end? `false` when the poll ended in the instant the watchdog
+    /// flagged it and the end was taken from the watchdog's clock (off by at most one tick).
+    pub exact_end: bool,
+}
+
+impl Stall {
+    /// The task's label: its name, else its site, else `unknown`.
+    pub fn task_label(&self) -> &str {
+        self.task
+            .name
+            .as_deref()
+            .or(self.task.site.as_deref())
+            .unwrap_or("unknown")
+    }
+}
+
+impl fmt::Display for Stall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            StallState::Running => "still running",
+            StallState::Ended => "ended",
+        };
+        write!(
+            f,
+            "stall #{} on {} worker {}",
+            self.id, self.layer, self.worker.index
+        )?;
+        if let Some(n) = &self.worker.thread_name {
+            write!(f, " ({n}")?;
+            if let Some(t) = self.worker.tid {
+                write!(f, ", tid {t}")?;
+            }
+            f.write_str(")")?;
+        }
+        write!(f, ": task {}", self.task_label())?;
+        if let Some(id) = self.task.id {
+            write!(f, " id={id}")?;
+        }
+        if let (Some(site), Some(_)) = (&self.task.site, &self.task.name) {
+            write!(f, " spawned at {site}")?;
+        }
+        if let Some(span) = &self.task.span {
+            write!(f, " in span {span}")?;
+        }
+        write!(
+            f,
+            " held the worker for {:.1?} (threshold {:?}), {state}",
+            self.duration, self.threshold
+        )
+    }
+}

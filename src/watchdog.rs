@@ -1,0 +1,350 @@
+//! The watchdog: one OS thread (`loopwatch-watchdog`), never a task on the watched runtime.
+//!
+//! Each tick it stores the board's clock (the probes read it instead of the real clock), then
+//! reads every claimed slot: a poll seen running past its layer's threshold becomes a stall,
+//! reported at once while it still runs; a stall whose poll has moved on is reported ended with
+//! its total. It also folds the timed-poll samples into the histograms and sums the counters.
+//! It never waits on a watched thread: slot reads are lock-free, and the report goes into a
+//! bounded queue that drops (and counts) when full.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::board::{decode, Board, Culprit, Slot, SlotRead};
+use crate::config::Config;
+use crate::kinds::KindId;
+use crate::probe::layer::LayerShared;
+use crate::snapshot::{Histogram, KindPolls, Snapshot};
+use crate::stall::{LayerKind, Stall, StallState, TaskInfo, WorkerInfo};
+
+/// What the watchdog, the reporter and the guard share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) board: Arc<Board>,
+    pub(crate) layer: Arc<LayerShared>,
+    pub(crate) cfg: Config,
+    pub(crate) stop: AtomicBool,
+    polls: AtomicU64,
+    stalls_total: AtomicU64,
+    stalls_in_progress: AtomicU64,
+    /// Age of the oldest running stall in nanoseconds, 0 when none runs.
+    oldest_stall_ns: AtomicU64,
+    pub(crate) dropped_reports: AtomicU64,
+    pub(crate) caught_panics: AtomicU64,
+    hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
+}
+
+impl Shared {
+    pub(crate) fn new(board: Arc<Board>, layer: Arc<LayerShared>, cfg: Config) -> Shared {
+        Shared {
+            board,
+            layer,
+            cfg,
+            stop: AtomicBool::new(false),
+            polls: AtomicU64::new(0),
+            stalls_total: AtomicU64::new(0),
+            stalls_in_progress: AtomicU64::new(0),
+            oldest_stall_ns: AtomicU64::new(0),
+            dropped_reports: AtomicU64::new(0),
+            caught_panics: AtomicU64::new(0),
+            hist: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let slots = self.board.slots();
+        let oldest = self.oldest_stall_ns.load(Ordering::Relaxed);
+        let poll_durations = self
+            .hist
+            .lock()
+            .map(|h| {
+                let mut v: Vec<KindPolls> = h
+                    .iter()
+                    .map(|(&(kind, layer), histogram)| KindPolls {
+                        kind: self.board.kinds.get(kind).clone(),
+                        layer,
+                        histogram: histogram.clone(),
+                    })
+                    .collect();
+                v.sort_by(|a, b| b.histogram.count.cmp(&a.histogram.count));
+                v
+            })
+            .unwrap_or_default();
+        Snapshot {
+            polls: self.polls.load(Ordering::Relaxed),
+            slow_polls: slots.iter().map(Slot::slow_polls).sum(),
+            stalls_total: self.stalls_total.load(Ordering::Relaxed),
+            stalls_in_progress: self.stalls_in_progress.load(Ordering::Relaxed),
+            oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
+            dropped_reports: self.dropped_reports.load(Ordering::Relaxed),
+            dropped_samples: slots.iter().map(Slot::samples_dropped).sum(),
+            dropped_spans: self.layer.spans.dropped(),
+            kinds_overflow: self.board.kinds.overflow(),
+            unwatched_threads: self.board.unwatched_threads(),
+            caught_panics: self.caught_panics.load(Ordering::Relaxed),
+            sample_every: self.board.sample_every(),
+            poll_durations,
+        }
+    }
+}
+
+/// A stall the watchdog follows until its poll ends.
+struct Open {
+    seq: u64,
+    start_ns: u64,
+    record: Stall,
+}
+
+/// The watchdog's own view of one slot.
+#[derive(Default)]
+struct SlotState {
+    /// Polls of this slot already counted.
+    done: u64,
+    /// The poll in progress last seen, and the tick that first saw it.
+    seen_seq: u64,
+    first_seen_ns: u64,
+    open: Option<Open>,
+}
+
+pub(crate) struct Watchdog {
+    shared: Arc<Shared>,
+    reports: SyncSender<Stall>,
+    states: Vec<SlotState>,
+    /// Location words resolved to kinds (poll-hook culprits), so samples do not re-intern.
+    locations: HashMap<u64, KindId>,
+    samples: Vec<(u64, u64)>,
+    next_stall_id: u64,
+    tick_ns: u64,
+}
+
+impl Watchdog {
+    pub(crate) fn new(shared: Arc<Shared>, reports: SyncSender<Stall>) -> Watchdog {
+        let tick_ns = u64::try_from(shared.cfg.tick.as_nanos()).unwrap_or(u64::MAX);
+        Watchdog {
+            shared,
+            reports,
+            states: Vec::new(),
+            locations: HashMap::new(),
+            samples: Vec::new(),
+            next_stall_id: 1,
+            tick_ns,
+        }
+    }
+
+    /// The thread's body: tick until told to stop. A panic inside a tick is caught and
+    /// counted; the watchdog goes on.
+    pub(crate) fn run(mut self) {
+        crate::board::mark_own_thread();
+        let tick = self.shared.cfg.tick;
+        let mut next = Instant::now();
+        while !self.shared.stop.load(Ordering::Acquire) {
+            if catch_unwind(AssertUnwindSafe(|| self.tick())).is_err() {
+                self.shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+            }
+            next += tick;
+            let now = Instant::now();
+            if next <= now {
+                // We fell behind (the host is loaded): skip the missed ticks.
+                next = now + tick;
+            }
+            while !self.shared.stop.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= next {
+                    break;
+                }
+                std::thread::park_timeout(next - now);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let board = self.shared.board.clone();
+        let now = board.now_ns();
+        board.tick(now);
+        let slots = board.slots();
+        if self.states.len() < slots.len() {
+            self.states.resize_with(slots.len(), SlotState::default);
+        }
+        let mut polls = 0;
+        let mut oldest = 0;
+        for (i, slot) in slots.iter().enumerate() {
+            let r = slot.read();
+            let st = &mut self.states[i];
+            let done = r.seq >> 1;
+            polls += done.saturating_sub(st.done);
+            st.done = done;
+
+            if let Some(open) = st.open.take() {
+                if r.seq == open.seq {
+                    oldest = oldest.max(now.saturating_sub(open.start_ns));
+                    st.open = Some(open);
+                } else {
+                    self.end_stall(slot, &r, open, now);
+                }
+            }
+
+            let st = &mut self.states[i];
+            if r.stable && r.in_poll() && st.open.is_none() {
+                if st.seen_seq != r.seq {
+                    st.seen_seq = r.seq;
+                    st.first_seen_ns = now;
+                }
+                if let Some(open) = self.check(i, slot, &r, now) {
+                    oldest = oldest.max(now.saturating_sub(open.start_ns));
+                    self.states[i].open = Some(open);
+                }
+            }
+
+            let samples = &mut self.samples;
+            slot.drain_samples(|word, nanos| samples.push((word, nanos)));
+        }
+        self.shared.polls.fetch_add(polls, Ordering::Relaxed);
+        self.shared.oldest_stall_ns.store(oldest, Ordering::Relaxed);
+        self.fold_samples();
+    }
+
+    /// Is the poll `r` on slot `i` a stall? If so, flag it, report it, and follow it.
+    fn check(&mut self, i: usize, slot: &Slot, r: &SlotRead, now: u64) -> Option<Open> {
+        let (kind, layer) = self.resolve(r.word);
+        let threshold = self.shared.board.threshold_ns(layer);
+        if threshold == u64::MAX {
+            return None;
+        }
+        let first_seen = self.states[i].first_seen_ns;
+        // The lower bound of the poll's age: with the exact start, the exact age; otherwise the
+        // poll began before the tick that first saw it, whatever the watchdog's lateness.
+        let (age_lower, start_ns) = if self.shared.cfg.precise_start {
+            (now.saturating_sub(r.start_ns), r.start_ns)
+        } else {
+            // It began after the clock value it read and before `first_seen`: take the middle
+            // of that window as its start (at most half a tick off when ticks are on time).
+            let hi = first_seen.max(r.start_ns);
+            let mid = r.start_ns + (hi - r.start_ns).min(self.tick_ns) / 2;
+            (now.saturating_sub(first_seen), mid)
+        };
+        if age_lower < threshold {
+            return None;
+        }
+        slot.flag(r.seq);
+        let record = Stall {
+            id: self.next_stall_id,
+            task: self.task_info(kind, r),
+            worker: worker_info(i, slot),
+            layer,
+            started_at: self.shared.board.system_time(start_ns),
+            duration: Duration::from_nanos(now.saturating_sub(start_ns)),
+            state: StallState::Running,
+            threshold: Duration::from_nanos(threshold),
+            exact_end: false,
+        };
+        self.next_stall_id += 1;
+        self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stalls_in_progress
+            .fetch_add(1, Ordering::Relaxed);
+        self.send(record.clone());
+        Some(Open {
+            seq: r.seq,
+            start_ns,
+            record,
+        })
+    }
+
+    fn end_stall(&self, slot: &Slot, r: &SlotRead, open: Open, now: u64) {
+        let exact = slot.flagged_end_ns();
+        let (end, exact_end) = if exact != 0 {
+            (exact, true)
+        } else if r.seq == open.seq + 1 {
+            // The poll ended in the instant it was flagged: the watchdog's clock at its end.
+            (slot.end_coarse_ns().max(open.start_ns), false)
+        } else {
+            (now, false)
+        };
+        let mut record = open.record;
+        record.state = StallState::Ended;
+        record.duration = Duration::from_nanos(end.saturating_sub(open.start_ns));
+        record.exact_end = exact_end;
+        self.shared
+            .stalls_in_progress
+            .fetch_sub(1, Ordering::Relaxed);
+        self.send(record);
+    }
+
+    fn send(&self, stall: Stall) {
+        match self.reports.try_send(stall) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.shared.dropped_reports.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn resolve(&mut self, word: u64) -> (KindId, LayerKind) {
+        match decode(word) {
+            Culprit::Location(_) => {
+                let board = &self.shared.board;
+                let kind = *self
+                    .locations
+                    .entry(word)
+                    .or_insert_with(|| board.resolve(word).0);
+                (kind, LayerKind::Async)
+            }
+            _ => self.shared.board.resolve(word),
+        }
+    }
+
+    fn task_info(&mut self, kind: KindId, r: &SlotRead) -> TaskInfo {
+        let k = self.shared.board.kinds.get(kind).clone();
+        let mut info = TaskInfo {
+            name: k.name.clone(),
+            id: (r.task != 0).then_some(r.task),
+            site: k.site.clone(),
+            span: None,
+        };
+        if r.inner != 0 {
+            let (inner, _) = self.resolve(r.inner);
+            let ik = self.shared.board.kinds.get(inner);
+            if info.name.is_none() {
+                // An unnamed task (or a poll hook) around a named span: the span names it.
+                info.name = ik.name.clone();
+            }
+            if ik.site != k.site {
+                info.span = Some(match (&ik.name, &ik.site) {
+                    (Some(n), Some(s)) => format!("{n} ({s})").into(),
+                    _ => ik.label().into(),
+                });
+            }
+        }
+        info
+    }
+
+    fn fold_samples(&mut self) {
+        if self.samples.is_empty() {
+            return;
+        }
+        let mut samples = std::mem::take(&mut self.samples);
+        let resolved: Vec<((KindId, LayerKind), u64)> = samples
+            .drain(..)
+            .map(|(word, nanos)| (self.resolve(word), nanos))
+            .collect();
+        self.samples = samples;
+        if let Ok(mut hist) = self.shared.hist.lock() {
+            for (key, nanos) in resolved {
+                hist.entry(key).or_insert_with(Histogram::new).record(nanos);
+            }
+        }
+    }
+}
+
+fn worker_info(index: usize, slot: &Slot) -> WorkerInfo {
+    let meta = slot.meta();
+    WorkerInfo {
+        index,
+        thread_name: meta.as_ref().and_then(|m| m.name.clone()),
+        tid: meta.and_then(|m| m.tid),
+    }
+}
