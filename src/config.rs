@@ -84,9 +84,10 @@ pub fn default_tick(threshold: Duration) -> Duration {
 #[derive(Debug, Default)]
 pub(crate) struct EnvOverrides {
     pub(crate) enabled: Option<bool>,
-    pub(crate) threshold: Option<Duration>,
-    pub(crate) tick: Option<Duration>,
-    pub(crate) sample_every: Option<u32>,
+    /// Each value with the text it was read from, so range errors can quote it.
+    pub(crate) threshold: Option<(Duration, String)>,
+    pub(crate) tick: Option<(Duration, String)>,
+    pub(crate) sample_every: Option<(u32, String)>,
 }
 
 impl EnvOverrides {
@@ -121,18 +122,20 @@ impl EnvOverrides {
             })?);
         }
         if let Some(v) = get(ENV_THRESHOLD)? {
-            out.threshold = Some(parse_duration(&v).map_err(|reason| Error::InvalidEnv {
+            let d = parse_duration(&v).map_err(|reason| Error::InvalidEnv {
                 var: ENV_THRESHOLD,
                 value: v.clone(),
                 reason,
-            })?);
+            })?;
+            out.threshold = Some((d, v));
         }
         if let Some(v) = get(ENV_TICK)? {
-            out.tick = Some(parse_duration(&v).map_err(|reason| Error::InvalidEnv {
+            let d = parse_duration(&v).map_err(|reason| Error::InvalidEnv {
                 var: ENV_TICK,
                 value: v.clone(),
                 reason,
-            })?);
+            })?;
+            out.tick = Some((d, v));
         }
         if let Some(v) = get(ENV_SAMPLE_EVERY)? {
             let n = v.trim().parse::<u32>().map_err(|e| Error::InvalidEnv {
@@ -140,27 +143,33 @@ impl EnvOverrides {
                 value: v.clone(),
                 reason: format!("not a whole number ({e}); expected a power of two in 1..=65536"),
             })?;
-            out.sample_every = Some(n);
+            out.sample_every = Some((n, v));
         }
         Ok(out)
     }
 }
 
 /// Which knob a value came from, so range errors name it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Source {
     Setter(&'static str),
-    Env(&'static str),
+    /// The variable and the text it held.
+    Env(&'static str, String),
 }
 
 impl Source {
-    pub(crate) fn error(self, value: String, reason: String) -> Error {
+    /// `value` is how a setter's value is shown; an environment variable shows its own text.
+    pub(crate) fn error(&self, value: String, reason: String) -> Error {
         match self {
             Source::Setter(setting) => Error::InvalidConfig {
                 setting,
                 reason: format!("{value}: {reason}"),
             },
-            Source::Env(var) => Error::InvalidEnv { var, value, reason },
+            Source::Env(var, raw) => Error::InvalidEnv {
+                var,
+                value: raw.clone(),
+                reason,
+            },
         }
     }
 }
@@ -169,9 +178,9 @@ impl Source {
 /// each value came from so the error names the right variable or setter.
 pub(crate) fn validate(
     cfg: &Config,
-    threshold_src: Source,
-    tick_src: Source,
-    sample_src: Source,
+    threshold_src: &Source,
+    tick_src: &Source,
+    sample_src: &Source,
 ) -> Result<(), Error> {
     if cfg.threshold < MIN_THRESHOLD || cfg.threshold > MAX_THRESHOLD {
         return Err(threshold_src.error(
@@ -229,10 +238,16 @@ pub(crate) fn parse_bool(s: &str) -> Result<bool, String> {
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     const HELP: &str = "expected a number with a unit: ns, us, ms or s (e.g. 10ms, 250us, 1.5s)";
     let t = s.trim();
+    if t.is_empty() {
+        return Err(format!("empty; {HELP}"));
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("no unit; {HELP}"))?;
     let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!("no number; {HELP}"));
+    }
     let nanos_per_unit: f64 = match unit.trim() {
         "ns" => 1.0,
         "us" | "µs" => 1e3,
@@ -240,9 +255,6 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => 1e9,
         other => return Err(format!("unknown unit {other:?}; {HELP}")),
     };
-    if num.is_empty() {
-        return Err(format!("no number; {HELP}"));
-    }
     let value: f64 = num
         .parse()
         .map_err(|_| format!("{num:?} is not a number; {HELP}"))?;

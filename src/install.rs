@@ -31,7 +31,6 @@ use crate::Error;
 #[must_use = "a Builder does nothing until `build`, `init` or `try_init` is called"]
 pub struct Builder {
     cfg: Config,
-    threshold_set: bool,
     tick_set: bool,
     use_env: bool,
     callbacks: Vec<Callback>,
@@ -51,7 +50,6 @@ impl Default for Builder {
     fn default() -> Self {
         Builder {
             cfg: Config::default(),
-            threshold_set: false,
             tick_set: false,
             use_env: true,
             callbacks: Vec::new(),
@@ -66,7 +64,6 @@ impl Builder {
     /// [`MAX_THRESHOLD`](crate::MAX_THRESHOLD). Env: `LOOPWATCH_THRESHOLD`.
     pub fn threshold(mut self, threshold: Duration) -> Self {
         self.cfg.threshold = threshold;
-        self.threshold_set = true;
         self
     }
 
@@ -165,13 +162,13 @@ impl Builder {
         if let Some(v) = env.enabled {
             cfg.enabled = v;
         }
-        if let Some(v) = env.threshold {
+        if let Some((v, raw)) = env.threshold {
             cfg.threshold = v;
-            threshold_src = Source::Env(config::ENV_THRESHOLD);
+            threshold_src = Source::Env(config::ENV_THRESHOLD, raw);
         }
-        let tick_given = if let Some(v) = env.tick {
+        let tick_given = if let Some((v, raw)) = env.tick {
             cfg.tick = v;
-            tick_src = Source::Env(config::ENV_TICK);
+            tick_src = Source::Env(config::ENV_TICK, raw);
             true
         } else {
             self.tick_set
@@ -179,12 +176,11 @@ impl Builder {
         if !tick_given {
             cfg.tick = config::default_tick(cfg.threshold);
         }
-        if let Some(v) = env.sample_every {
+        if let Some((v, raw)) = env.sample_every {
             cfg.sample_every = v;
-            sample_src = Source::Env(config::ENV_SAMPLE_EVERY);
+            sample_src = Source::Env(config::ENV_SAMPLE_EVERY, raw);
         }
-        let _ = self.threshold_set;
-        config::validate(&cfg, threshold_src, tick_src, sample_src)?;
+        config::validate(&cfg, &threshold_src, &tick_src, &sample_src)?;
         Ok(cfg)
     }
 

@@ -1,0 +1,110 @@
+//! A stall is reported as a WARN event with target `loopwatch` and all of the stall's fields,
+//! to the subscriber the layer was added to; those events never feed back into the probes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::field::{Field, Visit};
+use tracing::{Dispatch, Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::prelude::*;
+
+#[derive(Default, Clone)]
+struct Captured(Arc<Mutex<Vec<(Level, String, BTreeMap<String, String>)>>>);
+
+struct Fields(BTreeMap<String, String>);
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_string(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for Captured {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut f = Fields(BTreeMap::new());
+        event.record(&mut f);
+        self.0.lock().unwrap().push((
+            *event.metadata().level(),
+            event.metadata().target().to_string(),
+            f.0,
+        ));
+    }
+}
+
+#[test]
+fn stalls_become_warn_events_with_every_field() {
+    let captured = Captured::default();
+    let (layer, guard) = loopwatch::builder()
+        .ignore_env()
+        .threshold(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let dispatch = Dispatch::new(
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(captured.clone()),
+    );
+    let d = dispatch.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&d)))
+        .build()
+        .unwrap();
+    rt.block_on(rt.spawn(guard.watch("slow-handler", async {
+        common::spin_for(Duration::from_millis(40));
+    })))
+    .unwrap();
+    // Let the watchdog count the last poll before taking the baseline.
+    std::thread::sleep(Duration::from_millis(20));
+    let polls_before = guard.snapshot().polls;
+    assert!(polls_before >= 1);
+
+    // Both reports arrive (detected, then ended).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while captured.0.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let events = captured.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    for (level, target, fields) in &events {
+        assert_eq!(*level, Level::WARN);
+        assert_eq!(target, "loopwatch");
+        for key in [
+            "stall.id",
+            "stall.state",
+            "task.name",
+            "task.id",
+            "task.site",
+            "worker.index",
+            "worker.thread",
+            "layer",
+            "started_at_unix",
+            "duration_ms",
+            "threshold_ms",
+            "exact_end",
+            "message",
+        ] {
+            assert!(fields.contains_key(key), "{key} missing from {fields:#?}");
+        }
+        assert_eq!(fields["task.name"], "slow-handler");
+        assert_eq!(fields["layer"], "async");
+        assert_eq!(fields["threshold_ms"], "10.0");
+    }
+    assert_eq!(events[0].2["stall.state"], "running");
+    assert!(events[0].2["message"].starts_with("stall detected"));
+    assert_eq!(events[1].2["stall.state"], "ended");
+    assert!(events[1].2["message"].starts_with("stall ended"));
+    let ended_ms: f64 = events[1].2["duration_ms"].parse().unwrap();
+    assert!(ended_ms >= 35.0, "{ended_ms}");
+
+    // Reporting did not create polls of its own.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(guard.snapshot().polls, polls_before);
+}
