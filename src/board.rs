@@ -37,17 +37,23 @@ use crate::stall::LayerKind;
 // --- the culprit word: what a slot is polling ------------------------------------------------
 //
 // bits 0..2  tag: 0 none, 1 interned kind, 2 `&'static Location` pointer (tokio poll hooks)
-// tag 1:     bits 2..4 layer, bits 32..64 kind id
+// tag 1:     bits 2..4 layer, bit 4 set if the kind has a name, bits 32..64 kind id
 // tag 2:     the pointer itself (a `Location` is 8-aligned, so its low bits are free); async.
 
 const TAG_MASK: u64 = 0b11;
 const TAG_KIND: u64 = 1;
 const TAG_LOCATION: u64 = 2;
+const NAMED: u64 = 1 << 4;
 
-/// Encodes an interned kind polled on `layer`.
+/// Encodes an interned kind polled on `layer`; `named` says if the kind has a name.
 #[inline]
-pub(crate) const fn kind_word(kind: KindId, layer: LayerKind) -> u64 {
-    ((kind as u64) << 32) | ((layer as u64) << 2) | TAG_KIND
+pub(crate) const fn kind_word(kind: KindId, layer: LayerKind, named: bool) -> u64 {
+    ((kind as u64) << 32) | ((layer as u64) << 2) | if named { NAMED } else { 0 } | TAG_KIND
+}
+
+#[inline]
+fn is_named(word: u64) -> bool {
+    word & (TAG_MASK | NAMED) == TAG_KIND | NAMED
 }
 
 /// Encodes a spawn location (the poll-hook probe), resolved to a kind later by the watchdog.
@@ -113,6 +119,7 @@ pub(crate) struct Slot {
     seq: AtomicU64,
     culprit: AtomicU64,
     task: AtomicU64,
+    named: AtomicU64,
     inner: AtomicU64,
     start_ns: AtomicU64,
     end_coarse_ns: AtomicU64,
@@ -135,6 +142,7 @@ impl Slot {
             seq: AtomicU64::new(0),
             culprit: AtomicU64::new(0),
             task: AtomicU64::new(0),
+            named: AtomicU64::new(0),
             inner: AtomicU64::new(0),
             start_ns: AtomicU64::new(0),
             end_coarse_ns: AtomicU64::new(0),
@@ -155,6 +163,7 @@ impl Slot {
         let s1 = self.seq.load(Ordering::Acquire);
         let word = self.culprit.load(Ordering::Relaxed);
         let task = self.task.load(Ordering::Relaxed);
+        let named = self.named.load(Ordering::Relaxed);
         let inner = self.inner.load(Ordering::Relaxed);
         let start_ns = self.start_ns.load(Ordering::Relaxed);
         fence(Ordering::Acquire);
@@ -164,6 +173,7 @@ impl Slot {
             stable: s1 == s2,
             word,
             task,
+            named,
             inner,
             start_ns,
         }
@@ -241,6 +251,10 @@ pub(crate) struct SlotRead {
     pub(crate) stable: bool,
     pub(crate) word: u64,
     pub(crate) task: u64,
+    /// The outermost culprit with a name (a named span or watched future inside an unnamed
+    /// task), 0 if none.
+    pub(crate) named: u64,
+    /// The innermost span open in the poll, 0 if none is nested.
     pub(crate) inner: u64,
     pub(crate) start_ns: u64,
 }
@@ -350,8 +364,15 @@ impl Board {
             l.depth.set(depth + 1);
             if depth == 0 {
                 self.begin(slot, l, word, task());
-            } else if depth == 1 {
+            } else {
+                // A span nested in the poll: it is the innermost now, and it may name the task.
+                if let Some(s) = l.stack.get(depth as usize) {
+                    s.set(word);
+                }
                 slot.inner.store(word, Ordering::Relaxed);
+                if is_named(word) && slot.named.load(Ordering::Relaxed) == 0 {
+                    slot.named.store(word, Ordering::Relaxed);
+                }
             }
         });
     }
@@ -372,7 +393,25 @@ impl Board {
                     l.depth.set(0);
                     self.end(slot, l);
                 }
-                d => l.depth.set(d - 1),
+                d => {
+                    // Back to the span that encloses the one exited (none nested at depth 1).
+                    let open = d - 1;
+                    let inner = if open == 1 {
+                        0
+                    } else {
+                        l.stack.get(open as usize - 1).map_or(0, Cell::get)
+                    };
+                    slot.inner.store(inner, Ordering::Relaxed);
+                    // Leaving the span that named the task: the spans around it have no name
+                    // (it was the outermost with one).
+                    let exited = l.stack.get(open as usize).map_or(0, Cell::get);
+                    if exited != 0 && slot.named.load(Ordering::Relaxed) == exited {
+                        let outer = slot.culprit.load(Ordering::Relaxed);
+                        let named = if is_named(outer) { outer } else { 0 };
+                        slot.named.store(named, Ordering::Relaxed);
+                    }
+                    l.depth.set(open);
+                }
             }
         });
     }
@@ -385,6 +424,8 @@ impl Board {
         fence(Ordering::Release);
         slot.culprit.store(word, Ordering::Relaxed);
         slot.task.store(task, Ordering::Relaxed);
+        slot.named
+            .store(if is_named(word) { word } else { 0 }, Ordering::Relaxed);
         slot.inner.store(0, Ordering::Relaxed);
         let start = if self.precise_start {
             self.now_ns()
@@ -435,17 +476,19 @@ impl Board {
             return false;
         }
         l.release();
+        // Without a place to keep the board alive (the thread is exiting), do not watch.
+        if HOLD.try_with(|h| h.0.set(Some(self.clone()))).is_err() {
+            return false;
+        }
         l.board.set(Arc::as_ptr(self));
         match self.claim() {
             Some(i) => {
                 l.slot.set(i);
-                l.hold.set(Some(self.clone()));
                 true
             }
             None => {
                 self.unwatched_threads.fetch_add(1, Ordering::Relaxed);
                 l.slot.set(usize::MAX);
-                l.hold.set(Some(self.clone()));
                 false
             }
         }
@@ -503,22 +546,31 @@ impl Board {
     }
 }
 
-// --- the thread-local ----------------------------------------------------------------------
+// --- the thread-locals ---------------------------------------------------------------------
+//
+// Two of them: `LOCAL`, read on every poll, has no destructor, so an access is a plain
+// thread-local address with no "is it registered / still alive" check; `HOLD`, touched only
+// when a thread claims or gives back a slot, keeps the board alive and gives the slot back when
+// the thread exits (and then clears `LOCAL`, so a late poll cannot write to a slot it lost).
 
 struct Local {
     board: Cell<*const Board>,
     slot: Cell<usize>,
     depth: Cell<u32>,
-    hold: Cell<Option<Arc<Board>>>,
     sample_start: Cell<Option<Instant>>,
     own: Cell<bool>,
+    /// The culprit words of the spans nested in the current poll (`stack[d]` at depth `d`).
+    stack: [Cell<u64>; 8],
 }
 
 impl Local {
+    /// Gives back this thread's slot, if it has one.
     fn release(&self) {
-        if let Some(board) = self.hold.take() {
-            board.release(self.slot.get());
-        }
+        let _ = HOLD.try_with(|h| {
+            if let Some(board) = h.0.take() {
+                board.release(self.slot.get());
+            }
+        });
         self.board.set(ptr::null());
         self.slot.set(usize::MAX);
         self.depth.set(0);
@@ -526,9 +578,18 @@ impl Local {
     }
 }
 
-impl Drop for Local {
+struct Hold(Cell<Option<Arc<Board>>>);
+
+impl Drop for Hold {
     fn drop(&mut self) {
-        self.release();
+        if let Some(board) = self.0.take() {
+            let _ = LOCAL.try_with(|l| {
+                board.release(l.slot.get());
+                l.board.set(ptr::null());
+                l.slot.set(usize::MAX);
+                l.depth.set(0);
+            });
+        }
     }
 }
 
@@ -538,11 +599,12 @@ thread_local! {
             board: Cell::new(ptr::null()),
             slot: Cell::new(usize::MAX),
             depth: Cell::new(0),
-            hold: Cell::new(None),
             sample_start: Cell::new(None),
             own: Cell::new(false),
+            stack: [const { Cell::new(0) }; 8],
         }
     };
+    static HOLD: Hold = const { Hold(Cell::new(None)) };
 }
 
 /// Marks the calling thread as one of loopwatch's own: it is never watched, so nothing

@@ -30,10 +30,21 @@ pub const DEFAULT_MAX_LIVE_SPANS: usize = 65_536;
 pub const ENV_THRESHOLD: &str = "LOOPWATCH_THRESHOLD";
 /// Environment variable: watchdog tick, a duration no longer than the threshold.
 pub const ENV_TICK: &str = "LOOPWATCH_TICK";
+/// Default rate limit of stack captures (per second, with bursts of as many).
+pub const DEFAULT_MAX_STACKS_PER_SEC: u32 = 5;
+
 /// Environment variable: `0`/`false`/`off`/`no` turns loopwatch off, `1`/`true`/`on`/`yes` on.
 pub const ENV_ENABLE: &str = "LOOPWATCH_ENABLE";
 /// Environment variable: time one poll in N exactly (a power of two, 1..=65536).
 pub const ENV_SAMPLE_EVERY: &str = "LOOPWATCH_SAMPLE_EVERY";
+/// Environment variable: turn diagnosis (cause, hint, stack) off with `0`.
+pub const ENV_DIAGNOSE: &str = "LOOPWATCH_DIAGNOSE";
+/// Environment variable: turn stack capture off with `0`.
+pub const ENV_STACKS: &str = "LOOPWATCH_STACKS";
+/// Environment variable: the signal number used to capture stacks (default `SIGRTMIN+6`).
+pub const ENV_STACK_SIGNAL: &str = "LOOPWATCH_STACK_SIGNAL";
+/// Environment variable: at most this many stack captures per second (0 = none).
+pub const ENV_MAX_STACKS_PER_SEC: &str = "LOOPWATCH_MAX_STACKS_PER_SEC";
 
 /// The settings loopwatch runs with, after the builder and the environment were applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +68,14 @@ pub struct Config {
     pub max_task_kinds: usize,
     /// Live instrumented spans followed at once.
     pub max_live_spans: usize,
+    /// Diagnose stalls (cause and hint from the thread's kernel state; Linux).
+    pub diagnose: bool,
+    /// Capture the stalled thread's stack (needs `diagnose`; Linux).
+    pub stacks: bool,
+    /// The signal used for stack capture; `None` is `SIGRTMIN+6`.
+    pub stack_signal: Option<i32>,
+    /// At most this many stack captures per second (bursts of as many).
+    pub max_stacks_per_sec: u32,
 }
 
 impl Default for Config {
@@ -71,6 +90,10 @@ impl Default for Config {
             max_threads: DEFAULT_MAX_THREADS,
             max_task_kinds: DEFAULT_MAX_TASK_KINDS,
             max_live_spans: DEFAULT_MAX_LIVE_SPANS,
+            diagnose: true,
+            stacks: true,
+            stack_signal: None,
+            max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,
         }
     }
 }
@@ -88,6 +111,10 @@ pub(crate) struct EnvOverrides {
     pub(crate) threshold: Option<(Duration, String)>,
     pub(crate) tick: Option<(Duration, String)>,
     pub(crate) sample_every: Option<(u32, String)>,
+    pub(crate) diagnose: Option<bool>,
+    pub(crate) stacks: Option<bool>,
+    pub(crate) stack_signal: Option<i32>,
+    pub(crate) max_stacks_per_sec: Option<u32>,
 }
 
 impl EnvOverrides {
@@ -136,6 +163,48 @@ impl EnvOverrides {
                 reason,
             })?;
             out.tick = Some((d, v));
+        }
+        for (var, slot) in [
+            (ENV_DIAGNOSE, &mut out.diagnose),
+            (ENV_STACKS, &mut out.stacks),
+        ] {
+            if let Some(v) = get(var)? {
+                *slot = Some(parse_bool(&v).map_err(|reason| Error::InvalidEnv {
+                    var,
+                    value: v.clone(),
+                    reason,
+                })?);
+            }
+        }
+        if let Some(v) = get(ENV_STACK_SIGNAL)? {
+            let n = v.trim().parse::<i32>().map_err(|e| Error::InvalidEnv {
+                var: ENV_STACK_SIGNAL,
+                value: v.clone(),
+                reason: format!(
+                    "not a signal number ({e}); expected e.g. 40 (SIGRTMIN+6 on Linux)"
+                ),
+            })?;
+            check_signal(n).map_err(|reason| Error::InvalidEnv {
+                var: ENV_STACK_SIGNAL,
+                value: v.clone(),
+                reason,
+            })?;
+            out.stack_signal = Some(n);
+        }
+        if let Some(v) = get(ENV_MAX_STACKS_PER_SEC)? {
+            let n = v.trim().parse::<u32>().map_err(|e| Error::InvalidEnv {
+                var: ENV_MAX_STACKS_PER_SEC,
+                value: v.clone(),
+                reason: format!("not a whole number ({e}); expected 0..=1000"),
+            })?;
+            if n > 1000 {
+                return Err(Error::InvalidEnv {
+                    var: ENV_MAX_STACKS_PER_SEC,
+                    value: v,
+                    reason: "at most 1000 captures per second".into(),
+                });
+            }
+            out.max_stacks_per_sec = Some(n);
         }
         if let Some(v) = get(ENV_SAMPLE_EVERY)? {
             let n = v.trim().parse::<u32>().map_err(|e| Error::InvalidEnv {
@@ -209,6 +278,21 @@ pub(crate) fn validate(
             "expected a power of two in 1..=65536".into(),
         ));
     }
+    if let Some(sig) = cfg.stack_signal {
+        check_signal(sig).map_err(|reason| Error::InvalidConfig {
+            setting: "stack_signal",
+            reason: format!("{sig}: {reason}"),
+        })?;
+    }
+    if cfg.max_stacks_per_sec > 1000 {
+        return Err(Error::InvalidConfig {
+            setting: "max_stacks_per_sec",
+            reason: format!(
+                "{}: at most 1000 captures per second",
+                cfg.max_stacks_per_sec
+            ),
+        });
+    }
     for (setting, v) in [
         ("report_queue", cfg.report_queue),
         ("max_threads", cfg.max_threads),
@@ -221,6 +305,30 @@ pub(crate) fn validate(
                 reason: format!("{v}: must be between 1 and {}", 1 << 24),
             });
         }
+    }
+    Ok(())
+}
+
+/// A signal loopwatch may use for stack capture: one that can be caught and that the runtime
+/// and std do not rely on (Linux: 1..=64, not SIGKILL, SIGSTOP, SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+/// SIGABRT, SIGPIPE, SIGCHLD).
+pub(crate) fn check_signal(n: i32) -> Result<(), String> {
+    const FORBIDDEN: &[(i32, &str)] = &[
+        (4, "SIGILL"),
+        (6, "SIGABRT"),
+        (7, "SIGBUS"),
+        (8, "SIGFPE"),
+        (9, "SIGKILL"),
+        (11, "SIGSEGV"),
+        (13, "SIGPIPE"),
+        (17, "SIGCHLD"),
+        (19, "SIGSTOP"),
+    ];
+    if !(1..=64).contains(&n) {
+        return Err("expected a signal number in 1..=64".into());
+    }
+    if let Some((_, name)) = FORBIDDEN.iter().find(|(s, _)| *s == n) {
+        return Err(format!("{name} cannot be used for stack capture"));
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::config::{self, Config, EnvOverrides, Source};
 use crate::probe::layer::{LayerShared, LoopwatchLayer};
 use crate::probe::spans::SpanTable;
 use crate::probe::watched::{self, Watched};
-use crate::report::{self, Callback};
+use crate::report::{self, Callback, Report};
 use crate::snapshot::Snapshot;
 use crate::stall::Stall;
 use crate::watchdog::{Shared, Watchdog};
@@ -127,6 +127,39 @@ impl Builder {
         self
     }
 
+    /// Diagnose each stall: its cause (`cpu`, `syscall(name)`, `starved`) from the stalled
+    /// thread's kernel state, and a one-line hint. Default on (Linux; elsewhere the cause is
+    /// `unknown`). Env: `LOOPWATCH_DIAGNOSE`.
+    pub fn diagnose(mut self, on: bool) -> Self {
+        self.cfg.diagnose = on;
+        self
+    }
+
+    /// Capture each stalled thread's stack, mid-stall, with a signal sent to that thread.
+    /// Default on (Linux). Env: `LOOPWATCH_STACKS`.
+    pub fn stacks(mut self, on: bool) -> Self {
+        self.cfg.stacks = on;
+        self
+    }
+
+    /// The signal used for stack capture. Default `SIGRTMIN+6`. If the application already
+    /// handles (or ignores) it, loopwatch leaves it alone and captures no stacks (the reason is
+    /// in [`Snapshot::stack_setup_error`](crate::Snapshot::stack_setup_error)).
+    /// Env: `LOOPWATCH_STACK_SIGNAL`.
+    pub fn stack_signal(mut self, signal: i32) -> Self {
+        self.cfg.stack_signal = Some(signal);
+        self
+    }
+
+    /// At most `n` stack captures per second, bursts of as many (0: none); stalls beyond it
+    /// are reported without a stack and counted. Default
+    /// [`DEFAULT_MAX_STACKS_PER_SEC`](crate::DEFAULT_MAX_STACKS_PER_SEC).
+    /// Env: `LOOPWATCH_MAX_STACKS_PER_SEC`.
+    pub fn max_stacks_per_sec(mut self, n: u32) -> Self {
+        self.cfg.max_stacks_per_sec = n;
+        self
+    }
+
     /// Calls `f` with every stall report (once when detected, once when ended), on loopwatch's
     /// reporter thread. A slow callback delays only later reports; when the report queue is
     /// full they are dropped and counted. A panic in `f` is caught and counted.
@@ -176,6 +209,18 @@ impl Builder {
         if !tick_given {
             cfg.tick = config::default_tick(cfg.threshold);
         }
+        if let Some(v) = env.diagnose {
+            cfg.diagnose = v;
+        }
+        if let Some(v) = env.stacks {
+            cfg.stacks = v;
+        }
+        if let Some(v) = env.stack_signal {
+            cfg.stack_signal = Some(v);
+        }
+        if let Some(v) = env.max_stacks_per_sec {
+            cfg.max_stacks_per_sec = v;
+        }
         if let Some((v, raw)) = env.sample_every {
             cfg.sample_every = v;
             sample_src = Source::Env(config::ENV_SAMPLE_EVERY, raw);
@@ -211,7 +256,7 @@ impl Builder {
             layer_shared.clone(),
             cfg.clone(),
         ));
-        let (tx, rx) = sync_channel::<Stall>(cfg.report_queue);
+        let (tx, rx) = sync_channel::<Report>(cfg.report_queue);
 
         let reporter = {
             let shared = shared.clone();

@@ -4,7 +4,6 @@
 //! Interning happens when a span or a watched future is created, or on the watchdog thread,
 //! never on the poll hot path. Past the cap, new kinds become [`OTHER`] and are counted.
 
-use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -129,7 +128,7 @@ impl Kinds {
     /// Interns a kind from its parts. `site` is `(file, line, column)`; a column of 0 is left out.
     pub(crate) fn intern(&self, name: Option<&str>, site: Option<(&str, u32, u32)>) -> KindId {
         let name = name.filter(|n| !n.is_empty());
-        let mut h = DefaultHasher::new();
+        let mut h = FxHasher(0);
         name.hash(&mut h);
         site.hash(&mut h);
         let hash = h.finish() | 1; // never 0
@@ -195,6 +194,45 @@ fn matches(k: &TaskKind, name: Option<&str>, site: Option<(&str, u32, u32)>) -> 
             (Some((f, l, c)), Some(s)) => site_matches(s, f, l, c),
             _ => false,
         }
+}
+
+/// A fast, non-cryptographic hasher (the `FxHash` scheme): interning runs on span creation.
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
 }
 
 /// `s == format_site(file, line, col)`, without allocating.

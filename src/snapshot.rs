@@ -127,6 +127,17 @@ pub struct Snapshot {
     /// Panics caught inside loopwatch's callbacks (a bug in loopwatch or in an `on_stall`
     /// callback; the service is not affected).
     pub caught_panics: u64,
+    /// Stacks captured from stalled threads.
+    pub stacks_captured: u64,
+    /// Stalls reported without a stack because of the rate limit (`max_stacks_per_sec`).
+    pub stacks_rate_limited: u64,
+    /// Stack captures that failed or timed out.
+    pub stacks_failed: u64,
+    /// Readings of stalled (or suspect) threads' kernel state taken for diagnosis.
+    pub diagnosis_samples: u64,
+    /// Why stacks are not captured although they were asked for (the signal is taken by the
+    /// application, not Linux), if so.
+    pub stack_setup_error: Option<String>,
     /// One poll in this many per thread is timed for the histograms.
     pub sample_every: u64,
     /// Poll durations per task kind and layer.

@@ -2,6 +2,8 @@
 
 use std::fmt;
 use std::sync::Arc;
+
+use crate::diagnose::{Cause, CauseShare, Stack};
 use std::time::{Duration, SystemTime};
 
 /// The layer of the service a thread belongs to. The seeds of this project insist the two
@@ -107,6 +109,55 @@ pub struct Stall {
     /// Is `duration` exact at its end? `false` when the poll ended in the instant the watchdog
     /// flagged it and the end was taken from the watchdog's clock (off by at most one tick).
     pub exact_end: bool,
+    /// Why the poll held its worker, from the samples taken so far (all of them once ended).
+    pub cause: Cause,
+    /// The share of the sampled time each cause took, largest first (a mixed stall has
+    /// several).
+    pub cause_shares: Vec<CauseShare>,
+    /// One line on what to do about it.
+    pub hint: Option<&'static str>,
+    /// The stalled thread's stack, captured mid-stall, user frames first.
+    pub stack: Option<Arc<Stack>>,
+    /// Whether a stack was captured, and if not, why.
+    pub stack_status: StackStatus,
+}
+
+/// Whether a stall's stack was captured, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StackStatus {
+    /// Captured: see [`Stall::stack`].
+    Captured,
+    /// Turned off (`LOOPWATCH_STACKS=0` or `LOOPWATCH_DIAGNOSE=0`).
+    Disabled,
+    /// Not possible here: not Linux, or the signal is taken by the application (see
+    /// [`Snapshot::stack_setup_error`](crate::Snapshot::stack_setup_error)).
+    Unavailable,
+    /// Skipped by the rate limit (`max_stacks_per_sec`); counted.
+    RateLimited,
+    /// The signal could not be sent or the thread did not answer in time; counted.
+    Failed,
+    /// The thread did not answer within 50 ms (its signal blocked?); counted.
+    TimedOut,
+    /// Captured, but loopwatch was still loading the symbol tables (in its first moments, on
+    /// its own thread), so the report went out without the frames rather than wait.
+    Loading,
+}
+
+impl StackStatus {
+    /// `captured`, `disabled`, `unavailable`, `rate_limited`, `failed`, `timed_out` or
+    /// `loading`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StackStatus::Captured => "captured",
+            StackStatus::Disabled => "disabled",
+            StackStatus::Unavailable => "unavailable",
+            StackStatus::RateLimited => "rate_limited",
+            StackStatus::Failed => "failed",
+            StackStatus::TimedOut => "timed_out",
+            StackStatus::Loading => "loading",
+        }
+    }
 }
 
 impl Stall {
@@ -150,8 +201,25 @@ impl fmt::Display for Stall {
         }
         write!(
             f,
-            " held the worker for {:.1?} (threshold {:?}), {state}",
-            self.duration, self.threshold
-        )
+            " held the worker for {:.1?} (threshold {:?}), {state}; cause: {}",
+            self.duration, self.threshold, self.cause
+        )?;
+        if self.cause_shares.len() > 1 {
+            f.write_str(" (")?;
+            for (i, s) in self.cause_shares.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{} {:.0}%", s.cause, s.share * 100.0)?;
+            }
+            f.write_str(")")?;
+        }
+        if let Some(h) = self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        if let Some(frame) = self.stack.as_ref().and_then(|s| s.frames.first()) {
+            write!(f, "; at {frame}")?;
+        }
+        Ok(())
     }
 }

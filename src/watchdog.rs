@@ -16,10 +16,13 @@ use std::time::{Duration, Instant};
 
 use crate::board::{decode, Board, Culprit, Slot, SlotRead};
 use crate::config::Config;
+use crate::diagnose::sampler::{Ask, DiagCounters, Pending, Probe, Sampler};
+use crate::diagnose::Cause;
 use crate::kinds::KindId;
 use crate::probe::layer::LayerShared;
+use crate::report::Report;
 use crate::snapshot::{Histogram, KindPolls, Snapshot};
-use crate::stall::{LayerKind, Stall, StallState, TaskInfo, WorkerInfo};
+use crate::stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, WorkerInfo};
 
 /// What the watchdog, the reporter and the guard share.
 #[derive(Debug)]
@@ -35,6 +38,9 @@ pub(crate) struct Shared {
     oldest_stall_ns: AtomicU64,
     pub(crate) dropped_reports: AtomicU64,
     pub(crate) caught_panics: AtomicU64,
+    pub(crate) diag: DiagCounters,
+    /// Why stacks are off although they were asked for (the signal is taken, ...).
+    pub(crate) stack_setup_error: Mutex<Option<String>>,
     hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
 }
 
@@ -51,6 +57,8 @@ impl Shared {
             oldest_stall_ns: AtomicU64::new(0),
             dropped_reports: AtomicU64::new(0),
             caught_panics: AtomicU64::new(0),
+            diag: DiagCounters::default(),
+            stack_setup_error: Mutex::new(None),
             hist: Mutex::new(HashMap::new()),
         }
     }
@@ -86,6 +94,11 @@ impl Shared {
             kinds_overflow: self.board.kinds.overflow(),
             unwatched_threads: self.board.unwatched_threads(),
             caught_panics: self.caught_panics.load(Ordering::Relaxed),
+            stacks_captured: self.diag.stacks_captured.load(Ordering::Relaxed),
+            stacks_rate_limited: self.diag.stacks_rate_limited.load(Ordering::Relaxed),
+            stacks_failed: self.diag.stacks_failed.load(Ordering::Relaxed),
+            diagnosis_samples: self.diag.samples.load(Ordering::Relaxed),
+            stack_setup_error: self.stack_setup_error.lock().ok().and_then(|e| e.clone()),
             sample_every: self.board.sample_every(),
             poll_durations,
         }
@@ -97,6 +110,10 @@ struct Open {
     seq: u64,
     start_ns: u64,
     record: Stall,
+    /// A stack capture not picked up yet; the running report waits for it (at most 50 ms).
+    pending: Option<Pending>,
+    running_sent: bool,
+    raw_stack: Option<Arc<[usize]>>,
 }
 
 /// The watchdog's own view of one slot.
@@ -108,11 +125,16 @@ struct SlotState {
     seen_seq: u64,
     first_seen_ns: u64,
     open: Option<Open>,
+    /// Kernel-state sampling of the poll in progress, once it is a suspect.
+    probe: Option<Probe>,
+    /// The OS thread id of the slot's owner, read when a probe starts.
+    tid: Option<u64>,
 }
 
 pub(crate) struct Watchdog {
     shared: Arc<Shared>,
-    reports: SyncSender<Stall>,
+    reports: SyncSender<Report>,
+    sampler: Sampler,
     states: Vec<SlotState>,
     /// Location words resolved to kinds (poll-hook culprits), so samples do not re-intern.
     locations: HashMap<u64, KindId>,
@@ -122,11 +144,16 @@ pub(crate) struct Watchdog {
 }
 
 impl Watchdog {
-    pub(crate) fn new(shared: Arc<Shared>, reports: SyncSender<Stall>) -> Watchdog {
+    pub(crate) fn new(shared: Arc<Shared>, reports: SyncSender<Report>) -> Watchdog {
         let tick_ns = u64::try_from(shared.cfg.tick.as_nanos()).unwrap_or(u64::MAX);
+        let (sampler, note) = Sampler::new(&shared.cfg);
+        if let Ok(mut e) = shared.stack_setup_error.lock() {
+            *e = note;
+        }
         Watchdog {
             shared,
             reports,
+            sampler,
             states: Vec::new(),
             locations: HashMap::new(),
             samples: Vec::new(),
@@ -178,12 +205,14 @@ impl Watchdog {
             polls += done.saturating_sub(st.done);
             st.done = done;
 
-            if let Some(open) = st.open.take() {
+            if let Some(mut open) = st.open.take() {
                 if r.seq == open.seq {
                     oldest = oldest.max(now.saturating_sub(open.start_ns));
-                    st.open = Some(open);
+                    self.sample(i, slot, &r, now);
+                    self.progress(i, &mut open, now);
+                    self.states[i].open = Some(open);
                 } else {
-                    self.end_stall(slot, &r, open, now);
+                    self.end_stall(i, slot, &r, open, now);
                 }
             }
 
@@ -197,6 +226,8 @@ impl Watchdog {
                     oldest = oldest.max(now.saturating_sub(open.start_ns));
                     self.states[i].open = Some(open);
                 }
+            } else if !r.in_poll() {
+                st.probe = None;
             }
 
             let samples = &mut self.samples;
@@ -226,10 +257,16 @@ impl Watchdog {
             let mid = r.start_ns + (hi - r.start_ns).min(self.tick_ns) / 2;
             (now.saturating_sub(first_seen), mid)
         };
+        // A suspect (half-way to the threshold): sample its thread, so the cause is known from
+        // several samples by the time it becomes a stall.
+        if age_lower >= threshold / 2 {
+            self.sample(i, slot, r, now);
+        }
         if age_lower < threshold {
             return None;
         }
         slot.flag(r.seq);
+        let (cause, cause_shares) = self.verdict(i, r.seq);
         let record = Stall {
             id: self.next_stall_id,
             task: self.task_info(kind, r),
@@ -240,21 +277,98 @@ impl Watchdog {
             state: StallState::Running,
             threshold: Duration::from_nanos(threshold),
             exact_end: false,
+            hint: cause.hint(),
+            cause,
+            cause_shares,
+            stack: None,
+            stack_status: StackStatus::Disabled,
         };
         self.next_stall_id += 1;
         self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
         self.shared
             .stalls_in_progress
             .fetch_add(1, Ordering::Relaxed);
-        self.send(record.clone());
-        Some(Open {
+        let mut open = Open {
             seq: r.seq,
             start_ns,
             record,
-        })
+            pending: None,
+            running_sent: false,
+            raw_stack: None,
+        };
+        let tid = self.states[i]
+            .tid
+            .or_else(|| slot.meta().and_then(|m| m.tid));
+        match self.sampler.ask_stack(tid, now, &self.shared.diag) {
+            Ask::Pending(p) => open.pending = Some(p),
+            Ask::Not(status) => {
+                open.record.stack_status = status;
+                self.send_running(i, &mut open);
+            }
+        }
+        Some(open)
     }
 
-    fn end_stall(&self, slot: &Slot, r: &SlotRead, open: Open, now: u64) {
+    /// Samples the thread of the poll in progress on slot `i`.
+    fn sample(&mut self, i: usize, slot: &Slot, r: &SlotRead, now: u64) {
+        let st = &mut self.states[i];
+        if st.probe.as_ref().is_none_or(|p| p.seq != r.seq) {
+            st.tid = slot.meta().and_then(|m| m.tid);
+        }
+        self.sampler
+            .observe(&mut st.probe, r.seq, st.tid, now, &self.shared.diag);
+    }
+
+    /// The cause of poll `seq` on slot `i` from the samples so far.
+    fn verdict(&self, i: usize, seq: u64) -> (Cause, Vec<crate::diagnose::CauseShare>) {
+        match &self.states[i].probe {
+            Some(p) if p.seq == seq => p.verdict(),
+            _ => (Cause::Unknown, Vec::new()),
+        }
+    }
+
+    /// Picks up a pending stack capture; sends the running report once it is in (or too late).
+    fn progress(&mut self, i: usize, open: &mut Open, now: u64) {
+        let Some(p) = open.pending else { return };
+        let Some(got) = self.sampler.poll_stack(p, now, &self.shared.diag) else {
+            return;
+        };
+        open.pending = None;
+        match got {
+            Ok(ips) => {
+                open.raw_stack = Some(ips.into());
+                open.record.stack_status = StackStatus::Captured;
+            }
+            Err(status) => open.record.stack_status = status,
+        }
+        self.send_running(i, open);
+    }
+
+    /// Sends the running report, with the cause as sampled up to now.
+    fn send_running(&mut self, i: usize, open: &mut Open) {
+        let (cause, shares) = self.verdict(i, open.seq);
+        open.record.cause = cause;
+        open.record.hint = cause.hint();
+        open.record.cause_shares = shares;
+        open.running_sent = true;
+        let stall = open.record.clone();
+        self.send(stall, open.raw_stack.clone());
+    }
+
+    fn end_stall(&mut self, i: usize, slot: &Slot, r: &SlotRead, mut open: Open, now: u64) {
+        if !open.running_sent {
+            // It ended before its stack came in: one last look, then the running report.
+            if let Some(p) = open.pending {
+                let late = Pending {
+                    deadline_ns: now,
+                    ..p
+                };
+                open.pending = Some(late);
+                self.progress(i, &mut open, now);
+            } else {
+                self.send_running(i, &mut open);
+            }
+        }
         let exact = slot.flagged_end_ns();
         let (end, exact_end) = if exact != 0 {
             (exact, true)
@@ -264,18 +378,23 @@ impl Watchdog {
         } else {
             (now, false)
         };
+        let (cause, shares) = self.verdict(i, open.seq);
         let mut record = open.record;
         record.state = StallState::Ended;
         record.duration = Duration::from_nanos(end.saturating_sub(open.start_ns));
         record.exact_end = exact_end;
+        record.cause = cause;
+        record.hint = cause.hint();
+        record.cause_shares = shares;
+        self.states[i].probe = None;
         self.shared
             .stalls_in_progress
             .fetch_sub(1, Ordering::Relaxed);
-        self.send(record);
+        self.send(record, open.raw_stack);
     }
 
-    fn send(&self, stall: Stall) {
-        match self.reports.try_send(stall) {
+    fn send(&self, stall: Stall, raw_stack: Option<Arc<[usize]>>) {
+        match self.reports.try_send(Report { stall, raw_stack }) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.shared.dropped_reports.fetch_add(1, Ordering::Relaxed);
@@ -297,6 +416,9 @@ impl Watchdog {
         }
     }
 
+    /// Names the task of a poll: its id and site come from the outermost culprit (the task
+    /// itself: tokio's task span or poll hook, or the outermost span); its name from the
+    /// outermost culprit that has one; `span` is the innermost span open, if another.
     fn task_info(&mut self, kind: KindId, r: &SlotRead) -> TaskInfo {
         let k = self.shared.board.kinds.get(kind).clone();
         let mut info = TaskInfo {
@@ -305,14 +427,15 @@ impl Watchdog {
             site: k.site.clone(),
             span: None,
         };
+        if info.name.is_none() && r.named != 0 {
+            let (n, _) = self.resolve(r.named);
+            info.name = self.shared.board.kinds.get(n).name.clone();
+        }
         if r.inner != 0 {
             let (inner, _) = self.resolve(r.inner);
             let ik = self.shared.board.kinds.get(inner);
-            if info.name.is_none() {
-                // An unnamed task (or a poll hook) around a named span: the span names it.
-                info.name = ik.name.clone();
-            }
-            if ik.site != k.site {
+            // tokio's task span inside a poll hook is the task itself (same site): not a span.
+            if inner != kind && ik.site != k.site {
                 info.span = Some(match (&ik.name, &ik.site) {
                     (Some(n), Some(s)) => format!("{n} ({s})").into(),
                     _ => ik.label().into(),

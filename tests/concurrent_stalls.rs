@@ -35,8 +35,9 @@ fn two_workers_stalled_at_once_are_two_stalls() {
             t.await.unwrap();
         }
     });
-    std::thread::sleep(THRESHOLD * 2);
-    let seen = h.seen.lock().unwrap().clone();
+    let seen = h.wait_seen(Duration::from_secs(10), |seen| {
+        seen.iter().filter(|s| s.state == StallState::Ended).count() >= 2
+    });
     let running: Vec<_> = seen
         .iter()
         .filter(|s| s.state == StallState::Running)

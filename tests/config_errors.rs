@@ -79,7 +79,11 @@ fn environment_and_setters_are_checked() {
         .unwrap();
     std::env::remove_var("LOOPWATCH_THRESHOLD");
     assert_eq!(cfg.threshold, Duration::from_micros(250));
-    assert_eq!(cfg.tick, loopwatch::MIN_TICK, "default tick follows the threshold");
+    assert_eq!(
+        cfg.tick,
+        loopwatch::MIN_TICK,
+        "default tick follows the threshold"
+    );
 
     // ignore_env() leaves the environment out.
     std::env::set_var("LOOPWATCH_THRESHOLD", "bogus");

@@ -18,7 +18,8 @@ struct Captured(Arc<Mutex<Vec<(Level, String, BTreeMap<String, String>)>>>);
 struct Fields(BTreeMap<String, String>);
 impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_string(), format!("{value:?}"));
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}"));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.0.insert(field.name().to_string(), value.to_string());

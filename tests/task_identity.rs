@@ -49,10 +49,7 @@ fn instrumented_future_names_the_span_and_the_task_id() {
         // tokio's task span is the task: the site is where it was spawned, and the user's span
         // is named inside it.
         let site = s.task.site.as_deref().unwrap();
-        assert!(
-            site.starts_with(&format!("{FILE}:{spawn_line}:")),
-            "{site}"
-        );
+        assert!(site.starts_with(&format!("{FILE}:{spawn_line}:")), "{site}");
         assert!(s.task.span.as_deref().unwrap().contains(&decl), "{s:?}");
     }
 }
@@ -73,10 +70,7 @@ fn watched_future_names_the_call_site() {
     assert_eq!(s.task.name.as_deref(), Some("checkout"));
     assert_eq!(s.task.id, Some(id));
     let site = s.task.site.as_deref().unwrap();
-    assert!(
-        site.starts_with(&format!("{FILE}:{watch_line}:")),
-        "{site}"
-    );
+    assert!(site.starts_with(&format!("{FILE}:{watch_line}:")), "{site}");
 }
 
 /// With `--cfg tokio_unstable`, a task spawned with a name is named, with no span of the
@@ -103,10 +97,7 @@ fn tokio_task_span_gives_name_id_and_spawn_site() {
         assert_eq!(s.task.name.as_deref(), Some("named-task"));
         assert_eq!(s.task.id, Some(id));
         let site = s.task.site.as_deref().unwrap();
-        assert!(
-            site.starts_with(&format!("{FILE}:{spawn_line}:")),
-            "{site}"
-        );
+        assert!(site.starts_with(&format!("{FILE}:{spawn_line}:")), "{site}");
     });
 }
 
@@ -132,8 +123,31 @@ fn poll_hooks_give_id_and_spawn_site_without_any_span() {
     assert_eq!(s.task.id, Some(id));
     assert_eq!(s.task.name, None);
     let site = s.task.site.as_deref().unwrap();
+    assert!(site.starts_with(&format!("{FILE}:{spawn_line}:")), "{site}");
+}
+
+/// The span a stall names is the innermost one still open when it is caught, not the last one
+/// entered: a span entered and left earlier in the same poll is not blamed.
+#[test]
+fn the_innermost_open_span_is_named_not_an_earlier_one() {
+    let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
+    let rt = h.runtime(2);
+    let _sub = h.enter();
+    let slow_line = line!() + 6;
+    rt.block_on(rt.spawn(h.guard.watch("request", async {
+        let quick = tracing::info_span!("quick_lookup");
+        quick.in_scope(|| std::hint::black_box(1));
+        // Entered and left again: it must not be blamed for what follows.
+        drop(quick);
+        let slow = tracing::info_span!("slow_render");
+        slow.in_scope(|| common::spin_for(THRESHOLD * 4));
+    })))
+    .unwrap();
+    let s = report(&h);
+    assert_eq!(s.task.name.as_deref(), Some("request"));
+    let span = s.task.span.as_deref().unwrap_or_default();
     assert!(
-        site.starts_with(&format!("{FILE}:{spawn_line}:")),
-        "{site}"
+        span.starts_with("slow_render") && span.contains(&format!("{FILE}:{slow_line}")),
+        "{s:?}"
     );
 }

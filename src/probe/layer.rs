@@ -179,17 +179,15 @@ impl LayerShared {
                 LayerKind::Async
             };
             let name = f.name.as_str();
-            let kind = self
-                .board
-                .kinds
-                .intern((!name.is_empty()).then_some(name), site);
-            (kind_word(kind, layer), f.id)
+            let named = !name.is_empty();
+            let kind = self.board.kinds.intern(named.then_some(name), site);
+            (kind_word(kind, layer, named), f.id)
         } else if target.starts_with("tokio") || target.starts_with("runtime") {
             return; // tokio's resource spans: not polls
         } else {
             let site = meta.file().map(|f| (f, meta.line().unwrap_or(0), 0));
             let kind = self.board.kinds.intern(Some(meta.name()), site);
-            (kind_word(kind, LayerKind::Async), 0)
+            (kind_word(kind, LayerKind::Async, true), 0)
         };
         self.spans.insert(id.into_u64(), word, task);
     }

@@ -41,6 +41,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         word: u64,
+        // The task it runs in, learnt at its first poll.
+        task: u64,
         board: Option<Arc<Board>>,
     }
 }
@@ -56,9 +58,14 @@ impl<F> Watched<F> {
             let kind = b
                 .kinds
                 .intern(Some(name), Some((site.file(), site.line(), site.column())));
-            kind_word(kind, LayerKind::Async)
+            kind_word(kind, LayerKind::Async, true)
         });
-        Watched { inner, word, board }
+        Watched {
+            inner,
+            word,
+            task: 0,
+            board,
+        }
     }
 }
 
@@ -79,7 +86,13 @@ impl<F: Future> Future for Watched<F> {
         let this = self.project();
         match this.board {
             Some(board) => {
-                board.enter(*this.word, current_task_id);
+                let task = this.task;
+                board.enter(*this.word, || {
+                    if *task == 0 {
+                        *task = current_task_id();
+                    }
+                    *task
+                });
                 let _exit = ExitOnDrop(board);
                 this.inner.poll(cx)
             }

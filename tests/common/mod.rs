@@ -85,6 +85,18 @@ impl Harness {
         }
     }
 
+    /// Waits up to `timeout` until the reports seen so far satisfy `pred`; returns them.
+    pub fn wait_seen(&self, timeout: Duration, pred: impl Fn(&[Stall]) -> bool) -> Vec<Stall> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.seen.lock().unwrap().clone();
+            if pred(&seen) || Instant::now() >= deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn wait_running(&self, timeout: Duration) -> Option<Stall> {
         self.wait_for(timeout, |s| s.state == StallState::Running)
     }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: formatting, lints, docs, the tests in both builds
+# (stable tokio, and RUSTFLAGS="--cfg tokio_unstable"), the demo, and a smoke run of the bench.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo is required (https://rustup.rs)" >&2
+  exit 1
+fi
+# rustfmt and clippy come with rustup's default profile; add them if this toolchain lacks them.
+for c in rustfmt clippy; do
+  if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$c"
+  fi
+done
+
+export CARGO_TERM_COLOR=never
+unstable_env=(env RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=target/unstable)
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "clippy (stable tokio)"
+cargo clippy --all-targets --all-features -- -D warnings
+
+step "clippy (--cfg tokio_unstable)"
+"${unstable_env[@]}" cargo clippy --all-targets --all-features -- -D warnings
+
+step "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
+
+step "tests (stable tokio)"
+cargo test --all-features
+
+step "tests (--cfg tokio_unstable)"
+"${unstable_env[@]}" cargo test --all-features
+
+step "demo (it must report its stalls and end by itself)"
+out=$(timeout 120 cargo run -q --example demo 2>&1)
+echo "$out" | tail -n 8
+echo "$out" | grep -q "stall detected" || { echo "the demo reported no stall" >&2; exit 1; }
+echo "$out" | grep -q "in span render_report" || { echo "the demo did not name render_report" >&2; exit 1; }
+echo "$out" | grep -q "in span fetch_legacy_config" || { echo "the demo did not name fetch_legacy_config" >&2; exit 1; }
+
+step "bench smoke run (numbers at this scale mean nothing; docs/PERFORMANCE.md has the real ones)"
+LOOPWATCH_BENCH_SCALE=0.01 timeout 600 cargo bench --bench overhead
+
+echo
+echo "all checks passed"
