@@ -44,6 +44,7 @@ enum Variant {
 
 impl Variant {
     fn all() -> Vec<Variant> {
+        #[allow(unused_mut)] // extended under tokio_unstable
         let mut v = vec![
             Variant::Bare,
             Variant::TaskMonitor,

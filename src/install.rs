@@ -401,6 +401,15 @@ impl Guard {
         }
     }
 
+    /// Waits up to `timeout` until loopwatch has loaded the program's symbol tables (it does so
+    /// on its own thread at start, in a fraction of a second; a binary with full debug info
+    /// takes longest). Until then stall reports carry no stack frames (their stack status is
+    /// `loading`). Returns whether they are loaded. A service that wants frames for stalls in
+    /// its first moments can call this once at start-up.
+    pub fn wait_for_symbols(&self, timeout: Duration) -> bool {
+        crate::report::wait_for_symbols(timeout)
+    }
+
     /// Stops loopwatch now (the same as dropping the guard).
     pub fn shutdown(self) {}
 }

@@ -68,6 +68,17 @@ fn symbolize(_raw: &[usize]) -> Stack {
 /// Set once the symbol tables are loaded.
 static SYMBOLS_READY: AtomicBool = AtomicBool::new(false);
 
+pub(crate) fn wait_for_symbols(timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while !SYMBOLS_READY.load(Ordering::Acquire) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
+
 fn warm_up() {
     crate::board::mark_own_thread();
     #[cfg(target_os = "linux")]

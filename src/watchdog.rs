@@ -78,7 +78,7 @@ impl Shared {
                         histogram: histogram.clone(),
                     })
                     .collect();
-                v.sort_by(|a, b| b.histogram.count.cmp(&a.histogram.count));
+                v.sort_by_key(|b| std::cmp::Reverse(b.histogram.count));
                 v
             })
             .unwrap_or_default();

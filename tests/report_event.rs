@@ -12,8 +12,11 @@ use tracing::{Dispatch, Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::prelude::*;
 
+/// One event: its level, target and fields.
+type Seen = (Level, String, BTreeMap<String, String>);
+
 #[derive(Default, Clone)]
-struct Captured(Arc<Mutex<Vec<(Level, String, BTreeMap<String, String>)>>>);
+struct Captured(Arc<Mutex<Vec<Seen>>>);
 
 struct Fields(BTreeMap<String, String>);
 impl Visit for Fields {

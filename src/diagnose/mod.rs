@@ -236,7 +236,7 @@ impl Tally {
                 .unwrap_or_default();
         }
         v.retain(|(_, ns)| *ns > 0);
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|b| std::cmp::Reverse(b.1));
         v.into_iter()
             .map(|(cause, ns)| CauseShare {
                 cause,

@@ -127,3 +127,41 @@ pub fn spin_until(stop: &std::sync::atomic::AtomicBool, limit: Duration) {
         std::hint::spin_loop();
     }
 }
+
+/// A loopwatch with diagnosis on and its symbol tables loaded, so reports carry stack frames.
+pub fn diagnosing(threshold: Duration) -> Harness {
+    let h = harness(loopwatch::builder().threshold(threshold));
+    assert!(
+        h.guard.wait_for_symbols(Duration::from_secs(30)),
+        "symbol tables load"
+    );
+    h
+}
+
+/// Runs `fut` as a watched task named `name` on a 2-worker runtime and returns the ended
+/// report of its stall.
+pub fn stall_of<F>(h: &Harness, name: &str, fut: F) -> Stall
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rt = h.runtime(2);
+    rt.block_on(rt.spawn(h.guard.watch(name, fut))).unwrap();
+    h.wait_for(Duration::from_secs(10), |s| {
+        s.state == StallState::Ended && s.task.name.as_deref() == Some(name)
+    })
+    .unwrap_or_else(|| panic!("no ended stall for {name}: {:#?}", h.seen.lock().unwrap()))
+}
+
+/// The names of the first `n` frames shown of a stall's stack.
+pub fn first_frames(s: &Stall, n: usize) -> Vec<String> {
+    s.stack
+        .as_ref()
+        .map(|st| {
+            st.frames
+                .iter()
+                .take(n)
+                .map(|f| f.function.clone().unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,64 @@
+//! A burst of 1,000 stalls: stack captures stay within the rate limit, the rest are counted,
+//! nothing crashes, and the runtime is fine afterwards.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_thousand_stalls_are_rate_limited_and_counted() {
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(Duration::from_micros(500))
+            .max_stacks_per_sec(5)
+            .report_queue(4096),
+    );
+    let rt = h.runtime(2);
+    let started = Instant::now();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                tokio::spawn(h.guard.watch("burst", async {
+                    common::spin_for(Duration::from_millis(2));
+                }))
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let elapsed = started.elapsed();
+    let seen = h.wait_seen(Duration::from_secs(10), |seen| {
+        seen.len() as u64 >= h.guard.snapshot().stalls_total * 2
+    });
+    let snap = h.guard.snapshot();
+    assert!(
+        snap.stalls_total >= 500,
+        "stalls seen: {}",
+        snap.stalls_total
+    );
+    // 5 per second with bursts of 5: at most 5 + 5 per elapsed second (+1 for rounding).
+    let allowed = 5 + (elapsed.as_secs_f64() * 5.0).ceil() as u64 + 1;
+    assert!(
+        snap.stacks_captured <= allowed,
+        "{} captured, {allowed} allowed",
+        snap.stacks_captured
+    );
+    assert!(snap.stacks_captured >= 1);
+    assert!(
+        snap.stacks_rate_limited + snap.stacks_captured + snap.stacks_failed >= snap.stalls_total,
+        "{snap:?}"
+    );
+    assert!(snap.stacks_rate_limited > 0);
+    assert_eq!(snap.caught_panics, 0);
+    assert_eq!(
+        snap.dropped_reports as usize + seen.len(),
+        snap.stalls_total as usize * 2
+    );
+    // The runtime still works.
+    assert_eq!(
+        rt.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }),
+        7
+    );
+}

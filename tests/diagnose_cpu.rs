@@ -1,0 +1,37 @@
+//! A hot loop is diagnosed `cpu`, with its function first in the captured stack and the
+//! spawn_blocking hint.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::time::Duration;
+
+use loopwatch::{Cause, StackStatus};
+
+#[inline(never)]
+fn crunch_numbers_in_a_hot_loop(d: Duration) {
+    common::spin_for(d);
+}
+
+#[test]
+fn a_hot_loop_is_cpu_with_its_function_on_top() {
+    let h = common::diagnosing(Duration::from_millis(10));
+    let s = common::stall_of(&h, "crunch", async {
+        crunch_numbers_in_a_hot_loop(Duration::from_millis(120));
+    });
+    assert_eq!(s.cause, Cause::Cpu, "{s:#?}");
+    assert!(s.cause_shares[0].share > 0.5, "{:?}", s.cause_shares);
+    assert!(s.hint.unwrap().contains("spawn_blocking"));
+    assert_eq!(s.stack_status, StackStatus::Captured, "{s:#?}");
+    let frames = common::first_frames(&s, 3);
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.contains("crunch_numbers_in_a_hot_loop") || f.contains("spin_for")),
+        "{frames:#?}\n{}",
+        s.stack.as_ref().unwrap()
+    );
+    let snap = h.guard.snapshot();
+    assert!(snap.stacks_captured >= 1);
+    assert!(snap.diagnosis_samples >= 2);
+}
