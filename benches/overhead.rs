@@ -218,7 +218,7 @@ where
 
 /// Process CPU time (user + system).
 fn cpu_time() -> Duration {
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
     {
         let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
         // SAFETY: getrusage fills the struct it is given.
@@ -231,7 +231,7 @@ fn cpu_time() -> Duration {
         };
         tv(ru.ru_utime) + tv(ru.ru_stime)
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
     {
         Duration::ZERO
     }

@@ -38,6 +38,10 @@ cargo test --all-features
 step "tests (--cfg tokio_unstable)"
 "${unstable_env[@]}" cargo test --all-features
 
+step "the non-Linux code path (Linux-only diagnosis compiled out with --cfg loopwatch_portable)"
+RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portable \
+  cargo test --lib --test diagnose_unsupported --test diagnose_off --test stall_reported_while_running
+
 step "demo (it must report its stalls and end by itself)"
 out=$(timeout 120 cargo run -q --example demo 2>&1)
 echo "$out" | tail -n 8

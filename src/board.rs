@@ -109,7 +109,7 @@ pub(crate) struct ThreadMeta {
     pub(crate) tid: Option<u64>,
 }
 
-const RING: usize = 512;
+const RING: usize = 1024;
 
 /// One thread's state. Aligned so two threads never share a cache line.
 #[repr(align(128))]
@@ -613,14 +613,14 @@ pub(crate) fn mark_own_thread() {
     let _ = LOCAL.try_with(|l| l.own.set(true));
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 fn os_thread_id() -> Option<u64> {
     // SAFETY: gettid has no preconditions and cannot fail.
     let tid = unsafe { libc::gettid() };
     u64::try_from(tid).ok()
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
 fn os_thread_id() -> Option<u64> {
     None
 }

@@ -55,12 +55,12 @@ impl Stacks {
     }
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 fn symbolize(raw: &[usize]) -> Stack {
     crate::diagnose::symbolize::symbolize(raw)
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
 fn symbolize(_raw: &[usize]) -> Stack {
     Stack::default()
 }
@@ -81,7 +81,7 @@ pub(crate) fn wait_for_symbols(timeout: std::time::Duration) -> bool {
 
 fn warm_up() {
     crate::board::mark_own_thread();
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
     let _ = catch_unwind(|| symbolize(&[warm_up as *const () as usize]));
     SYMBOLS_READY.store(true, Ordering::Release);
 }

@@ -81,8 +81,8 @@ fn environment_and_setters_are_checked() {
     assert_eq!(cfg.threshold, Duration::from_micros(250));
     assert_eq!(
         cfg.tick,
-        loopwatch::MIN_TICK,
-        "default tick follows the threshold"
+        Duration::from_nanos(62_500),
+        "the default tick follows the threshold (a quarter of it)"
     );
 
     // ignore_env() leaves the environment out.
@@ -121,5 +121,5 @@ fn environment_and_setters_are_checked() {
     // The defaults are valid.
     let cfg = loopwatch::builder().ignore_env().config().unwrap();
     assert_eq!(cfg.threshold, Duration::from_millis(10));
-    assert_eq!(cfg.tick, Duration::from_millis(1));
+    assert_eq!(cfg.tick, Duration::from_micros(2500));
 }

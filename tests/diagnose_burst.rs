@@ -1,6 +1,6 @@
 //! A burst of 1,000 stalls: stack captures stay within the rate limit, the rest are counted,
 //! nothing crashes, and the runtime is fine afterwards.
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 mod common;
 

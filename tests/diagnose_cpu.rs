@@ -1,6 +1,6 @@
 //! A hot loop is diagnosed `cpu`, with its function first in the captured stack and the
 //! spawn_blocking hint.
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 mod common;
 

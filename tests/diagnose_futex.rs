@@ -1,6 +1,6 @@
 //! Waiting on a `std::sync::Mutex` held by another thread is `syscall(futex)`, with the
 //! lock hint.
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 mod common;
 

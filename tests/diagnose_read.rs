@@ -1,6 +1,6 @@
 //! A blocking `std::net` read on a loopback socket is `syscall(read)` or `syscall(recvfrom)`,
 //! with the tokio I/O hint.
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 mod common;
 

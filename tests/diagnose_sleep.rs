@@ -1,6 +1,6 @@
 //! `std::thread::sleep` on a worker is `syscall(nanosleep)` (or `clock_nanosleep`), with the
 //! tokio::time::sleep hint, and the sleeping function first in the stack (std folded away).
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! A worker pinned to one CPU beside CPU hogs is runnable but not running for most of its
 //! stall: loopwatch reports a `starved` share (the host's fault, not the code's).
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 mod common;
 

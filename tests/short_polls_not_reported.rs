@@ -68,7 +68,7 @@ fn polls_below_the_threshold_are_never_reported() {
 
 /// A stall the host caused: the thread was runnable but not running for a good part of it.
 fn is_host_starvation(s: &loopwatch::Stall) -> bool {
-    if cfg!(not(target_os = "linux")) {
+    if cfg!(not(all(target_os = "linux", not(loopwatch_portable)))) {
         return false;
     }
     s.cause_shares

@@ -1,7 +1,7 @@
 //! If the application already handles the stack signal, loopwatch leaves it alone: no stacks,
 //! a reason in the snapshot, and the application's handler still in place. (Its own file: the
 //! signal disposition is process-wide.)
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 mod common;
 

@@ -3,15 +3,21 @@
 //! The cause comes from the stalled thread's kernel state, sampled by the watchdog while the
 //! stall runs (Linux: `/proc/self/task/<tid>/{schedstat,stat,syscall}`); nothing here touches the
 //! poll hot path. On other systems the cause is [`Cause::Unknown`].
+// Off Linux the kernel-state sampling and stack capture are compiled out, and with them
+// the only users of some of what follows.
+#![cfg_attr(
+    not(all(target_os = "linux", not(loopwatch_portable))),
+    allow(dead_code)
+)]
 
 use std::fmt;
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod proc;
 pub(crate) mod sampler;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod stack;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod symbolize;
 pub(crate) mod syscalls;
 
@@ -193,19 +199,21 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
-    pub(crate) fn add_interval(&mut self, wall: u64, run: u64, wait: u64, syscall: Option<i64>) {
-        let cpu = run.min(wall);
-        let starved = wait.min(wall - cpu);
-        let rest = wall - cpu - starved;
+    /// An interval of `wall` nanoseconds in which the thread ran `cpu`; the rest is put down
+    /// to what it was doing (runnable: starved; in a syscall: sleeping in it; else unknown).
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+    pub(crate) fn add_interval(&mut self, wall: u64, cpu: u64, activity: proc::Activity) {
+        let cpu = cpu.min(wall);
+        let rest = wall - cpu;
         self.cpu_ns += cpu;
-        self.starved_ns += starved;
-        if rest > 0 {
-            if let Some(nr) = syscall {
-                match self.sleep_ns.iter_mut().find(|(n, _)| *n == nr) {
-                    Some((_, ns)) => *ns += rest,
-                    None => self.sleep_ns.push((nr, rest)),
-                }
-            }
+        self.samples += 1;
+        match activity {
+            proc::Activity::Running => self.starved_ns += rest,
+            proc::Activity::Syscall(nr) => match self.sleep_ns.iter_mut().find(|(n, _)| *n == nr) {
+                Some((_, ns)) => *ns += rest,
+                None => self.sleep_ns.push((nr, rest)),
+            },
+            proc::Activity::Blocked | proc::Activity::Unknown => {}
         }
     }
 
@@ -254,16 +262,20 @@ impl Tally {
 mod tests {
     use super::*;
 
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
     #[test]
     fn intervals_split_into_cpu_starved_and_sleep() {
+        use proc::Activity;
         let mut t = Tally::default();
-        t.add_interval(1000, 100, 200, Some(202));
-        t.add_interval(1000, 100, 200, Some(202));
+        t.add_interval(1000, 300, Activity::Syscall(202));
+        t.add_interval(1000, 100, Activity::Syscall(202));
+        t.add_interval(1000, 400, Activity::Running);
         let s = t.shares();
         assert_eq!(s[0].cause, Cause::Syscall(Syscall::from_nr(202)));
-        assert!((s[0].share - 0.7).abs() < 1e-9);
-        assert_eq!(s[1].cause, Cause::Starved);
-        assert_eq!(s[2].cause, Cause::Cpu);
+        assert!((s[0].share - 1600.0 / 3000.0).abs() < 1e-9);
+        assert_eq!(s[1].cause, Cause::Cpu);
+        assert_eq!(s[2].cause, Cause::Starved);
+        assert_eq!(t.samples, 3);
     }
 
     #[test]

@@ -1,32 +1,42 @@
-//! Reading a thread's kernel state from `/proc/self/task/<tid>/` (Linux), on the watchdog.
+//! Reading a thread's kernel state on the watchdog (Linux): its CPU time from the per-thread
+//! CPU clock (exact, even while it runs), and what it is doing from
+//! `/proc/self/task/<tid>/syscall` (running or runnable, or blocked in which system call), with
+//! `/proc/self/task/<tid>/stat` as the fallback where that file cannot be read.
 
 use std::fs::File;
 use std::io::Read;
 
 use super::{Cause, Syscall, Tally};
 
+/// What a thread was doing at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activity {
+    /// Running, or runnable and waiting for a CPU (the kernel's TASK_RUNNING).
+    Running,
+    /// Sleeping inside this system call.
+    Syscall(i64),
+    /// Sleeping, not in a system call we could name.
+    Blocked,
+    Unknown,
+}
+
 /// One reading of a thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Reading {
     /// When it was taken (board nanoseconds).
     pub(crate) at_ns: u64,
-    /// Time spent on a CPU, nanoseconds (schedstat), if readable.
-    pub(crate) run_ns: Option<u64>,
-    /// Time spent runnable but waiting for a CPU, nanoseconds (schedstat), if readable.
-    pub(crate) wait_ns: Option<u64>,
-    /// The scheduler state letter from `stat` (`R`, `S`, `D`, ...).
-    pub(crate) state: Option<u8>,
-    /// The syscall the thread is blocked in (`None`: running, or not in a syscall).
-    pub(crate) syscall: Option<i64>,
+    /// The thread's CPU time, nanoseconds.
+    pub(crate) cpu_ns: Option<u64>,
+    pub(crate) activity: Activity,
 }
 
 impl Reading {
     /// What this reading alone says.
     pub(crate) fn instant_cause(&self) -> Cause {
-        match (self.state, self.syscall) {
-            (Some(b'R'), _) => Cause::Cpu,
-            (Some(b'S' | b'D'), Some(nr)) => Cause::Syscall(Syscall::from_nr(nr)),
-            _ => Cause::Unknown,
+        match self.activity {
+            Activity::Running => Cause::Cpu,
+            Activity::Syscall(nr) => Cause::Syscall(Syscall::from_nr(nr)),
+            Activity::Blocked | Activity::Unknown => Cause::Unknown,
         }
     }
 }
@@ -51,40 +61,58 @@ fn read_small<'a>(path: &str, buf: &'a mut [u8; 512]) -> Option<&'a str> {
     std::str::from_utf8(&buf[..len]).ok()
 }
 
-/// Takes a reading of thread `tid` of this process. The scheduler state letter (a third file)
-/// is read only when `with_state` is set or schedstat is missing: with schedstat, intervals
-/// need only the times and the syscall.
-pub(crate) fn read(tid: u64, at_ns: u64, with_state: bool) -> Reading {
-    let mut buf = [0u8; 512];
-    let mut r = Reading {
-        at_ns,
-        run_ns: None,
-        wait_ns: None,
-        state: None,
-        syscall: None,
+/// The CPU time of thread `tid` of this process: its per-thread CPU clock
+/// (`MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`), which the kernel brings up to date on read.
+fn thread_cpu_ns(tid: u64) -> Option<u64> {
+    let tid = libc::clockid_t::try_from(tid).ok()?;
+    let clock: libc::clockid_t = (!tid << 3) | 6;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // The syscall first: the other reads take time, and a blocked thread stays blocked.
-    if let Some(text) = read_small(&format!("/proc/self/task/{tid}/syscall"), &mut buf) {
-        r.syscall = parse_syscall(text);
+    // SAFETY: clock_gettime writes into the timespec it is given.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
     }
-    if let Some(text) = read_small(&format!("/proc/self/task/{tid}/schedstat"), &mut buf) {
-        let mut it = text.split_whitespace().map(|v| v.parse::<u64>().ok());
-        r.run_ns = it.next().flatten();
-        r.wait_ns = it.next().flatten();
-    }
-    if with_state || r.run_ns.is_none() {
-        if let Some(text) = read_small(&format!("/proc/self/task/{tid}/stat"), &mut buf) {
-            r.state = parse_state(text);
-        }
-    }
-    r
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u64::try_from(ts.tv_nsec).ok()?;
+    Some(secs * 1_000_000_000 + nanos)
 }
 
-/// `running` → None; `-1 sp pc` (blocked outside a syscall) → None; `nr a1 .. a6 sp pc` → nr.
-pub(crate) fn parse_syscall(text: &str) -> Option<i64> {
-    let first = text.split_whitespace().next()?;
-    let nr: i64 = first.parse().ok()?;
-    (nr >= 0).then_some(nr)
+/// Takes a reading of thread `tid` of this process.
+pub(crate) fn read(tid: u64, at_ns: u64) -> Reading {
+    let mut buf = [0u8; 512];
+    let activity = match read_small(&format!("/proc/self/task/{tid}/syscall"), &mut buf) {
+        Some(text) => parse_syscall(text),
+        None => match read_small(&format!("/proc/self/task/{tid}/stat"), &mut buf)
+            .and_then(parse_state)
+        {
+            Some(b'R') => Activity::Running,
+            Some(b'S' | b'D') => Activity::Blocked,
+            _ => Activity::Unknown,
+        },
+    };
+    Reading {
+        at_ns,
+        cpu_ns: thread_cpu_ns(tid),
+        activity,
+    }
+}
+
+/// `running` → Running; `-1 sp pc` (blocked outside a syscall) → Blocked;
+/// `nr a1 .. a6 sp pc` → Syscall(nr).
+pub(crate) fn parse_syscall(text: &str) -> Activity {
+    let Some(first) = text.split_whitespace().next() else {
+        return Activity::Unknown;
+    };
+    if first == "running" {
+        return Activity::Running;
+    }
+    match first.parse::<i64>() {
+        Ok(nr) if nr >= 0 => Activity::Syscall(nr),
+        Ok(_) => Activity::Blocked,
+        Err(_) => Activity::Unknown,
+    }
 }
 
 /// The state letter of `/proc/.../stat`: the first field after the `(comm)`, whose closing
@@ -94,15 +122,17 @@ pub(crate) fn parse_state(text: &str) -> Option<u8> {
     text[close + 1..].trim_start().bytes().next()
 }
 
-/// Folds the interval between two readings into a tally.
+/// Folds the interval between two readings into a tally: the CPU time it ran, and the rest
+/// by what the thread was doing at the end of it (runnable: starved; in a syscall: that call).
 pub(crate) fn fold(tally: &mut Tally, prev: &Reading, now: &Reading) {
     let wall = now.at_ns.saturating_sub(prev.at_ns);
-    match (prev.run_ns, now.run_ns, prev.wait_ns, now.wait_ns) {
-        (Some(r0), Some(r1), Some(w0), Some(w1)) if wall > 0 => {
-            // Blocked now, or at the start of the interval: that syscall is why it slept.
-            let syscall = now.syscall.or(prev.syscall);
-            tally.add_interval(wall, r1.saturating_sub(r0), w1.saturating_sub(w0), syscall);
-            tally.samples += 1;
+    match (prev.cpu_ns, now.cpu_ns) {
+        (Some(c0), Some(c1)) if wall > 0 => {
+            let activity = match now.activity {
+                Activity::Unknown => prev.activity,
+                a => a,
+            };
+            tally.add_interval(wall, c1.saturating_sub(c0), activity);
         }
         _ => tally.set_instant(now.instant_cause()),
     }
@@ -114,13 +144,13 @@ mod tests {
 
     #[test]
     fn syscall_lines_parse() {
-        assert_eq!(parse_syscall("running\n"), None);
-        assert_eq!(parse_syscall("-1 0x7ffd 0x7f00\n"), None);
+        assert_eq!(parse_syscall("running\n"), Activity::Running);
+        assert_eq!(parse_syscall("-1 0x7ffd 0x7f00\n"), Activity::Blocked);
         assert_eq!(
             parse_syscall("230 0x1 0x0 0x7f 0x0 0x0 0x0 0x7ffd 0x7f00\n"),
-            Some(230)
+            Activity::Syscall(230)
         );
-        assert_eq!(parse_syscall(""), None);
+        assert_eq!(parse_syscall(""), Activity::Unknown);
     }
 
     #[test]
@@ -131,11 +161,36 @@ mod tests {
     }
 
     #[test]
-    fn this_thread_can_be_read() {
-        // SAFETY: gettid has no preconditions.
-        let tid = u64::try_from(unsafe { libc::gettid() }).unwrap();
-        let r = read(tid, 1, true);
-        assert_eq!(r.state, Some(b'R'), "a thread reading itself is running");
-        assert!(r.run_ns.is_some(), "schedstat is readable");
+    fn a_spinning_and_a_sleeping_thread_are_told_apart() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let spawn = |sleep: bool| {
+            let stop = stop.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tx.send(unsafe { libc::gettid() }).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    if sleep {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            });
+            (t, u64::try_from(rx.recv().unwrap()).unwrap())
+        };
+        let (spinner, spin_tid) = spawn(false);
+        let (sleeper, sleep_tid) = spawn(true);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let a = read(spin_tid, 1);
+        let s = read(sleep_tid, 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = read(spin_tid, 2);
+        stop.store(true, Ordering::Relaxed);
+        spinner.join().unwrap();
+        sleeper.join().unwrap();
+        assert_eq!(a.activity, Activity::Running);
+        assert!(b.cpu_ns.unwrap() > a.cpu_ns.unwrap(), "its CPU clock moves");
+        assert!(matches!(s.activity, Activity::Syscall(_)), "{s:?}");
     }
 }

@@ -1,6 +1,12 @@
 //! The watchdog's side of diagnosis: sampling a suspect thread's kernel state on each tick,
 //! and asking for its stack once per stall, within a rate limit. Off Linux this only says
 //! "unknown" and "unsupported".
+// Off Linux the kernel-state sampling and stack capture are compiled out, and with them
+// the only users of some of what follows.
+#![cfg_attr(
+    not(all(target_os = "linux", not(loopwatch_portable))),
+    allow(dead_code)
+)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,7 +28,7 @@ pub(crate) struct DiagCounters {
 pub(crate) struct Probe {
     pub(crate) seq: u64,
     tally: Tally,
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
     last: Option<super::proc::Reading>,
 }
 
@@ -31,7 +37,7 @@ impl Probe {
         Probe {
             seq,
             tally: Tally::default(),
-            #[cfg(target_os = "linux")]
+            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
             last: None,
         }
     }
@@ -131,12 +137,12 @@ impl Sampler {
         if probe.as_ref().is_none_or(|p| p.seq != seq) {
             *probe = Some(Probe::new(seq));
         }
-        #[cfg(target_os = "linux")]
+        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
         if self.diagnose {
             let (Some(p), Some(tid)) = (probe.as_mut(), tid) else {
                 return;
             };
-            let reading = super::proc::read(tid, now_ns, p.last.is_none());
+            let reading = super::proc::read(tid, now_ns);
             match &p.last {
                 Some(prev) => super::proc::fold(&mut p.tally, prev, &reading),
                 None => p.tally.set_instant(reading.instant_cause()),
@@ -165,7 +171,7 @@ impl Sampler {
             counters.stacks_rate_limited.fetch_add(1, Ordering::Relaxed);
             return Ask::Not(StackStatus::RateLimited);
         }
-        #[cfg(target_os = "linux")]
+        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
         if let Some(ticket) = super::stack::request(tid, sig) {
             return Ask::Pending(Pending {
                 ticket,
@@ -185,13 +191,13 @@ impl Sampler {
         now_ns: u64,
         counters: &DiagCounters,
     ) -> Option<Result<Vec<usize>, StackStatus>> {
-        #[cfg(target_os = "linux")]
+        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
         if let Some(ips) = super::stack::take(p.ticket) {
             counters.stacks_captured.fetch_add(1, Ordering::Relaxed);
             return Some(Ok(ips));
         }
         if now_ns >= p.deadline_ns {
-            #[cfg(target_os = "linux")]
+            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
             super::stack::cancel(p.ticket);
             counters.stacks_failed.fetch_add(1, Ordering::Relaxed);
             return Some(Err(StackStatus::TimedOut));
@@ -200,7 +206,7 @@ impl Sampler {
     }
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 fn setup_stacks(signal: Option<i32>) -> Result<i32, String> {
     let sig = signal.unwrap_or_else(super::stack::default_signal);
     super::stack::install(sig)
@@ -208,7 +214,7 @@ fn setup_stacks(signal: Option<i32>) -> Result<i32, String> {
         .map_err(|e| e.to_string())
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
 fn setup_stacks(_signal: Option<i32>) -> Result<i32, String> {
     Err("stack capture is only implemented on Linux".into())
 }

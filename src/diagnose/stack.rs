@@ -228,6 +228,8 @@ mod tests {
             spin_here(&s2);
         });
         let tid = rx.recv().unwrap() as u64;
+        // Let it get from the channel send into its loop.
+        std::thread::sleep(Duration::from_millis(20));
         let ticket = request(tid, sig).expect("signal sent");
         let deadline = Instant::now() + Duration::from_secs(2);
         let ips = loop {
