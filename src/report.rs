@@ -81,6 +81,14 @@ pub(crate) fn wait_for_symbols(timeout: std::time::Duration) -> bool {
 
 fn warm_up() {
     crate::board::mark_own_thread();
+    // Loading symbol tables is bulk work nobody waits on: let it have only idle CPU, so it
+    // never takes a core from the service (Linux SCHED_IDLE, for this thread only).
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid, zeroed param.
+    unsafe {
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
     #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
     let _ = catch_unwind(|| symbolize(&[warm_up as *const () as usize]));
     SYMBOLS_READY.store(true, Ordering::Release);
