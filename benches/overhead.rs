@@ -492,5 +492,32 @@ fn watchdog_cost() {
         guard.config().tick,
         cpu.as_secs_f64() / wall.as_secs_f64() * 100.0
     );
+
+    // Now every worker stalled at once (blocked in std::thread::sleep, so that 16 stalls fit
+    // on 2 cores): the watchdog samples all 16 threads on every tick.
+    let stall_for = Duration::from_millis(4000);
+    let hs: Vec<_> = (0..workers)
+        .map(|_| {
+            rt.spawn(guard.watch("stalled", async move {
+                std::thread::sleep(stall_for);
+            }))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (c0, t0) = (cpu_time(), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let (cpu, wall) = (cpu_time() - c0, t0.elapsed());
+    let snap = guard.snapshot();
+    println!(
+        "watchdog at defaults, all {workers} workers stalled at once ({} in progress, {} kernel-state readings so far): {:.2}% of one core",
+        snap.stalls_in_progress,
+        snap.diagnosis_samples,
+        cpu.as_secs_f64() / wall.as_secs_f64() * 100.0
+    );
+    rt.block_on(async {
+        for h in hs {
+            h.await.unwrap();
+        }
+    });
     drop(rt);
 }

@@ -22,6 +22,9 @@ use tokio::net::{TcpListener, TcpStream as AsyncStream};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. loopwatch: one line. Stall reports are WARN events printed to stderr.
     let guard = loopwatch::try_init()?;
+    // Optional: have the symbol tables loaded before the first stall, so even the first
+    // reports carry stack frames (loopwatch loads them in the background either way).
+    guard.wait_for_symbols(Duration::from_secs(10));
 
     // 2. The service, on a 2-worker runtime.
     let rt = runtime(&guard)?;

@@ -2,13 +2,13 @@
 //! user callbacks, away from the watchdog, so a slow subscriber or callback can delay only
 //! reports (the queue in front of it is bounded, and drops are counted), never detection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
-use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::diagnose::Stack;
 use crate::stall::{StackStatus, Stall, StallState};
@@ -17,41 +17,156 @@ use crate::watchdog::Shared;
 /// A user callback, run for each stall report.
 pub(crate) type Callback = Arc<dyn Fn(&Stall) + Send + Sync + 'static>;
 
-/// What the watchdog sends: the record, and the stack's raw addresses (symbolized here, off
-/// the watchdog, since symbolizing can take milliseconds).
+/// What the watchdog sends: the record, and the stack's raw addresses (symbolized off the
+/// watchdog, since symbolizing can take milliseconds).
 #[derive(Debug)]
 pub(crate) struct Report {
     pub(crate) stall: Stall,
     pub(crate) raw_stack: Option<Arc<[usize]>>,
 }
 
-/// Symbolized stacks of the stalls still running (a stall's two reports share one).
-#[derive(Default)]
-struct Stacks(HashMap<u64, Arc<Stack>>);
+/// The longest a running report waits for its stack to be symbolized; past it the report goes
+/// out without frames, and the stall is reported once more when they are ready.
+const SYMBOLIZE_WAIT: Duration = Duration::from_millis(25);
+/// The same for an ended report (less urgent: the stall is over).
+const SYMBOLIZE_WAIT_ENDED: Duration = Duration::from_millis(250);
+
+/// Symbolizes on a thread of its own (`loopwatch-symbols`), so the reporter never waits more
+/// than [`SYMBOLIZE_WAIT`]: the first stacks of a process can take hundreds of milliseconds
+/// (its debug info is parsed on first use).
+struct Symbolizer {
+    jobs: SyncSender<(u64, Arc<[usize]>)>,
+    done: Arc<(Mutex<HashMap<u64, Arc<Stack>>>, Condvar)>,
+    /// Jobs submitted and not finished: a report waits for its stack only when its job is the
+    /// only one, so a backlog never makes every report wait.
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl Symbolizer {
+    fn start() -> Option<Symbolizer> {
+        let (jobs, rx) = sync_channel::<(u64, Arc<[usize]>)>(64);
+        let done: Arc<(Mutex<HashMap<u64, Arc<Stack>>>, Condvar)> = Arc::default();
+        let out = done.clone();
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let count = outstanding.clone();
+        std::thread::Builder::new()
+            .name("loopwatch-symbols".into())
+            .spawn(move || {
+                warm_up();
+                while let Ok((id, raw)) = rx.recv() {
+                    let stack = catch_unwind(|| symbolize(&raw)).unwrap_or_default();
+                    let (map, cv) = &*out;
+                    if let Ok(mut m) = map.lock() {
+                        if m.len() >= 1024 {
+                            m.clear(); // bounded: results nobody picked up
+                        }
+                        m.insert(id, Arc::new(stack));
+                    }
+                    count.fetch_sub(1, Ordering::AcqRel);
+                    cv.notify_all();
+                }
+            })
+            .ok()?;
+        Some(Symbolizer {
+            jobs,
+            done,
+            outstanding,
+        })
+    }
+
+    fn submit(&self, id: u64, raw: Arc<[usize]>) -> bool {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let ok = self.jobs.try_send((id, raw)).is_ok();
+        if !ok {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+        ok
+    }
+
+    /// How long a report in `state` may wait for its stack now.
+    fn patience(&self, state: StallState) -> Duration {
+        match (self.outstanding.load(Ordering::Acquire) <= 1, state) {
+            (false, _) => Duration::ZERO,
+            (true, StallState::Ended) => SYMBOLIZE_WAIT_ENDED,
+            (true, _) => SYMBOLIZE_WAIT,
+        }
+    }
+
+    /// The stack of stall `id`, waiting at most `wait` for it.
+    fn get(&self, id: u64, wait: Duration) -> Option<Arc<Stack>> {
+        let (map, cv) = &*self.done;
+        let deadline = Instant::now() + wait;
+        let mut m = map.lock().ok()?;
+        loop {
+            if let Some(s) = m.get(&id) {
+                return Some(s.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            m = cv.wait_timeout(m, left).ok()?.0;
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Ok(mut m) = self.done.0.lock() {
+            m.remove(&id);
+        }
+    }
+}
+
+/// The reporter's side of stacks: which stalls were submitted, and the running reports that
+/// went out before their frames were ready.
+struct Stacks {
+    symbolizer: Option<Symbolizer>,
+    submitted: HashSet<u64>,
+    late: Vec<Stall>,
+}
 
 impl Stacks {
     fn attach(&mut self, stall: &mut Stall, raw: Option<&Arc<[usize]>>) {
         let Some(raw) = raw else { return };
-        if !SYMBOLS_READY.load(Ordering::Acquire) && !self.0.contains_key(&stall.id) {
-            // The symbol tables are still loading: report now, without the frames.
-            stall.stack_status = StackStatus::Loading;
+        let Some(sym) = &self.symbolizer else {
+            return;
+        };
+        if self.submitted.len() >= 1024 {
+            self.submitted.clear(); // bounded: ids whose ended report was dropped
+        }
+        if self.submitted.insert(stall.id) && !sym.submit(stall.id, raw.clone()) {
+            stall.stack_status = StackStatus::Failed;
             return;
         }
-        let stack = match self.0.get(&stall.id) {
-            Some(s) => s.clone(),
+        match sym.get(stall.id, sym.patience(stall.state)) {
+            Some(stack) => stall.stack = Some(stack),
             None => {
-                let s = Arc::new(symbolize(raw));
-                if self.0.len() >= 1024 {
-                    self.0.clear(); // bounded: ids whose ended report was dropped
+                stall.stack_status = StackStatus::Loading;
+                if stall.state == StallState::Running && self.late.len() < 64 {
+                    self.late.push(stall.clone());
                 }
-                self.0.insert(stall.id, s.clone());
-                s
             }
-        };
-        if stall.state == StallState::Ended {
-            self.0.remove(&stall.id);
         }
-        stall.stack = Some(stack);
+        if stall.state == StallState::Ended {
+            self.submitted.remove(&stall.id);
+            self.late.retain(|s| s.id != stall.id);
+            sym.forget(stall.id);
+        }
+    }
+
+    /// Running reports whose frames are now ready: they are reported once more, with them.
+    fn ready_late(&mut self) -> Vec<Stall> {
+        let Some(sym) = &self.symbolizer else {
+            return Vec::new();
+        };
+        let mut ready = Vec::new();
+        self.late.retain(|s| match sym.get(s.id, Duration::ZERO) {
+            Some(stack) => {
+                let mut s = s.clone();
+                s.stack = Some(stack);
+                s.stack_status = StackStatus::Captured;
+                ready.push(s);
+                false
+            }
+            None => true,
+        });
+        ready
     }
 }
 
@@ -68,64 +183,56 @@ fn symbolize(_raw: &[usize]) -> Stack {
 /// Set once the symbol tables are loaded.
 static SYMBOLS_READY: AtomicBool = AtomicBool::new(false);
 
-pub(crate) fn wait_for_symbols(timeout: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
+pub(crate) fn wait_for_symbols(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
     while !SYMBOLS_READY.load(Ordering::Acquire) {
-        if std::time::Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
     }
     true
 }
 
-fn warm_up() {
-    crate::board::mark_own_thread();
-    // Loading symbol tables is bulk work nobody waits on: let it have only idle CPU, so it
-    // never takes a core from the service (Linux SCHED_IDLE, for this thread only).
-    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-    // SAFETY: sched_setscheduler on the calling thread (0) with a valid, zeroed param.
-    unsafe {
-        let param: libc::sched_param = std::mem::zeroed();
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-    }
-    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-    let _ = catch_unwind(|| symbolize(&[warm_up as *const () as usize]));
-    SYMBOLS_READY.store(true, Ordering::Release);
-}
-
 pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec<Callback>) {
     crate::board::mark_own_thread();
-    if shared.cfg.stacks && shared.cfg.diagnose {
-        // Load the symbol tables on a thread of their own (hundreds of milliseconds for a
-        // binary with debug info), once per process, so no report waits for them.
-        static STARTED: std::sync::Once = std::sync::Once::new();
-        STARTED.call_once(|| {
-            let _ = std::thread::Builder::new()
-                .name("loopwatch-symbols".into())
-                .spawn(warm_up);
-        });
-    }
-    let mut stacks = Stacks::default();
-    while let Ok(Report {
-        mut stall,
-        raw_stack,
-    }) = reports.recv()
-    {
-        if catch_unwind(AssertUnwindSafe(|| {
-            stacks.attach(&mut stall, raw_stack.as_ref())
-        }))
-        .is_err()
-        {
-            shared.caught_panics.fetch_add(1, Ordering::Relaxed);
-        }
-        if catch_unwind(AssertUnwindSafe(|| emit(&shared, &stall))).is_err() {
+    let mut stacks = Stacks {
+        symbolizer: (shared.cfg.stacks && shared.cfg.diagnose)
+            .then(Symbolizer::start)
+            .flatten(),
+        submitted: HashSet::new(),
+        late: Vec::new(),
+    };
+    let deliver = |stall: &Stall| {
+        if catch_unwind(AssertUnwindSafe(|| emit(&shared, stall))).is_err() {
             shared.caught_panics.fetch_add(1, Ordering::Relaxed);
         }
         for cb in &callbacks {
-            if catch_unwind(AssertUnwindSafe(|| cb(&stall))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| cb(stall))).is_err() {
                 shared.caught_panics.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    };
+    loop {
+        match reports.recv_timeout(Duration::from_millis(50)) {
+            Ok(Report {
+                mut stall,
+                raw_stack,
+            }) => {
+                if catch_unwind(AssertUnwindSafe(|| {
+                    stacks.attach(&mut stall, raw_stack.as_ref())
+                }))
+                .is_err()
+                {
+                    shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                }
+                deliver(&stall);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        for stall in stacks.ready_late() {
+            deliver(&stall);
         }
     }
 }
@@ -191,4 +298,32 @@ fn event(s: &Stall) {
         stack = stack.as_deref(),
         "{msg}: {s}"
     );
+}
+
+/// Loads the symbol tables, once per process, at idle priority (Linux `SCHED_IDLE`: bulk work
+/// nobody waits on never takes a core from the service); then this thread symbolizes stalls at
+/// a lowered priority (nice 10).
+fn warm_up() {
+    crate::board::mark_own_thread();
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if !ONCE.is_completed() {
+        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+        // SAFETY: sched_setscheduler on the calling thread (0) with a valid, zeroed param.
+        unsafe {
+            let param: libc::sched_param = std::mem::zeroed();
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        }
+        ONCE.call_once(|| {
+            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+            let _ = catch_unwind(|| symbolize(&[warm_up as *const () as usize]));
+            SYMBOLS_READY.store(true, Ordering::Release);
+        });
+    }
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+    // SAFETY: sched_setscheduler and setpriority on the calling thread (0), valid arguments.
+    unsafe {
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
 }

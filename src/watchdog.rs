@@ -112,6 +112,8 @@ struct Open {
     record: Stall,
     /// A stack capture not picked up yet; the running report waits for it (at most 50 ms).
     pending: Option<Pending>,
+    /// Another stall's capture held the (process-wide) capture slot: ask again until then.
+    retry_until_ns: Option<u64>,
     running_sent: bool,
     raw_stack: Option<Arc<[usize]>>,
 }
@@ -209,6 +211,9 @@ impl Watchdog {
                 if r.seq == open.seq {
                     oldest = oldest.max(now.saturating_sub(open.start_ns));
                     self.sample(i, slot, &r, now);
+                    if open.retry_until_ns.is_some() {
+                        self.ask_stack(i, slot, &mut open, now);
+                    }
                     self.progress(i, &mut open, now);
                     self.states[i].open = Some(open);
                 } else {
@@ -293,20 +298,43 @@ impl Watchdog {
             start_ns,
             record,
             pending: None,
+            retry_until_ns: None,
             running_sent: false,
             raw_stack: None,
         };
+        self.ask_stack(i, slot, &mut open, now);
+        Some(open)
+    }
+
+    /// Asks for the stack of the stall `open` on slot `i`; if another capture holds the slot,
+    /// tries again on the next ticks, for at most 50 ms.
+    fn ask_stack(&mut self, i: usize, slot: &Slot, open: &mut Open, now: u64) {
         let tid = self.states[i]
             .tid
             .or_else(|| slot.meta().and_then(|m| m.tid));
         match self.sampler.ask_stack(tid, now, &self.shared.diag) {
-            Ask::Pending(p) => open.pending = Some(p),
+            Ask::Pending(p) => {
+                open.pending = Some(p);
+                open.retry_until_ns = None;
+            }
+            Ask::Busy => {
+                let until = *open.retry_until_ns.get_or_insert(now + 50_000_000);
+                if now >= until {
+                    self.shared
+                        .diag
+                        .stacks_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    open.retry_until_ns = None;
+                    open.record.stack_status = StackStatus::TimedOut;
+                    self.send_running(i, open);
+                }
+            }
             Ask::Not(status) => {
+                open.retry_until_ns = None;
                 open.record.stack_status = status;
-                self.send_running(i, &mut open);
+                self.send_running(i, open);
             }
         }
-        Some(open)
     }
 
     /// Samples the thread of the poll in progress on slot `i`.
@@ -366,6 +394,14 @@ impl Watchdog {
                 open.pending = Some(late);
                 self.progress(i, &mut open, now);
             } else {
+                if open.retry_until_ns.take().is_some() {
+                    // It ended while waiting for another stall's capture to finish.
+                    self.shared
+                        .diag
+                        .stacks_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    open.record.stack_status = StackStatus::Failed;
+                }
                 self.send_running(i, &mut open);
             }
         }

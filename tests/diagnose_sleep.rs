@@ -10,7 +10,8 @@ use loopwatch::{Cause, StackStatus};
 
 #[inline(never)]
 fn fetch_config_the_old_way() {
-    std::thread::sleep(Duration::from_millis(120));
+    // Long enough for the first symbolization of a debug test binary (its debug info is big).
+    std::thread::sleep(Duration::from_millis(600));
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 
 use super::{Cause, Syscall, Tally};
 
@@ -79,23 +80,61 @@ fn thread_cpu_ns(tid: u64) -> Option<u64> {
     Some(secs * 1_000_000_000 + nanos)
 }
 
-/// Takes a reading of thread `tid` of this process.
-pub(crate) fn read(tid: u64, at_ns: u64) -> Reading {
+/// One thread's `syscall` file, kept open while the thread is sampled: each reading is then one
+/// `pread` instead of an open, a read and a close.
+#[derive(Debug)]
+pub(crate) struct Thread {
+    tid: u64,
+    syscall: Option<File>,
+}
+
+impl Thread {
+    pub(crate) fn new(tid: u64) -> Thread {
+        Thread {
+            tid,
+            syscall: File::open(format!("/proc/self/task/{tid}/syscall")).ok(),
+        }
+    }
+
+    pub(crate) fn tid(&self) -> u64 {
+        self.tid
+    }
+
+    /// Takes a reading.
+    pub(crate) fn read(&mut self, at_ns: u64) -> Reading {
+        let mut buf = [0u8; 512];
+        let from_file = self.syscall.as_ref().and_then(|f| {
+            let n = loop {
+                match f.read_at(&mut buf, 0) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return None,
+                }
+            };
+            std::str::from_utf8(&buf[..n]).ok().map(parse_syscall)
+        });
+        let activity = match from_file {
+            Some(a) => a,
+            None => {
+                self.syscall = None;
+                read_stat_activity(self.tid)
+            }
+        };
+        Reading {
+            at_ns,
+            cpu_ns: thread_cpu_ns(self.tid),
+            activity,
+        }
+    }
+}
+
+/// The fallback: the state letter of `stat` (no syscall number).
+fn read_stat_activity(tid: u64) -> Activity {
     let mut buf = [0u8; 512];
-    let activity = match read_small(&format!("/proc/self/task/{tid}/syscall"), &mut buf) {
-        Some(text) => parse_syscall(text),
-        None => match read_small(&format!("/proc/self/task/{tid}/stat"), &mut buf)
-            .and_then(parse_state)
-        {
-            Some(b'R') => Activity::Running,
-            Some(b'S' | b'D') => Activity::Blocked,
-            _ => Activity::Unknown,
-        },
-    };
-    Reading {
-        at_ns,
-        cpu_ns: thread_cpu_ns(tid),
-        activity,
+    match read_small(&format!("/proc/self/task/{tid}/stat"), &mut buf).and_then(parse_state) {
+        Some(b'R') => Activity::Running,
+        Some(b'S' | b'D') => Activity::Blocked,
+        _ => Activity::Unknown,
     }
 }
 
@@ -182,10 +221,11 @@ mod tests {
         let (spinner, spin_tid) = spawn(false);
         let (sleeper, sleep_tid) = spawn(true);
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let a = read(spin_tid, 1);
-        let s = read(sleep_tid, 1);
+        let mut spin = Thread::new(spin_tid);
+        let a = spin.read(1);
+        let s = Thread::new(sleep_tid).read(1);
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let b = read(spin_tid, 2);
+        let b = spin.read(2);
         stop.store(true, Ordering::Relaxed);
         spinner.join().unwrap();
         sleeper.join().unwrap();

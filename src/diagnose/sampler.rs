@@ -30,6 +30,8 @@ pub(crate) struct Probe {
     tally: Tally,
     #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
     last: Option<super::proc::Reading>,
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+    thread: Option<super::proc::Thread>,
 }
 
 impl Probe {
@@ -39,6 +41,8 @@ impl Probe {
             tally: Tally::default(),
             #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
             last: None,
+            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+            thread: None,
         }
     }
 
@@ -59,6 +63,8 @@ pub(crate) struct Pending {
 #[derive(Debug)]
 pub(crate) enum Ask {
     Pending(Pending),
+    /// Another capture is under way (one at a time per process): ask again next tick.
+    Busy,
     Not(StackStatus),
 }
 
@@ -142,7 +148,13 @@ impl Sampler {
             let (Some(p), Some(tid)) = (probe.as_mut(), tid) else {
                 return;
             };
-            let reading = super::proc::read(tid, now_ns);
+            if p.thread.as_ref().is_none_or(|t| t.tid() != tid) {
+                p.thread = Some(super::proc::Thread::new(tid));
+            }
+            let Some(thread) = p.thread.as_mut() else {
+                return;
+            };
+            let reading = thread.read(now_ns);
             match &p.last {
                 Some(prev) => super::proc::fold(&mut p.tally, prev, &reading),
                 None => p.tally.set_instant(reading.instant_cause()),
@@ -167,16 +179,24 @@ impl Sampler {
         let Some(tid) = tid else {
             return Ask::Not(StackStatus::Failed);
         };
+        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+        if super::stack::busy() {
+            return Ask::Busy;
+        }
         if !self.limiter.allow(now_ns) {
             counters.stacks_rate_limited.fetch_add(1, Ordering::Relaxed);
             return Ask::Not(StackStatus::RateLimited);
         }
         #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-        if let Some(ticket) = super::stack::request(tid, sig) {
-            return Ask::Pending(Pending {
-                ticket,
-                deadline_ns: now_ns + STACK_WAIT_NS,
-            });
+        match super::stack::request(tid, sig) {
+            Ok(ticket) => {
+                return Ask::Pending(Pending {
+                    ticket,
+                    deadline_ns: now_ns + STACK_WAIT_NS,
+                })
+            }
+            Err(super::stack::RequestError::Busy) => return Ask::Busy,
+            Err(super::stack::RequestError::Failed) => {}
         }
         let _ = sig;
         counters.stacks_failed.fetch_add(1, Ordering::Relaxed);

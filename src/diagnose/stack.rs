@@ -147,16 +147,29 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut
 
 static TICKETS: AtomicU64 = AtomicU64::new(1);
 
-/// Asks thread `tid` for its stack. Returns the ticket to `take` it with, or `None` if a
-/// capture is already under way or the signal could not be sent.
-pub(crate) fn request(tid: u64, sig: i32) -> Option<u64> {
-    let tid = i32::try_from(tid).ok()?;
+/// Why a capture could not be started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestError {
+    /// Another capture is under way.
+    Busy,
+    /// The signal could not be sent (the thread is gone).
+    Failed,
+}
+
+/// Is a capture under way?
+pub(crate) fn busy() -> bool {
+    CAPTURE.state.load(Ordering::Acquire) != IDLE
+}
+
+/// Asks thread `tid` for its stack. Returns the ticket to `take` it with.
+pub(crate) fn request(tid: u64, sig: i32) -> Result<u64, RequestError> {
+    let tid = i32::try_from(tid).map_err(|_| RequestError::Failed)?;
     if CAPTURE
         .state
         .compare_exchange(IDLE, ARMING, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {
-        return None;
+        return Err(RequestError::Busy);
     }
     let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
     CAPTURE.ticket.store(ticket, Ordering::Relaxed);
@@ -166,9 +179,9 @@ pub(crate) fn request(tid: u64, sig: i32) -> Option<u64> {
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
     if rc != 0 {
         cancel(ticket);
-        return None;
+        return Err(RequestError::Failed);
     }
-    Some(ticket)
+    Ok(ticket)
 }
 
 /// The addresses captured for `ticket`, if the handler has run; frees the slot.
@@ -231,6 +244,7 @@ mod tests {
         // Let it get from the channel send into its loop.
         std::thread::sleep(Duration::from_millis(20));
         let ticket = request(tid, sig).expect("signal sent");
+        assert!(busy());
         let deadline = Instant::now() + Duration::from_secs(2);
         let ips = loop {
             if let Some(ips) = take(ticket) {

@@ -27,7 +27,33 @@ const FOLDED_CRATES: &[&str] = &[
 const SHOWN: usize = 24;
 
 pub(crate) fn symbolize(ips: &[usize]) -> Stack {
-    fold(resolve(ips))
+    // Resolving an address loads the debug info of its compilation unit, which is slow the
+    // first time (hundreds of milliseconds in a debug build). The frames that matter are the
+    // innermost: stop at SHOWN user frames, or once past the user's frames a long run of
+    // machinery frames says we are in the runtime's outer layers.
+    let mut frames = Vec::new();
+    let mut shown = 0;
+    let mut machinery_run = 0;
+    let mut resolved = 0;
+    for (i, &ip) in ips.iter().enumerate() {
+        let before = frames.len();
+        frames.extend(resolve(&[ip]));
+        resolved = i + 1;
+        for f in &frames[before..] {
+            if is_machinery(f) {
+                machinery_run += 1;
+            } else {
+                shown += 1;
+                machinery_run = 0;
+            }
+        }
+        if shown >= SHOWN || (shown > 0 && machinery_run >= 16) {
+            break;
+        }
+    }
+    let mut stack = fold(frames);
+    stack.folded += ips.len() - resolved;
+    stack
 }
 
 /// Names every address, folding nothing. An address inside inlined code gives one frame per
