@@ -34,9 +34,12 @@ const SYMBOLIZE_WAIT_ENDED: Duration = Duration::from_millis(250);
 /// Symbolizes on a thread of its own (`loopwatch-symbols`), so the reporter never waits more
 /// than [`SYMBOLIZE_WAIT`]: the first stacks of a process can take hundreds of milliseconds
 /// (its debug info is parsed on first use).
+/// Finished stacks by stall id, and the condition variable that says one has arrived.
+type Done = Arc<(Mutex<HashMap<u64, Arc<Stack>>>, Condvar)>;
+
 struct Symbolizer {
     jobs: SyncSender<(u64, Arc<[usize]>)>,
-    done: Arc<(Mutex<HashMap<u64, Arc<Stack>>>, Condvar)>,
+    done: Done,
     /// Jobs submitted and not finished: a report waits for its stack only when its job is the
     /// only one, so a backlog never makes every report wait.
     outstanding: Arc<AtomicUsize>,
@@ -45,7 +48,7 @@ struct Symbolizer {
 impl Symbolizer {
     fn start() -> Option<Symbolizer> {
         let (jobs, rx) = sync_channel::<(u64, Arc<[usize]>)>(64);
-        let done: Arc<(Mutex<HashMap<u64, Arc<Stack>>>, Condvar)> = Arc::default();
+        let done: Done = Arc::default();
         let out = done.clone();
         let outstanding = Arc::new(AtomicUsize::new(0));
         let count = outstanding.clone();
