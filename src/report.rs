@@ -27,7 +27,7 @@ pub(crate) struct Report {
 
 /// The longest a running report waits for its stack to be symbolized; past it the report goes
 /// out without frames, and the stall is reported once more when they are ready.
-const SYMBOLIZE_WAIT: Duration = Duration::from_millis(25);
+const SYMBOLIZE_WAIT: Duration = Duration::from_millis(5);
 /// The same for an ended report (less urgent: the stall is over).
 const SYMBOLIZE_WAIT_ENDED: Duration = Duration::from_millis(250);
 
