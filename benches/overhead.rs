@@ -373,6 +373,10 @@ struct Measure {
 }
 
 fn main() {
+    if std::env::var("LOOPWATCH_BENCH_ONLY").as_deref() == Ok("watchdog") {
+        watchdog_cost();
+        return;
+    }
     // `cargo bench` passes `--bench`; ignore arguments.
     let scale: f64 = std::env::var("LOOPWATCH_BENCH_SCALE")
         .ok()
@@ -459,6 +463,19 @@ fn main() {
 /// time over a quiet interval, as a share of one core.
 fn watchdog_cost() {
     let workers = 16;
+    let tick = loopwatch::builder().ignore_env().config().unwrap().tick;
+    // What only waking up at that period costs here (a VM makes each wake-up dear).
+    let timer = std::thread::spawn(move || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(3300) {
+            std::thread::park_timeout(tick);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let (tc0, tt0) = (cpu_time(), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let timer_pct = (cpu_time() - tc0).as_secs_f64() / tt0.elapsed().as_secs_f64() * 100.0;
+    timer.join().unwrap();
     let (_layer, guard) = loopwatch::builder().ignore_env().build().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -486,6 +503,9 @@ fn watchdog_cost() {
     std::thread::sleep(Duration::from_secs(3));
     let (cpu, wall) = (cpu_time() - c0, t0.elapsed());
     println!();
+    println!(
+        "a bare thread waking every {tick:?} (park_timeout), for comparison: {timer_pct:.2}% of one core"
+    );
     println!(
         "watchdog at defaults (threshold {:?}, tick {:?}), {workers} idle watched workers: {:.2}% of one core",
         guard.config().threshold,

@@ -143,7 +143,12 @@ pub(crate) struct Watchdog {
     samples: Vec<(u64, u64)>,
     next_stall_id: u64,
     tick_ns: u64,
+    ticks: u64,
 }
+
+/// A stalled thread is read on every tick until it has this many readings, then one tick in
+/// eight.
+const DENSE_READINGS: u32 = 16;
 
 impl Watchdog {
     pub(crate) fn new(shared: Arc<Shared>, reports: SyncSender<Report>) -> Watchdog {
@@ -161,6 +166,7 @@ impl Watchdog {
             samples: Vec::new(),
             next_stall_id: 1,
             tick_ns,
+            ticks: 0,
         }
     }
 
@@ -191,6 +197,7 @@ impl Watchdog {
     }
 
     fn tick(&mut self) {
+        self.ticks = self.ticks.wrapping_add(1);
         let board = self.shared.board.clone();
         let now = board.now_ns();
         board.tick(now);
@@ -340,8 +347,15 @@ impl Watchdog {
     /// Samples the thread of the poll in progress on slot `i`.
     fn sample(&mut self, i: usize, slot: &Slot, r: &SlotRead, now: u64) {
         let st = &mut self.states[i];
-        if st.probe.as_ref().is_none_or(|p| p.seq != r.seq) {
-            st.tid = slot.meta().and_then(|m| m.tid);
+        match &st.probe {
+            Some(p) if p.seq == r.seq => {
+                // A long stall: after the first readings (enough for a verdict), read it one
+                // tick in eight, so many long stalls at once stay cheap to watch.
+                if p.readings() >= DENSE_READINGS && self.ticks % 8 != 0 {
+                    return;
+                }
+            }
+            _ => st.tid = slot.meta().and_then(|m| m.tid),
         }
         self.sampler
             .observe(&mut st.probe, r.seq, st.tid, now, &self.shared.diag);

@@ -46,6 +46,11 @@ impl Probe {
         }
     }
 
+    /// Readings taken so far.
+    pub(crate) fn readings(&self) -> u32 {
+        self.tally.samples
+    }
+
     /// The verdict so far, and the share of each cause.
     pub(crate) fn verdict(&self) -> (Cause, Vec<CauseShare>) {
         (self.tally.verdict(), self.tally.shares())
