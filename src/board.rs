@@ -93,6 +93,10 @@ pub(crate) fn decode(word: u64) -> Culprit {
     }
 }
 
+/// The board's clock while the watchdog sleeps through an idle spell: "no time". A poll that
+/// starts then has no start from the clock; one that ends then is not timed as slow.
+pub(crate) const CLOCK_UNKNOWN: u64 = u64::MAX;
+
 // --- slots -------------------------------------------------------------------------------------
 
 /// One exact poll duration, taken one poll in `sample_every`.
@@ -448,7 +452,9 @@ impl Board {
         }
         let word = slot.culprit.load(Ordering::Relaxed);
         let start = slot.start_ns.load(Ordering::Relaxed);
-        if coarse.saturating_sub(start) >= self.thresholds_ns[layer_of(word) as usize] {
+        if coarse != CLOCK_UNKNOWN
+            && coarse.saturating_sub(start) >= self.thresholds_ns[layer_of(word) as usize]
+        {
             slot.slow_polls.store(
                 slot.slow_polls.load(Ordering::Relaxed) + 1,
                 Ordering::Relaxed,

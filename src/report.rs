@@ -217,7 +217,7 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
         }
     };
     loop {
-        match reports.recv_timeout(Duration::from_millis(50)) {
+        match reports.recv_timeout(Duration::from_millis(250)) {
             Ok(Report {
                 mut stall,
                 raw_stack,

@@ -14,7 +14,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::board::{decode, Board, Culprit, Slot, SlotRead};
+use crate::board::{decode, Board, Culprit, Slot, SlotRead, CLOCK_UNKNOWN};
 use crate::config::Config;
 use crate::diagnose::sampler::{Ask, DiagCounters, Pending, Probe, Sampler};
 use crate::diagnose::Cause;
@@ -126,6 +126,8 @@ struct SlotState {
     /// The poll in progress last seen, and the tick that first saw it.
     seen_seq: u64,
     first_seen_ns: u64,
+    /// The earliest the poll in progress can have started.
+    start_lo_ns: u64,
     open: Option<Open>,
     /// Kernel-state sampling of the poll in progress, once it is a suspect.
     probe: Option<Probe>,
@@ -142,8 +144,9 @@ pub(crate) struct Watchdog {
     locations: HashMap<u64, KindId>,
     samples: Vec<(u64, u64)>,
     next_stall_id: u64,
-    tick_ns: u64,
     ticks: u64,
+    /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
+    last_tick_ns: u64,
 }
 
 /// A stalled thread is read on every tick until it has this many readings, then one tick in
@@ -152,7 +155,6 @@ const DENSE_READINGS: u32 = 16;
 
 impl Watchdog {
     pub(crate) fn new(shared: Arc<Shared>, reports: SyncSender<Report>) -> Watchdog {
-        let tick_ns = u64::try_from(shared.cfg.tick.as_nanos()).unwrap_or(u64::MAX);
         let (sampler, note) = Sampler::new(&shared.cfg);
         if let Ok(mut e) = shared.stack_setup_error.lock() {
             *e = note;
@@ -165,8 +167,8 @@ impl Watchdog {
             locations: HashMap::new(),
             samples: Vec::new(),
             next_stall_id: 1,
-            tick_ns,
             ticks: 0,
+            last_tick_ns: 0,
         }
     }
 
@@ -175,12 +177,32 @@ impl Watchdog {
     pub(crate) fn run(mut self) {
         crate::board::mark_own_thread();
         let tick = self.shared.cfg.tick;
+        // While the runtime is idle (no poll running, none ended since the last tick) nothing
+        // can be stalled yet: sleep up to half the threshold (at least one tick) per wake-up.
+        let idle_sleep = (self.shared.cfg.threshold / 2).max(tick);
+        let mut idle_ticks = 0u32;
         let mut next = Instant::now();
         while !self.shared.stop.load(Ordering::Acquire) {
-            if catch_unwind(AssertUnwindSafe(|| self.tick())).is_err() {
-                self.shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+            let active = match catch_unwind(AssertUnwindSafe(|| self.tick())) {
+                Ok(active) => active,
+                Err(_) => {
+                    self.shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+            };
+            idle_ticks = if active {
+                0
+            } else {
+                idle_ticks.saturating_add(1)
+            };
+            if idle_ticks >= 2 && idle_sleep > tick {
+                // Polls that start while we sleep long read "no time" instead of a stale clock,
+                // so their start is taken from when we next see them, never from before.
+                self.shared.board.tick(CLOCK_UNKNOWN);
+                next += idle_sleep;
+            } else {
+                next += tick;
             }
-            next += tick;
             let now = Instant::now();
             if next <= now {
                 // We fell behind (the host is loaded): skip the missed ticks.
@@ -196,11 +218,14 @@ impl Watchdog {
         }
     }
 
-    fn tick(&mut self) {
+    /// One tick; returns whether anything ran since the last one (a poll in progress or ended).
+    fn tick(&mut self) -> bool {
         self.ticks = self.ticks.wrapping_add(1);
         let board = self.shared.board.clone();
         let now = board.now_ns();
         board.tick(now);
+        let prev_tick = std::mem::replace(&mut self.last_tick_ns, now);
+        let mut active = false;
         let slots = board.slots();
         if self.states.len() < slots.len() {
             self.states.resize_with(slots.len(), SlotState::default);
@@ -209,6 +234,7 @@ impl Watchdog {
         let mut oldest = 0;
         for (i, slot) in slots.iter().enumerate() {
             let r = slot.read();
+            active |= r.in_poll();
             let st = &mut self.states[i];
             let done = r.seq >> 1;
             polls += done.saturating_sub(st.done);
@@ -233,6 +259,13 @@ impl Watchdog {
                 if st.seen_seq != r.seq {
                     st.seen_seq = r.seq;
                     st.first_seen_ns = now;
+                    // The earliest it can have started: the clock it read, or, if it started
+                    // while the watchdog slept long, the tick before this one.
+                    st.start_lo_ns = if r.start_ns == CLOCK_UNKNOWN {
+                        prev_tick
+                    } else {
+                        r.start_ns
+                    };
                 }
                 if let Some(open) = self.check(i, slot, &r, now) {
                     oldest = oldest.max(now.saturating_sub(open.start_ns));
@@ -245,9 +278,11 @@ impl Watchdog {
             let samples = &mut self.samples;
             slot.drain_samples(|word, nanos| samples.push((word, nanos)));
         }
+        active |= polls > 0;
         self.shared.polls.fetch_add(polls, Ordering::Relaxed);
         self.shared.oldest_stall_ns.store(oldest, Ordering::Relaxed);
         self.fold_samples();
+        active
     }
 
     /// Is the poll `r` on slot `i` a stall? If so, flag it, report it, and follow it.
@@ -263,10 +298,11 @@ impl Watchdog {
         let (age_lower, start_ns) = if self.shared.cfg.precise_start {
             (now.saturating_sub(r.start_ns), r.start_ns)
         } else {
-            // It began after the clock value it read and before `first_seen`: take the middle
-            // of that window as its start (at most half a tick off when ticks are on time).
-            let hi = first_seen.max(r.start_ns);
-            let mid = r.start_ns + (hi - r.start_ns).min(self.tick_ns) / 2;
+            // It began after the clock value it read (or the tick before an idle sleep) and
+            // before `first_seen`: take the middle of that window as its start (at most half a
+            // tick off when ticks are on time).
+            let lo = self.states[i].start_lo_ns.min(first_seen);
+            let mid = lo + (first_seen - lo) / 2;
             (now.saturating_sub(first_seen), mid)
         };
         // A suspect (half-way to the threshold): sample its thread, so the cause is known from
@@ -424,7 +460,10 @@ impl Watchdog {
             (exact, true)
         } else if r.seq == open.seq + 1 {
             // The poll ended in the instant it was flagged: the watchdog's clock at its end.
-            (slot.end_coarse_ns().max(open.start_ns), false)
+            match slot.end_coarse_ns() {
+                CLOCK_UNKNOWN => (now, false),
+                c => (c.max(open.start_ns), false),
+            }
         } else {
             (now, false)
         };
