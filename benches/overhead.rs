@@ -373,9 +373,16 @@ struct Measure {
 }
 
 fn main() {
-    if std::env::var("LOOPWATCH_BENCH_ONLY").as_deref() == Ok("watchdog") {
-        watchdog_cost();
-        return;
+    match std::env::var("LOOPWATCH_BENCH_ONLY").as_deref() {
+        Ok("watchdog") => {
+            watchdog_cost();
+            return;
+        }
+        Ok(v) if v.starts_with("instructions:") => {
+            instructions(&v["instructions:".len()..]);
+            return;
+        }
+        _ => {}
     }
     // `cargo bench` passes `--bench`; ignore arguments.
     let scale: f64 = std::env::var("LOOPWATCH_BENCH_SCALE")
@@ -540,4 +547,61 @@ fn watchdog_cost() {
         }
     });
     drop(rt);
+}
+
+/// One probe on a current_thread runtime, 1M tiny polls, for counting instructions under
+/// `valgrind --tool=callgrind` (deterministic, unlike time on a shared host): see
+/// `scripts/instructions.sh`, which runs it per probe and prints instructions added per poll.
+fn instructions(variant: &str) {
+    let mut b = tokio::runtime::Builder::new_current_thread();
+    b.enable_all();
+    let mut guard = None;
+    if variant != "bare" && variant != "hooks-empty" {
+        guard = Some(
+            loopwatch::builder()
+                .ignore_env()
+                .diagnose(false)
+                .build()
+                .unwrap()
+                .1,
+        );
+    }
+    match variant {
+        #[cfg(tokio_unstable)]
+        "hooks" => {
+            guard.as_ref().unwrap().install_poll_hooks(&mut b);
+        }
+        #[cfg(tokio_unstable)]
+        "hooks-empty" => {
+            b.on_before_task_poll(|m| {
+                std::hint::black_box(m);
+            })
+            .on_after_task_poll(|m| {
+                std::hint::black_box(m);
+            });
+        }
+        "bare" | "watch" => {}
+        other => panic!("unknown variant {other} (bare, watch, hooks-empty, hooks)"),
+    }
+    let rt = b.build().unwrap();
+    let (tasks, yields) = (100u64, 10_000u64);
+    rt.block_on(async {
+        let hs: Vec<_> = (0..tasks)
+            .map(|_| {
+                let fut = async move {
+                    for _ in 0..yields {
+                        tokio::task::yield_now().await;
+                    }
+                };
+                match &guard {
+                    Some(g) if variant == "watch" => tokio::spawn(g.watch("w", fut)),
+                    _ => tokio::spawn(fut),
+                }
+            })
+            .collect();
+        for h in hs {
+            h.await.unwrap();
+        }
+    });
+    println!("polls {}", tasks * (yields + 1));
 }

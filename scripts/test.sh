@@ -52,6 +52,11 @@ for want in "stall detected" "in span render_report" "in span fetch_legacy_confi
   grep -qF "$want" <<<"$out" || { echo "the demo's output lacks: $want" >&2; exit 1; }
 done
 
+step "release demo, no debug info: stack frames still name the user's functions"
+out=$(timeout 300 cargo run -q --release --example demo 2>&1)
+grep -qF 'stack="  0: demo::' <<<"$out" || { echo "no named user frame in a release stack" >&2; exit 1; }
+grep -F 'stack="  0: demo::' <<<"$out" | head -n 1 | sed 's/.*stack=/stack=/' || true
+
 step "bench smoke run (numbers at this scale mean nothing; docs/PERFORMANCE.md has the real ones)"
 LOOPWATCH_BENCH_SCALE=0.01 timeout 600 cargo bench --bench overhead
 
