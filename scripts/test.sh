@@ -53,7 +53,7 @@ for want in "stall detected" "in span render_report" "in span fetch_legacy_confi
 done
 
 step "release demo, no debug info: stack frames still name the user's functions"
-out=$(timeout 300 cargo run -q --release --example demo 2>&1)
+out=$(timeout 300 cargo run -q --release --example demo 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
 grep -qF 'stack="  0: demo::' <<<"$out" || { echo "no named user frame in a release stack" >&2; exit 1; }
 grep -F 'stack="  0: demo::' <<<"$out" | head -n 1 | sed 's/.*stack=/stack=/' || true
 
