@@ -36,7 +36,7 @@ fn polls_below_the_threshold_are_never_reported() {
         // takes longer than the threshold, and under tokio_unstable loopwatch rightly reports
         // that poll of the block_on future as a stall.)
         for i in 0..20_000u64 {
-            if i % 500 == 0 {
+            if i % 100 == 0 {
                 tokio::task::yield_now().await;
             }
             tasks.push(tokio::spawn(
