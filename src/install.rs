@@ -160,8 +160,9 @@ impl Builder {
         self
     }
 
-    /// Calls `f` with every stall report (once when detected, once when ended), on loopwatch's
-    /// reporter thread. A slow callback delays only later reports; when the report queue is
+    /// Calls `f` with every stall report (once when detected, once when ended, and once more
+    /// while it runs if its stack frames were not symbolized in time for the first report), on
+    /// loopwatch's reporter thread; [`Stall::id`](crate::Stall::id) ties them together. A slow callback delays only later reports; when the report queue is
     /// full they are dropped and counted. A panic in `f` is caught and counted.
     pub fn on_stall(mut self, f: impl Fn(&Stall) + Send + Sync + 'static) -> Self {
         self.callbacks.push(Arc::new(f));

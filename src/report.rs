@@ -206,8 +206,8 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
         submitted: HashSet::new(),
         late: Vec::new(),
     };
-    let deliver = |stall: &Stall| {
-        if catch_unwind(AssertUnwindSafe(|| emit(&shared, stall))).is_err() {
+    let deliver = |stall: &Stall, update: bool| {
+        if catch_unwind(AssertUnwindSafe(|| emit(&shared, stall, update))).is_err() {
             shared.caught_panics.fetch_add(1, Ordering::Relaxed);
         }
         for cb in &callbacks {
@@ -229,20 +229,21 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
                 {
                     shared.caught_panics.fetch_add(1, Ordering::Relaxed);
                 }
-                deliver(&stall);
+                deliver(&stall, false);
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
         for stall in stacks.ready_late() {
-            deliver(&stall);
+            deliver(&stall, true);
         }
     }
 }
 
 /// Emits the stall as a WARN event with target `loopwatch`, to the subscriber the layer was
 /// added to (or, if it was never added to one, to this thread's default).
-fn emit(shared: &Shared, stall: &Stall) {
+/// `update`: a running stall reported again because its stack frames are now ready.
+fn emit(shared: &Shared, stall: &Stall, update: bool) {
     let dispatch = shared
         .layer
         .dispatch
@@ -250,12 +251,12 @@ fn emit(shared: &Shared, stall: &Stall) {
         .ok()
         .and_then(|d| d.as_ref().and_then(|w| w.upgrade()));
     match dispatch {
-        Some(d) => tracing::dispatcher::with_default(&d, || event(stall)),
-        None => event(stall),
+        Some(d) => tracing::dispatcher::with_default(&d, || event(stall, update)),
+        None => event(stall, update),
     }
 }
 
-fn event(s: &Stall) {
+fn event(s: &Stall, update: bool) {
     let started_unix = s
         .started_at
         .duration_since(UNIX_EPOCH)
@@ -275,6 +276,7 @@ fn event(s: &Stall) {
     let stack = s.stack.as_ref().map(|st| st.to_string());
     let threshold_ms = s.threshold.as_secs_f64() * 1e3;
     let (state, msg) = match s.state {
+        StallState::Running if update => ("running", "stall stack"),
         StallState::Running => ("running", "stall detected"),
         StallState::Ended => ("ended", "stall ended"),
     };
