@@ -18,6 +18,8 @@ for c in rustfmt clippy; do
 done
 
 export CARGO_TERM_COLOR=never
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 unstable_env=(env RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=target/unstable)
 
 step "cargo fmt --check"
@@ -33,14 +35,15 @@ step "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 
 step "tests (stable tokio)"
-cargo test --all-features
+cargo test --all-features 2>&1 | tee -a "$log"
 
 step "tests (--cfg tokio_unstable)"
-"${unstable_env[@]}" cargo test --all-features
+"${unstable_env[@]}" cargo test --all-features 2>&1 | tee -a "$log"
 
 step "the non-Linux code path (Linux-only diagnosis compiled out with --cfg loopwatch_portable)"
 RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portable \
-  cargo test --lib --test diagnose_unsupported --test diagnose_off --test stall_reported_while_running
+  cargo test --lib --test diagnose_unsupported --test diagnose_off --test stall_reported_while_running \
+  2>&1 | tee -a "$log"
 
 step "demo (it must report its stalls and end by itself)"
 out=$(timeout 120 cargo run -q --example demo 2>&1)
@@ -62,3 +65,6 @@ LOOPWATCH_BENCH_SCALE=0.01 timeout 600 cargo bench --bench overhead
 
 echo
 echo "all checks passed"
+# One closing line over every test run above (three builds).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
