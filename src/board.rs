@@ -462,7 +462,9 @@ impl Board {
         }
         slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
         slot.seq.store((s | 1) + 1, Ordering::Release);
-        if let Some(t0) = l.sample_start.take() {
+        // Read first, write only when sampled: no store on the common path.
+        if let Some(t0) = l.sample_start.get() {
+            l.sample_start.set(None);
             let nanos = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
             slot.push_sample(word, nanos);
         }
