@@ -143,77 +143,65 @@ impl EnvOverrides {
                 },
             }
         };
+        let bad = |var: &'static str, value: &str, reason: String| Error::InvalidEnv {
+            var,
+            value: value.to_string(),
+            reason,
+        };
         let mut out = EnvOverrides::default();
-        if let Some(v) = get(ENV_ENABLE)? {
-            out.enabled = Some(parse_bool(&v).map_err(|reason| Error::InvalidEnv {
-                var: ENV_ENABLE,
-                value: v.clone(),
-                reason,
-            })?);
-        }
-        if let Some(v) = get(ENV_THRESHOLD)? {
-            let d = parse_duration(&v).map_err(|reason| Error::InvalidEnv {
-                var: ENV_THRESHOLD,
-                value: v.clone(),
-                reason,
-            })?;
-            out.threshold = Some((d, v));
-        }
-        if let Some(v) = get(ENV_TICK)? {
-            let d = parse_duration(&v).map_err(|reason| Error::InvalidEnv {
-                var: ENV_TICK,
-                value: v.clone(),
-                reason,
-            })?;
-            out.tick = Some((d, v));
-        }
         for (var, slot) in [
+            (ENV_ENABLE, &mut out.enabled),
             (ENV_DIAGNOSE, &mut out.diagnose),
             (ENV_STACKS, &mut out.stacks),
         ] {
             if let Some(v) = get(var)? {
-                *slot = Some(parse_bool(&v).map_err(|reason| Error::InvalidEnv {
-                    var,
-                    value: v.clone(),
-                    reason,
-                })?);
+                *slot = Some(parse_bool(&v).map_err(|reason| bad(var, &v, reason))?);
+            }
+        }
+        for (var, slot) in [
+            (ENV_THRESHOLD, &mut out.threshold),
+            (ENV_TICK, &mut out.tick),
+        ] {
+            if let Some(v) = get(var)? {
+                let d = parse_duration(&v).map_err(|reason| bad(var, &v, reason))?;
+                *slot = Some((d, v));
             }
         }
         if let Some(v) = get(ENV_STACK_SIGNAL)? {
-            let n = v.trim().parse::<i32>().map_err(|e| Error::InvalidEnv {
-                var: ENV_STACK_SIGNAL,
-                value: v.clone(),
-                reason: format!(
-                    "not a signal number ({e}); expected e.g. 40 (SIGRTMIN+6 on Linux)"
-                ),
+            let n = v.trim().parse::<i32>().map_err(|e| {
+                bad(
+                    ENV_STACK_SIGNAL,
+                    &v,
+                    format!("not a signal number ({e}); expected e.g. 40 (SIGRTMIN+6 on Linux)"),
+                )
             })?;
-            check_signal(n).map_err(|reason| Error::InvalidEnv {
-                var: ENV_STACK_SIGNAL,
-                value: v.clone(),
-                reason,
-            })?;
+            check_signal(n).map_err(|reason| bad(ENV_STACK_SIGNAL, &v, reason))?;
             out.stack_signal = Some(n);
         }
         if let Some(v) = get(ENV_MAX_STACKS_PER_SEC)? {
-            let n = v.trim().parse::<u32>().map_err(|e| Error::InvalidEnv {
-                var: ENV_MAX_STACKS_PER_SEC,
-                value: v.clone(),
-                reason: format!("not a whole number ({e}); expected 0..=1000"),
+            let n = v.trim().parse::<u32>().map_err(|e| {
+                bad(
+                    ENV_MAX_STACKS_PER_SEC,
+                    &v,
+                    format!("not a whole number ({e}); expected 0..=1000"),
+                )
             })?;
             if n > 1000 {
-                return Err(Error::InvalidEnv {
-                    var: ENV_MAX_STACKS_PER_SEC,
-                    value: v,
-                    reason: "at most 1000 captures per second".into(),
-                });
+                return Err(bad(
+                    ENV_MAX_STACKS_PER_SEC,
+                    &v,
+                    "at most 1000 captures per second".into(),
+                ));
             }
             out.max_stacks_per_sec = Some(n);
         }
         if let Some(v) = get(ENV_SAMPLE_EVERY)? {
-            let n = v.trim().parse::<u32>().map_err(|e| Error::InvalidEnv {
-                var: ENV_SAMPLE_EVERY,
-                value: v.clone(),
-                reason: format!("not a whole number ({e}); expected a power of two in 1..=65536"),
+            let n = v.trim().parse::<u32>().map_err(|e| {
+                bad(
+                    ENV_SAMPLE_EVERY,
+                    &v,
+                    format!("not a whole number ({e}); expected a power of two in 1..=65536"),
+                )
             })?;
             out.sample_every = Some((n, v));
         }

@@ -143,6 +143,7 @@ pub(crate) struct Watchdog {
     /// Location words resolved to kinds (poll-hook culprits), so samples do not re-intern.
     locations: HashMap<u64, KindId>,
     samples: Vec<(u64, u64)>,
+    resolved: Vec<((KindId, LayerKind), u64)>,
     next_stall_id: u64,
     ticks: u64,
     /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
@@ -166,6 +167,7 @@ impl Watchdog {
             states: Vec::new(),
             locations: HashMap::new(),
             samples: Vec::new(),
+            resolved: Vec::new(),
             next_stall_id: 1,
             ticks: 0,
             last_tick_ns: 0,
@@ -538,17 +540,22 @@ impl Watchdog {
         if self.samples.is_empty() {
             return;
         }
+        // Both buffers are kept across ticks: no allocation per tick once warm.
         let mut samples = std::mem::take(&mut self.samples);
-        let resolved: Vec<((KindId, LayerKind), u64)> = samples
-            .drain(..)
-            .map(|(word, nanos)| (self.resolve(word), nanos))
-            .collect();
+        let mut resolved = std::mem::take(&mut self.resolved);
+        resolved.extend(
+            samples
+                .drain(..)
+                .map(|(word, nanos)| (self.resolve(word), nanos)),
+        );
         self.samples = samples;
         if let Ok(mut hist) = self.shared.hist.lock() {
-            for (key, nanos) in resolved {
+            for &(key, nanos) in &resolved {
                 hist.entry(key).or_insert_with(Histogram::new).record(nanos);
             }
         }
+        resolved.clear();
+        self.resolved = resolved;
     }
 }
 
