@@ -147,7 +147,9 @@ impl Setup {
         let mut layer = None;
         if needs_guard {
             #[allow(unused_mut)]
-            let mut lb = loopwatch::builder().ignore_env();
+            let mut lb = loopwatch::builder()
+                .ignore_env()
+                .prometheus_addr(([127, 0, 0, 1], 0));
             #[cfg(tokio_unstable)]
             if variant == Variant::HooksPrecise {
                 lb = lb.precise_start(true);
@@ -483,7 +485,12 @@ fn watchdog_cost() {
     std::thread::sleep(Duration::from_secs(3));
     let timer_pct = (cpu_time() - tc0).as_secs_f64() / tt0.elapsed().as_secs_f64() * 100.0;
     timer.join().unwrap();
-    let (_layer, guard) = loopwatch::builder().ignore_env().build().unwrap();
+    // Metrics export off: this measures the watchdog thread alone.
+    let (_layer, guard) = loopwatch::builder()
+        .ignore_env()
+        .metrics(loopwatch::MetricsExport::Off)
+        .build()
+        .unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -561,6 +568,7 @@ fn instructions(variant: &str) {
             loopwatch::builder()
                 .ignore_env()
                 .diagnose(false)
+                .metrics(loopwatch::MetricsExport::Off)
                 .build()
                 .unwrap()
                 .1,

@@ -9,6 +9,11 @@
 //! - `GET /fast`    answers at once;
 //! - `GET /report`  computes for 50 ms on the async worker (a `cpu` stall);
 //! - `GET /config`  calls `std::thread::sleep(50 ms)` on the async worker (a blocking stall).
+//! - `GET /freeze`  computes for `DEMO_FREEZE_MS` on the async worker (sent once, a third of
+//!   the way in, when `DEMO_FREEZE_MS` is set: a stall long enough to watch in Prometheus).
+//!
+//! `DEMO_SECS` sets how long the load runs (default 3). loopwatch's metrics are served at
+//! `http://127.0.0.1:9464/metrics` while it runs (`LOOPWATCH_PROMETHEUS_ADDR` moves them).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +33,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. The service, on a 2-worker runtime.
     let rt = runtime(&guard)?;
+    guard.monitor_runtime(rt.handle(), "demo");
+    if let Some(metrics) = guard.prometheus_addr() {
+        tracing::info!("loopwatch metrics at http://{metrics}/metrics");
+    }
     let addr = rt.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -37,7 +46,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(%addr, "demo service listening");
 
     // 3. The load: plain threads with blocking sockets, outside the runtime.
-    let latencies = load(addr, Duration::from_secs(3));
+    let secs = env_u64("DEMO_SECS", 3);
+    let freeze_ms = env_u64("DEMO_FREEZE_MS", 0);
+    FREEZE_MS.store(freeze_ms, Ordering::Relaxed);
+    let freeze = (freeze_ms > 0).then(|| {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(secs) / 3);
+            let _ = get(addr, "/freeze", Duration::from_millis(freeze_ms + 5_000));
+        })
+    });
+    let latencies = load(addr, Duration::from_secs(secs));
+    if let Some(f) = freeze {
+        let _ = f.join();
+    }
 
     let snap = guard.snapshot();
     println!();
@@ -106,6 +127,7 @@ async fn handle(mut conn: AsyncStream) -> std::io::Result<()> {
     let body = match path {
         "/report" => render_report().await,
         "/config" => fetch_legacy_config().await,
+        "/freeze" => rebuild_cache().await,
         _ => "ok\n".to_string(),
     };
     let response = format!(
@@ -136,6 +158,29 @@ async fn fetch_legacy_config() -> String {
     "config\n".to_string()
 }
 
+static FREEZE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Very bad: `DEMO_FREEZE_MS` of CPU work on the async worker.
+#[tracing::instrument]
+async fn rebuild_cache() -> String {
+    let start = Instant::now();
+    let length = Duration::from_millis(FREEZE_MS.load(Ordering::Relaxed));
+    let mut h: u64 = 0;
+    while start.elapsed() < length {
+        for i in 0..10_000u64 {
+            h = (h ^ i).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("cache {h:x}\n")
+}
+
+fn env_u64(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Sends requests from 4 client threads for `length`; every 10th is `/report` or `/config`.
 fn load(addr: SocketAddr, length: Duration) -> Vec<(&'static str, u64, Duration)> {
     let paths = ["/fast", "/report", "/config"];
@@ -155,7 +200,7 @@ fn load(addr: SocketAddr, length: Duration) -> Vec<(&'static str, u64, Duration)
                     };
                     i += 1;
                     let t0 = Instant::now();
-                    if get(addr, paths[which]).is_ok() {
+                    if get(addr, paths[which], Duration::from_secs(2)).is_ok() {
                         let us = t0.elapsed().as_micros() as u64;
                         counts[which].fetch_add(1, Ordering::Relaxed);
                         worst[which].fetch_max(us, Ordering::Relaxed);
@@ -181,9 +226,9 @@ fn load(addr: SocketAddr, length: Duration) -> Vec<(&'static str, u64, Duration)
         .collect()
 }
 
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<()> {
+fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(timeout))?;
     write!(s, "GET {path} HTTP/1.1\r\nhost: demo\r\n\r\n")?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;

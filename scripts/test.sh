@@ -55,6 +55,15 @@ for want in "stall detected" "in span render_report" "in span fetch_legacy_confi
   grep -qF "$want" <<<"$out" || { echo "the demo's output lacks: $want" >&2; exit 1; }
 done
 
+step "a real Prometheus server scrapes the demo while it stalls; promtool checks a scrape"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+fi
+cargo build -q --example demo
+timeout 300 python3 scripts/prometheus_e2e.py target/debug/examples/demo
+
 step "release demo, no debug info: stack frames still name the user's functions"
 out=$(timeout 300 cargo run -q --release --example demo 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
 grep -qF 'stack="  0: demo::' <<<"$out" || { echo "no named user frame in a release stack" >&2; exit 1; }

@@ -1,5 +1,6 @@
 //! Settings, their defaults, and the `LOOPWATCH_*` environment variables.
 
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use crate::Error;
@@ -25,6 +26,42 @@ pub const DEFAULT_MAX_THREADS: usize = 1024;
 pub const DEFAULT_MAX_TASK_KINDS: usize = 512;
 /// Default number of live instrumented spans the layer can follow at once.
 pub const DEFAULT_MAX_LIVE_SPANS: usize = 65_536;
+
+/// Default address of the Prometheus `/metrics` listener: loopback only, port 9464 (the port
+/// OpenTelemetry's Prometheus exporters use).
+pub const DEFAULT_PROMETHEUS_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+/// Default interval at which the exporters take loopwatch's figures.
+pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Environment variable: the Prometheus listener's address (`127.0.0.1:9464`, `0.0.0.0:9464`,
+/// `[::1]:9464`), or `off`.
+pub const ENV_PROMETHEUS_ADDR: &str = "LOOPWATCH_PROMETHEUS_ADDR";
+
+/// Where loopwatch's metrics go (see the metric table, [`METRICS`](crate::METRICS)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MetricsExport {
+    /// Not exported: only [`Guard::snapshot`](crate::Guard::snapshot) has them.
+    Off,
+    /// Served in the Prometheus text format at `http://<addr>/metrics` by loopwatch's own
+    /// listener, on its own thread (never the watched runtime). Needs the `prometheus` feature
+    /// (on by default).
+    Prometheus(SocketAddr),
+    /// Recorded into the application's own global `metrics` recorder (one set with
+    /// `metrics::set_global_recorder`, e.g. its own Prometheus or StatsD exporter), from
+    /// loopwatch's export thread.
+    GlobalRecorder,
+}
+
+impl Default for MetricsExport {
+    fn default() -> Self {
+        if cfg!(feature = "prometheus") {
+            MetricsExport::Prometheus(DEFAULT_PROMETHEUS_ADDR)
+        } else {
+            MetricsExport::Off
+        }
+    }
+}
 
 /// Environment variable: stall threshold, a duration such as `10ms`, `250us`, `1.5s`.
 pub const ENV_THRESHOLD: &str = "LOOPWATCH_THRESHOLD";
@@ -76,6 +113,10 @@ pub struct Config {
     pub stack_signal: Option<i32>,
     /// At most this many stack captures per second (bursts of as many).
     pub max_stacks_per_sec: u32,
+    /// Where the metrics go.
+    pub metrics: MetricsExport,
+    /// How often the exporters take loopwatch's figures.
+    pub export_interval: Duration,
 }
 
 impl Default for Config {
@@ -94,6 +135,8 @@ impl Default for Config {
             stacks: true,
             stack_signal: None,
             max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,
+            metrics: MetricsExport::default(),
+            export_interval: DEFAULT_EXPORT_INTERVAL,
         }
     }
 }
@@ -118,6 +161,7 @@ pub(crate) struct EnvOverrides {
     pub(crate) stacks: Option<bool>,
     pub(crate) stack_signal: Option<i32>,
     pub(crate) max_stacks_per_sec: Option<u32>,
+    pub(crate) metrics: Option<MetricsExport>,
 }
 
 impl EnvOverrides {
@@ -194,6 +238,11 @@ impl EnvOverrides {
                 ));
             }
             out.max_stacks_per_sec = Some(n);
+        }
+        if let Some(v) = get(ENV_PROMETHEUS_ADDR)? {
+            out.metrics = Some(
+                parse_prometheus_addr(&v).map_err(|reason| bad(ENV_PROMETHEUS_ADDR, &v, reason))?,
+            );
         }
         if let Some(v) = get(ENV_SAMPLE_EVERY)? {
             let n = v.trim().parse::<u32>().map_err(|e| {
@@ -284,6 +333,22 @@ pub(crate) fn validate(
             ),
         });
     }
+    if cfg.export_interval < Duration::from_millis(100) || cfg.export_interval > MAX_EXPORT_INTERVAL
+    {
+        return Err(Error::InvalidConfig {
+            setting: "export_interval",
+            reason: format!(
+                "{:?}: must be between 100ms and {MAX_EXPORT_INTERVAL:?}",
+                cfg.export_interval
+            ),
+        });
+    }
+    if matches!(cfg.metrics, MetricsExport::Prometheus(_)) && !cfg!(feature = "prometheus") {
+        return Err(Error::InvalidConfig {
+            setting: "metrics",
+            reason: "the Prometheus listener needs loopwatch's `prometheus` cargo feature".into(),
+        });
+    }
     for (setting, v) in [
         ("report_queue", cfg.report_queue),
         ("max_threads", cfg.max_threads),
@@ -322,6 +387,26 @@ pub(crate) fn check_signal(n: i32) -> Result<(), String> {
         return Err(format!("{name} cannot be used for stack capture"));
     }
     Ok(())
+}
+
+/// The longest export interval accepted.
+const MAX_EXPORT_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Parses `LOOPWATCH_PROMETHEUS_ADDR`: a socket address, or `off`.
+pub(crate) fn parse_prometheus_addr(s: &str) -> Result<MetricsExport, String> {
+    let t = s.trim();
+    if matches!(
+        t.to_ascii_lowercase().as_str(),
+        "off" | "0" | "false" | "no" | "none"
+    ) {
+        return Ok(MetricsExport::Off);
+    }
+    t.parse::<SocketAddr>()
+        .map(MetricsExport::Prometheus)
+        .map_err(|_| {
+            "expected an address with a port (127.0.0.1:9464, 0.0.0.0:9464, [::1]:9464) or `off`"
+                .into()
+        })
 }
 
 /// Parses `1`/`0`, `true`/`false`, `on`/`off`, `yes`/`no` (any case).
@@ -386,6 +471,23 @@ mod tests {
         assert!(parse_duration("99999999999s")
             .unwrap_err()
             .contains("too large"));
+    }
+
+    #[test]
+    fn prometheus_addr_parses() {
+        assert_eq!(
+            parse_prometheus_addr(" 127.0.0.1:9000 "),
+            Ok(MetricsExport::Prometheus("127.0.0.1:9000".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_prometheus_addr("[::1]:9464"),
+            Ok(MetricsExport::Prometheus("[::1]:9464".parse().unwrap()))
+        );
+        assert_eq!(parse_prometheus_addr("OFF"), Ok(MetricsExport::Off));
+        assert!(parse_prometheus_addr("localhost")
+            .unwrap_err()
+            .contains("with a port"));
+        assert!(parse_prometheus_addr("127.0.0.1").is_err());
     }
 
     #[test]

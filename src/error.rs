@@ -32,6 +32,15 @@ pub enum Error {
         /// The error the OS gave.
         source: std::io::Error,
     },
+    /// The Prometheus `/metrics` listener could not bind its address (in use, not local, no
+    /// permission). Choose another with `Builder::prometheus_addr` or
+    /// `LOOPWATCH_PROMETHEUS_ADDR` (`off` turns the listener off).
+    PrometheusListener {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The error the OS (or the exporter) gave.
+        source: std::io::Error,
+    },
     /// [`try_init`](crate::try_init) could not set the global default subscriber, because one was
     /// already set. Use [`Builder::build`](crate::Builder::build) and add the returned layer to
     /// your own subscriber instead.
@@ -53,6 +62,13 @@ impl fmt::Display for Error {
             Error::SpawnThread { thread, .. } => {
                 write!(f, "could not start loopwatch's `{thread}` thread")
             }
+            Error::PrometheusListener { addr, source } => {
+                write!(
+                    f,
+                    "loopwatch's Prometheus listener could not bind {addr}: {source} \
+                     (set another address with LOOPWATCH_PROMETHEUS_ADDR, or `off`)"
+                )
+            }
             Error::SetGlobalDefault(_) => {
                 write!(
                     f,
@@ -66,7 +82,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::SpawnThread { source, .. } => Some(source),
+            Error::SpawnThread { source, .. } | Error::PrometheusListener { source, .. } => {
+                Some(source)
+            }
             Error::SetGlobalDefault(e) => Some(e),
             _ => None,
         }

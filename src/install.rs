@@ -14,6 +14,7 @@ use tracing_subscriber::Layer as _;
 
 use crate::board::Board;
 use crate::config::{self, Config, EnvOverrides, Source};
+use crate::export::{Exporter, RuntimeProbe};
 use crate::probe::layer::{LayerShared, LoopwatchLayer};
 use crate::probe::spans::SpanTable;
 use crate::probe::watched::{self, Watched};
@@ -74,6 +75,32 @@ impl Builder {
     pub fn tick(mut self, tick: Duration) -> Self {
         self.cfg.tick = tick;
         self.tick_set = true;
+        self
+    }
+
+    /// Serves loopwatch's metrics in the Prometheus text format at `http://<addr>/metrics`,
+    /// from loopwatch's own thread (never the watched runtime, so a stalled service can still
+    /// be scraped). The default is [`DEFAULT_PROMETHEUS_ADDR`](crate::DEFAULT_PROMETHEUS_ADDR)
+    /// (`127.0.0.1:9464`) with the `prometheus` feature (on by default); port 0 picks a free
+    /// port ([`Guard::prometheus_addr`] tells which). Env: `LOOPWATCH_PROMETHEUS_ADDR`
+    /// (`off` turns it off).
+    pub fn prometheus_addr(mut self, addr: impl Into<std::net::SocketAddr>) -> Self {
+        self.cfg.metrics = crate::MetricsExport::Prometheus(addr.into());
+        self
+    }
+
+    /// Where the metrics go: loopwatch's Prometheus listener (the default), the application's
+    /// own global `metrics` recorder, or nowhere (see [`MetricsExport`](crate::MetricsExport)).
+    /// `LOOPWATCH_PROMETHEUS_ADDR`, when set, overrides this.
+    pub fn metrics(mut self, export: crate::MetricsExport) -> Self {
+        self.cfg.metrics = export;
+        self
+    }
+
+    /// How often the exporters take loopwatch's figures (default 1 s; 100 ms to 5 min). A
+    /// scrape sees values at most this old.
+    pub fn export_interval(mut self, interval: Duration) -> Self {
+        self.cfg.export_interval = interval;
         self
     }
 
@@ -219,6 +246,9 @@ impl Builder {
         if let Some(v) = env.stack_signal {
             cfg.stack_signal = Some(v);
         }
+        if let Some(v) = env.metrics {
+            cfg.metrics = v;
+        }
         if let Some(v) = env.max_stacks_per_sec {
             cfg.max_stacks_per_sec = v;
         }
@@ -238,7 +268,14 @@ impl Builder {
     pub fn build(self) -> Result<(LoopwatchLayer, Guard), Error> {
         let cfg = self.config()?;
         if !cfg.enabled {
-            return Ok((LoopwatchLayer::new(None), Guard { inner: None, cfg }));
+            return Ok((
+                LoopwatchLayer::new(None),
+                Guard {
+                    inner: None,
+                    exporter: None,
+                    cfg,
+                },
+            ));
         }
         let board = Arc::new(Board::new(
             [Some(cfg.threshold), None, None],
@@ -256,7 +293,10 @@ impl Builder {
             board.clone(),
             layer_shared.clone(),
             cfg.clone(),
+            cfg.metrics != crate::MetricsExport::Off,
         ));
+        // First, so a bad Prometheus address fails the build before any thread starts.
+        let exporter = Exporter::start(&shared)?;
         let (tx, rx) = sync_channel::<Report>(cfg.report_queue);
 
         let reporter = {
@@ -289,6 +329,7 @@ impl Builder {
                     watchdog: Some(watchdog),
                     reporter: Some(reporter),
                 }),
+                exporter,
                 cfg,
             },
         ))
@@ -340,6 +381,9 @@ struct Inner {
 #[must_use = "dropping the Guard stops loopwatch"]
 pub struct Guard {
     inner: Option<Inner>,
+    /// Dropped after `inner` (fields drop in order after `Drop::drop`), so its last export
+    /// sees the watchdog's final figures.
+    exporter: Option<Exporter>,
     cfg: Config,
 }
 
@@ -347,6 +391,7 @@ impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
             .field("running", &self.inner.is_some())
+            .field("exporter", &self.exporter)
             .field("cfg", &self.cfg)
             .finish()
     }
@@ -399,6 +444,27 @@ impl Guard {
         match &self.inner {
             Some(i) => crate::probe::hooks::install(&i.shared.board, builder),
             None => builder,
+        }
+    }
+
+    /// The address loopwatch's Prometheus listener serves `/metrics` on (with port 0 resolved
+    /// to the port it got), or `None` when it does not run.
+    pub fn prometheus_addr(&self) -> Option<std::net::SocketAddr> {
+        self.exporter.as_ref().and_then(|e| e.prometheus_addr)
+    }
+
+    /// Exports `runtime`'s own figures (from `tokio-metrics`' `RuntimeMonitor` and tokio's
+    /// per-worker busy time) as `loopwatch_runtime_*` metrics labelled `runtime="<name>"`:
+    /// workers, alive tasks, global queue depth, busy ratio (total and per worker), parks, and
+    /// with `--cfg tokio_unstable` the blocking pool, local queues, steals and forced yields.
+    /// Sampled on loopwatch's export thread, never on the runtime itself. Does nothing when no
+    /// metrics are exported. A second call with the same name replaces the first.
+    pub fn monitor_runtime(&self, runtime: &tokio::runtime::Handle, name: &str) {
+        let Some(e) = &self.exporter else { return };
+        let probe = RuntimeProbe::new(runtime, name);
+        if let Ok(mut rts) = e.runtimes.lock() {
+            rts.retain(|r| r.name() != name);
+            rts.push(probe);
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::diagnose::Cause;
 use crate::kinds::TaskKind;
 use crate::stall::LayerKind;
 
@@ -142,6 +143,23 @@ pub struct Snapshot {
     pub sample_every: u64,
     /// Poll durations per task kind and layer.
     pub poll_durations: Vec<KindPolls>,
+    /// Stalls detected, by task kind, layer and the cause known when each was detected
+    /// (the most frequent first).
+    pub stalls_by: Vec<StallCount>,
+}
+
+/// How many stalls one task kind caused on one layer, with one cause.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StallCount {
+    /// The task kind (name and site).
+    pub kind: TaskKind,
+    /// The layer.
+    pub layer: LayerKind,
+    /// The cause known when the stalls were detected (sampled from half the threshold on).
+    pub cause: Cause,
+    /// How many.
+    pub count: u64,
 }
 
 impl Snapshot {

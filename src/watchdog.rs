@@ -21,7 +21,7 @@ use crate::diagnose::Cause;
 use crate::kinds::KindId;
 use crate::probe::layer::LayerShared;
 use crate::report::Report;
-use crate::snapshot::{Histogram, KindPolls, Snapshot};
+use crate::snapshot::{Histogram, KindPolls, Snapshot, StallCount};
 use crate::stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, WorkerInfo};
 
 /// What the watchdog, the reporter and the guard share.
@@ -33,19 +33,55 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     polls: AtomicU64,
     stalls_total: AtomicU64,
-    stalls_in_progress: AtomicU64,
-    /// Age of the oldest running stall in nanoseconds, 0 when none runs.
-    oldest_stall_ns: AtomicU64,
+    /// Stalls running now, by layer.
+    pub(crate) in_progress: [AtomicU64; 3],
+    /// Age of the oldest running stall in nanoseconds per layer, 0 when none runs.
+    pub(crate) oldest_ns: [AtomicU64; 3],
     pub(crate) dropped_reports: AtomicU64,
     pub(crate) caught_panics: AtomicU64,
     pub(crate) diag: DiagCounters,
     /// Why stacks are off although they were asked for (the signal is taken, ...).
     pub(crate) stack_setup_error: Mutex<Option<String>>,
     hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
+    /// Stalls detected, by kind, layer and the cause known at detection.
+    pub(crate) stall_counts: Mutex<HashMap<StallKey, u64>>,
+    /// Raw figures for the exporters, taken by the export thread each interval; `None` when no
+    /// exporter runs (nothing is kept).
+    pub(crate) feed: Option<Mutex<Feed>>,
+}
+
+/// A stall's label set: task kind, layer, cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct StallKey {
+    pub(crate) kind: KindId,
+    pub(crate) layer: LayerKind,
+    pub(crate) cause: Cause,
+}
+
+/// Exact values the exporters record into their histograms, gathered by the watchdog between
+/// two exports. Bounded: past [`Feed::CAP`] values are dropped and counted.
+#[derive(Debug, Default)]
+pub(crate) struct Feed {
+    pub(crate) polls: Vec<((KindId, LayerKind), u64)>,
+    pub(crate) stalls: Vec<(StallKey, u64)>,
+    pub(crate) dropped: u64,
+}
+
+impl Feed {
+    /// At most this many poll samples wait between two exports (one second of 1-in-64 samples
+    /// at 4M polls/s).
+    pub(crate) const CAP: usize = 1 << 16;
+    /// At most this many ended stalls wait between two exports.
+    pub(crate) const STALL_CAP: usize = 4096;
 }
 
 impl Shared {
-    pub(crate) fn new(board: Arc<Board>, layer: Arc<LayerShared>, cfg: Config) -> Shared {
+    pub(crate) fn new(
+        board: Arc<Board>,
+        layer: Arc<LayerShared>,
+        cfg: Config,
+        export: bool,
+    ) -> Shared {
         Shared {
             board,
             layer,
@@ -53,19 +89,51 @@ impl Shared {
             stop: AtomicBool::new(false),
             polls: AtomicU64::new(0),
             stalls_total: AtomicU64::new(0),
-            stalls_in_progress: AtomicU64::new(0),
-            oldest_stall_ns: AtomicU64::new(0),
+            in_progress: Default::default(),
+            oldest_ns: Default::default(),
             dropped_reports: AtomicU64::new(0),
             caught_panics: AtomicU64::new(0),
             diag: DiagCounters::default(),
             stack_setup_error: Mutex::new(None),
             hist: Mutex::new(HashMap::new()),
+            stall_counts: Mutex::new(HashMap::new()),
+            feed: export.then(|| Mutex::new(Feed::default())),
         }
+    }
+
+    /// Stalls running now, all layers.
+    pub(crate) fn stalls_in_progress(&self) -> u64 {
+        self.in_progress
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
         let slots = self.board.slots();
-        let oldest = self.oldest_stall_ns.load(Ordering::Relaxed);
+        let oldest = self
+            .oldest_ns
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let stalls_by = self
+            .stall_counts
+            .lock()
+            .map(|m| {
+                let mut v: Vec<StallCount> = m
+                    .iter()
+                    .map(|(k, &count)| StallCount {
+                        kind: self.board.kinds.get(k.kind).clone(),
+                        layer: k.layer,
+                        cause: k.cause,
+                        count,
+                    })
+                    .collect();
+                v.sort_by_key(|c| std::cmp::Reverse(c.count));
+                v
+            })
+            .unwrap_or_default();
         let poll_durations = self
             .hist
             .lock()
@@ -86,7 +154,7 @@ impl Shared {
             polls: self.polls.load(Ordering::Relaxed),
             slow_polls: slots.iter().map(Slot::slow_polls).sum(),
             stalls_total: self.stalls_total.load(Ordering::Relaxed),
-            stalls_in_progress: self.stalls_in_progress.load(Ordering::Relaxed),
+            stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
             dropped_reports: self.dropped_reports.load(Ordering::Relaxed),
             dropped_samples: slots.iter().map(Slot::samples_dropped).sum(),
@@ -101,12 +169,14 @@ impl Shared {
             stack_setup_error: self.stack_setup_error.lock().ok().and_then(|e| e.clone()),
             sample_every: self.board.sample_every(),
             poll_durations,
+            stalls_by,
         }
     }
 }
 
 /// A stall the watchdog follows until its poll ends.
 struct Open {
+    kind: KindId,
     seq: u64,
     start_ns: u64,
     record: Stall,
@@ -233,7 +303,7 @@ impl Watchdog {
             self.states.resize_with(slots.len(), SlotState::default);
         }
         let mut polls = 0;
-        let mut oldest = 0;
+        let mut oldest = [0u64; 3];
         for (i, slot) in slots.iter().enumerate() {
             let r = slot.read();
             active |= r.in_poll();
@@ -244,7 +314,8 @@ impl Watchdog {
 
             if let Some(mut open) = st.open.take() {
                 if r.seq == open.seq {
-                    oldest = oldest.max(now.saturating_sub(open.start_ns));
+                    let o = &mut oldest[open.record.layer as usize];
+                    *o = (*o).max(now.saturating_sub(open.start_ns));
                     self.sample(i, slot, &r, now);
                     if open.retry_until_ns.is_some() {
                         self.ask_stack(i, slot, &mut open, now);
@@ -270,7 +341,8 @@ impl Watchdog {
                     };
                 }
                 if let Some(open) = self.check(i, slot, &r, now) {
-                    oldest = oldest.max(now.saturating_sub(open.start_ns));
+                    let o = &mut oldest[open.record.layer as usize];
+                    *o = (*o).max(now.saturating_sub(open.start_ns));
                     self.states[i].open = Some(open);
                 }
             } else if !r.in_poll() {
@@ -282,7 +354,9 @@ impl Watchdog {
         }
         active |= polls > 0;
         self.shared.polls.fetch_add(polls, Ordering::Relaxed);
-        self.shared.oldest_stall_ns.store(oldest, Ordering::Relaxed);
+        for (a, o) in self.shared.oldest_ns.iter().zip(oldest) {
+            a.store(o, Ordering::Relaxed);
+        }
         self.fold_samples();
         active
     }
@@ -335,10 +409,9 @@ impl Watchdog {
         };
         self.next_stall_id += 1;
         self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .stalls_in_progress
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.in_progress[layer as usize].fetch_add(1, Ordering::Relaxed);
         let mut open = Open {
+            kind,
             seq: r.seq,
             start_ns,
             record,
@@ -431,6 +504,14 @@ impl Watchdog {
         open.record.hint = cause.hint();
         open.record.cause_shares = shares;
         open.running_sent = true;
+        let key = StallKey {
+            kind: open.kind,
+            layer: open.record.layer,
+            cause,
+        };
+        if let Ok(mut m) = self.shared.stall_counts.lock() {
+            *m.entry(key).or_insert(0) += 1;
+        }
         let stall = open.record.clone();
         self.send(stall, open.raw_stack.clone());
     }
@@ -478,9 +559,19 @@ impl Watchdog {
         record.hint = cause.hint();
         record.cause_shares = shares;
         self.states[i].probe = None;
-        self.shared
-            .stalls_in_progress
-            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.in_progress[record.layer as usize].fetch_sub(1, Ordering::Relaxed);
+        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
+            if feed.stalls.len() < Feed::STALL_CAP {
+                let key = StallKey {
+                    kind: open.kind,
+                    layer: record.layer,
+                    cause,
+                };
+                feed.stalls.push((key, record.duration.as_nanos() as u64));
+            } else {
+                feed.dropped += 1;
+            }
+        }
         self.send(record, open.raw_stack);
     }
 
@@ -553,6 +644,12 @@ impl Watchdog {
             for &(key, nanos) in &resolved {
                 hist.entry(key).or_insert_with(Histogram::new).record(nanos);
             }
+        }
+        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
+            let room = Feed::CAP.saturating_sub(feed.polls.len());
+            let take = resolved.len().min(room);
+            feed.dropped += (resolved.len() - take) as u64;
+            feed.polls.extend_from_slice(&resolved[..take]);
         }
         resolved.clear();
         self.resolved = resolved;

@@ -48,6 +48,8 @@ fn environment_and_setters_are_checked() {
         ("LOOPWATCH_SAMPLE_EVERY", "3", "power of two"),
         ("LOOPWATCH_SAMPLE_EVERY", "-1", "whole number"),
         ("LOOPWATCH_SAMPLE_EVERY", "131072", "power of two"),
+        ("LOOPWATCH_PROMETHEUS_ADDR", "localhost", "with a port"),
+        ("LOOPWATCH_PROMETHEUS_ADDR", "127.0.0.1", "with a port"),
     ];
     for (var, value, why) in cases {
         let (got_var, got_value, reason) = env_error(var, value);
@@ -70,6 +72,35 @@ fn environment_and_setters_are_checked() {
             "{r:?}"
         );
     }
+
+    // The Prometheus address: applied over the builder's; `off` turns the listener off.
+    std::env::set_var("LOOPWATCH_PROMETHEUS_ADDR", "127.0.0.1:9999");
+    let cfg = loopwatch::builder()
+        .metrics(loopwatch::MetricsExport::GlobalRecorder)
+        .config()
+        .unwrap();
+    assert_eq!(
+        cfg.metrics,
+        loopwatch::MetricsExport::Prometheus("127.0.0.1:9999".parse().unwrap())
+    );
+    std::env::set_var("LOOPWATCH_PROMETHEUS_ADDR", "off");
+    let cfg = loopwatch::builder().config().unwrap();
+    std::env::remove_var("LOOPWATCH_PROMETHEUS_ADDR");
+    assert_eq!(cfg.metrics, loopwatch::MetricsExport::Off);
+    let r = loopwatch::builder()
+        .ignore_env()
+        .export_interval(Duration::from_millis(10))
+        .config();
+    assert!(
+        matches!(
+            &r,
+            Err(Error::InvalidConfig {
+                setting: "export_interval",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 
     // Good values are applied, and override the builder's.
     std::env::set_var("LOOPWATCH_THRESHOLD", "250us");

@@ -50,6 +50,7 @@ fn stalls_become_warn_events_with_every_field() {
         .ignore_env()
         .threshold(Duration::from_millis(10))
         .stacks(false)
+        .prometheus_addr(([127, 0, 0, 1], 0))
         .build()
         .unwrap();
     let dispatch = Dispatch::new(

@@ -20,7 +20,12 @@ pub struct Harness {
 }
 
 /// Builds `builder` (environment ignored) with a callback that forwards every stall report.
-pub fn harness(builder: Builder) -> Harness {
+pub fn harness(mut builder: Builder) -> Harness {
+    // Tests in one binary run side by side: each guard's listener takes a free port.
+    let default_addr = loopwatch::MetricsExport::Prometheus(loopwatch::DEFAULT_PROMETHEUS_ADDR);
+    if matches!(builder.config(), Ok(c) if c.metrics == default_addr) {
+        builder = builder.prometheus_addr(([127, 0, 0, 1], 0));
+    }
     let (tx, rx) = channel();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
@@ -164,4 +169,68 @@ pub fn first_frames(s: &Stall, n: usize) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// `GET path` from `addr` over plain HTTP/1.1 (one request per connection): status and body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP header end in {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of the sample line `series` (name with labels, exactly as rendered) in a
+/// Prometheus text exposition.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// The sample lines of metric `name` (any labels).
+pub fn series<'a>(exposition: &'a str, name: &str) -> Vec<&'a str> {
+    exposition
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .collect()
 }

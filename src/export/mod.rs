@@ -1,0 +1,355 @@
+//! Exports: loopwatch's figures as metrics, from a thread of its own (`loopwatch-export`).
+//!
+//! Each interval the export thread takes one [`Frame`] from the watchdog's shared state (and
+//! from the runtimes given to [`Guard::monitor_runtime`](crate::Guard::monitor_runtime)) and
+//! hands it to every sink: the `metrics` facade (loopwatch's own Prometheus recorder, or the
+//! application's global recorder). The thread runs its own single-threaded tokio runtime, which
+//! also serves `/metrics`: nothing of loopwatch's runs on the watched runtime, so a stalled
+//! service can still be scraped.
+
+pub(crate) mod table;
+
+mod runtime;
+mod sink;
+
+use std::future::Future as _;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use metrics::SharedString;
+
+use crate::config::MetricsExport;
+use crate::stall::LayerKind;
+use crate::watchdog::Shared;
+use crate::Error;
+
+pub(crate) use runtime::RuntimeProbe;
+use table::M;
+
+/// One metric's value for one label set.
+#[derive(Debug, Clone)]
+pub(crate) struct Point {
+    pub(crate) metric: M,
+    /// Values of the metric's labels, in the table's order.
+    pub(crate) labels: Vec<SharedString>,
+    pub(crate) value: Value,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Value {
+    /// A counter's total so far.
+    Counter(u64),
+    Gauge(f64),
+    /// Values (seconds) recorded since the previous frame.
+    Samples(Vec<f64>),
+}
+
+/// Everything exported at one moment.
+#[derive(Debug, Default)]
+pub(crate) struct Frame {
+    pub(crate) points: Vec<Point>,
+}
+
+impl Frame {
+    fn push(&mut self, metric: M, labels: Vec<SharedString>, value: Value) {
+        debug_assert_eq!(labels.len(), metric.def().labels.len(), "{metric:?}");
+        self.points.push(Point {
+            metric,
+            labels,
+            value,
+        });
+    }
+
+    fn counter(&mut self, metric: M, v: u64) {
+        self.push(metric, Vec::new(), Value::Counter(v));
+    }
+}
+
+const LAYERS: [LayerKind; 3] = [LayerKind::Async, LayerKind::Blocking, LayerKind::Cpu];
+
+/// Builds frames from the shared state.
+pub(crate) struct Collector {
+    shared: Arc<Shared>,
+    runtimes: Arc<Mutex<Vec<RuntimeProbe>>>,
+    /// Feed values dropped so far (the feed counts per interval).
+    feed_dropped: u64,
+}
+
+impl Collector {
+    pub(crate) fn new(shared: Arc<Shared>, runtimes: Arc<Mutex<Vec<RuntimeProbe>>>) -> Self {
+        Collector {
+            shared,
+            runtimes,
+            feed_dropped: 0,
+        }
+    }
+
+    pub(crate) fn collect(&mut self) -> Frame {
+        let mut f = Frame::default();
+        let sh = &*self.shared;
+        let snap = sh.snapshot();
+        let kinds = &sh.board.kinds;
+        let kind_label = |id| -> SharedString {
+            let k = kinds.get(id);
+            SharedString::from(k.label().to_string())
+        };
+
+        // The values gathered since the last frame, for the histograms.
+        let feed = sh
+            .feed
+            .as_ref()
+            .and_then(|m| m.lock().ok().map(|mut g| std::mem::take(&mut *g)))
+            .unwrap_or_default();
+        self.feed_dropped += feed.dropped;
+
+        f.counter(M::Polls, snap.polls);
+        f.counter(M::SlowPolls, snap.slow_polls);
+        f.counter(M::DroppedReports, snap.dropped_reports);
+        f.counter(M::DroppedSamples, snap.dropped_samples + self.feed_dropped);
+        f.counter(M::DroppedSpans, snap.dropped_spans);
+        f.counter(M::LabelOverflow, snap.kinds_overflow);
+        f.counter(M::UnwatchedThreads, snap.unwatched_threads);
+        f.counter(M::CaughtPanics, snap.caught_panics);
+        f.counter(M::DiagnosisSamples, snap.diagnosis_samples);
+        for (status, v) in [
+            ("captured", snap.stacks_captured),
+            ("rate_limited", snap.stacks_rate_limited),
+            ("failed", snap.stacks_failed),
+        ] {
+            f.push(M::Stacks, vec![status.into()], Value::Counter(v));
+        }
+        for layer in LAYERS {
+            let i = layer as usize;
+            f.push(
+                M::StallsInProgress,
+                vec![layer.as_str().into()],
+                Value::Gauge(sh.in_progress[i].load(Ordering::Relaxed) as f64),
+            );
+            f.push(
+                M::OldestStallAge,
+                vec![layer.as_str().into()],
+                Value::Gauge(sh.oldest_ns[i].load(Ordering::Relaxed) as f64 / 1e9),
+            );
+        }
+        if let Ok(counts) = sh.stall_counts.lock() {
+            for (key, &n) in counts.iter() {
+                f.push(
+                    M::Stalls,
+                    vec![
+                        key.layer.as_str().into(),
+                        kind_label(key.kind),
+                        key.cause.kind().into(),
+                        syscall_label(&key.cause),
+                    ],
+                    Value::Counter(n),
+                );
+            }
+        }
+
+        let mut polls = feed.polls;
+        polls.sort_unstable_by_key(|&((kind, layer), _)| (layer, kind));
+        for group in polls.chunk_by(|a, b| a.0 == b.0) {
+            let (kind, layer) = group[0].0;
+            f.push(
+                M::PollDuration,
+                vec![layer.as_str().into(), kind_label(kind)],
+                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
+            );
+        }
+        let mut stalls = feed.stalls;
+        stalls.sort_unstable_by_key(|(k, _)| (k.layer, k.kind, k.cause.kind()));
+        for group in stalls.chunk_by(|a, b| a.0 == b.0) {
+            let key = group[0].0;
+            f.push(
+                M::StallDuration,
+                vec![
+                    key.layer.as_str().into(),
+                    kind_label(key.kind),
+                    key.cause.kind().into(),
+                ],
+                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
+            );
+        }
+
+        if let Ok(mut rts) = self.runtimes.lock() {
+            for rt in rts.iter_mut() {
+                rt.collect(&mut f);
+            }
+        }
+        f
+    }
+}
+
+/// The syscall label of a stall: the call's name for `syscall` stalls, empty otherwise (an
+/// empty label is the same as none in Prometheus).
+fn syscall_label(cause: &crate::diagnose::Cause) -> SharedString {
+    match cause {
+        crate::diagnose::Cause::Syscall(s) => match s.name {
+            Some(n) => n.into(),
+            None => "unknown".into(),
+        },
+        _ => "".into(),
+    }
+}
+
+/// What the guard keeps of the export thread.
+pub(crate) struct Exporter {
+    thread: Option<JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The address `/metrics` is served on, if it is.
+    pub(crate) prometheus_addr: Option<SocketAddr>,
+    pub(crate) runtimes: Arc<Mutex<Vec<RuntimeProbe>>>,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter")
+            .field("prometheus_addr", &self.prometheus_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exporter {
+    /// Starts the export thread, if the config exports anything. Returns once the Prometheus
+    /// listener (if any) is bound, or with the error that kept it from binding.
+    pub(crate) fn start(shared: &Arc<Shared>) -> Result<Option<Exporter>, Error> {
+        let cfg = &shared.cfg;
+        if cfg.metrics == MetricsExport::Off {
+            return Ok(None);
+        }
+        let prometheus_addr = match cfg.metrics {
+            MetricsExport::Prometheus(addr) => Some(resolve_port(addr)?),
+            _ => None,
+        };
+        let runtimes: Arc<Mutex<Vec<RuntimeProbe>>> = Arc::default();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
+        let collector = Collector::new(shared.clone(), runtimes.clone());
+        let interval = cfg.export_interval;
+        let thread = std::thread::Builder::new()
+            .name("loopwatch-export".into())
+            .spawn(move || {
+                crate::board::mark_own_thread();
+                run(collector, interval, prometheus_addr, stop_rx, ready_tx)
+            })
+            .map_err(|source| Error::SpawnThread {
+                thread: "loopwatch-export",
+                source,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::SpawnThread {
+                    thread: "loopwatch-export",
+                    source: std::io::Error::other("the export thread ended while starting"),
+                });
+            }
+        }
+        Ok(Some(Exporter {
+            thread: Some(thread),
+            stop: Some(stop_tx),
+            prometheus_addr,
+            runtimes,
+        }))
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Binds `addr` once to check it and, for port 0, to pick the port the listener will use; the
+/// error is the OS's own (address in use, not a local address, no permission).
+fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, Error> {
+    let probe = std::net::TcpListener::bind(addr)
+        .map_err(|source| Error::PrometheusListener { addr, source })?;
+    probe
+        .local_addr()
+        .map_err(|source| Error::PrometheusListener { addr, source })
+}
+
+/// The export thread's body.
+fn run(
+    mut collector: Collector,
+    interval: Duration,
+    prometheus_addr: Option<SocketAddr>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    ready: std::sync::mpsc::Sender<Result<(), Error>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("loopwatch-export")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(source) => {
+            let _ = ready.send(Err(Error::SpawnThread {
+                thread: "loopwatch-export",
+                source,
+            }));
+            return;
+        }
+    };
+    let shared = collector.shared.clone();
+    rt.block_on(async move {
+        let mut sinks = match sink::MetricsSink::start(prometheus_addr) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = stop_or_tick(&mut stop, &mut ticker).await;
+            let exported = catch_unwind(AssertUnwindSafe(|| {
+                let frame = collector.collect();
+                sinks.apply(&frame);
+            }));
+            if exported.is_err() {
+                shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+            }
+            if stopping {
+                break;
+            }
+        }
+    });
+}
+
+/// Waits for the stop signal (true; also when the guard is gone) or the next tick (false).
+async fn stop_or_tick(
+    stop: &mut tokio::sync::oneshot::Receiver<()>,
+    ticker: &mut tokio::time::Interval,
+) -> bool {
+    std::future::poll_fn(|cx| {
+        if std::pin::Pin::new(&mut *stop).poll(cx).is_ready() {
+            return std::task::Poll::Ready(true);
+        }
+        ticker.poll_tick(cx).map(|_| false)
+    })
+    .await
+}

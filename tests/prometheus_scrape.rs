@@ -1,0 +1,170 @@
+//! loopwatch's `/metrics` listener: served from its own thread, so a scrape answers while the
+//! watched runtime is stalled, and shows the stall in progress; then the stall's counters and
+//! histograms; the runtime's own figures; a bind error is named.
+#![cfg(feature = "prometheus")]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const THRESHOLD: Duration = Duration::from_millis(20);
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let (status, body) = common::http_get(addr, "/metrics").expect("scrape answers");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Scrapes until `pred` holds (the export interval is 100 ms), or panics with the last body.
+fn scrape_until(addr: std::net::SocketAddr, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = scrape(addr);
+        if pred(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "never saw {what}:\n{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_stalled_runtime_is_still_scraped_and_shows_the_stall_in_progress() {
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(THRESHOLD)
+            .export_interval(Duration::from_millis(100))
+            .stacks(false),
+    );
+    let addr = h.guard.prometheus_addr().expect("listener runs");
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    // A current-thread runtime: one stall holds its only thread.
+    let rt = h.current_thread();
+    h.guard.monitor_runtime(rt.handle(), "main");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // The guard's own `watch` (the global one follows the newest guard, and tests in this
+    // binary run side by side).
+    let hog = h.guard.watch("hog", async move {
+        common::spin_until(&stop2, Duration::from_secs(20));
+    });
+    let short = h.guard.watch("short", async {
+        for _ in 0..2_000 {
+            tokio::task::yield_now().await;
+        }
+    });
+    let job = std::thread::spawn(move || {
+        rt.block_on(async move {
+            short.await;
+            hog.await;
+        });
+    });
+
+    let during = scrape_until(addr, "the stall in progress", |b| {
+        common::sample(b, r#"loopwatch_stalls_in_progress{layer="async"}"#) == Some(1.0)
+    });
+    let age = common::sample(
+        &during,
+        r#"loopwatch_oldest_stall_age_seconds{layer="async"}"#,
+    )
+    .expect("oldest stall age");
+    assert!(age >= THRESHOLD.as_secs_f64(), "{age}");
+    assert_eq!(
+        common::sample(
+            &during,
+            r#"loopwatch_stalls_total{layer="async",kind="hog",cause="cpu",syscall=""}"#
+        ),
+        Some(1.0),
+        "{during}"
+    );
+    assert_eq!(
+        common::sample(&during, r#"loopwatch_stalls_in_progress{layer="blocking"}"#),
+        Some(0.0)
+    );
+    assert!(during.contains("# TYPE loopwatch_stalls_in_progress gauge"));
+    assert!(during.contains("# HELP loopwatch_stalls_total "));
+    assert_eq!(
+        common::sample(&during, r#"loopwatch_runtime_workers{runtime="main"}"#),
+        Some(1.0),
+        "{during}"
+    );
+
+    // With tokio_unstable, tokio-metrics also gives the blocking pool and the local queues.
+    #[cfg(tokio_unstable)]
+    for m in [
+        "loopwatch_runtime_blocking_threads",
+        "loopwatch_runtime_local_queue_depth",
+    ] {
+        assert!(
+            common::sample(&during, &format!(r#"{m}{{runtime="main"}}"#)).is_some(),
+            "no {m} in {during}"
+        );
+    }
+
+    stop.store(true, Ordering::Release);
+    job.join().unwrap();
+    let after = scrape_until(addr, "the stall ended", |b| {
+        common::sample(b, r#"loopwatch_stalls_in_progress{layer="async"}"#) == Some(0.0)
+            && !common::series(b, "loopwatch_stall_duration_seconds_count").is_empty()
+    });
+    assert!(after.contains("# TYPE loopwatch_stall_duration_seconds histogram"));
+    assert!(after.contains("# TYPE loopwatch_poll_duration_seconds histogram"));
+    let count = common::sample(
+        &after,
+        r#"loopwatch_stall_duration_seconds_count{layer="async",kind="hog",cause="cpu"}"#,
+    );
+    assert_eq!(count, Some(1.0), "{after}");
+    let sum = common::sample(
+        &after,
+        r#"loopwatch_stall_duration_seconds_sum{layer="async",kind="hog",cause="cpu"}"#,
+    )
+    .unwrap();
+    assert!(sum >= THRESHOLD.as_secs_f64(), "{sum}");
+    // Explicit buckets, 10 µs to 10 s, with 50 µs and 100 µs.
+    let buckets = common::series(&after, "loopwatch_poll_duration_seconds_bucket");
+    for le in ["0.00001", "0.00005", "0.0001", "10", "+Inf"] {
+        assert!(
+            buckets.iter().any(|l| l.contains(&format!("le=\"{le}\""))),
+            "no le={le} in {buckets:#?}"
+        );
+    }
+    let polls = common::sample(&after, "loopwatch_polls_total").unwrap();
+    assert!(polls >= 2_000.0, "{polls}");
+    // No task id ever becomes a label.
+    assert!(!after.contains("task_id") && !after.contains("id=\""));
+}
+
+#[test]
+fn a_taken_address_is_a_named_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = loopwatch::builder()
+        .ignore_env()
+        .prometheus_addr(addr)
+        .build()
+        .expect_err("the address is taken");
+    match &err {
+        loopwatch::Error::PrometheusListener { addr: a, source } => {
+            assert_eq!(*a, addr);
+            assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+        }
+        other => panic!("wrong error: {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&addr.to_string()) && msg.contains("LOOPWATCH_PROMETHEUS_ADDR"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn metrics_off_starts_no_listener() {
+    let (_layer, guard) = loopwatch::builder()
+        .ignore_env()
+        .metrics(loopwatch::MetricsExport::Off)
+        .build()
+        .unwrap();
+    assert_eq!(guard.prometheus_addr(), None);
+}
