@@ -63,6 +63,51 @@ impl Default for MetricsExport {
     }
 }
 
+/// Environment variable: `1`/`0` turns the OTLP export on or off, whatever the builder and
+/// `OTEL_*` variables say.
+pub const ENV_OTLP: &str = "LOOPWATCH_OTLP";
+/// Default timeout of one OTLP export.
+pub const DEFAULT_OTLP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default number of stall spans waiting for the OTLP exporter; beyond it they are dropped and
+/// counted.
+pub const DEFAULT_OTLP_SPAN_QUEUE: usize = 1024;
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OtlpProtocol {
+    /// gRPC (default port 4317).
+    Grpc,
+    /// HTTP with protobuf bodies (default port 4318; `/v1/traces` and `/v1/metrics`).
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// `grpc` or `http/protobuf`, as in `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// The OTLP export's settings (in [`Config::otlp`] when it is on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OtlpConfig {
+    /// The collector's base address (`http://host:4317` for gRPC, `http://host:4318` for
+    /// HTTP, where `/v1/traces` and `/v1/metrics` are added). `None`: the exporter reads
+    /// `OTEL_EXPORTER_OTLP_{TRACES_,METRICS_,}ENDPOINT`, else localhost on the protocol's port.
+    pub endpoint: Option<String>,
+    /// gRPC or HTTP/protobuf.
+    pub protocol: OtlpProtocol,
+    /// The longest one export may take; then it is abandoned and counted as an error.
+    pub timeout: Duration,
+    /// Stall spans waiting to be sent, at most; beyond it they are dropped and counted.
+    pub span_queue: usize,
+}
+
 /// Environment variable: stall threshold, a duration such as `10ms`, `250us`, `1.5s`.
 pub const ENV_THRESHOLD: &str = "LOOPWATCH_THRESHOLD";
 /// Environment variable: watchdog tick, a duration no longer than the threshold.
@@ -117,6 +162,8 @@ pub struct Config {
     pub metrics: MetricsExport,
     /// How often the exporters take loopwatch's figures.
     pub export_interval: Duration,
+    /// The OTLP export, when it is on.
+    pub otlp: Option<OtlpConfig>,
 }
 
 impl Default for Config {
@@ -137,6 +184,7 @@ impl Default for Config {
             max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,
             metrics: MetricsExport::default(),
             export_interval: DEFAULT_EXPORT_INTERVAL,
+            otlp: None,
         }
     }
 }
@@ -162,6 +210,21 @@ pub(crate) struct EnvOverrides {
     pub(crate) stack_signal: Option<i32>,
     pub(crate) max_stacks_per_sec: Option<u32>,
     pub(crate) metrics: Option<MetricsExport>,
+    /// `LOOPWATCH_OTLP`.
+    pub(crate) otlp: Option<bool>,
+    /// The `OTEL_*` variables loopwatch reads itself (the exporter reads the others).
+    pub(crate) otel: OtelEnv,
+}
+
+/// The OpenTelemetry SDK variables that decide whether and how loopwatch exports OTLP.
+#[derive(Debug, Default)]
+pub(crate) struct OtelEnv {
+    /// An `OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}ENDPOINT` is set (OTLP is then on by default).
+    pub(crate) endpoint_set: bool,
+    /// `OTEL_SDK_DISABLED=true`.
+    pub(crate) sdk_disabled: bool,
+    pub(crate) protocol: Option<OtlpProtocol>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl EnvOverrides {
@@ -243,6 +306,49 @@ impl EnvOverrides {
             out.metrics = Some(
                 parse_prometheus_addr(&v).map_err(|reason| bad(ENV_PROMETHEUS_ADDR, &v, reason))?,
             );
+        }
+        if let Some(v) = get(ENV_OTLP)? {
+            out.otlp = Some(parse_bool(&v).map_err(|reason| bad(ENV_OTLP, &v, reason))?);
+        }
+        for var in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        ] {
+            out.otel.endpoint_set |= get(var)?.is_some_and(|v| !v.trim().is_empty());
+        }
+        if let Some(v) = get("OTEL_SDK_DISABLED")? {
+            out.otel.sdk_disabled = v.trim().eq_ignore_ascii_case("true");
+        }
+        if let Some(v) = get("OTEL_EXPORTER_OTLP_PROTOCOL")? {
+            out.otel.protocol = Some(match v.trim() {
+                "grpc" => OtlpProtocol::Grpc,
+                "http/protobuf" => OtlpProtocol::HttpProtobuf,
+                "http/json" => {
+                    return Err(bad(
+                        "OTEL_EXPORTER_OTLP_PROTOCOL",
+                        &v,
+                        "loopwatch exports grpc or http/protobuf, not http/json".into(),
+                    ))
+                }
+                _ => {
+                    return Err(bad(
+                        "OTEL_EXPORTER_OTLP_PROTOCOL",
+                        &v,
+                        "expected grpc or http/protobuf".into(),
+                    ))
+                }
+            });
+        }
+        if let Some(v) = get("OTEL_EXPORTER_OTLP_TIMEOUT")? {
+            let ms = v.trim().parse::<u64>().map_err(|e| {
+                bad(
+                    "OTEL_EXPORTER_OTLP_TIMEOUT",
+                    &v,
+                    format!("not a whole number of milliseconds ({e})"),
+                )
+            })?;
+            out.otel.timeout = Some(Duration::from_millis(ms));
         }
         if let Some(v) = get(ENV_SAMPLE_EVERY)? {
             let n = v.trim().parse::<u32>().map_err(|e| {
@@ -342,6 +448,29 @@ pub(crate) fn validate(
                 cfg.export_interval
             ),
         });
+    }
+    if let Some(o) = &cfg.otlp {
+        if !cfg!(feature = "otlp") {
+            return Err(Error::InvalidConfig {
+                setting: "otlp",
+                reason: "the OTLP export needs loopwatch's `otlp` cargo feature".into(),
+            });
+        }
+        if o.timeout < Duration::from_millis(100) || o.timeout > MAX_EXPORT_INTERVAL {
+            return Err(Error::InvalidConfig {
+                setting: "otlp_timeout",
+                reason: format!(
+                    "{:?}: must be between 100ms and {MAX_EXPORT_INTERVAL:?}",
+                    o.timeout
+                ),
+            });
+        }
+        if o.span_queue == 0 || o.span_queue > 1 << 20 {
+            return Err(Error::InvalidConfig {
+                setting: "otlp_span_queue",
+                reason: format!("{}: must be between 1 and {}", o.span_queue, 1 << 20),
+            });
+        }
     }
     if matches!(cfg.metrics, MetricsExport::Prometheus(_)) && !cfg!(feature = "prometheus") {
         return Err(Error::InvalidConfig {

@@ -41,6 +41,11 @@ pub enum Error {
         /// The error the OS (or the exporter) gave.
         source: std::io::Error,
     },
+    /// The OTLP exporter could not be set up (an endpoint that is not a URI, for instance).
+    Otlp {
+        /// What the exporter said.
+        reason: String,
+    },
     /// [`try_init`](crate::try_init) could not set the global default subscriber, because one was
     /// already set. Use [`Builder::build`](crate::Builder::build) and add the returned layer to
     /// your own subscriber instead.
@@ -68,6 +73,9 @@ impl fmt::Display for Error {
                     "loopwatch's Prometheus listener could not bind {addr}: {source} \
                      (set another address with LOOPWATCH_PROMETHEUS_ADDR, or `off`)"
                 )
+            }
+            Error::Otlp { reason } => {
+                write!(f, "loopwatch's OTLP exporter could not be set up: {reason}")
             }
             Error::SetGlobalDefault(_) => {
                 write!(

@@ -35,6 +35,17 @@ pub struct Builder {
     tick_set: bool,
     use_env: bool,
     callbacks: Vec<Callback>,
+    otlp: OtlpChoice,
+}
+
+/// What the application said about OTLP; the environment is applied on top in `resolve`.
+#[derive(Debug, Clone)]
+struct OtlpChoice {
+    on: Option<bool>,
+    endpoint: Option<String>,
+    protocol: Option<crate::OtlpProtocol>,
+    timeout: Option<Duration>,
+    span_queue: usize,
 }
 
 impl fmt::Debug for Builder {
@@ -54,6 +65,13 @@ impl Default for Builder {
             tick_set: false,
             use_env: true,
             callbacks: Vec::new(),
+            otlp: OtlpChoice {
+                on: None,
+                endpoint: None,
+                protocol: None,
+                timeout: None,
+                span_queue: config::DEFAULT_OTLP_SPAN_QUEUE,
+            },
         }
     }
 }
@@ -101,6 +119,44 @@ impl Builder {
     /// scrape sees values at most this old.
     pub fn export_interval(mut self, interval: Duration) -> Self {
         self.cfg.export_interval = interval;
+        self
+    }
+
+    /// Turns the OTLP export on or off. By default it is on when an
+    /// `OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}ENDPOINT` variable is set (and
+    /// `OTEL_SDK_DISABLED` is not `true`), or when [`otlp_endpoint`](Builder::otlp_endpoint) is
+    /// called. Env: `LOOPWATCH_OTLP` (`1`/`0`) overrides everything.
+    pub fn otlp(mut self, on: bool) -> Self {
+        self.otlp.on = Some(on);
+        self
+    }
+
+    /// Sends OTLP to this collector (and turns the export on): the base address, as in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (`http://collector:4317` for gRPC, `http://collector:4318`
+    /// for HTTP, where `/v1/traces` and `/v1/metrics` are added). As with OpenTelemetry's own
+    /// SDKs, a value given in code wins over `OTEL_EXPORTER_OTLP_*ENDPOINT`.
+    pub fn otlp_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.otlp.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// gRPC (the default) or HTTP/protobuf; wins over `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn otlp_protocol(mut self, protocol: crate::OtlpProtocol) -> Self {
+        self.otlp.protocol = Some(protocol);
+        self
+    }
+
+    /// The longest one OTLP export may take (default 10 s; 100 ms to 5 min); wins over
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds).
+    pub fn otlp_timeout(mut self, timeout: Duration) -> Self {
+        self.otlp.timeout = Some(timeout);
+        self
+    }
+
+    /// Stall spans waiting for the OTLP exporter, at most (default 1024); beyond it (a collector
+    /// down or slow) they are dropped and counted in `loopwatch_export_dropped_total`.
+    pub fn otlp_span_queue(mut self, capacity: usize) -> Self {
+        self.otlp.span_queue = capacity;
         self
     }
 
@@ -249,6 +305,26 @@ impl Builder {
         if let Some(v) = env.metrics {
             cfg.metrics = v;
         }
+        let o = &self.otlp;
+        let otlp_on = match env.otlp {
+            Some(v) => v,
+            None if env.otel.sdk_disabled => false,
+            None => {
+                o.on.unwrap_or(o.endpoint.is_some() || env.otel.endpoint_set)
+            }
+        };
+        cfg.otlp = otlp_on.then(|| crate::OtlpConfig {
+            endpoint: o.endpoint.clone(),
+            protocol: o
+                .protocol
+                .or(env.otel.protocol)
+                .unwrap_or(crate::OtlpProtocol::Grpc),
+            timeout: o
+                .timeout
+                .or(env.otel.timeout)
+                .unwrap_or(config::DEFAULT_OTLP_TIMEOUT),
+            span_queue: o.span_queue,
+        });
         if let Some(v) = env.max_stacks_per_sec {
             cfg.max_stacks_per_sec = v;
         }
@@ -293,15 +369,22 @@ impl Builder {
             board.clone(),
             layer_shared.clone(),
             cfg.clone(),
-            cfg.metrics != crate::MetricsExport::Off,
+            cfg.metrics != crate::MetricsExport::Off || cfg.otlp.is_some(),
         ));
-        // First, so a bad Prometheus address fails the build before any thread starts.
-        let exporter = Exporter::start(&shared)?;
+        // First, so a bad Prometheus address or OTLP endpoint fails the build before the
+        // watchdog starts.
+        let (exporter, stall_sink) = match Exporter::start(&shared)? {
+            Some((e, s)) => (Some(e), s),
+            None => (None, None),
+        };
         let (tx, rx) = sync_channel::<Report>(cfg.report_queue);
 
         let reporter = {
             let shared = shared.clone();
-            let callbacks = self.callbacks;
+            let mut callbacks = self.callbacks;
+            if let Some(sink) = stall_sink {
+                callbacks.push(Arc::new(move |s: &Stall| sink.send(s)));
+            }
             std::thread::Builder::new()
                 .name("loopwatch-report".into())
                 .spawn(move || report::run(shared, rx, callbacks))

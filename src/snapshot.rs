@@ -146,6 +146,28 @@ pub struct Snapshot {
     /// Stalls detected, by task kind, layer and the cause known when each was detected
     /// (the most frequent first).
     pub stalls_by: Vec<StallCount>,
+    /// What the OTLP exporter sent and dropped (all zero when it is off).
+    pub otlp: OtlpStats,
+}
+
+/// The OTLP exporter's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OtlpStats {
+    /// Stall spans the collector accepted.
+    pub spans_exported: u64,
+    /// Stall records dropped: the queue was full (collector slow or down), or their export
+    /// failed.
+    pub spans_dropped: u64,
+    /// Span exports that failed or timed out.
+    pub span_export_errors: u64,
+    /// Metric exports the collector accepted.
+    pub metric_exports: u64,
+    /// Frames of metrics dropped because the queue was full (the metrics are cumulative: the
+    /// next export carries the counters; histogram values of that frame are lost).
+    pub metric_frames_dropped: u64,
+    /// Metric exports that failed or timed out.
+    pub metric_export_errors: u64,
 }
 
 /// How many stalls one task kind caused on one layer, with one cause.

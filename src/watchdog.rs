@@ -21,7 +21,7 @@ use crate::diagnose::Cause;
 use crate::kinds::KindId;
 use crate::probe::layer::LayerShared;
 use crate::report::Report;
-use crate::snapshot::{Histogram, KindPolls, Snapshot, StallCount};
+use crate::snapshot::{Histogram, KindPolls, OtlpStats, Snapshot, StallCount};
 use crate::stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, WorkerInfo};
 
 /// What the watchdog, the reporter and the guard share.
@@ -48,6 +48,19 @@ pub(crate) struct Shared {
     /// Raw figures for the exporters, taken by the export thread each interval; `None` when no
     /// exporter runs (nothing is kept).
     pub(crate) feed: Option<Mutex<Feed>>,
+    /// The OTLP exporter's counters.
+    pub(crate) export: ExportStats,
+}
+
+/// What the OTLP exporter sent, dropped and failed to send.
+#[derive(Debug, Default)]
+pub(crate) struct ExportStats {
+    pub(crate) spans_exported: AtomicU64,
+    pub(crate) spans_dropped: AtomicU64,
+    pub(crate) spans_errors: AtomicU64,
+    pub(crate) metric_exports: AtomicU64,
+    pub(crate) metrics_dropped: AtomicU64,
+    pub(crate) metrics_errors: AtomicU64,
 }
 
 /// A stall's label set: task kind, layer, cause.
@@ -98,6 +111,7 @@ impl Shared {
             hist: Mutex::new(HashMap::new()),
             stall_counts: Mutex::new(HashMap::new()),
             feed: export.then(|| Mutex::new(Feed::default())),
+            export: ExportStats::default(),
         }
     }
 
@@ -170,6 +184,14 @@ impl Shared {
             sample_every: self.board.sample_every(),
             poll_durations,
             stalls_by,
+            otlp: OtlpStats {
+                spans_exported: self.export.spans_exported.load(Ordering::Relaxed),
+                spans_dropped: self.export.spans_dropped.load(Ordering::Relaxed),
+                span_export_errors: self.export.spans_errors.load(Ordering::Relaxed),
+                metric_exports: self.export.metric_exports.load(Ordering::Relaxed),
+                metric_frames_dropped: self.export.metrics_dropped.load(Ordering::Relaxed),
+                metric_export_errors: self.export.metrics_errors.load(Ordering::Relaxed),
+            },
         }
     }
 }

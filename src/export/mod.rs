@@ -9,6 +9,8 @@
 
 pub(crate) mod table;
 
+#[cfg(feature = "otlp")]
+pub(crate) mod otlp;
 mod runtime;
 mod sink;
 
@@ -175,6 +177,25 @@ impl Collector {
             );
         }
 
+        if sh.cfg.otlp.is_some() {
+            let e = &sh.export;
+            for (signal, dropped, errors) in [
+                ("traces", &e.spans_dropped, &e.spans_errors),
+                ("metrics", &e.metrics_dropped, &e.metrics_errors),
+            ] {
+                let labels = || vec![SharedString::from("otlp"), SharedString::from(signal)];
+                f.push(
+                    M::ExportDropped,
+                    labels(),
+                    Value::Counter(dropped.load(Ordering::Relaxed)),
+                );
+                f.push(
+                    M::ExportErrors,
+                    labels(),
+                    Value::Counter(errors.load(Ordering::Relaxed)),
+                );
+            }
+        }
         if let Ok(mut rts) = self.runtimes.lock() {
             for rt in rts.iter_mut() {
                 rt.collect(&mut f);
@@ -214,13 +235,28 @@ impl std::fmt::Debug for Exporter {
 }
 
 impl Exporter {
-    /// Starts the export thread, if the config exports anything. Returns once the Prometheus
-    /// listener (if any) is bound, or with the error that kept it from binding.
-    pub(crate) fn start(shared: &Arc<Shared>) -> Result<Option<Exporter>, Error> {
+    /// Starts the export thread (and the OTLP thread), if the config exports anything. Returns
+    /// once the Prometheus listener (if any) is bound and the OTLP exporters are built, or with
+    /// the error that kept them from it; with the OTLP exporter, also the sender the reporter
+    /// gives stall records to.
+    pub(crate) fn start(
+        shared: &Arc<Shared>,
+    ) -> Result<Option<(Exporter, Option<StallSink>)>, Error> {
         let cfg = &shared.cfg;
-        if cfg.metrics == MetricsExport::Off {
+        if cfg.metrics == MetricsExport::Off && cfg.otlp.is_none() {
             return Ok(None);
         }
+        #[cfg(feature = "otlp")]
+        let otlp = match &cfg.otlp {
+            Some(o) => Some(otlp::Otlp::start(shared, o)?),
+            None => None,
+        };
+        #[cfg(not(feature = "otlp"))]
+        let otlp: Option<NoOtlp> = None;
+        #[cfg(feature = "otlp")]
+        let stall_sink = otlp.as_ref().map(|o| o.stall_sender());
+        #[cfg(not(feature = "otlp"))]
+        let stall_sink = None;
         let prometheus_addr = match cfg.metrics {
             MetricsExport::Prometheus(addr) => Some(resolve_port(addr)?),
             _ => None,
@@ -230,11 +266,17 @@ impl Exporter {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
         let collector = Collector::new(shared.clone(), runtimes.clone());
         let interval = cfg.export_interval;
+        let metrics_on = cfg.metrics != MetricsExport::Off;
         let thread = std::thread::Builder::new()
             .name("loopwatch-export".into())
             .spawn(move || {
                 crate::board::mark_own_thread();
-                run(collector, interval, prometheus_addr, stop_rx, ready_tx)
+                let sinks = Sinks {
+                    metrics_on,
+                    prometheus_addr,
+                    otlp,
+                };
+                run(collector, interval, sinks, stop_rx, ready_tx)
             })
             .map_err(|source| Error::SpawnThread {
                 thread: "loopwatch-export",
@@ -254,12 +296,15 @@ impl Exporter {
                 });
             }
         }
-        Ok(Some(Exporter {
-            thread: Some(thread),
-            stop: Some(stop_tx),
-            prometheus_addr,
-            runtimes,
-        }))
+        Ok(Some((
+            Exporter {
+                thread: Some(thread),
+                stop: Some(stop_tx),
+                prometheus_addr,
+                runtimes,
+            },
+            stall_sink,
+        )))
     }
 }
 
@@ -269,7 +314,8 @@ impl Drop for Exporter {
             let _ = stop.send(());
         }
         if let Some(t) = self.thread.take() {
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            // The last frame, then up to 2 s for the OTLP thread to send what it holds.
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
             while !t.is_finished() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -290,11 +336,40 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, Error> {
         .map_err(|source| Error::PrometheusListener { addr, source })
 }
 
+/// Where frames go.
+struct Sinks {
+    metrics_on: bool,
+    prometheus_addr: Option<SocketAddr>,
+    otlp: Option<OtlpSink>,
+}
+
+#[cfg(feature = "otlp")]
+type OtlpSink = otlp::Otlp;
+#[cfg(not(feature = "otlp"))]
+type OtlpSink = NoOtlp;
+/// Stall records for the OTLP exporter.
+#[cfg(feature = "otlp")]
+pub(crate) type StallSink = otlp::StallSender;
+#[cfg(not(feature = "otlp"))]
+pub(crate) type StallSink = NoOtlp;
+
+/// Stands in for the OTLP exporter when the `otlp` feature is off.
+#[cfg(not(feature = "otlp"))]
+#[derive(Clone, Debug)]
+pub(crate) enum NoOtlp {}
+
+#[cfg(not(feature = "otlp"))]
+impl NoOtlp {
+    pub(crate) fn send(&self, _: &crate::Stall) {}
+    fn send_frame(&self, _: &Arc<Frame>) {}
+    fn close(self, _: Duration) {}
+}
+
 /// The export thread's body.
 fn run(
     mut collector: Collector,
     interval: Duration,
-    prometheus_addr: Option<SocketAddr>,
+    sinks: Sinks,
     mut stop: tokio::sync::oneshot::Receiver<()>,
     ready: std::sync::mpsc::Sender<Result<(), Error>>,
 ) {
@@ -313,22 +388,35 @@ fn run(
         }
     };
     let shared = collector.shared.clone();
+    let Sinks {
+        metrics_on,
+        prometheus_addr,
+        otlp,
+    } = sinks;
     rt.block_on(async move {
-        let mut sinks = match sink::MetricsSink::start(prometheus_addr) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
+        let mut metrics = None;
+        if metrics_on {
+            match sink::MetricsSink::start(prometheus_addr) {
+                Ok(s) => metrics = Some(s),
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
             }
-        };
+        }
         let _ = ready.send(Ok(()));
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let stopping = stop_or_tick(&mut stop, &mut ticker).await;
             let exported = catch_unwind(AssertUnwindSafe(|| {
-                let frame = collector.collect();
-                sinks.apply(&frame);
+                let frame = Arc::new(collector.collect());
+                if let Some(m) = metrics.as_mut() {
+                    m.apply(&frame);
+                }
+                if let Some(o) = &otlp {
+                    o.send_frame(&frame);
+                }
             }));
             if exported.is_err() {
                 shared.caught_panics.fetch_add(1, Ordering::Relaxed);
@@ -336,6 +424,9 @@ fn run(
             if stopping {
                 break;
             }
+        }
+        if let Some(o) = otlp {
+            o.close(Duration::from_secs(2));
         }
     });
 }

@@ -1,0 +1,159 @@
+//! The OTLP export against a real receiver (opentelemetry-proto's generated gRPC services, and
+//! an HTTP/protobuf endpoint): each ended stall is a span from when its poll began to when it
+//! ended, with its attributes; the metrics arrive as OTLP metrics with the table's names and
+//! explicit buckets.
+#![cfg(feature = "otlp")]
+
+mod common;
+mod receiver;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use receiver::{attr, resource_attr, Receiver, Transport};
+
+const THRESHOLD: Duration = Duration::from_millis(20);
+const STALL: Duration = Duration::from_millis(150);
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol) {
+    let rx = Receiver::start(transport);
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(THRESHOLD)
+            .metrics(loopwatch::MetricsExport::Off)
+            .export_interval(Duration::from_millis(200))
+            .otlp_endpoint(rx.endpoint())
+            .otlp_protocol(protocol),
+    );
+    assert!(h.guard.config().otlp.is_some());
+    let rt = h.runtime(1);
+    let before = SystemTime::now();
+    rt.block_on(h.guard.watch("hog", async { common::spin_for(STALL) }));
+    let after = SystemTime::now();
+
+    rx.wait("the stall span", Duration::from_secs(15), |r| {
+        r.spans.iter().any(|(_, s)| s.name == "loopwatch.stall")
+    });
+    let (resource, span) = rx.with(|r| r.spans[0].clone());
+    let a = &span.attributes;
+    assert_eq!(
+        attr(a, "loopwatch.task.kind").as_deref(),
+        Some("hog"),
+        "{a:#?}"
+    );
+    assert_eq!(attr(a, "loopwatch.task.name").as_deref(), Some("hog"));
+    assert_eq!(attr(a, "loopwatch.layer").as_deref(), Some("async"));
+    assert_eq!(attr(a, "loopwatch.stall.state").as_deref(), Some("ended"));
+    assert!(attr(a, "loopwatch.cause").is_some());
+    assert!(attr(a, "loopwatch.worker.index").is_some());
+    assert!(attr(a, "thread.name").is_some());
+    assert!(
+        attr(a, "code.file.path").is_some_and(|f| f.ends_with("otlp_export.rs")),
+        "{a:#?}"
+    );
+    assert!(attr(a, "loopwatch.stack.status").is_some());
+    // Timing: the span covers the poll (start within a tick or so of when it began).
+    let (start, end) = (span.start_time_unix_nano, span.end_time_unix_nano);
+    assert!(start >= nanos(before) - 10_000_000 && end <= nanos(after) + 10_000_000);
+    let length = Duration::from_nanos(end - start);
+    assert!(length >= STALL - Duration::from_millis(10), "{length:?}");
+    let dur_ms: f64 = attr(a, "loopwatch.stall.duration_ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (dur_ms - length.as_secs_f64() * 1e3).abs() < 1.0,
+        "{dur_ms} vs {length:?}"
+    );
+    // The moment it was detected, while it ran, is an event on the span.
+    let ev = span
+        .events
+        .iter()
+        .find(|e| e.name == "loopwatch.stall.detected")
+        .expect("a detection event");
+    assert!(
+        ev.time_unix_nano > start && ev.time_unix_nano < end,
+        "{ev:?}"
+    );
+    assert!(ev.time_unix_nano - start >= THRESHOLD.as_nanos() as u64);
+    assert!(resource_attr(&resource, "service.name").is_some());
+
+    // Metrics: the same names as the Prometheus table.
+    rx.wait("the stall metrics", Duration::from_secs(15), |r| {
+        r.metrics.iter().any(|(_, m)| {
+            m.name == "loopwatch_stall_duration_seconds"
+                && matches!(&m.data, Some(Data::Histogram(h)) if h.data_points.iter().any(|p| p.count >= 1))
+        })
+    });
+    rx.with(|r| {
+        let hist = r
+            .metrics
+            .iter()
+            .rev()
+            .find(|(_, m)| m.name == "loopwatch_stall_duration_seconds")
+            .unwrap();
+        let Some(Data::Histogram(hd)) = &hist.1.data else {
+            unreachable!()
+        };
+        let p = &hd.data_points[0];
+        assert_eq!(p.explicit_bounds, loopwatch::DURATION_BUCKETS.to_vec());
+        assert_eq!(attr(&p.attributes, "kind").as_deref(), Some("hog"));
+        assert_eq!(hist.1.unit, "s");
+        let stalls = r
+            .metrics
+            .iter()
+            .rev()
+            .find(|(_, m)| m.name == "loopwatch_stalls_total")
+            .expect("stalls_total");
+        let Some(Data::Sum(sum)) = &stalls.1.data else {
+            panic!("{stalls:?}")
+        };
+        assert!(sum.is_monotonic);
+        let hog = sum
+            .data_points
+            .iter()
+            .find(|p| attr(&p.attributes, "kind").as_deref() == Some("hog"))
+            .expect("a point for the hog");
+        assert!(matches!(
+            hog.value,
+            Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1))
+        ));
+        assert!(r
+            .metrics
+            .iter()
+            .any(|(_, m)| m.name == "loopwatch_stalls_in_progress"));
+    });
+    let snap = h.guard.snapshot();
+    assert!(
+        snap.otlp.spans_exported >= 1 && snap.otlp.metric_exports >= 1,
+        "{snap:?}"
+    );
+    assert_eq!(snap.otlp.spans_dropped, 0);
+}
+
+#[test]
+fn grpc_receives_stall_spans_and_metrics() {
+    stall_is_exported(Transport::Grpc, loopwatch::OtlpProtocol::Grpc);
+}
+
+#[test]
+fn http_protobuf_receives_stall_spans_and_metrics() {
+    stall_is_exported(Transport::Http, loopwatch::OtlpProtocol::HttpProtobuf);
+}
+
+#[test]
+fn a_bad_endpoint_is_a_named_error() {
+    let err = loopwatch::builder()
+        .ignore_env()
+        .metrics(loopwatch::MetricsExport::Off)
+        .otlp_endpoint("not a uri at all")
+        .otlp_protocol(loopwatch::OtlpProtocol::HttpProtobuf)
+        .build()
+        .expect_err("the endpoint is not a URI");
+    assert!(matches!(err, loopwatch::Error::Otlp { .. }), "{err:?}");
+    assert!(err.to_string().contains("OTLP"), "{err}");
+}
