@@ -55,6 +55,10 @@ for want in "stall detected" "in span render_report" "in span fetch_legacy_confi
   grep -qF "$want" <<<"$out" || { echo "the demo's output lacks: $want" >&2; exit 1; }
 done
 
+step "exporters/ and dashboards/: structure, and every metric they name is in the table"
+python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
+python3 scripts/check_exporters.py
+
 step "a real Prometheus server scrapes the demo while it stalls; promtool checks a scrape"
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -157,3 +157,39 @@ fn a_bad_endpoint_is_a_named_error() {
     assert!(matches!(err, loopwatch::Error::Otlp { .. }), "{err:?}");
     assert!(err.to_string().contains("OTLP"), "{err}");
 }
+
+#[test]
+fn a_stall_still_running_at_shutdown_goes_out_as_running() {
+    let rx = Receiver::start(Transport::Grpc);
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(THRESHOLD)
+            .stacks(false)
+            .metrics(loopwatch::MetricsExport::Off)
+            .otlp_endpoint(rx.endpoint()),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let rt = h.runtime(1);
+    let stuck = h.guard.watch("stuck", async move {
+        common::spin_until(&stop2, Duration::from_secs(30))
+    });
+    let job = std::thread::spawn(move || rt.block_on(stuck));
+    assert!(h.wait_running(Duration::from_secs(10)).is_some());
+    drop(h); // the guard goes while the poll still runs
+    rx.wait("the running stall's span", Duration::from_secs(10), |r| {
+        !r.spans.is_empty()
+    });
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    job.join().unwrap();
+    let span = rx.with(|r| r.spans[0].1.clone());
+    assert_eq!(
+        attr(&span.attributes, "loopwatch.stall.state").as_deref(),
+        Some("running")
+    );
+    assert_eq!(
+        attr(&span.attributes, "loopwatch.task.kind").as_deref(),
+        Some("stuck")
+    );
+    assert!(span.end_time_unix_nano - span.start_time_unix_nano >= THRESHOLD.as_nanos() as u64);
+}

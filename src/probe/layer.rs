@@ -37,7 +37,9 @@ pub(crate) struct LayerShared {
 ///
 /// ```
 /// use tracing_subscriber::prelude::*;
-/// let (layer, _guard) = loopwatch::builder().build()?;
+/// let (layer, _guard) = loopwatch::builder()
+/// #   .metrics(loopwatch::MetricsExport::Off) // doctests run side by side: no listener
+///     .build()?;
 /// let _subscriber = tracing_subscriber::registry().with(layer);
 /// # Ok::<(), loopwatch::Error>(())
 /// ```
