@@ -8,7 +8,9 @@ Prometheus' HTTP API:
   - the stall counters by cause, after it;
   - histogram_quantile over the poll and stall duration histograms;
   - the runtime's own figures (tokio-metrics) under the same prefix;
-and that `promtool check metrics` accepts a scrape taken mid-stall.
+and that `promtool check metrics` accepts a scrape taken mid-stall. The server loads
+exporters/prometheus/*.yml: the LoopwatchWorkerStalled alert must fire while the long stall
+runs. Every query of dashboards/loopwatch.json must run, and the main panels return data.
 
 Usage: scripts/prometheus_e2e.py path/to/demo-binary
 """
@@ -59,6 +61,23 @@ def wait_for(what, fn, timeout):
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def dashboard_queries():
+    with open(os.path.join(ROOT, "dashboards", "loopwatch.json")) as f:
+        dash = json.load(f)
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            q = (
+                t["expr"]
+                .replace("$job", ".*")
+                .replace("$instance", ".*")
+                .replace("$__rate_interval", "30s")
+            )
+            yield p["title"], q
+
+
 def main():
     demo = sys.argv[1]
     for tool in ("prometheus", "promtool"):
@@ -73,6 +92,9 @@ def main():
         with open(os.path.join(work, "prometheus.yml"), "w") as f:
             f.write(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                "rule_files:\n"
+                f"  - {ROOT}/exporters/prometheus/loopwatch-rules.yml\n"
+                f"  - {ROOT}/exporters/prometheus/loopwatch-alerts.yml\n"
                 "scrape_configs:\n  - job_name: loopwatch-demo\n"
                 f"    static_configs:\n      - targets: ['{metrics}']\n"
             )
@@ -117,6 +139,13 @@ def main():
             40,
         )
         print(f"long stall in progress at {time.monotonic() - started:.1f}s: {running}")
+        # The alert fires while the stall still runs.
+        firing = wait_for(
+            "LoopwatchWorkerStalled firing",
+            lambda: query(prom, 'ALERTS{alertname="LoopwatchWorkerStalled", alertstate="firing"}'),
+            10,
+        )
+        print(f"alert firing: {firing[0][0]}")
         # promtool on a scrape taken mid-stall.
         scrape = get(f"http://{metrics}/metrics")
         assert "loopwatch_stalls_in_progress" in scrape
@@ -163,6 +192,29 @@ def main():
         assert len(busy) == 2, busy
         polls = query(prom, "rate(loopwatch_polls_total[30s]) > 0")
         assert polls, "no poll rate"
+
+        # The dashboard's queries all run; the main panels have data.
+        must_have_data = {
+            "Stalls per second by cause",
+            "Time stalled (share of one worker)",
+            "Top stalling task kinds (last hour)",
+            "Poll duration p99 by layer",
+            "Worker busy ratio",
+            "Oldest running stall",
+        }
+        for title, q in dashboard_queries():
+            result = query(prom, q)
+            if title in must_have_data:
+                assert result, f"dashboard panel {title!r} has no data: {q}"
+                must_have_data.discard(title)
+        assert not must_have_data, f"panels not found in the dashboard: {must_have_data}"
+        print("dashboard queries: ok")
+        rules = json.loads(get(f"http://{prom}/api/v1/rules"))["data"]["groups"]
+        health = {r["name"]: r["health"] for g in rules for r in g["rules"]}
+        # ("unknown": a group with a 30 s interval not evaluated yet; "err" would be a bad rule.)
+        assert all(h in ("ok", "unknown") for h in health.values()), health
+        assert health.get("LoopwatchWorkerStalled") == "ok", health
+        print(f"rules loaded, none in error: {len(health)}")
 
         rc = procs[1].wait(timeout=60)
         assert rc == 0, f"demo exited with {rc}"

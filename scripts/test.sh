@@ -59,12 +59,16 @@ step "exporters/ and dashboards/: structure, and every metric they name is in th
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
 python3 scripts/check_exporters.py
 
-step "a real Prometheus server scrapes the demo while it stalls; promtool checks a scrape"
+step "Prometheus rules: promtool check rules, promtool test rules"
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
 fi
+promtool check rules exporters/prometheus/loopwatch-rules.yml exporters/prometheus/loopwatch-alerts.yml
+promtool test rules exporters/prometheus/tests/loopwatch.test.yml
+
+step "a real Prometheus server scrapes the demo while it stalls; promtool checks a scrape"
 cargo build -q --example demo
 timeout 300 python3 scripts/prometheus_e2e.py target/debug/examples/demo
 
