@@ -380,6 +380,10 @@ fn main() {
             watchdog_cost();
             return;
         }
+        Ok("otlp") => {
+            otlp_cost(1.0);
+            return;
+        }
         Ok(v) if v.starts_with("instructions:") => {
             instructions(&v["instructions:".len()..]);
             return;
@@ -466,6 +470,106 @@ fn main() {
     println!();
     println!("peak RSS is the process' peak during that run (VmHWM reset before each run)");
     watchdog_cost();
+    otlp_cost(scale);
+}
+
+/// Does a collector that is down, or that accepts and never answers, slow the service? The
+/// same workload (short polls of ~3 µs on 2 workers, with a 15 ms stall every 20 ms so stall
+/// spans keep coming) with loopwatch's OTLP export off, to a port with nothing behind it, and
+/// to a black hole; wall time per variant, best of `ROUNDS`.
+fn otlp_cost(scale: f64) {
+    use std::net::TcpListener;
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming().flatten() {
+            held.push(c); // accept, never read or answer
+        }
+    });
+    let down_addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let spin = calibrate_3us();
+    let polls = ((1_000_000.0 * scale) as u64).max(1_000);
+    let variants: [(&str, Option<String>); 3] = [
+        ("OTLP off", None),
+        ("collector down", Some(format!("http://{down_addr}"))),
+        ("collector hangs", Some(format!("http://{hole_addr}"))),
+    ];
+    let mut best = [Duration::MAX; 3];
+    let mut drops = [(0u64, 0u64); 3];
+    for _ in 0..ROUNDS {
+        for (i, (_, endpoint)) in variants.iter().enumerate() {
+            let mut b = loopwatch::builder()
+                .ignore_env()
+                .metrics(loopwatch::MetricsExport::Off)
+                .stacks(false)
+                .export_interval(Duration::from_millis(200))
+                .otlp_timeout(Duration::from_millis(500))
+                .otlp_span_queue(16);
+            if let Some(e) = endpoint {
+                b = b.otlp_endpoint(e.clone());
+            }
+            let (_layer, guard) = b.build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let t0 = Instant::now();
+            rt.block_on(async {
+                let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let d2 = done.clone();
+                let staller = tokio::spawn(guard.watch("staller", async move {
+                    while !d2.load(std::sync::atomic::Ordering::Relaxed) {
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_millis(15) {
+                            std::hint::spin_loop();
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }));
+                let tasks: Vec<_> = (0..100)
+                    .map(|_| {
+                        tokio::spawn(guard.watch("short", async move {
+                            for _ in 0..polls / 100 {
+                                std::hint::black_box(work(spin));
+                                tokio::task::yield_now().await;
+                            }
+                        }))
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                staller.await.unwrap();
+            });
+            best[i] = best[i].min(t0.elapsed());
+            let o = guard.snapshot().otlp;
+            drops[i] = (
+                o.spans_dropped,
+                o.span_export_errors + o.metric_export_errors,
+            );
+            drop(rt);
+            drop(guard);
+        }
+    }
+    println!();
+    println!("OTLP collector unavailable ({polls} polls of ~3 µs on 2 workers, a 15 ms stall every 20 ms)");
+    println!("| variant | wall ms | wall ratio | spans dropped | export errors |");
+    println!("|---|---:|---:|---:|---:|");
+    for (i, (name, _)) in variants.iter().enumerate() {
+        println!(
+            "| {name} | {:.0} | {:.3} | {} | {} |",
+            best[i].as_secs_f64() * 1e3,
+            best[i].as_secs_f64() / best[0].as_secs_f64(),
+            drops[i].0,
+            drops[i].1
+        );
+    }
 }
 
 /// The watchdog's own CPU at defaults with 16 watched workers, all idle: the process' CPU
