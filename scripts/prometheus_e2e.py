@@ -155,16 +155,18 @@ def main():
         print(f"promtool check metrics: exit {check.returncode} {check.stdout}{check.stderr}")
         assert check.returncode == 0, "promtool check metrics failed"
 
-        # After it: the gauge is back to 0 and the long stall is in the duration histogram.
+        # After it: no stall has run for a second any more (the demo's 50 ms stalls go on, so
+        # the in-progress gauge itself is rarely 0 at a scrape), and the histogram holds one
+        # stall longer than 2.5 s.
         wait_for(
-            "the stall to end in Prometheus",
+            "the long stall to end in Prometheus",
             lambda: query(
                 prom,
-                'loopwatch_stalls_in_progress{layer="async"} == 0 and on() '
-                'sum(loopwatch_stall_duration_seconds_bucket{le="+Inf"}) > 0 and on() '
-                'max(loopwatch_stall_duration_seconds_sum) > 4',
+                'max(loopwatch_oldest_stall_age_seconds{layer="async"}) < 1 and on() '
+                '(sum(loopwatch_stall_duration_seconds_bucket{le="+Inf"}) '
+                '- sum(loopwatch_stall_duration_seconds_bucket{le="2.5"})) >= 1',
             ),
-            40,
+            15,
         )
         by_cause = {m.get("cause"): v for m, v in query(prom, "sum by (cause) (loopwatch_stalls_total)")}
         print(f"stalls by cause: {by_cause}")
