@@ -493,10 +493,21 @@ impl Guard {
 
     /// Counters and histograms as of now. All zero when loopwatch is off.
     pub fn snapshot(&self) -> Snapshot {
-        self.inner
+        let mut snap = self
+            .inner
             .as_ref()
             .map(|i| i.shared.snapshot())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(Ok(rts)) = self.exporter.as_ref().map(|e| e.runtimes.lock()) {
+            snap.loop_lag = rts
+                .iter()
+                .map(|r| crate::snapshot::RuntimeLag {
+                    runtime: r.name().to_string(),
+                    histogram: r.loop_lag(),
+                })
+                .collect();
+        }
+        snap
     }
 
     /// Watches `future` under `name` with this guard (see [`watch`](crate::watch)).
@@ -540,8 +551,15 @@ impl Guard {
     /// per-worker busy time) as `loopwatch_runtime_*` metrics labelled `runtime="<name>"`:
     /// workers, alive tasks, global queue depth, busy ratio (total and per worker), parks, and
     /// with `--cfg tokio_unstable` the blocking pool, local queues, steals and forced yields.
-    /// Sampled on loopwatch's export thread, never on the runtime itself. Does nothing when no
-    /// metrics are exported. A second call with the same name replaces the first.
+    /// Sampled on loopwatch's export thread, never on the runtime itself.
+    ///
+    /// Also measures the runtime's **loop lag**: every 25 ms the export thread spawns one tiny
+    /// heartbeat task on it (never more than one waiting) and records the time from spawn to
+    /// first poll (`loopwatch_loop_lag_seconds`, [`Snapshot::loop_lag`]): it stays near zero
+    /// while a worker is free and grows by the length of a stall that holds them all.
+    ///
+    /// Does nothing when nothing is exported (no export thread runs). A second call with the
+    /// same name replaces the first.
     pub fn monitor_runtime(&self, runtime: &tokio::runtime::Handle, name: &str) {
         let Some(e) = &self.exporter else { return };
         let probe = RuntimeProbe::new(runtime, name);

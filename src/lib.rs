@@ -31,7 +31,9 @@ pub use install::{Builder, Guard};
 pub use kinds::TaskKind;
 pub use probe::layer::LoopwatchLayer;
 pub use probe::watched::{watch, WatchExt, Watched};
-pub use snapshot::{Histogram, KindPolls, OtlpStats, Snapshot, StallCount, POLL_BUCKETS_NS};
+pub use snapshot::{
+    Histogram, KindPolls, OtlpStats, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,
+};
 pub use stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, WorkerInfo};
 
 /// A [`Builder`] with the defaults (and `LOOPWATCH_*` variables applied when it is built).

@@ -148,6 +148,20 @@ pub struct Snapshot {
     pub stalls_by: Vec<StallCount>,
     /// What the OTLP exporter sent and dropped (all zero when it is off).
     pub otlp: OtlpStats,
+    /// Loop lag of each runtime given to
+    /// [`Guard::monitor_runtime`](crate::Guard::monitor_runtime).
+    pub loop_lag: Vec<RuntimeLag>,
+}
+
+/// A runtime's loop lag: how long its heartbeat tasks waited from their spawn (from
+/// loopwatch's export thread, every 25 ms, one at a time) to their first poll.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RuntimeLag {
+    /// The name given to `monitor_runtime`.
+    pub runtime: String,
+    /// The lags.
+    pub histogram: Histogram,
 }
 
 /// The OTLP exporter's counters.

@@ -192,6 +192,8 @@ impl Shared {
                 metric_frames_dropped: self.export.metrics_dropped.load(Ordering::Relaxed),
                 metric_export_errors: self.export.metrics_errors.load(Ordering::Relaxed),
             },
+            // Filled in by the guard, which holds the monitored runtimes.
+            loop_lag: Vec::new(),
         }
     }
 }

@@ -407,8 +407,24 @@ fn run(
         let _ = ready.send(Ok(()));
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beats = tokio::time::interval(HEARTBEAT);
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let stopping = stop_or_tick(&mut stop, &mut ticker).await;
+            let stopping = match next_wake(&mut stop, &mut beats, &mut ticker).await {
+                Wake::Stop => true,
+                Wake::Export => false,
+                Wake::Beat => {
+                    let beat = catch_unwind(AssertUnwindSafe(|| {
+                        if let Ok(rts) = collector.runtimes.lock() {
+                            rts.iter().for_each(RuntimeProbe::beat);
+                        }
+                    }));
+                    if beat.is_err() {
+                        shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+            };
             let exported = catch_unwind(AssertUnwindSafe(|| {
                 let frame = Arc::new(collector.collect());
                 if let Some(m) = metrics.as_mut() {
@@ -431,16 +447,32 @@ fn run(
     });
 }
 
-/// Waits for the stop signal (true; also when the guard is gone) or the next tick (false).
-async fn stop_or_tick(
+/// How often each monitored runtime gets a heartbeat task (loop lag).
+const HEARTBEAT: Duration = Duration::from_millis(25);
+
+enum Wake {
+    /// The guard is stopping (or gone).
+    Stop,
+    /// Time to send the heartbeats.
+    Beat,
+    /// Time to export a frame.
+    Export,
+}
+
+/// Waits for the stop signal, the next heartbeat or the next export, in that order.
+async fn next_wake(
     stop: &mut tokio::sync::oneshot::Receiver<()>,
+    beats: &mut tokio::time::Interval,
     ticker: &mut tokio::time::Interval,
-) -> bool {
+) -> Wake {
     std::future::poll_fn(|cx| {
         if std::pin::Pin::new(&mut *stop).poll(cx).is_ready() {
-            return std::task::Poll::Ready(true);
+            return std::task::Poll::Ready(Wake::Stop);
         }
-        ticker.poll_tick(cx).map(|_| false)
+        if beats.poll_tick(cx).is_ready() {
+            return std::task::Poll::Ready(Wake::Beat);
+        }
+        ticker.poll_tick(cx).map(|_| Wake::Export)
     })
     .await
 }

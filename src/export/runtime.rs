@@ -1,6 +1,8 @@
 //! A watched runtime's own figures, from `tokio-metrics`' `RuntimeMonitor` (aggregates per
 //! interval) and tokio's per-worker busy time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::SharedString;
@@ -8,6 +10,35 @@ use tokio_metrics::{RuntimeIntervals, RuntimeMonitor};
 
 use super::table::M;
 use super::{Frame, Value};
+
+/// The runtime's heartbeat: one tiny task at a time, spawned from loopwatch's export thread;
+/// the time from its spawn to its first poll is the loop lag (how long a newly woken task waits
+/// for a worker). While one is still waiting, no other is sent, so a stalled runtime holds at
+/// most one, and that one measures the whole stall when it finally runs.
+#[derive(Debug, Default)]
+pub(crate) struct Heartbeat {
+    in_flight: AtomicBool,
+    /// Lags (ns) not exported yet; bounded.
+    pending: Mutex<Vec<u64>>,
+    /// Every lag, for the snapshot.
+    hist: Mutex<crate::snapshot::Histogram>,
+}
+
+impl Heartbeat {
+    fn record(&self, ns: u64) {
+        if let Ok(mut h) = self.hist.lock() {
+            if h.counts.is_empty() {
+                *h = crate::snapshot::Histogram::new();
+            }
+            h.record(ns);
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            if p.len() < 4096 {
+                p.push(ns);
+            }
+        }
+    }
+}
 
 /// One runtime given to [`Guard::monitor_runtime`](crate::Guard::monitor_runtime).
 pub(crate) struct RuntimeProbe {
@@ -23,6 +54,7 @@ pub(crate) struct RuntimeProbe {
     /// Each worker's busy time at the previous frame, and when that was.
     busy: Vec<Duration>,
     at: Instant,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl std::fmt::Debug for RuntimeProbe {
@@ -52,7 +84,30 @@ impl RuntimeProbe {
                 .map(|w| m.worker_total_busy_duration(w))
                 .collect(),
             at: Instant::now(),
+            heartbeat: Arc::default(),
         }
+    }
+
+    /// Sends a heartbeat task to the runtime, unless the last one has not run yet.
+    pub(crate) fn beat(&self) {
+        if self.heartbeat.in_flight.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let hb = self.heartbeat.clone();
+        let sent = Instant::now();
+        drop(self.handle.spawn(async move {
+            hb.record(sent.elapsed().as_nanos() as u64);
+            hb.in_flight.store(false, Ordering::Release);
+        }));
+    }
+
+    /// The loop lags measured so far.
+    pub(crate) fn loop_lag(&self) -> crate::snapshot::Histogram {
+        self.heartbeat
+            .hist
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -60,6 +115,19 @@ impl RuntimeProbe {
     }
 
     pub(crate) fn collect(&mut self, f: &mut Frame) {
+        let lags = self
+            .heartbeat
+            .pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        if !lags.is_empty() {
+            f.push(
+                M::LoopLag,
+                vec![self.name.clone()],
+                Value::Samples(lags.iter().map(|&ns| ns as f64 / 1e9).collect()),
+            );
+        }
         let Some(iv) = self.intervals.next() else {
             return;
         };

@@ -114,6 +114,8 @@ metrics! {
         "Items an exporter could not send and dropped (collector down, slow or full queue).";
     ExportErrors = "loopwatch_export_errors_total", Counter, Count, ["exporter", "signal"],
         "Export attempts that failed or timed out.";
+    LoopLag = "loopwatch_loop_lag_seconds", Histogram, Seconds, ["runtime"],
+        "Loop lag: from a heartbeat task's spawn (from loopwatch's thread, every 25 ms) to its first poll; it grows when the workers are stalled.";
     RuntimeWorkers = "loopwatch_runtime_workers", Gauge, Count, ["runtime"],
         "Worker threads of the runtime (tokio-metrics workers_count).";
     RuntimeAliveTasks = "loopwatch_runtime_alive_tasks", Gauge, Count, ["runtime"],
