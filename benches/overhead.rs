@@ -36,6 +36,10 @@ enum Variant {
     /// tokio's poll hooks with empty closures: what tokio's hook dispatch itself costs.
     #[cfg(tokio_unstable)]
     HooksEmpty,
+    /// The same with tokio's schedule-latency tracking on (what the schedule-delay probe costs
+    /// tokio: a clock read per wake and per poll).
+    #[cfg(tokio_unstable)]
+    HooksEmptySched,
     #[cfg(tokio_unstable)]
     Hooks,
     #[cfg(tokio_unstable)]
@@ -57,6 +61,7 @@ impl Variant {
             Variant::TaskSpansRegistry,
             Variant::TaskSpansLoopwatch,
             Variant::HooksEmpty,
+            Variant::HooksEmptySched,
             Variant::Hooks,
             Variant::HooksPrecise,
         ]);
@@ -77,6 +82,8 @@ impl Variant {
             #[cfg(tokio_unstable)]
             Variant::HooksEmpty => "tokio poll hooks, empty closures",
             #[cfg(tokio_unstable)]
+            Variant::HooksEmptySched => "tokio poll hooks, empty, + schedule latency",
+            #[cfg(tokio_unstable)]
             Variant::Hooks => "loopwatch poll hooks",
             #[cfg(tokio_unstable)]
             Variant::HooksPrecise => "loopwatch poll hooks, precise_start",
@@ -90,7 +97,11 @@ impl Variant {
             #[cfg(tokio_unstable)]
             Variant::TaskSpansLoopwatch => Variant::TaskSpansRegistry,
             #[cfg(tokio_unstable)]
-            Variant::Hooks | Variant::HooksPrecise => Variant::HooksEmpty,
+            Variant::HooksEmptySched => Variant::HooksEmpty,
+            // loopwatch's hooks turn tokio's schedule-latency tracking on (feature
+            // `schedule-delay`): compared with empty hooks that have it too.
+            #[cfg(tokio_unstable)]
+            Variant::Hooks | Variant::HooksPrecise => Variant::HooksEmptySched,
             _ => Variant::Bare,
         }
     }
@@ -133,10 +144,17 @@ impl Setup {
             Variant::Bare | Variant::TaskMonitor | Variant::SpanRegistry
         );
         #[cfg(tokio_unstable)]
-        let needs_guard =
-            needs_guard && !matches!(variant, Variant::TaskSpansRegistry | Variant::HooksEmpty);
+        let needs_guard = needs_guard
+            && !matches!(
+                variant,
+                Variant::TaskSpansRegistry | Variant::HooksEmpty | Variant::HooksEmptySched
+            );
         #[cfg(tokio_unstable)]
-        if variant == Variant::HooksEmpty {
+        if variant == Variant::HooksEmptySched {
+            b.track_task_schedule_latency();
+        }
+        #[cfg(tokio_unstable)]
+        if matches!(variant, Variant::HooksEmpty | Variant::HooksEmptySched) {
             b.on_before_task_poll(|m| {
                 std::hint::black_box(m);
             })

@@ -99,11 +99,35 @@ pub(crate) const CLOCK_UNKNOWN: u64 = u64::MAX;
 
 // --- slots -------------------------------------------------------------------------------------
 
-/// One exact poll duration, taken one poll in `sample_every`.
+/// One record a worker hands the watchdog: an exact poll duration (one poll in
+/// `sample_every`), or how long a poll waited to start (`nanos` has [`WAIT`] set; `start` is
+/// the board's clock at its start, `task` its task id).
 #[derive(Debug, Default)]
 pub(crate) struct Sample {
     word: AtomicU64,
     nanos: AtomicU64,
+    start: AtomicU64,
+    task: AtomicU64,
+}
+
+/// In a record's `nanos`: a schedule delay (the time from the task's wake to this poll),
+/// not a poll duration.
+pub(crate) const WAIT: u64 = 1 << 63;
+/// In a wait record's `nanos`: the poll was one of the timed ones (it counts for the
+/// schedule-delay histogram; the others are kept only to find a stall's victims).
+pub(crate) const WAIT_SAMPLED: u64 = 1 << 62;
+/// The value of a record's `nanos` without the flags.
+pub(crate) const WAIT_NANOS: u64 = WAIT_SAMPLED - 1;
+/// "This probe does not know how long the poll waited."
+pub(crate) const NO_WAIT: u64 = u64::MAX;
+
+/// A record drained from a slot.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Record {
+    pub(crate) word: u64,
+    pub(crate) nanos: u64,
+    pub(crate) start: u64,
+    pub(crate) task: u64,
 }
 
 /// Facts about the thread that owns a slot, set when it claims the slot.
@@ -213,17 +237,19 @@ impl Slot {
         self.meta.try_lock().ok().and_then(|m| m.clone())
     }
 
-    /// Takes the samples pushed since the last drain (watchdog only).
-    pub(crate) fn drain_samples(&self, mut f: impl FnMut(u64, u64)) {
+    /// Takes the records pushed since the last drain (watchdog only).
+    pub(crate) fn drain_samples(&self, mut f: impl FnMut(Record)) {
         let Some(ring) = self.ring.get() else { return };
         let head = self.ring_head.load(Ordering::Acquire);
         let mut tail = self.ring_tail.load(Ordering::Relaxed);
         while tail < head {
             let s = &ring[(tail as usize) & (RING - 1)];
-            f(
-                s.word.load(Ordering::Relaxed),
-                s.nanos.load(Ordering::Relaxed),
-            );
+            f(Record {
+                word: s.word.load(Ordering::Relaxed),
+                nanos: s.nanos.load(Ordering::Relaxed),
+                start: s.start.load(Ordering::Relaxed),
+                task: s.task.load(Ordering::Relaxed),
+            });
             tail += 1;
         }
         self.ring_tail.store(tail, Ordering::Release);
@@ -231,6 +257,11 @@ impl Slot {
 
     #[inline]
     fn push_sample(&self, word: u64, nanos: u64) {
+        self.push(word, nanos, 0, 0);
+    }
+
+    #[inline]
+    fn push(&self, word: u64, nanos: u64, start: u64, task: u64) {
         let Some(ring) = self.ring.get() else { return };
         let head = self.ring_head.load(Ordering::Relaxed);
         let tail = self.ring_tail.load(Ordering::Acquire);
@@ -244,6 +275,8 @@ impl Slot {
         let s = &ring[(head as usize) & (RING - 1)];
         s.word.store(word, Ordering::Relaxed);
         s.nanos.store(nanos, Ordering::Relaxed);
+        s.start.store(start, Ordering::Relaxed);
+        s.task.store(task, Ordering::Relaxed);
         self.ring_head.store(head + 1, Ordering::Release);
     }
 }
@@ -286,6 +319,10 @@ pub(crate) struct Board {
     thresholds_ns: [u64; 3],
     sample_mask: u64,
     precise_start: bool,
+    /// A poll that waited at least this long to start is recorded (a possible victim).
+    wait_floor_ns: u64,
+    /// A probe that knows schedule delays is installed (victims can be found).
+    waits_known: AtomicBool,
     slots: Box<[Slot]>,
     high_water: AtomicUsize,
     unwatched_threads: AtomicU64,
@@ -309,6 +346,10 @@ impl Board {
                 .map(|t| t.map_or(u64::MAX, |d| d.as_nanos().try_into().unwrap_or(u64::MAX))),
             sample_mask: u64::from(sample_every.max(1)) - 1,
             precise_start,
+            wait_floor_ns: thresholds[0].map_or(u64::MAX, |t| {
+                u64::try_from(t.as_nanos() / 10).unwrap_or(u64::MAX)
+            }),
+            waits_known: AtomicBool::new(false),
             slots: (0..max_threads).map(|_| Slot::new()).collect(),
             high_water: AtomicUsize::new(0),
             unwatched_threads: AtomicU64::new(0),
@@ -340,6 +381,20 @@ impl Board {
         self.sample_mask + 1
     }
 
+    /// A probe that reports schedule delays (tokio's poll hooks with schedule latency) is in
+    /// use: stalls wait a little after they end to collect their victims.
+    #[cfg_attr(
+        not(all(tokio_unstable, feature = "schedule-delay", target_has_atomic = "64")),
+        allow(dead_code)
+    )]
+    pub(crate) fn set_waits_known(&self) {
+        self.waits_known.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn waits_known(&self) -> bool {
+        self.waits_known.load(Ordering::Relaxed)
+    }
+
     /// The slots that have ever been claimed.
     pub(crate) fn slots(&self) -> &[Slot] {
         let n = self
@@ -355,8 +410,9 @@ impl Board {
     }
 
     /// A poll (or a nested span) starts on this thread. `task` is called only for the outermost.
+    /// `waited`: how long the task waited from its wake to this poll, in ns, or [`NO_WAIT`].
     #[inline]
-    pub(crate) fn enter(self: &Arc<Self>, word: u64, task: impl FnOnce() -> u64) {
+    pub(crate) fn enter(self: &Arc<Self>, word: u64, task: impl FnOnce() -> u64, waited: u64) {
         let _ = LOCAL.try_with(|l| {
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l) {
                 return;
@@ -367,7 +423,7 @@ impl Board {
             let depth = l.depth.get();
             l.depth.set(depth + 1);
             if depth == 0 {
-                self.begin(slot, l, word, task());
+                self.begin(slot, l, word, task(), waited);
             } else {
                 // A span nested in the poll: it is the innermost now, and it may name the task.
                 if let Some(s) = l.stack.get(depth as usize) {
@@ -421,7 +477,7 @@ impl Board {
     }
 
     #[inline]
-    fn begin(&self, slot: &Slot, l: &Local, word: u64, task: u64) {
+    fn begin(&self, slot: &Slot, l: &Local, word: u64, task: u64, waited: u64) {
         let s = slot.seq.load(Ordering::Relaxed);
         // The previous poll's end (even sequence) is published before the new poll's fields,
         // so a reader that sees these fields also sees a sequence past its own (seqlock).
@@ -438,8 +494,14 @@ impl Board {
         };
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
-        if (s >> 1) & self.sample_mask == 0 {
+        let sampled = (s >> 1) & self.sample_mask == 0;
+        if sampled {
             l.sample_start.set(Some(Instant::now()));
+        }
+        // Rare: a timed poll, or one that waited long (a stall's victim, perhaps).
+        if waited != NO_WAIT && (sampled || waited >= self.wait_floor_ns) {
+            let flags = if sampled { WAIT | WAIT_SAMPLED } else { WAIT };
+            slot.push(word, (waited & WAIT_NANOS) | flags, start, task);
         }
     }
 

@@ -127,6 +127,10 @@ pub const ENV_STACKS: &str = "LOOPWATCH_STACKS";
 pub const ENV_STACK_SIGNAL: &str = "LOOPWATCH_STACK_SIGNAL";
 /// Environment variable: at most this many stack captures per second (0 = none).
 pub const ENV_MAX_STACKS_PER_SEC: &str = "LOOPWATCH_MAX_STACKS_PER_SEC";
+/// Environment variable: `0` keeps tokio's schedule-latency tracking off in
+/// `install_poll_hooks` (no victims, no schedule-delay histogram; saves tokio two clock reads
+/// per wake and poll).
+pub const ENV_SCHEDULE_DELAY: &str = "LOOPWATCH_SCHEDULE_DELAY";
 
 /// The settings loopwatch runs with, after the builder and the environment were applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +162,9 @@ pub struct Config {
     pub stack_signal: Option<i32>,
     /// At most this many stack captures per second (bursts of as many).
     pub max_stacks_per_sec: u32,
+    /// Turn on tokio's schedule-latency tracking in `install_poll_hooks` (victims and the
+    /// schedule-delay histogram; `tokio_unstable` with the `schedule-delay` feature).
+    pub schedule_delay: bool,
     /// Where the metrics go.
     pub metrics: MetricsExport,
     /// How often the exporters take loopwatch's figures.
@@ -182,6 +189,7 @@ impl Default for Config {
             stacks: true,
             stack_signal: None,
             max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,
+            schedule_delay: true,
             metrics: MetricsExport::default(),
             export_interval: DEFAULT_EXPORT_INTERVAL,
             otlp: None,
@@ -207,6 +215,7 @@ pub(crate) struct EnvOverrides {
     pub(crate) sample_every: Option<(u32, String)>,
     pub(crate) diagnose: Option<bool>,
     pub(crate) stacks: Option<bool>,
+    pub(crate) schedule_delay: Option<bool>,
     pub(crate) stack_signal: Option<i32>,
     pub(crate) max_stacks_per_sec: Option<u32>,
     pub(crate) metrics: Option<MetricsExport>,
@@ -260,6 +269,7 @@ impl EnvOverrides {
             (ENV_ENABLE, &mut out.enabled),
             (ENV_DIAGNOSE, &mut out.diagnose),
             (ENV_STACKS, &mut out.stacks),
+            (ENV_SCHEDULE_DELAY, &mut out.schedule_delay),
         ] {
             if let Some(v) = get(var)? {
                 *slot = Some(parse_bool(&v).map_err(|reason| bad(var, &v, reason))?);

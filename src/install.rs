@@ -218,6 +218,16 @@ impl Builder {
         self
     }
 
+    /// With the poll hooks (`tokio_unstable`, feature `schedule-delay`): turn on tokio's
+    /// schedule-latency tracking, so each stall lists the tasks that waited behind it
+    /// ([`Victims`](crate::Victims)) and timed polls feed the schedule-delay histogram. Default
+    /// on. It costs tokio a clock read per wake and per poll (about +56 ns per poll of a
+    /// task that yields in a loop; see docs/PERFORMANCE.md). Env: `LOOPWATCH_SCHEDULE_DELAY`.
+    pub fn schedule_delay(mut self, on: bool) -> Self {
+        self.cfg.schedule_delay = on;
+        self
+    }
+
     /// Capture each stalled thread's stack, mid-stall, with a signal sent to that thread.
     /// Default on (Linux). Env: `LOOPWATCH_STACKS`.
     pub fn stacks(mut self, on: bool) -> Self {
@@ -298,6 +308,9 @@ impl Builder {
         }
         if let Some(v) = env.stacks {
             cfg.stacks = v;
+        }
+        if let Some(v) = env.schedule_delay {
+            cfg.schedule_delay = v;
         }
         if let Some(v) = env.stack_signal {
             cfg.stack_signal = Some(v);
@@ -536,7 +549,9 @@ impl Guard {
         builder: &'a mut tokio::runtime::Builder,
     ) -> &'a mut tokio::runtime::Builder {
         match &self.inner {
-            Some(i) => crate::probe::hooks::install(&i.shared.board, builder),
+            Some(i) => {
+                crate::probe::hooks::install(&i.shared.board, builder, self.cfg.schedule_delay)
+            }
             None => builder,
         }
     }

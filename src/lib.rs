@@ -20,9 +20,9 @@ pub use config::{
     DEFAULT_MAX_LIVE_SPANS, DEFAULT_MAX_STACKS_PER_SEC, DEFAULT_MAX_TASK_KINDS,
     DEFAULT_MAX_THREADS, DEFAULT_OTLP_SPAN_QUEUE, DEFAULT_OTLP_TIMEOUT, DEFAULT_PROMETHEUS_ADDR,
     DEFAULT_REPORT_QUEUE, DEFAULT_SAMPLE_EVERY, DEFAULT_THRESHOLD, ENV_DIAGNOSE, ENV_ENABLE,
-    ENV_MAX_STACKS_PER_SEC, ENV_OTLP, ENV_PROMETHEUS_ADDR, ENV_SAMPLE_EVERY, ENV_STACKS,
-    ENV_STACK_SIGNAL, ENV_THRESHOLD, ENV_TICK, MAX_DEFAULT_TICK, MAX_THRESHOLD, MIN_THRESHOLD,
-    MIN_TICK,
+    ENV_MAX_STACKS_PER_SEC, ENV_OTLP, ENV_PROMETHEUS_ADDR, ENV_SAMPLE_EVERY, ENV_SCHEDULE_DELAY,
+    ENV_STACKS, ENV_STACK_SIGNAL, ENV_THRESHOLD, ENV_TICK, MAX_DEFAULT_TICK, MAX_THRESHOLD,
+    MIN_THRESHOLD, MIN_TICK,
 };
 pub use diagnose::{Cause, CauseShare, Frame, Stack, Syscall};
 pub use error::Error;
@@ -34,7 +34,7 @@ pub use probe::watched::{watch, WatchExt, Watched};
 pub use snapshot::{
     Histogram, KindPolls, OtlpStats, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,
 };
-pub use stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, WorkerInfo};
+pub use stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, Victim, Victims, WorkerInfo};
 
 /// A [`Builder`] with the defaults (and `LOOPWATCH_*` variables applied when it is built).
 pub fn builder() -> Builder {

@@ -274,6 +274,10 @@ fn event(s: &Stall, update: bool) {
         );
     }
     let stack = s.stack.as_ref().map(|st| st.to_string());
+    let mut victim_kinds = String::new();
+    for (i, (k, n)) in s.victims.top_kinds.iter().enumerate() {
+        let _ = write!(victim_kinds, "{}{k}={n}", if i > 0 { "," } else { "" });
+    }
     let threshold_ms = s.threshold.as_secs_f64() * 1e3;
     let (state, msg) = match s.state {
         StallState::Running if update => ("running", "stall stack"),
@@ -300,6 +304,10 @@ fn event(s: &Stall, update: bool) {
         cause.shares = shares.as_str(),
         hint = s.hint,
         stack.status = s.stack_status.as_str(),
+        victims.count = s.victims.count,
+        victims.total_ms = s.victims.total_wait.as_secs_f64() * 1e3,
+        victims.worst_ms = s.victims.worst_wait.as_secs_f64() * 1e3,
+        victims.kinds = victim_kinds.as_str(),
         stack = stack.as_deref(),
         "{msg}: {s}"
     );

@@ -120,6 +120,46 @@ pub struct Stall {
     pub stack: Option<Arc<Stack>>,
     /// Whether a stack was captured, and if not, why.
     pub stack_status: StackStatus,
+    /// The tasks that waited behind it (in its `Ended` report; empty while it runs).
+    pub victims: Victims,
+}
+
+/// The tasks that waited behind a stall on its worker: head-of-line blocking, linked to its
+/// cause.
+///
+/// Known only with tokio's poll hooks and schedule-latency tracking (`--cfg tokio_unstable`,
+/// `Guard::install_poll_hooks`, feature `schedule-delay`):
+/// each poll then says how long its task waited since its wake, and a task polled on the same
+/// worker after the stall whose wait overlapped it is a victim, for the overlap. A task stolen
+/// by another worker did not wait behind it, and is not counted. Without that probe,
+/// `tracked` is false and the rest is empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Victims {
+    /// Were victims looked for?
+    pub tracked: bool,
+    /// How many tasks waited behind the stall.
+    pub count: u64,
+    /// Their waits behind it, summed.
+    pub total_wait: Duration,
+    /// The longest of them.
+    pub worst_wait: Duration,
+    /// The longest waits, longest first (at most 16; the rest are in `count`).
+    pub tasks: Vec<Victim>,
+    /// The task kinds that waited most often, with how many (at most 5).
+    pub top_kinds: Vec<(Arc<str>, u64)>,
+}
+
+/// One task that waited behind a stall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Victim {
+    /// Its kind's label (name or spawn site).
+    pub kind: Arc<str>,
+    /// tokio's task id, when known.
+    pub task_id: Option<u64>,
+    /// How long it waited while the stall held the worker.
+    pub waited: Duration,
 }
 
 /// Whether a stall's stack was captured, and if not, why.
@@ -216,6 +256,21 @@ impl fmt::Display for Stall {
         }
         if let Some(h) = self.hint {
             write!(f, "; hint: {h}")?;
+        }
+        let v = &self.victims;
+        if v.count > 0 {
+            write!(
+                f,
+                "; {} task{} waited behind it (total {:.1?}, worst {:.1?}",
+                v.count,
+                if v.count == 1 { "" } else { "s" },
+                v.total_wait,
+                v.worst_wait
+            )?;
+            for (i, (k, n)) in v.top_kinds.iter().enumerate() {
+                write!(f, "{}{k}×{n}", if i == 0 { "; " } else { ", " })?;
+            }
+            f.write_str(")")?;
         }
         if let Some(frame) = self.stack.as_ref().and_then(|s| s.frames.first()) {
             write!(f, "; at {frame}")?;

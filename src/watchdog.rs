@@ -14,7 +14,9 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::board::{decode, Board, Culprit, Slot, SlotRead, CLOCK_UNKNOWN};
+use crate::board::{
+    decode, Board, Culprit, Record, Slot, SlotRead, CLOCK_UNKNOWN, WAIT, WAIT_NANOS, WAIT_SAMPLED,
+};
 use crate::config::Config;
 use crate::diagnose::sampler::{Ask, DiagCounters, Pending, Probe, Sampler};
 use crate::diagnose::Cause;
@@ -22,7 +24,9 @@ use crate::kinds::KindId;
 use crate::probe::layer::LayerShared;
 use crate::report::Report;
 use crate::snapshot::{Histogram, KindPolls, OtlpStats, Snapshot, StallCount};
-use crate::stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, WorkerInfo};
+use crate::stall::{
+    LayerKind, StackStatus, Stall, StallState, TaskInfo, Victim, Victims, WorkerInfo,
+};
 
 /// What the watchdog, the reporter and the guard share.
 #[derive(Debug)]
@@ -45,6 +49,10 @@ pub(crate) struct Shared {
     hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
     /// Stalls detected, by kind, layer and the cause known at detection.
     pub(crate) stall_counts: Mutex<HashMap<StallKey, u64>>,
+    /// Schedule delays of timed polls (poll hooks with schedule latency only).
+    sched_hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
+    /// Tasks that waited behind stalls, by the stall's layer and cause.
+    pub(crate) victim_counts: Mutex<HashMap<(LayerKind, &'static str), u64>>,
     /// Raw figures for the exporters, taken by the export thread each interval; `None` when no
     /// exporter runs (nothing is kept).
     pub(crate) feed: Option<Mutex<Feed>>,
@@ -77,6 +85,10 @@ pub(crate) struct StallKey {
 pub(crate) struct Feed {
     pub(crate) polls: Vec<((KindId, LayerKind), u64)>,
     pub(crate) stalls: Vec<(StallKey, u64)>,
+    /// Schedule delays of timed polls.
+    pub(crate) sched: Vec<((KindId, LayerKind), u64)>,
+    /// How long each victim waited behind its stall, by the stall's layer and cause.
+    pub(crate) victims: Vec<((LayerKind, &'static str), u64)>,
     pub(crate) dropped: u64,
 }
 
@@ -110,6 +122,8 @@ impl Shared {
             stack_setup_error: Mutex::new(None),
             hist: Mutex::new(HashMap::new()),
             stall_counts: Mutex::new(HashMap::new()),
+            sched_hist: Mutex::new(HashMap::new()),
+            victim_counts: Mutex::new(HashMap::new()),
             feed: export.then(|| Mutex::new(Feed::default())),
             export: ExportStats::default(),
         }
@@ -130,6 +144,27 @@ impl Shared {
             .iter()
             .map(|a| a.load(Ordering::Relaxed))
             .max()
+            .unwrap_or(0);
+        let schedule_delays = self
+            .sched_hist
+            .lock()
+            .map(|h| {
+                let mut v: Vec<KindPolls> = h
+                    .iter()
+                    .map(|(&(kind, layer), histogram)| KindPolls {
+                        kind: self.board.kinds.get(kind).clone(),
+                        layer,
+                        histogram: histogram.clone(),
+                    })
+                    .collect();
+                v.sort_by_key(|b| std::cmp::Reverse(b.histogram.count));
+                v
+            })
+            .unwrap_or_default();
+        let victims_total = self
+            .victim_counts
+            .lock()
+            .map(|m| m.values().sum())
             .unwrap_or(0);
         let stalls_by = self
             .stall_counts
@@ -194,6 +229,8 @@ impl Shared {
             },
             // Filled in by the guard, which holds the monitored runtimes.
             loop_lag: Vec::new(),
+            schedule_delays,
+            victims_total,
         }
     }
 }
@@ -227,6 +264,72 @@ struct SlotState {
     probe: Option<Probe>,
     /// The OS thread id of the slot's owner, read when a probe starts.
     tid: Option<u64>,
+    /// Ended stalls held back a moment to collect the tasks that waited behind them.
+    held: Vec<Held>,
+    /// Recent long waits on this slot (a victim's record can be drained before the watchdog
+    /// sees the stall's end).
+    recent: Vec<WaitRec>,
+}
+
+/// A task that waited at least the wait floor before a poll on this slot.
+#[derive(Debug, Clone, Copy)]
+struct WaitRec {
+    kind: KindId,
+    task: u64,
+    /// From its wake to its poll's start (board clock).
+    from_ns: u64,
+    to_ns: u64,
+}
+
+/// An ended stall waiting for its victims' records.
+struct Held {
+    record: Stall,
+    raw_stack: Option<Arc<[usize]>>,
+    start_ns: u64,
+    end_ns: u64,
+    until_ns: u64,
+    acc: VictimAcc,
+}
+
+/// Victims gathered so far.
+#[derive(Default)]
+struct VictimAcc {
+    count: u64,
+    total_ns: u64,
+    worst_ns: u64,
+    /// The longest waits (kind, task id, ns), at most `MAX_VICTIMS`.
+    top: Vec<(KindId, u64, u64)>,
+    kinds: HashMap<KindId, u64>,
+    waits: Vec<u64>,
+}
+
+/// Victims listed one by one per stall, at most (the longest waits); the rest are counted.
+const MAX_VICTIMS: usize = 16;
+
+impl VictimAcc {
+    fn add(&mut self, w: &WaitRec, stall_start: u64, stall_end: u64) {
+        let overlap = w
+            .to_ns
+            .min(stall_end)
+            .saturating_sub(w.from_ns.max(stall_start));
+        if overlap == 0 {
+            return;
+        }
+        self.count += 1;
+        self.total_ns = self.total_ns.saturating_add(overlap);
+        self.worst_ns = self.worst_ns.max(overlap);
+        *self.kinds.entry(w.kind).or_insert(0) += 1;
+        if self.waits.len() < 4096 {
+            self.waits.push(overlap);
+        }
+        if self.top.len() < MAX_VICTIMS {
+            self.top.push((w.kind, w.task, overlap));
+        } else if let Some(min) = self.top.iter_mut().min_by_key(|t| t.2) {
+            if min.2 < overlap {
+                *min = (w.kind, w.task, overlap);
+            }
+        }
+    }
 }
 
 pub(crate) struct Watchdog {
@@ -238,6 +341,7 @@ pub(crate) struct Watchdog {
     locations: HashMap<u64, KindId>,
     samples: Vec<(u64, u64)>,
     resolved: Vec<((KindId, LayerKind), u64)>,
+    waits: Vec<Record>,
     next_stall_id: u64,
     ticks: u64,
     /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
@@ -262,6 +366,7 @@ impl Watchdog {
             locations: HashMap::new(),
             samples: Vec::new(),
             resolved: Vec::new(),
+            waits: Vec::new(),
             next_stall_id: 1,
             ticks: 0,
             last_tick_ns: 0,
@@ -311,6 +416,11 @@ impl Watchdog {
                 }
                 std::thread::park_timeout(next - now);
             }
+        }
+        // Stopping: stalls held for their victims go out now.
+        let now = self.shared.board.now_ns();
+        for i in 0..self.states.len() {
+            let _ = catch_unwind(AssertUnwindSafe(|| self.release_held(i, now, true)));
         }
     }
 
@@ -373,8 +483,20 @@ impl Watchdog {
                 st.probe = None;
             }
 
-            let samples = &mut self.samples;
-            slot.drain_samples(|word, nanos| samples.push((word, nanos)));
+            let (samples, waits) = (&mut self.samples, &mut self.waits);
+            slot.drain_samples(|r| {
+                if r.nanos & WAIT != 0 {
+                    waits.push(r);
+                } else {
+                    samples.push((r.word, r.nanos));
+                }
+            });
+            if !self.waits.is_empty() {
+                self.take_waits(i, now);
+            }
+            if !self.states[i].held.is_empty() {
+                self.release_held(i, now, false);
+            }
         }
         active |= polls > 0;
         self.shared.polls.fetch_add(polls, Ordering::Relaxed);
@@ -430,6 +552,10 @@ impl Watchdog {
             cause_shares,
             stack: None,
             stack_status: StackStatus::Disabled,
+            victims: Victims {
+                tracked: self.shared.board.waits_known(),
+                ..Victims::default()
+            },
         };
         self.next_stall_id += 1;
         self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
@@ -584,6 +710,25 @@ impl Watchdog {
         record.cause_shares = shares;
         self.states[i].probe = None;
         self.shared.in_progress[record.layer as usize].fetch_sub(1, Ordering::Relaxed);
+        if self.shared.board.waits_known() {
+            // Wait a moment for the tasks queued behind it to be polled: their records say
+            // how long they waited.
+            let stall_start = open.start_ns;
+            let window = (record.threshold.as_nanos() as u64).clamp(5_000_000, 100_000_000);
+            let mut held = Held {
+                record,
+                raw_stack: open.raw_stack,
+                start_ns: stall_start,
+                end_ns: end,
+                until_ns: now.max(end) + window,
+                acc: VictimAcc::default(),
+            };
+            for w in &self.states[i].recent {
+                held.acc.add(w, stall_start, end);
+            }
+            self.states[i].held.push(held);
+            return;
+        }
         if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
             if feed.stalls.len() < Feed::STALL_CAP {
                 let key = StallKey {
@@ -649,6 +794,123 @@ impl Watchdog {
             }
         }
         info
+    }
+
+    /// Schedule delays drained from slot `i`: timed ones go into the histograms; long ones are
+    /// matched with the stalls that ended on that slot (their victims).
+    fn take_waits(&mut self, i: usize, now: u64) {
+        let floor = self.shared.board.threshold_ns(LayerKind::Async) / 10;
+        let mut waits = std::mem::take(&mut self.waits);
+        let mut timed = Vec::new();
+        for r in waits.drain(..) {
+            let waited = r.nanos & WAIT_NANOS;
+            let (kind, layer) = self.resolve(r.word);
+            if r.nanos & WAIT_SAMPLED != 0 {
+                timed.push(((kind, layer), waited));
+            }
+            if waited < floor {
+                continue;
+            }
+            let to_ns = if r.start == CLOCK_UNKNOWN {
+                now
+            } else {
+                r.start
+            };
+            let w = WaitRec {
+                kind,
+                task: r.task,
+                from_ns: to_ns.saturating_sub(waited),
+                to_ns,
+            };
+            let st = &mut self.states[i];
+            for h in &mut st.held {
+                h.acc.add(&w, h.start_ns, h.end_ns);
+            }
+            if st.recent.len() >= 512 {
+                st.recent.drain(..256);
+            }
+            st.recent.push(w);
+        }
+        self.waits = waits;
+        // Forget waits too old to belong to a stall still to be seen ending.
+        let horizon = now.saturating_sub(1_000_000_000);
+        self.states[i].recent.retain(|w| w.to_ns >= horizon);
+        if timed.is_empty() {
+            return;
+        }
+        if let Ok(mut h) = self.shared.sched_hist.lock() {
+            for &(key, ns) in &timed {
+                h.entry(key).or_insert_with(Histogram::new).record(ns);
+            }
+        }
+        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
+            let room = Feed::CAP.saturating_sub(feed.sched.len());
+            let take = timed.len().min(room);
+            feed.dropped += (timed.len() - take) as u64;
+            feed.sched.extend_from_slice(&timed[..take]);
+        }
+    }
+
+    /// Sends the held stalls of slot `i` whose wait for victims is over (all with `force`).
+    fn release_held(&mut self, i: usize, now: u64, force: bool) {
+        let Some(st) = self.states.get_mut(i) else {
+            return;
+        };
+        let (ready, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut st.held)
+            .into_iter()
+            .partition(|h| force || now >= h.until_ns);
+        st.held = keep;
+        for h in ready {
+            let Held {
+                mut record,
+                raw_stack,
+                acc,
+                ..
+            } = h;
+            record.victims = self.victims_of(&acc);
+            let key = (record.layer, record.cause.kind());
+            if acc.count > 0 {
+                if let Ok(mut m) = self.shared.victim_counts.lock() {
+                    *m.entry(key).or_insert(0) += acc.count;
+                }
+                if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
+                    for &w in &acc.waits {
+                        if feed.victims.len() < Feed::CAP {
+                            feed.victims.push((key, w));
+                        } else {
+                            feed.dropped += 1;
+                        }
+                    }
+                }
+            }
+            self.send(record, raw_stack);
+        }
+    }
+
+    fn victims_of(&self, acc: &VictimAcc) -> Victims {
+        let kinds = &self.shared.board.kinds;
+        let label = |k: KindId| -> Arc<str> { Arc::from(kinds.get(k).label()) };
+        let mut tasks: Vec<Victim> = acc
+            .top
+            .iter()
+            .map(|&(k, task, ns)| Victim {
+                kind: label(k),
+                task_id: (task != 0).then_some(task),
+                waited: Duration::from_nanos(ns),
+            })
+            .collect();
+        tasks.sort_by_key(|v| std::cmp::Reverse(v.waited));
+        let mut top: Vec<(KindId, u64)> = acc.kinds.iter().map(|(&k, &n)| (k, n)).collect();
+        top.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        top.truncate(5);
+        Victims {
+            tracked: true,
+            count: acc.count,
+            total_wait: Duration::from_nanos(acc.total_ns),
+            worst_wait: Duration::from_nanos(acc.worst_ns),
+            tasks,
+            top_kinds: top.into_iter().map(|(k, n)| (label(k), n)).collect(),
+        }
     }
 
     fn fold_samples(&mut self) {

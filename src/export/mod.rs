@@ -177,6 +177,35 @@ impl Collector {
             );
         }
 
+        let mut sched = feed.sched;
+        sched.sort_unstable_by_key(|&((kind, layer), _)| (layer, kind));
+        for group in sched.chunk_by(|a, b| a.0 == b.0) {
+            let (kind, layer) = group[0].0;
+            f.push(
+                M::ScheduleDelay,
+                vec![layer.as_str().into(), kind_label(kind)],
+                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
+            );
+        }
+        if let Ok(counts) = sh.victim_counts.lock() {
+            for (&(layer, cause), &n) in counts.iter() {
+                f.push(
+                    M::Victims,
+                    vec![layer.as_str().into(), cause.into()],
+                    Value::Counter(n),
+                );
+            }
+        }
+        let mut victims = feed.victims;
+        victims.sort_unstable_by_key(|&(key, _)| key);
+        for group in victims.chunk_by(|a, b| a.0 == b.0) {
+            let (layer, cause) = group[0].0;
+            f.push(
+                M::VictimWait,
+                vec![layer.as_str().into(), cause.into()],
+                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
+            );
+        }
         if sh.cfg.otlp.is_some() {
             let e = &sh.export;
             for (signal, dropped, errors) in [

@@ -499,6 +499,24 @@ impl StallSpans {
                 attrs.push(KeyValue::new("code.function.name", f));
             }
         }
+        if s.victims.tracked {
+            let v = &s.victims;
+            attrs.push(KeyValue::new("loopwatch.victims.count", v.count as i64));
+            attrs.push(KeyValue::new(
+                "loopwatch.victims.total_wait_ms",
+                v.total_wait.as_secs_f64() * 1e3,
+            ));
+            attrs.push(KeyValue::new(
+                "loopwatch.victims.worst_wait_ms",
+                v.worst_wait.as_secs_f64() * 1e3,
+            ));
+            let kinds: Vec<String> = v
+                .top_kinds
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            attrs.push(KeyValue::new("loopwatch.victims.kinds", kinds.join(",")));
+        }
         let mut events = opentelemetry_sdk::trace::SpanEvents::default();
         if let Some(at) = detected {
             events.events.push(Event::new(

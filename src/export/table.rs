@@ -94,6 +94,12 @@ metrics! {
         "How long the oldest running stall has run so far (0 when none runs).";
     StallDuration = "loopwatch_stall_duration_seconds", Histogram, Seconds, ["layer", "kind", "cause"],
         "Total duration of ended stalls, by layer, task kind and final cause.";
+    ScheduleDelay = "loopwatch_schedule_delay_seconds", Histogram, Seconds, ["layer", "kind"],
+        "Time from a task's wake to its poll, for timed polls (tokio_unstable poll hooks with schedule latency).";
+    Victims = "loopwatch_victims_total", Counter, Count, ["layer", "cause"],
+        "Tasks that waited behind a stall on its worker (head-of-line victims), by the stall's layer and cause.";
+    VictimWait = "loopwatch_victim_wait_seconds", Histogram, Seconds, ["layer", "cause"],
+        "How long each victim waited behind its stall, by the stall's layer and cause.";
     DroppedReports = "loopwatch_dropped_reports_total", Counter, Count, [],
         "Stall reports dropped because the report queue was full.";
     DroppedSamples = "loopwatch_dropped_samples_total", Counter, Count, [],

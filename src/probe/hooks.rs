@@ -11,14 +11,42 @@ use tokio::runtime::{Builder, TaskMeta};
 use crate::board::{location_word, Board};
 use crate::probe::layer::task_id_u64;
 
-/// Installs the poll hooks of `board` on a runtime builder.
-pub(crate) fn install<'a>(board: &Arc<Board>, builder: &'a mut Builder) -> &'a mut Builder {
+/// Installs the poll hooks of `board` on a runtime builder. With the `schedule-delay` feature
+/// (on by default; 64-bit targets) it also turns on tokio's schedule-latency tracking, so each
+/// poll says how long its task waited from its wake: the schedule-delay histogram, and a
+/// stall's victims.
+pub(crate) fn install<'a>(
+    board: &Arc<Board>,
+    builder: &'a mut Builder,
+    schedule_delay: bool,
+) -> &'a mut Builder {
     let before = board.clone();
     let after = board.clone();
+    #[cfg(all(feature = "schedule-delay", target_has_atomic = "64"))]
+    if schedule_delay {
+        builder.track_task_schedule_latency();
+        board.set_waits_known();
+    }
+    let _ = schedule_delay;
     builder
         .on_before_task_poll(move |meta: &TaskMeta<'_>| {
             let loc = meta.spawned_at();
-            before.enter(location_word(loc), || task_id_u64(meta.id()));
+            before.enter(
+                location_word(loc),
+                || task_id_u64(meta.id()),
+                waited_ns(meta),
+            );
         })
         .on_after_task_poll(move |_meta: &TaskMeta<'_>| after.exit())
+}
+
+/// How long the task waited from its wake to this poll, in ns; `NO_WAIT` if unknown.
+#[inline]
+fn waited_ns(meta: &TaskMeta<'_>) -> u64 {
+    #[cfg(all(feature = "schedule-delay", target_has_atomic = "64"))]
+    if let Some(d) = meta.schedule_latency() {
+        return u64::try_from(d.as_nanos()).unwrap_or(crate::board::NO_WAIT - 1);
+    }
+    let _ = meta;
+    crate::board::NO_WAIT
 }

@@ -214,9 +214,11 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
     fn on_enter(&self, id: &Id, _ctx: Context<'_, S>) {
         if let Some(shared) = &self.shared {
             if let Some((word, task)) = shared.spans.get(id.into_u64()) {
-                shared
-                    .board
-                    .enter(word, || if task != 0 { task } else { current_task_id() });
+                shared.board.enter(
+                    word,
+                    || if task != 0 { task } else { current_task_id() },
+                    crate::board::NO_WAIT,
+                );
             }
         }
     }

@@ -87,12 +87,16 @@ impl<F: Future> Future for Watched<F> {
         match this.board {
             Some(board) => {
                 let task = this.task;
-                board.enter(*this.word, || {
-                    if *task == 0 {
-                        *task = current_task_id();
-                    }
-                    *task
-                });
+                board.enter(
+                    *this.word,
+                    || {
+                        if *task == 0 {
+                            *task = current_task_id();
+                        }
+                        *task
+                    },
+                    crate::board::NO_WAIT,
+                );
                 let _exit = ExitOnDrop(board);
                 this.inner.poll(cx)
             }
