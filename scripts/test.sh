@@ -55,6 +55,25 @@ for want in "stall detected" "in span render_report" "in span fetch_legacy_confi
   grep -qF "$want" <<<"$out" || { echo "the demo's output lacks: $want" >&2; exit 1; }
 done
 
+step "demo with --cfg tokio_unstable: task spans and poll hooks under the global subscriber, victims"
+out=$("${unstable_env[@]}" timeout 120 cargo run -q --example demo 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+tail -n 4 <<<"$out"
+for want in "stall detected" "cause: cpu" "waited behind it"; do
+  grep -qF "$want" <<<"$out" || { echo "the unstable demo's output lacks: $want" >&2; exit 1; }
+done
+
+step "mismatch examples print the report a user would see"
+out=$(timeout 120 cargo run -q --example cpu_on_async 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+tail -n 6 <<<"$out"
+for want in "in span render_report" "cause: cpu" "hint: CPU-bound poll"; do
+  grep -qF "$want" <<<"$out" || { echo "cpu_on_async lacks: $want" >&2; exit 1; }
+done
+out=$(timeout 120 cargo run -q --example blocking_pool_saturated 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+tail -n 8 <<<"$out"
+for want in "blocking pool saturated" "waiting for a thread" "jobs waited longer than the stall threshold"; do
+  grep -qF "$want" <<<"$out" || { echo "blocking_pool_saturated lacks: $want" >&2; exit 1; }
+done
+
 step "exporters/ and dashboards/: structure, and every metric they name is in the table"
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
 python3 scripts/check_exporters.py

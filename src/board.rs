@@ -52,6 +52,11 @@ pub(crate) const fn kind_word(kind: KindId, layer: LayerKind, named: bool) -> u6
 }
 
 #[inline]
+fn is_blocking(word: u64) -> bool {
+    word & (TAG_MASK | (0b11 << 2)) == TAG_KIND | ((LayerKind::Blocking as u64) << 2)
+}
+
+#[inline]
 fn is_named(word: u64) -> bool {
     word & (TAG_MASK | NAMED) == TAG_KIND | NAMED
 }
@@ -327,6 +332,32 @@ pub(crate) struct Board {
     high_water: AtomicUsize,
     unwatched_threads: AtomicU64,
     pub(crate) kinds: Kinds,
+    /// tokio's blocking pool, as seen through `spawn_blocking` wrappers.
+    pub(crate) blocking: BlockingStats,
+}
+
+/// Jobs given to loopwatch's `spawn_blocking` wrappers.
+#[derive(Debug, Default)]
+pub(crate) struct BlockingStats {
+    pub(crate) submitted: AtomicU64,
+    pub(crate) started: AtomicU64,
+    pub(crate) finished: AtomicU64,
+    /// The pool's size limit, as configured (`max_blocking_threads`).
+    pub(crate) max_threads: AtomicU64,
+}
+
+impl BlockingStats {
+    pub(crate) fn running(&self) -> u64 {
+        self.started
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.finished.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn queued(&self) -> u64 {
+        self.submitted
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.started.load(Ordering::Relaxed))
+    }
 }
 
 impl Board {
@@ -354,6 +385,7 @@ impl Board {
             high_water: AtomicUsize::new(0),
             unwatched_threads: AtomicU64::new(0),
             kinds: Kinds::new(max_kinds),
+            blocking: BlockingStats::default(),
         }
     }
 
@@ -494,14 +526,16 @@ impl Board {
         };
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
-        let sampled = (s >> 1) & self.sample_mask == 0;
-        if sampled {
-            l.sample_start.set(Some(Instant::now()));
-        }
+        let mut sampled = (s >> 1) & self.sample_mask == 0;
         // Rare: a timed poll, or one that waited long (a stall's victim, perhaps).
-        if waited != NO_WAIT && (sampled || waited >= self.wait_floor_ns) {
+        if waited != NO_WAIT && (sampled || waited >= self.wait_floor_ns || is_blocking(word)) {
+            // Blocking jobs are few and long: every one is timed, and its queue wait kept.
+            sampled |= is_blocking(word);
             let flags = if sampled { WAIT | WAIT_SAMPLED } else { WAIT };
             slot.push(word, (waited & WAIT_NANOS) | flags, start, task);
+        }
+        if sampled {
+            l.sample_start.set(Some(Instant::now()));
         }
     }
 

@@ -9,6 +9,11 @@ use crate::Error;
 pub const DEFAULT_THRESHOLD: Duration = Duration::from_millis(10);
 /// Smallest accepted threshold.
 pub const MIN_THRESHOLD: Duration = Duration::from_micros(100);
+/// Default threshold of the `blocking` layer: a `spawn_blocking` job that runs this long is a
+/// stall of that layer (long jobs are what the pool is for; a stuck one is not).
+pub const DEFAULT_BLOCKING_THRESHOLD: Duration = Duration::from_secs(30);
+/// Default size limit of tokio's blocking pool (tokio's own default), used for saturation.
+pub const DEFAULT_MAX_BLOCKING_THREADS: usize = 512;
 /// Largest accepted threshold.
 pub const MAX_THRESHOLD: Duration = Duration::from_secs(3600);
 /// Smallest accepted watchdog tick.
@@ -165,6 +170,10 @@ pub struct Config {
     /// Turn on tokio's schedule-latency tracking in `install_poll_hooks` (victims and the
     /// schedule-delay histogram; `tokio_unstable` with the `schedule-delay` feature).
     pub schedule_delay: bool,
+    /// A job on tokio's blocking pool that runs this long is a stall of the `blocking` layer.
+    pub blocking_threshold: Duration,
+    /// The blocking pool's size limit (what the runtime was built with), for saturation.
+    pub max_blocking_threads: usize,
     /// Where the metrics go.
     pub metrics: MetricsExport,
     /// How often the exporters take loopwatch's figures.
@@ -190,6 +199,8 @@ impl Default for Config {
             stack_signal: None,
             max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,
             schedule_delay: true,
+            blocking_threshold: DEFAULT_BLOCKING_THRESHOLD,
+            max_blocking_threads: DEFAULT_MAX_BLOCKING_THREADS,
             metrics: MetricsExport::default(),
             export_interval: DEFAULT_EXPORT_INTERVAL,
             otlp: None,
@@ -413,6 +424,15 @@ pub(crate) fn validate(
             format!("the threshold must be between {MIN_THRESHOLD:?} and {MAX_THRESHOLD:?}"),
         ));
     }
+    if cfg.blocking_threshold < MIN_THRESHOLD || cfg.blocking_threshold > MAX_THRESHOLD {
+        return Err(Error::InvalidConfig {
+            setting: "blocking_threshold",
+            reason: format!(
+                "{:?}: must be between {MIN_THRESHOLD:?} and {MAX_THRESHOLD:?}",
+                cfg.blocking_threshold
+            ),
+        });
+    }
     if cfg.tick < MIN_TICK {
         return Err(tick_src.error(
             format!("{:?}", cfg.tick),
@@ -493,6 +513,7 @@ pub(crate) fn validate(
         ("max_threads", cfg.max_threads),
         ("max_task_kinds", cfg.max_task_kinds),
         ("max_live_spans", cfg.max_live_spans),
+        ("max_blocking_threads", cfg.max_blocking_threads),
     ] {
         if v == 0 || v > 1 << 24 {
             return Err(Error::InvalidConfig {

@@ -218,6 +218,22 @@ impl Builder {
         self
     }
 
+    /// A job on tokio's blocking pool (run with [`spawn_blocking`](crate::spawn_blocking))
+    /// that runs this long is reported as a stall of the `blocking` layer. Default
+    /// [`DEFAULT_BLOCKING_THRESHOLD`](crate::DEFAULT_BLOCKING_THRESHOLD) (30 s): long jobs are
+    /// what the pool is for; waiting for a thread is the alarm, and is reported whatever this is.
+    pub fn blocking_threshold(mut self, threshold: Duration) -> Self {
+        self.cfg.blocking_threshold = threshold;
+        self
+    }
+
+    /// The blocking pool's size limit, as given to tokio's `max_blocking_threads` (default 512,
+    /// tokio's default), so saturation can be reported as a share.
+    pub fn max_blocking_threads(mut self, n: usize) -> Self {
+        self.cfg.max_blocking_threads = n;
+        self
+    }
+
     /// With the poll hooks (`tokio_unstable`, feature `schedule-delay`): turn on tokio's
     /// schedule-latency tracking, so each stall lists the tasks that waited behind it
     /// ([`Victims`](crate::Victims)) and timed polls feed the schedule-delay histogram. Default
@@ -367,7 +383,7 @@ impl Builder {
             ));
         }
         let board = Arc::new(Board::new(
-            [Some(cfg.threshold), None, None],
+            [Some(cfg.threshold), Some(cfg.blocking_threshold), None],
             cfg.sample_every,
             cfg.precise_start,
             cfg.max_threads,
@@ -416,6 +432,10 @@ impl Builder {
                     source,
                 })?
         };
+        board.blocking.max_threads.store(
+            cfg.max_blocking_threads as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         watched::set_current(&board);
         Ok((
             LoopwatchLayer::new(Some(layer_shared)),
@@ -530,6 +550,21 @@ impl Guard {
             self.inner.as_ref().map(|i| i.shared.board.clone()),
             name,
             future,
+            std::panic::Location::caller(),
+        )
+    }
+
+    /// Runs `f` on tokio's blocking pool, watched by this guard (see
+    /// [`spawn_blocking`](crate::spawn_blocking)).
+    #[track_caller]
+    pub fn spawn_blocking<F, R>(&self, f: F) -> tokio::task::JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        crate::probe::blocking::spawn(
+            self.inner.as_ref().map(|i| i.shared.board.clone()),
+            f,
             std::panic::Location::caller(),
         )
     }

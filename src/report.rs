@@ -17,12 +17,33 @@ use crate::watchdog::Shared;
 /// A user callback, run for each stall report.
 pub(crate) type Callback = Arc<dyn Fn(&Stall) + Send + Sync + 'static>;
 
-/// What the watchdog sends: the record, and the stack's raw addresses (symbolized off the
-/// watchdog, since symbolizing can take milliseconds).
+/// What the watchdog sends: a stall record, and the stack's raw addresses (symbolized off the
+/// watchdog, since symbolizing can take milliseconds); or a notice about a pool.
 #[derive(Debug)]
-pub(crate) struct Report {
-    pub(crate) stall: Stall,
-    pub(crate) raw_stack: Option<Arc<[usize]>>,
+// Stall reports are nearly all the traffic: boxing them would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Report {
+    Stall {
+        stall: Stall,
+        raw_stack: Option<Arc<[usize]>>,
+    },
+    Notice(Notice),
+}
+
+/// Something wrong with a layer as a whole, not one poll.
+#[derive(Debug, Clone)]
+pub(crate) enum Notice {
+    /// A blocking job waited for a thread of tokio's blocking pool: the pool is full.
+    BlockingSaturated {
+        /// Where the job was submitted.
+        site: Arc<str>,
+        waited: Duration,
+        running: u64,
+        queued: u64,
+        max: u64,
+        /// Jobs that waited like this since the last notice (notices are rate limited).
+        since_last: u64,
+    },
 }
 
 /// The longest a running report waits for its stack to be symbolized; past it the report goes
@@ -218,7 +239,12 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
     };
     loop {
         match reports.recv_timeout(Duration::from_millis(250)) {
-            Ok(Report {
+            Ok(Report::Notice(n)) => {
+                if catch_unwind(AssertUnwindSafe(|| emit_notice(&shared, &n))).is_err() {
+                    shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Report::Stall {
                 mut stall,
                 raw_stack,
             }) => {
@@ -255,6 +281,50 @@ fn emit(shared: &Shared, stall: &Stall, update: bool) {
         None => event(stall, update),
     }
 }
+
+fn emit_notice(shared: &Shared, n: &Notice) {
+    let dispatch = shared
+        .layer
+        .dispatch
+        .lock()
+        .ok()
+        .and_then(|d| d.as_ref().and_then(|w| w.upgrade()));
+    match dispatch {
+        Some(d) => tracing::dispatcher::with_default(&d, || notice_event(n)),
+        None => notice_event(n),
+    }
+}
+
+fn notice_event(n: &Notice) {
+    match n {
+        Notice::BlockingSaturated {
+            site,
+            waited,
+            running,
+            queued,
+            max,
+            since_last,
+        } => tracing::warn!(
+            target: "loopwatch",
+            layer = "blocking",
+            notice = "blocking_pool_saturated",
+            job.site = site.as_ref(),
+            waited_ms = waited.as_secs_f64() * 1e3,
+            running,
+            queued,
+            max_blocking_threads = max,
+            jobs_waited = since_last,
+            hint = BLOCKING_HINT,
+            "blocking pool saturated: a job from {site} waited {waited:.1?} for a thread \
+             ({running} of {max} threads busy, {queued} jobs queued; {since_last} jobs waited \
+             like this since the last notice); hint: {BLOCKING_HINT}"
+        ),
+    }
+}
+
+const BLOCKING_HINT: &str = "the blocking pool is full: jobs that wait (sleep, poll, hold \
+     locks) occupy its threads; make them async, raise max_blocking_threads, or give long jobs \
+     a pool of their own";
 
 fn event(s: &Stall, update: bool) {
     let started_unix = s

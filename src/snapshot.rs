@@ -156,6 +156,12 @@ pub struct Snapshot {
     pub schedule_delays: Vec<KindPolls>,
     /// Tasks that waited behind stalls (see [`Victims`](crate::Victims)).
     pub victims_total: u64,
+    /// Jobs of loopwatch's [`spawn_blocking`](crate::spawn_blocking) running now.
+    pub blocking_running: u64,
+    /// Jobs of loopwatch's `spawn_blocking` waiting for a thread now.
+    pub blocking_queued: u64,
+    /// Blocking jobs that waited at least the stall threshold for a thread (the pool was full).
+    pub blocking_slow_starts: u64,
 }
 
 /// A runtime's loop lag: how long its heartbeat tasks waited from their spawn (from

@@ -22,7 +22,7 @@ use crate::diagnose::sampler::{Ask, DiagCounters, Pending, Probe, Sampler};
 use crate::diagnose::Cause;
 use crate::kinds::KindId;
 use crate::probe::layer::LayerShared;
-use crate::report::Report;
+use crate::report::{Notice, Report};
 use crate::snapshot::{Histogram, KindPolls, OtlpStats, Snapshot, StallCount};
 use crate::stall::{
     LayerKind, StackStatus, Stall, StallState, TaskInfo, Victim, Victims, WorkerInfo,
@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) oldest_ns: [AtomicU64; 3],
     pub(crate) dropped_reports: AtomicU64,
     pub(crate) caught_panics: AtomicU64,
+    /// Blocking jobs that waited past the async stall threshold for a thread.
+    pub(crate) blocking_slow_starts: AtomicU64,
     pub(crate) diag: DiagCounters,
     /// Why stacks are off although they were asked for (the signal is taken, ...).
     pub(crate) stack_setup_error: Mutex<Option<String>>,
@@ -118,6 +120,7 @@ impl Shared {
             oldest_ns: Default::default(),
             dropped_reports: AtomicU64::new(0),
             caught_panics: AtomicU64::new(0),
+            blocking_slow_starts: AtomicU64::new(0),
             diag: DiagCounters::default(),
             stack_setup_error: Mutex::new(None),
             hist: Mutex::new(HashMap::new()),
@@ -231,6 +234,9 @@ impl Shared {
             loop_lag: Vec::new(),
             schedule_delays,
             victims_total,
+            blocking_running: self.board.blocking.running(),
+            blocking_queued: self.board.blocking.queued(),
+            blocking_slow_starts: self.blocking_slow_starts.load(Ordering::Relaxed),
         }
     }
 }
@@ -342,6 +348,9 @@ pub(crate) struct Watchdog {
     samples: Vec<(u64, u64)>,
     resolved: Vec<((KindId, LayerKind), u64)>,
     waits: Vec<Record>,
+    /// When the last blocking-pool notice went out, and the slow starts since.
+    last_notice_ns: Option<u64>,
+    slow_starts_unreported: u64,
     next_stall_id: u64,
     ticks: u64,
     /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
@@ -367,6 +376,8 @@ impl Watchdog {
             samples: Vec::new(),
             resolved: Vec::new(),
             waits: Vec::new(),
+            last_notice_ns: None,
+            slow_starts_unreported: 0,
             next_stall_id: 1,
             ticks: 0,
             last_tick_ns: 0,
@@ -745,7 +756,11 @@ impl Watchdog {
     }
 
     fn send(&self, stall: Stall, raw_stack: Option<Arc<[usize]>>) {
-        match self.reports.try_send(Report { stall, raw_stack }) {
+        self.send_report(Report::Stall { stall, raw_stack });
+    }
+
+    fn send_report(&self, report: Report) {
+        match self.reports.try_send(report) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.shared.dropped_reports.fetch_add(1, Ordering::Relaxed);
@@ -808,6 +823,12 @@ impl Watchdog {
             if r.nanos & WAIT_SAMPLED != 0 {
                 timed.push(((kind, layer), waited));
             }
+            if layer == LayerKind::Blocking {
+                if waited >= floor * 10 {
+                    self.slow_start(kind, waited, now);
+                }
+                continue;
+            }
             if waited < floor {
                 continue;
             }
@@ -849,6 +870,32 @@ impl Watchdog {
             feed.dropped += (timed.len() - take) as u64;
             feed.sched.extend_from_slice(&timed[..take]);
         }
+    }
+
+    /// A blocking job waited past the stall threshold for a thread: the pool is full. Counted;
+    /// reported at most once a second.
+    fn slow_start(&mut self, kind: KindId, waited: u64, now: u64) {
+        self.shared
+            .blocking_slow_starts
+            .fetch_add(1, Ordering::Relaxed);
+        self.slow_starts_unreported += 1;
+        if self
+            .last_notice_ns
+            .is_some_and(|t| now.saturating_sub(t) < 1_000_000_000)
+        {
+            return;
+        }
+        self.last_notice_ns = Some(now);
+        let b = &self.shared.board.blocking;
+        let notice = Notice::BlockingSaturated {
+            site: Arc::from(self.shared.board.kinds.get(kind).label()),
+            waited: Duration::from_nanos(waited),
+            running: b.running(),
+            queued: b.queued(),
+            max: b.max_threads.load(Ordering::Relaxed),
+            since_last: std::mem::take(&mut self.slow_starts_unreported),
+        };
+        self.send_report(Report::Notice(notice));
     }
 
     /// Sends the held stalls of slot `i` whose wait for victims is over (all with `force`).

@@ -127,12 +127,18 @@ fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol) {
             .iter()
             .any(|(_, m)| m.name == "loopwatch_stalls_in_progress"));
     });
-    let snap = h.guard.snapshot();
-    assert!(
-        snap.otlp.spans_exported >= 1 && snap.otlp.metric_exports >= 1,
-        "{snap:?}"
-    );
-    assert_eq!(snap.otlp.spans_dropped, 0);
+    // The exporter counts a send once the collector has answered, a moment after the
+    // receiver saw it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let o = h.guard.snapshot().otlp;
+        if o.spans_exported >= 1 && o.metric_exports >= 1 {
+            assert_eq!(o.spans_dropped, 0, "{o:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{o:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

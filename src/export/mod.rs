@@ -177,6 +177,24 @@ impl Collector {
             );
         }
 
+        let b = &sh.board.blocking;
+        let max = b.max_threads.load(Ordering::Relaxed).max(1);
+        f.push(
+            M::BlockingRunning,
+            Vec::new(),
+            Value::Gauge(snap.blocking_running as f64),
+        );
+        f.push(
+            M::BlockingQueued,
+            Vec::new(),
+            Value::Gauge(snap.blocking_queued as f64),
+        );
+        f.push(
+            M::BlockingSaturation,
+            Vec::new(),
+            Value::Gauge(snap.blocking_running as f64 / max as f64),
+        );
+        f.counter(M::BlockingSlowStarts, snap.blocking_slow_starts);
         let mut sched = feed.sched;
         sched.sort_unstable_by_key(|&((kind, layer), _)| (layer, kind));
         for group in sched.chunk_by(|a, b| a.0 == b.0) {

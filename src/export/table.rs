@@ -100,6 +100,14 @@ metrics! {
         "Tasks that waited behind a stall on its worker (head-of-line victims), by the stall's layer and cause.";
     VictimWait = "loopwatch_victim_wait_seconds", Histogram, Seconds, ["layer", "cause"],
         "How long each victim waited behind its stall, by the stall's layer and cause.";
+    BlockingRunning = "loopwatch_blocking_jobs_running", Gauge, Count, [],
+        "Jobs of loopwatch::spawn_blocking running on tokio's blocking pool.";
+    BlockingQueued = "loopwatch_blocking_jobs_queued", Gauge, Count, [],
+        "Jobs of loopwatch::spawn_blocking waiting for a blocking-pool thread.";
+    BlockingSaturation = "loopwatch_blocking_pool_saturation", Gauge, Ratio, [],
+        "Blocking jobs running as a share of max_blocking_threads (1 = the pool is full).";
+    BlockingSlowStarts = "loopwatch_blocking_slow_starts_total", Counter, Count, [],
+        "Blocking jobs that waited at least the stall threshold for a thread: the pool was full.";
     DroppedReports = "loopwatch_dropped_reports_total", Counter, Count, [],
         "Stall reports dropped because the report queue was full.";
     DroppedSamples = "loopwatch_dropped_samples_total", Counter, Count, [],

@@ -120,6 +120,8 @@ impl<const N: usize> fmt::Write for StackStr<N> {
 /// The fields of a tokio `runtime.spawn` span, read without allocating.
 struct TaskFields {
     kind: StackStr<16>,
+    /// The function of a `spawn_blocking` job (tokio's `fn` field), its start only.
+    func: StackStr<32>,
     name: StackStr<96>,
     file: StackStr<256>,
     id: u64,
@@ -146,6 +148,7 @@ impl Visit for TaskFields {
             "loc.file" => self.file.write_str(value),
             "kind" => self.kind.write_str(value),
             "task.name" => self.name.write_str(value),
+            "fn" => self.func.write_str(value),
             _ => Ok(()),
         };
     }
@@ -154,6 +157,7 @@ impl Visit for TaskFields {
             "loc.file" => write!(self.file, "{value:?}"),
             "kind" => write!(self.kind, "{value:?}"),
             "task.name" => write!(self.name, "{value:?}"),
+            "fn" => write!(self.func, "{value:?}"),
             _ => Ok(()),
         };
     }
@@ -166,6 +170,7 @@ impl LayerShared {
         let (word, task) = if meta.name() == "runtime.spawn" && target.starts_with("tokio::task") {
             let mut f = TaskFields {
                 kind: StackStr::new(),
+                func: StackStr::new(),
                 name: StackStr::new(),
                 file: StackStr::new(),
                 id: 0,
@@ -173,6 +178,11 @@ impl LayerShared {
                 col: 0,
             };
             attrs.record(&mut f);
+            if f.kind.as_str() == "blocking" && f.func.as_str().starts_with("tokio::runtime::") {
+                // tokio starts its multi-thread workers as blocking tasks: that span is a
+                // worker's whole life, not a job (inside it, every task poll is nested).
+                return;
+            }
             let file = f.file.as_str();
             let site = (!file.is_empty()).then_some((file, f.line, f.col));
             let layer = if f.kind.as_str() == "blocking" {

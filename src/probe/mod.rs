@@ -1,5 +1,6 @@
 //! The probes: what runs on the watched threads, at every poll.
 
+pub(crate) mod blocking;
 #[cfg(tokio_unstable)]
 pub(crate) mod hooks;
 pub(crate) mod layer;

@@ -29,7 +29,7 @@ pub(crate) fn clear_current(board: &Arc<Board>) {
     }
 }
 
-fn current() -> Option<Arc<Board>> {
+pub(crate) fn current() -> Option<Arc<Board>> {
     CURRENT.lock().ok()?.as_ref()?.upgrade()
 }
 
