@@ -270,19 +270,16 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
 /// added to (or, if it was never added to one, to this thread's default).
 /// `update`: a running stall reported again because its stack frames are now ready.
 fn emit(shared: &Shared, stall: &Stall, update: bool) {
-    let dispatch = shared
-        .layer
-        .dispatch
-        .lock()
-        .ok()
-        .and_then(|d| d.as_ref().and_then(|w| w.upgrade()));
-    match dispatch {
-        Some(d) => tracing::dispatcher::with_default(&d, || event(stall, update)),
-        None => event(stall, update),
-    }
+    in_layer_dispatch(shared, || event(stall, update));
 }
 
 fn emit_notice(shared: &Shared, n: &Notice) {
+    in_layer_dispatch(shared, || notice_event(n));
+}
+
+/// Runs `f` with the subscriber loopwatch's layer was added to as the default (or this
+/// thread's default, if the layer was never added to one).
+fn in_layer_dispatch(shared: &Shared, f: impl FnOnce()) {
     let dispatch = shared
         .layer
         .dispatch
@@ -290,8 +287,8 @@ fn emit_notice(shared: &Shared, n: &Notice) {
         .ok()
         .and_then(|d| d.as_ref().and_then(|w| w.upgrade()));
     match dispatch {
-        Some(d) => tracing::dispatcher::with_default(&d, || notice_event(n)),
-        None => notice_event(n),
+        Some(d) => tracing::dispatcher::with_default(&d, f),
+        None => f(),
     }
 }
 

@@ -140,6 +140,23 @@ impl Shared {
             .sum()
     }
 
+    /// The histograms of `map` per task kind and layer, the fullest first.
+    fn kind_polls(&self, map: &Mutex<HashMap<(KindId, LayerKind), Histogram>>) -> Vec<KindPolls> {
+        let Ok(h) = map.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<KindPolls> = h
+            .iter()
+            .map(|(&(kind, layer), histogram)| KindPolls {
+                kind: self.board.kinds.get(kind).clone(),
+                layer,
+                histogram: histogram.clone(),
+            })
+            .collect();
+        v.sort_by_key(|b| std::cmp::Reverse(b.histogram.count));
+        v
+    }
+
     pub(crate) fn snapshot(&self) -> Snapshot {
         let slots = self.board.slots();
         let oldest = self
@@ -148,22 +165,7 @@ impl Shared {
             .map(|a| a.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
-        let schedule_delays = self
-            .sched_hist
-            .lock()
-            .map(|h| {
-                let mut v: Vec<KindPolls> = h
-                    .iter()
-                    .map(|(&(kind, layer), histogram)| KindPolls {
-                        kind: self.board.kinds.get(kind).clone(),
-                        layer,
-                        histogram: histogram.clone(),
-                    })
-                    .collect();
-                v.sort_by_key(|b| std::cmp::Reverse(b.histogram.count));
-                v
-            })
-            .unwrap_or_default();
+        let schedule_delays = self.kind_polls(&self.sched_hist);
         let victims_total = self
             .victim_counts
             .lock()
@@ -186,22 +188,7 @@ impl Shared {
                 v
             })
             .unwrap_or_default();
-        let poll_durations = self
-            .hist
-            .lock()
-            .map(|h| {
-                let mut v: Vec<KindPolls> = h
-                    .iter()
-                    .map(|(&(kind, layer), histogram)| KindPolls {
-                        kind: self.board.kinds.get(kind).clone(),
-                        layer,
-                        histogram: histogram.clone(),
-                    })
-                    .collect();
-                v.sort_by_key(|b| std::cmp::Reverse(b.histogram.count));
-                v
-            })
-            .unwrap_or_default();
+        let poll_durations = self.kind_polls(&self.hist);
         Snapshot {
             polls: self.polls.load(Ordering::Relaxed),
             slow_polls: slots.iter().map(Slot::slow_polls).sum(),

@@ -152,30 +152,22 @@ impl Collector {
             }
         }
 
-        let mut polls = feed.polls;
-        polls.sort_unstable_by_key(|&((kind, layer), _)| (layer, kind));
-        for group in polls.chunk_by(|a, b| a.0 == b.0) {
-            let (kind, layer) = group[0].0;
-            f.push(
-                M::PollDuration,
-                vec![layer.as_str().into(), kind_label(kind)],
-                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
-            );
-        }
-        let mut stalls = feed.stalls;
-        stalls.sort_unstable_by_key(|(k, _)| (k.layer, k.kind, k.cause.kind()));
-        for group in stalls.chunk_by(|a, b| a.0 == b.0) {
-            let key = group[0].0;
-            f.push(
-                M::StallDuration,
-                vec![
-                    key.layer.as_str().into(),
-                    kind_label(key.kind),
-                    key.cause.kind().into(),
-                ],
-                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
-            );
-        }
+        push_samples(&mut f, M::PollDuration, feed.polls, |(kind, layer)| {
+            vec![layer.as_str().into(), kind_label(kind)]
+        });
+        push_samples(&mut f, M::StallDuration, feed.stalls, |k| {
+            vec![
+                k.layer.as_str().into(),
+                kind_label(k.kind),
+                k.cause.kind().into(),
+            ]
+        });
+        push_samples(&mut f, M::ScheduleDelay, feed.sched, |(kind, layer)| {
+            vec![layer.as_str().into(), kind_label(kind)]
+        });
+        push_samples(&mut f, M::VictimWait, feed.victims, |(layer, cause)| {
+            vec![layer.as_str().into(), cause.into()]
+        });
 
         let b = &sh.board.blocking;
         let max = b.max_threads.load(Ordering::Relaxed).max(1);
@@ -195,16 +187,6 @@ impl Collector {
             Value::Gauge(snap.blocking_running as f64 / max as f64),
         );
         f.counter(M::BlockingSlowStarts, snap.blocking_slow_starts);
-        let mut sched = feed.sched;
-        sched.sort_unstable_by_key(|&((kind, layer), _)| (layer, kind));
-        for group in sched.chunk_by(|a, b| a.0 == b.0) {
-            let (kind, layer) = group[0].0;
-            f.push(
-                M::ScheduleDelay,
-                vec![layer.as_str().into(), kind_label(kind)],
-                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
-            );
-        }
         if let Ok(counts) = sh.victim_counts.lock() {
             for (&(layer, cause), &n) in counts.iter() {
                 f.push(
@@ -213,16 +195,6 @@ impl Collector {
                     Value::Counter(n),
                 );
             }
-        }
-        let mut victims = feed.victims;
-        victims.sort_unstable_by_key(|&(key, _)| key);
-        for group in victims.chunk_by(|a, b| a.0 == b.0) {
-            let (layer, cause) = group[0].0;
-            f.push(
-                M::VictimWait,
-                vec![layer.as_str().into(), cause.into()],
-                Value::Samples(group.iter().map(|&(_, ns)| ns as f64 / 1e9).collect()),
-            );
         }
         if sh.cfg.otlp.is_some() {
             let e = &sh.export;
@@ -249,6 +221,22 @@ impl Collector {
             }
         }
         f
+    }
+}
+
+/// Groups `(key, nanoseconds)` values by key into one histogram point (seconds) per label set.
+fn push_samples<K: Copy + Eq + std::hash::Hash>(
+    f: &mut Frame,
+    metric: M,
+    values: Vec<(K, u64)>,
+    labels: impl Fn(K) -> Vec<SharedString>,
+) {
+    let mut groups: std::collections::HashMap<K, Vec<f64>> = std::collections::HashMap::new();
+    for (k, ns) in values {
+        groups.entry(k).or_default().push(ns as f64 / 1e9);
+    }
+    for (k, samples) in groups {
+        f.push(metric, labels(k), Value::Samples(samples));
     }
 }
 
