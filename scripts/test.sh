@@ -73,6 +73,11 @@ tail -n 8 <<<"$out"
 for want in "blocking pool saturated" "waiting for a thread" "jobs waited longer than the stall threshold"; do
   grep -qF "$want" <<<"$out" || { echo "blocking_pool_saturated lacks: $want" >&2; exit 1; }
 done
+out=$(timeout 120 cargo run -q --features rayon --example fine_grained_parallel 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+tail -n 5 <<<"$out"
+for want in "jobs too fine" "hint: batch these" "too-fine reports: 1"; do
+  grep -qF "$want" <<<"$out" || { echo "fine_grained_parallel lacks: $want" >&2; exit 1; }
+done
 
 step "exporters/ and dashboards/: structure, and every metric they name is in the table"
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml

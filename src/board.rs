@@ -446,7 +446,7 @@ impl Board {
     #[inline]
     pub(crate) fn enter(self: &Arc<Self>, word: u64, task: impl FnOnce() -> u64, waited: u64) {
         let _ = LOCAL.try_with(|l| {
-            if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l) {
+            if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l, word) {
                 return;
             }
             let Some(slot) = self.slots.get(l.slot.get()) else {
@@ -568,15 +568,16 @@ impl Board {
 
     /// Slow path: this thread polls under this board for the first time (or came back to it).
     #[cold]
-    fn attach(self: &Arc<Self>, l: &Local) -> bool {
+    fn attach(self: &Arc<Self>, l: &Local, word: u64) -> bool {
         if l.own.get() || l.depth.get() > 0 {
             // loopwatch's own threads are never watched; a thread never switches boards in
             // the middle of a poll.
             return false;
         }
         // Only threads inside a tokio runtime are watched: a span held for long on some
-        // other thread is not a stalled worker.
-        if tokio::runtime::Handle::try_current().is_err() {
+        // other thread is not a stalled worker. A CPU pool's jobs are the exception: they
+        // come through loopwatch's own wrapper, which names their layer.
+        if layer_of(word) != LayerKind::Cpu && tokio::runtime::Handle::try_current().is_err() {
             return false;
         }
         l.release();

@@ -12,6 +12,8 @@ pub const MIN_THRESHOLD: Duration = Duration::from_micros(100);
 /// Default threshold of the `blocking` layer: a `spawn_blocking` job that runs this long is a
 /// stall of that layer (long jobs are what the pool is for; a stuck one is not).
 pub const DEFAULT_BLOCKING_THRESHOLD: Duration = Duration::from_secs(30);
+/// Default threshold of the `cpu` layer (a CPU pool's job running this long is a stall).
+pub const DEFAULT_CPU_THRESHOLD: Duration = Duration::from_secs(1);
 /// Default size limit of tokio's blocking pool (tokio's own default), used for saturation.
 pub const DEFAULT_MAX_BLOCKING_THREADS: usize = 512;
 /// Largest accepted threshold.
@@ -174,6 +176,9 @@ pub struct Config {
     pub blocking_threshold: Duration,
     /// The blocking pool's size limit (what the runtime was built with), for saturation.
     pub max_blocking_threads: usize,
+    /// A job on a CPU pool ([`Guard::cpu_pool`](crate::Guard), feature `rayon`) that runs this
+    /// long is a stall of the `cpu` layer.
+    pub cpu_threshold: Duration,
     /// Where the metrics go.
     pub metrics: MetricsExport,
     /// How often the exporters take loopwatch's figures.
@@ -201,6 +206,7 @@ impl Default for Config {
             schedule_delay: true,
             blocking_threshold: DEFAULT_BLOCKING_THRESHOLD,
             max_blocking_threads: DEFAULT_MAX_BLOCKING_THREADS,
+            cpu_threshold: DEFAULT_CPU_THRESHOLD,
             metrics: MetricsExport::default(),
             export_interval: DEFAULT_EXPORT_INTERVAL,
             otlp: None,
@@ -424,14 +430,16 @@ pub(crate) fn validate(
             format!("the threshold must be between {MIN_THRESHOLD:?} and {MAX_THRESHOLD:?}"),
         ));
     }
-    if cfg.blocking_threshold < MIN_THRESHOLD || cfg.blocking_threshold > MAX_THRESHOLD {
-        return Err(Error::InvalidConfig {
-            setting: "blocking_threshold",
-            reason: format!(
-                "{:?}: must be between {MIN_THRESHOLD:?} and {MAX_THRESHOLD:?}",
-                cfg.blocking_threshold
-            ),
-        });
+    for (setting, t) in [
+        ("blocking_threshold", cfg.blocking_threshold),
+        ("cpu_threshold", cfg.cpu_threshold),
+    ] {
+        if !(MIN_THRESHOLD..=MAX_THRESHOLD).contains(&t) {
+            return Err(Error::InvalidConfig {
+                setting,
+                reason: format!("{t:?}: must be between {MIN_THRESHOLD:?} and {MAX_THRESHOLD:?}"),
+            });
+        }
     }
     if cfg.tick < MIN_TICK {
         return Err(tick_src.error(

@@ -227,6 +227,14 @@ impl Builder {
         self
     }
 
+    /// A job on a CPU pool (`Guard::cpu_pool`, feature `rayon`) that runs this long is a stall
+    /// of the `cpu` layer (default 1 s). A long CPU job is what the pool is for; one that sits
+    /// in a system call is reported as "waiting on a CPU pool".
+    pub fn cpu_threshold(mut self, threshold: Duration) -> Self {
+        self.cfg.cpu_threshold = threshold;
+        self
+    }
+
     /// The blocking pool's size limit, as given to tokio's `max_blocking_threads` (default 512,
     /// tokio's default), so saturation can be reported as a share.
     pub fn max_blocking_threads(mut self, n: usize) -> Self {
@@ -383,7 +391,11 @@ impl Builder {
             ));
         }
         let board = Arc::new(Board::new(
-            [Some(cfg.threshold), Some(cfg.blocking_threshold), None],
+            [
+                Some(cfg.threshold),
+                Some(cfg.blocking_threshold),
+                Some(cfg.cpu_threshold),
+            ],
             cfg.sample_every,
             cfg.precise_start,
             cfg.max_threads,
@@ -567,6 +579,37 @@ impl Guard {
             f,
             std::panic::Location::caller(),
         )
+    }
+
+    /// Builds a rayon pool whose jobs loopwatch watches on the `cpu` layer (feature `rayon`):
+    /// job durations, too-fine jobs (under 50 µs: "batch these"), and jobs that wait in system
+    /// calls. Run jobs with [`CpuPool::spawn`](crate::CpuPool::spawn) and
+    /// [`CpuPool::install`](crate::CpuPool::install).
+    ///
+    /// # Errors
+    /// rayon's, if the pool cannot be built.
+    #[cfg(feature = "rayon")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
+    #[track_caller]
+    pub fn cpu_pool(
+        &self,
+        name: &str,
+        builder: rayon::ThreadPoolBuilder,
+    ) -> Result<crate::CpuPool, rayon::ThreadPoolBuildError> {
+        let site = std::panic::Location::caller();
+        let pool = builder.build()?;
+        let (pool, stats) = crate::CpuPool::new(
+            self.inner.as_ref().map(|i| i.shared.board.clone()),
+            name,
+            pool,
+            site,
+        );
+        if let Some(i) = &self.inner {
+            if let Ok(mut pools) = i.shared.cpu_pools.lock() {
+                pools.push(stats);
+            }
+        }
+        Ok(pool)
     }
 
     /// Installs tokio's poll hooks on a runtime builder, so every task on that runtime is

@@ -44,6 +44,14 @@ pub(crate) enum Notice {
         /// Jobs that waited like this since the last notice (notices are rate limited).
         since_last: u64,
     },
+    /// A CPU pool is fed jobs too small to be worth a dispatch.
+    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
+    CpuTooFine {
+        pool: Arc<str>,
+        jobs: u64,
+        fine: u64,
+        mean: Duration,
+    },
 }
 
 /// The longest a running report waits for its stack to be symbolized; past it the report goes
@@ -316,8 +324,29 @@ fn notice_event(n: &Notice) {
              ({running} of {max} threads busy, {queued} jobs queued; {since_last} jobs waited \
              like this since the last notice); hint: {BLOCKING_HINT}"
         ),
+        Notice::CpuTooFine {
+            pool,
+            jobs,
+            fine,
+            mean,
+        } => tracing::warn!(
+            target: "loopwatch",
+            layer = "cpu",
+            notice = "cpu_jobs_too_fine",
+            pool = pool.as_ref(),
+            jobs,
+            too_fine = fine,
+            mean_us = mean.as_secs_f64() * 1e6,
+            hint = FINE_HINT,
+            "cpu pool {pool} jobs too fine: {fine} of its last {jobs} jobs took under 50 µs \
+             (mean {mean:.1?}); hint: {FINE_HINT}"
+        ),
     }
 }
+
+const FINE_HINT: &str = "batch these: give each job at least 50-100 µs of work (par_chunks, \
+     with_min_len, or a loop over several items per job); below that, dispatch costs more than \
+     the parallelism gains";
 
 const BLOCKING_HINT: &str = "the blocking pool is full: jobs that wait (sleep, poll, hold \
      locks) occupy its threads; make them async, raise max_blocking_threads, or give long jobs \

@@ -162,6 +162,8 @@ pub struct Snapshot {
     pub blocking_queued: u64,
     /// Blocking jobs that waited at least the stall threshold for a thread (the pool was full).
     pub blocking_slow_starts: u64,
+    /// "Jobs too fine" reports sent about CPU pools (feature `rayon`).
+    pub cpu_too_fine_reports: u64,
 }
 
 /// A runtime's loop lag: how long its heartbeat tasks waited from their spawn (from

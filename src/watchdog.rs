@@ -45,6 +45,11 @@ pub(crate) struct Shared {
     pub(crate) caught_panics: AtomicU64,
     /// Blocking jobs that waited past the async stall threshold for a thread.
     pub(crate) blocking_slow_starts: AtomicU64,
+    /// CPU pools made with `Guard::cpu_pool`.
+    #[cfg(feature = "rayon")]
+    pub(crate) cpu_pools: Mutex<Vec<Arc<crate::probe::cpu::CpuStats>>>,
+    /// "Jobs too fine" reports sent.
+    pub(crate) too_fine_reports: AtomicU64,
     pub(crate) diag: DiagCounters,
     /// Why stacks are off although they were asked for (the signal is taken, ...).
     pub(crate) stack_setup_error: Mutex<Option<String>>,
@@ -121,6 +126,9 @@ impl Shared {
             dropped_reports: AtomicU64::new(0),
             caught_panics: AtomicU64::new(0),
             blocking_slow_starts: AtomicU64::new(0),
+            #[cfg(feature = "rayon")]
+            cpu_pools: Mutex::new(Vec::new()),
+            too_fine_reports: AtomicU64::new(0),
             diag: DiagCounters::default(),
             stack_setup_error: Mutex::new(None),
             hist: Mutex::new(HashMap::new()),
@@ -224,6 +232,7 @@ impl Shared {
             blocking_running: self.board.blocking.running(),
             blocking_queued: self.board.blocking.queued(),
             blocking_slow_starts: self.blocking_slow_starts.load(Ordering::Relaxed),
+            cpu_too_fine_reports: self.too_fine_reports.load(Ordering::Relaxed),
         }
     }
 }
@@ -338,6 +347,10 @@ pub(crate) struct Watchdog {
     /// When the last blocking-pool notice went out, and the slow starts since.
     last_notice_ns: Option<u64>,
     slow_starts_unreported: u64,
+    /// CPU pools' totals at the last granularity check (by pool index), and their last report.
+    #[cfg(feature = "rayon")]
+    cpu_seen: Vec<(u64, u64, u64, Option<u64>)>,
+    last_cpu_check_ns: u64,
     next_stall_id: u64,
     ticks: u64,
     /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
@@ -365,6 +378,9 @@ impl Watchdog {
             waits: Vec::new(),
             last_notice_ns: None,
             slow_starts_unreported: 0,
+            #[cfg(feature = "rayon")]
+            cpu_seen: Vec::new(),
+            last_cpu_check_ns: 0,
             next_stall_id: 1,
             ticks: 0,
             last_tick_ns: 0,
@@ -502,6 +518,11 @@ impl Watchdog {
             a.store(o, Ordering::Relaxed);
         }
         self.fold_samples();
+        if now.saturating_sub(self.last_cpu_check_ns) >= 1_000_000_000 {
+            self.last_cpu_check_ns = now;
+            #[cfg(feature = "rayon")]
+            self.check_cpu_pools(now);
+        }
         active
     }
 
@@ -545,7 +566,7 @@ impl Watchdog {
             state: StallState::Running,
             threshold: Duration::from_nanos(threshold),
             exact_end: false,
-            hint: cause.hint(),
+            hint: hint_for(layer, &cause),
             cause,
             cause_shares,
             stack: None,
@@ -649,7 +670,7 @@ impl Watchdog {
     fn send_running(&mut self, i: usize, open: &mut Open) {
         let (cause, shares) = self.verdict(i, open.seq);
         open.record.cause = cause;
-        open.record.hint = cause.hint();
+        open.record.hint = hint_for(open.record.layer, &cause);
         open.record.cause_shares = shares;
         open.running_sent = true;
         let key = StallKey {
@@ -704,7 +725,7 @@ impl Watchdog {
         record.duration = Duration::from_nanos(end.saturating_sub(open.start_ns));
         record.exact_end = exact_end;
         record.cause = cause;
-        record.hint = cause.hint();
+        record.hint = hint_for(record.layer, &cause);
         record.cause_shares = shares;
         self.states[i].probe = None;
         self.shared.in_progress[record.layer as usize].fetch_sub(1, Ordering::Relaxed);
@@ -859,6 +880,42 @@ impl Watchdog {
         }
     }
 
+    /// Once a second: a CPU pool that ran at least 10,000 jobs since the last look, most of them
+    /// under 50 µs, gets a "too fine" report (at most one per pool every 10 s).
+    #[cfg(feature = "rayon")]
+    fn check_cpu_pools(&mut self, now: u64) {
+        let pools = match self.shared.cpu_pools.lock() {
+            Ok(p) => p.clone(),
+            Err(_) => return,
+        };
+        self.cpu_seen.resize(pools.len(), (0, 0, 0, None));
+        for (i, p) in pools.iter().enumerate() {
+            let (jobs, fine, nanos) = p.totals();
+            let (j0, f0, n0, last) = self.cpu_seen[i];
+            let (dj, df, dn) = (
+                jobs.saturating_sub(j0),
+                fine.saturating_sub(f0),
+                nanos.saturating_sub(n0),
+            );
+            let quiet = last.is_some_and(|t| now.saturating_sub(t) < 10_000_000_000);
+            if quiet {
+                continue; // keep counting from the last report
+            }
+            if dj >= 10_000 && df * 2 >= dj {
+                self.shared.too_fine_reports.fetch_add(1, Ordering::Relaxed);
+                self.send_report(Report::Notice(Notice::CpuTooFine {
+                    pool: p.name.clone(),
+                    jobs: dj,
+                    fine: df,
+                    mean: Duration::from_nanos(dn / dj.max(1)),
+                }));
+                self.cpu_seen[i] = (jobs, fine, nanos, Some(now));
+            } else {
+                self.cpu_seen[i] = (jobs, fine, nanos, last);
+            }
+        }
+    }
+
     /// A blocking job waited past the stall threshold for a thread: the pool is full. Counted;
     /// reported at most once a second.
     fn slow_start(&mut self, kind: KindId, waited: u64, now: u64) {
@@ -982,5 +1039,17 @@ fn worker_info(index: usize, slot: &Slot) -> WorkerInfo {
         index,
         thread_name: meta.as_ref().and_then(|m| m.name.clone()),
         tid: meta.and_then(|m| m.tid),
+    }
+}
+
+/// The one-line hint for a stall with `cause` on `layer`: a CPU pool's job sitting in a system
+/// call is the pool used for waiting, whatever the call.
+fn hint_for(layer: LayerKind, cause: &Cause) -> Option<&'static str> {
+    match (layer, cause) {
+        (LayerKind::Cpu, Cause::Syscall(_)) => Some(
+            "a CPU pool job waiting in a system call: a parallel layer used for waiting holds \
+             a core's worth of thread; do the waiting on async tasks or the blocking pool",
+        ),
+        _ => cause.hint(),
     }
 }

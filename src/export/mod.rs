@@ -196,6 +196,15 @@ impl Collector {
                 );
             }
         }
+        #[cfg(feature = "rayon")]
+        if let Ok(pools) = sh.cpu_pools.lock() {
+            for p in pools.iter() {
+                let (jobs, fine, _) = p.totals();
+                let pool = || vec![SharedString::from(p.name.to_string())];
+                f.push(M::CpuJobs, pool(), Value::Counter(jobs));
+                f.push(M::CpuJobsTooFine, pool(), Value::Counter(fine));
+            }
+        }
         if sh.cfg.otlp.is_some() {
             let e = &sh.export;
             for (signal, dropped, errors) in [

@@ -108,6 +108,10 @@ metrics! {
         "Blocking jobs running as a share of max_blocking_threads (1 = the pool is full).";
     BlockingSlowStarts = "loopwatch_blocking_slow_starts_total", Counter, Count, [],
         "Blocking jobs that waited at least the stall threshold for a thread: the pool was full.";
+    CpuJobs = "loopwatch_cpu_jobs_total", Counter, Count, ["pool"],
+        "Jobs run on a CPU pool made with Guard::cpu_pool (feature rayon).";
+    CpuJobsTooFine = "loopwatch_cpu_jobs_too_fine_total", Counter, Count, ["pool"],
+        "CPU-pool jobs shorter than 50 µs: too fine to be worth a dispatch.";
     DroppedReports = "loopwatch_dropped_reports_total", Counter, Count, [],
         "Stall reports dropped because the report queue was full.";
     DroppedSamples = "loopwatch_dropped_samples_total", Counter, Count, [],

@@ -1,6 +1,8 @@
 //! The probes: what runs on the watched threads, at every poll.
 
 pub(crate) mod blocking;
+#[cfg(feature = "rayon")]
+pub(crate) mod cpu;
 #[cfg(tokio_unstable)]
 pub(crate) mod hooks;
 pub(crate) mod layer;
