@@ -109,6 +109,11 @@ pub struct Snapshot {
     /// Polls that held their thread at least the threshold, measured on the watchdog's clock
     /// (to within one tick), whether or not the watchdog caught them running.
     pub slow_polls: u64,
+    /// Polls counted by the watchdog, by layer (index with `LayerKind as usize`: async,
+    /// blocking, cpu); each thread's polls count for the layer of its latest poll.
+    pub polls_by_layer: [u64; 3],
+    /// Slow polls, by layer, as `polls_by_layer`.
+    pub slow_polls_by_layer: [u64; 3],
     /// Stalls detected (polls the watchdog saw running past the threshold).
     pub stalls_total: u64,
     /// Stalls running now.

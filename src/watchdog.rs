@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::board::{
-    decode, Board, Culprit, Record, Slot, SlotRead, CLOCK_UNKNOWN, WAIT, WAIT_NANOS, WAIT_SAMPLED,
+    decode, layer_of, Board, Culprit, Record, Slot, SlotRead, CLOCK_UNKNOWN, WAIT, WAIT_NANOS,
+    WAIT_SAMPLED,
 };
 use crate::config::Config;
 use crate::diagnose::sampler::{Ask, DiagCounters, Pending, Probe, Sampler};
@@ -36,6 +37,9 @@ pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) stop: AtomicBool,
     polls: AtomicU64,
+    /// Polls and slow polls by the layer of the thread's latest poll.
+    polls_by_layer: [AtomicU64; 3],
+    slow_by_layer: [AtomicU64; 3],
     stalls_total: AtomicU64,
     /// Stalls running now, by layer.
     pub(crate) in_progress: [AtomicU64; 3],
@@ -120,6 +124,8 @@ impl Shared {
             cfg,
             stop: AtomicBool::new(false),
             polls: AtomicU64::new(0),
+            polls_by_layer: Default::default(),
+            slow_by_layer: Default::default(),
             stalls_total: AtomicU64::new(0),
             in_progress: Default::default(),
             oldest_ns: Default::default(),
@@ -200,6 +206,14 @@ impl Shared {
         Snapshot {
             polls: self.polls.load(Ordering::Relaxed),
             slow_polls: slots.iter().map(Slot::slow_polls).sum(),
+            polls_by_layer: self
+                .polls_by_layer
+                .each_ref()
+                .map(|a| a.load(Ordering::Relaxed)),
+            slow_polls_by_layer: self
+                .slow_by_layer
+                .each_ref()
+                .map(|a| a.load(Ordering::Relaxed)),
             stalls_total: self.stalls_total.load(Ordering::Relaxed),
             stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
@@ -256,6 +270,8 @@ struct Open {
 struct SlotState {
     /// Polls of this slot already counted.
     done: u64,
+    /// Slow polls of this slot already counted.
+    slow_done: u64,
     /// The poll in progress last seen, and the tick that first saw it.
     seen_seq: u64,
     first_seen_ns: u64,
@@ -457,8 +473,20 @@ impl Watchdog {
             active |= r.in_poll();
             let st = &mut self.states[i];
             let done = r.seq >> 1;
-            polls += done.saturating_sub(st.done);
+            let new = done.saturating_sub(st.done);
+            polls += new;
             st.done = done;
+            // A thread serves one layer (workers, the blocking pool, a CPU pool): its polls
+            // count for the layer of its latest one.
+            let layer = layer_of(r.word) as usize;
+            if new > 0 {
+                self.shared.polls_by_layer[layer].fetch_add(new, Ordering::Relaxed);
+            }
+            let slow = slot.slow_polls();
+            if slow > st.slow_done {
+                self.shared.slow_by_layer[layer].fetch_add(slow - st.slow_done, Ordering::Relaxed);
+                st.slow_done = slow;
+            }
 
             if let Some(mut open) = st.open.take() {
                 if r.seq == open.seq {

@@ -71,6 +71,12 @@ fn a_saturated_blocking_pool_shows_queue_wait_and_saturation() {
         .clone();
     assert_eq!(jobs.count, 6, "every job is timed");
     assert!(jobs.max >= JOB, "{jobs:?}");
+    // The jobs count as polls of the blocking layer, not of the async workers.
+    assert!(
+        snap.polls_by_layer[LayerKind::Blocking as usize] >= 6,
+        "{snap:?}"
+    );
+    assert!(snap.slow_polls_by_layer[LayerKind::Blocking as usize] == 0);
     // A 200 ms job is not a stall of the blocking layer (its threshold is 30 s), nor of async.
     assert_eq!(snap.stalls_total, 0, "{:?}", snap.stalls_by);
 

@@ -130,7 +130,7 @@ fn a_stalled_runtime_is_still_scraped_and_shows_the_stall_in_progress() {
             "no le={le} in {buckets:#?}"
         );
     }
-    let polls = common::sample(&after, "loopwatch_polls_total").unwrap();
+    let polls = common::sample(&after, r#"loopwatch_polls_total{layer="async"}"#).unwrap();
     assert!(polls >= 2_000.0, "{polls}");
     // No task id ever becomes a label.
     assert!(!after.contains("task_id") && !after.contains("id=\""));

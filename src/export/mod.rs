@@ -108,8 +108,16 @@ impl Collector {
             .unwrap_or_default();
         self.feed_dropped += feed.dropped;
 
-        f.counter(M::Polls, snap.polls);
-        f.counter(M::SlowPolls, snap.slow_polls);
+        for layer in LAYERS {
+            let i = layer as usize;
+            let l = || vec![SharedString::from(layer.as_str())];
+            f.push(M::Polls, l(), Value::Counter(snap.polls_by_layer[i]));
+            f.push(
+                M::SlowPolls,
+                l(),
+                Value::Counter(snap.slow_polls_by_layer[i]),
+            );
+        }
         f.counter(M::DroppedReports, snap.dropped_reports);
         f.counter(M::DroppedSamples, snap.dropped_samples + self.feed_dropped);
         f.counter(M::DroppedSpans, snap.dropped_spans);

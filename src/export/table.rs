@@ -80,9 +80,9 @@ macro_rules! metrics {
 }
 
 metrics! {
-    Polls = "loopwatch_polls_total", Counter, Count, [],
+    Polls = "loopwatch_polls_total", Counter, Count, ["layer"],
         "Polls that ended on watched threads.";
-    SlowPolls = "loopwatch_slow_polls_total", Counter, Count, [],
+    SlowPolls = "loopwatch_slow_polls_total", Counter, Count, ["layer"],
         "Polls that held their thread at least the stall threshold (caught running or not).";
     PollDuration = "loopwatch_poll_duration_seconds", Histogram, Seconds, ["layer", "kind"],
         "Duration of timed polls (one poll in sample_every per thread), by layer and task kind.";
