@@ -691,13 +691,7 @@ impl Drop for Guard {
         }
         // The watchdog has dropped the sending side: the reporter ends after the queue.
         if let Some(r) = inner.reporter.take() {
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            while !r.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if r.is_finished() {
-                let _ = r.join();
-            }
+            crate::export::join_within(r, Duration::from_secs(1));
         }
     }
 }

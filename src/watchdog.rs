@@ -172,6 +172,16 @@ impl Shared {
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(true)
+    }
+
+    /// The counters and gauges only: no histogram or per-kind table is copied (the export
+    /// thread takes exact values from the feed instead, every interval).
+    pub(crate) fn counters(&self) -> Snapshot {
+        self.snapshot_with(false)
+    }
+
+    fn snapshot_with(&self, tables: bool) -> Snapshot {
         let slots = self.board.slots();
         let oldest = self
             .oldest_ns
@@ -179,30 +189,41 @@ impl Shared {
             .map(|a| a.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
-        let schedule_delays = self.kind_polls(&self.sched_hist);
+        let schedule_delays = if tables {
+            self.kind_polls(&self.sched_hist)
+        } else {
+            Vec::new()
+        };
         let victims_total = self
             .victim_counts
             .lock()
             .map(|m| m.values().sum())
             .unwrap_or(0);
-        let stalls_by = self
-            .stall_counts
-            .lock()
-            .map(|m| {
-                let mut v: Vec<StallCount> = m
-                    .iter()
-                    .map(|(k, &count)| StallCount {
-                        kind: self.board.kinds.get(k.kind).clone(),
-                        layer: k.layer,
-                        cause: k.cause,
-                        count,
-                    })
-                    .collect();
-                v.sort_by_key(|c| std::cmp::Reverse(c.count));
-                v
-            })
-            .unwrap_or_default();
-        let poll_durations = self.kind_polls(&self.hist);
+        let stalls_by = if !tables {
+            Vec::new()
+        } else {
+            self.stall_counts
+                .lock()
+                .map(|m| {
+                    let mut v: Vec<StallCount> = m
+                        .iter()
+                        .map(|(k, &count)| StallCount {
+                            kind: self.board.kinds.get(k.kind).clone(),
+                            layer: k.layer,
+                            cause: k.cause,
+                            count,
+                        })
+                        .collect();
+                    v.sort_by_key(|c| std::cmp::Reverse(c.count));
+                    v
+                })
+                .unwrap_or_default()
+        };
+        let poll_durations = if tables {
+            self.kind_polls(&self.hist)
+        } else {
+            Vec::new()
+        };
         Snapshot {
             polls: self.polls.load(Ordering::Relaxed),
             slow_polls: slots.iter().map(Slot::slow_polls).sum(),

@@ -13,6 +13,9 @@ pub(crate) mod table;
 pub(crate) mod otlp;
 mod runtime;
 mod sink;
+mod thread;
+
+pub(crate) use thread::join_within;
 
 use std::future::Future as _;
 use std::net::SocketAddr;
@@ -93,7 +96,7 @@ impl Collector {
     pub(crate) fn collect(&mut self) -> Frame {
         let mut f = Frame::default();
         let sh = &*self.shared;
-        let snap = sh.snapshot();
+        let snap = sh.counters();
         let kinds = &sh.board.kinds;
         let kind_label = |id| -> SharedString {
             let k = kinds.get(id);
@@ -315,39 +318,17 @@ impl Exporter {
         };
         let runtimes: Arc<Mutex<Vec<RuntimeProbe>>> = Arc::default();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
         let collector = Collector::new(shared.clone(), runtimes.clone());
         let interval = cfg.export_interval;
         let metrics_on = cfg.metrics != MetricsExport::Off;
-        let thread = std::thread::Builder::new()
-            .name("loopwatch-export".into())
-            .spawn(move || {
-                crate::board::mark_own_thread();
-                let sinks = Sinks {
-                    metrics_on,
-                    prometheus_addr,
-                    otlp,
-                };
-                run(collector, interval, sinks, stop_rx, ready_tx)
-            })
-            .map_err(|source| Error::SpawnThread {
-                thread: "loopwatch-export",
-                source,
-            })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = thread.join();
-                return Err(Error::SpawnThread {
-                    thread: "loopwatch-export",
-                    source: std::io::Error::other("the export thread ended while starting"),
-                });
-            }
-        }
+        let sinks = Sinks {
+            metrics_on,
+            prometheus_addr,
+            otlp,
+        };
+        let thread = thread::start("loopwatch-export", move |ready| {
+            run(collector, interval, sinks, stop_rx, ready)
+        })?;
         Ok(Some((
             Exporter {
                 thread: Some(thread),
@@ -367,13 +348,7 @@ impl Drop for Exporter {
         }
         if let Some(t) = self.thread.take() {
             // The last frame, then up to 2 s for the OTLP thread to send what it holds.
-            let deadline = std::time::Instant::now() + Duration::from_secs(3);
-            while !t.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            }
+            thread::join_within(t, Duration::from_secs(3));
         }
     }
 }
@@ -418,34 +393,20 @@ impl NoOtlp {
 }
 
 /// The export thread's body.
-fn run(
+async fn run(
     mut collector: Collector,
     interval: Duration,
     sinks: Sinks,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-    ready: std::sync::mpsc::Sender<Result<(), Error>>,
+    ready: thread::Ready,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("loopwatch-export")
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(source) => {
-            let _ = ready.send(Err(Error::SpawnThread {
-                thread: "loopwatch-export",
-                source,
-            }));
-            return;
-        }
-    };
     let shared = collector.shared.clone();
     let Sinks {
         metrics_on,
         prometheus_addr,
         otlp,
     } = sinks;
-    rt.block_on(async move {
+    {
         let mut metrics = None;
         if metrics_on {
             match sink::MetricsSink::start(prometheus_addr) {
@@ -496,7 +457,7 @@ fn run(
         if let Some(o) = otlp {
             o.close(Duration::from_secs(2));
         }
-    });
+    }
 }
 
 /// How often each monitored runtime gets a heartbeat task (loop lag).

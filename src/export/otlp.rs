@@ -83,37 +83,17 @@ impl Otlp {
     pub(crate) fn start(shared: &Arc<Shared>, cfg: &OtlpConfig) -> Result<Otlp, Error> {
         let (stall_tx, stall_rx) = mpsc::channel::<Stall>(cfg.span_queue);
         let (frame_tx, frame_rx) = mpsc::channel::<Arc<Frame>>(FRAME_QUEUE);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
         let cfg2 = cfg.clone();
         let stats = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("loopwatch-otlp".into())
-            .spawn(move || {
-                crate::board::mark_own_thread();
-                run(cfg2, stats, stall_rx, frame_rx, ready_tx)
-            })
-            .map_err(|source| Error::SpawnThread {
-                thread: "loopwatch-otlp",
-                source,
-            })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Otlp {
-                stalls: stall_tx,
-                frames: frame_tx,
-                thread: Some(thread),
-                shared: shared.clone(),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(Error::Otlp {
-                    reason: "the OTLP thread ended while starting".into(),
-                })
-            }
-        }
+        let thread = super::thread::start("loopwatch-otlp", move |ready| {
+            run(cfg2, stats, stall_rx, frame_rx, ready)
+        })?;
+        Ok(Otlp {
+            stalls: stall_tx,
+            frames: frame_tx,
+            thread: Some(thread),
+            shared: shared.clone(),
+        })
     }
 
     pub(crate) fn stall_sender(&self) -> StallSender {
@@ -138,39 +118,19 @@ impl Otlp {
         let thread = self.thread.take();
         drop(self); // the senders: the thread's loops end once their queue is drained
         if let Some(t) = thread {
-            let deadline = std::time::Instant::now() + wait;
-            while !t.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            }
+            super::thread::join_within(t, wait);
         }
     }
 }
 
-fn run(
+async fn run(
     cfg: OtlpConfig,
     shared: Arc<Shared>,
     stalls: mpsc::Receiver<Stall>,
     frames: mpsc::Receiver<Arc<Frame>>,
-    ready: std::sync::mpsc::Sender<Result<(), Error>>,
+    ready: super::thread::Ready,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("loopwatch-otlp")
-        .build()
     {
-        Ok(rt) => rt,
-        Err(source) => {
-            let _ = ready.send(Err(Error::SpawnThread {
-                thread: "loopwatch-otlp",
-                source,
-            }));
-            return;
-        }
-    };
-    rt.block_on(async move {
         let resource = resource();
         let built =
             std::panic::catch_unwind(|| build_exporters(&cfg, &resource)).unwrap_or_else(|_| {
@@ -231,7 +191,7 @@ fn run(
         };
         // Both run on this thread; one waiting on a slow collector does not hold the other.
         join(span_loop, metric_loop).await;
-    });
+    }
 }
 
 /// Runs two futures to completion, side by side (what `tokio::join!` does, without tokio's
