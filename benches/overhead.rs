@@ -24,7 +24,10 @@ const ROUNDS: usize = 3;
 enum Variant {
     Bare,
     TaskMonitor,
+    /// The `watch()` wrapper at defaults: it also notes wakes (schedule delay, victims).
     Watch,
+    /// The same with `schedule_delay(false)`: timing only, the waker left alone.
+    WatchNoWakes,
     /// Each task instrumented with a span, registry only (what tracing itself costs).
     SpanRegistry,
     /// The same, with loopwatch's layer added (what loopwatch adds on the stable span path).
@@ -53,6 +56,7 @@ impl Variant {
             Variant::Bare,
             Variant::TaskMonitor,
             Variant::Watch,
+            Variant::WatchNoWakes,
             Variant::SpanRegistry,
             Variant::SpanLoopwatch,
         ];
@@ -73,6 +77,7 @@ impl Variant {
             Variant::Bare => "bare",
             Variant::TaskMonitor => "tokio-metrics TaskMonitor",
             Variant::Watch => "loopwatch watch() wrapper",
+            Variant::WatchNoWakes => "loopwatch watch(), schedule_delay off",
             Variant::SpanRegistry => "span per task, registry only",
             Variant::SpanLoopwatch => "span per task + loopwatch layer",
             #[cfg(tokio_unstable)]
@@ -172,6 +177,9 @@ impl Setup {
             if variant == Variant::HooksPrecise {
                 lb = lb.precise_start(true);
             }
+            if variant == Variant::WatchNoWakes {
+                lb = lb.schedule_delay(false);
+            }
             lb = lb.threshold(Duration::from_millis(10));
             let (l, g) = lb.build().expect("loopwatch builds");
             layer = Some(l);
@@ -228,7 +236,7 @@ where
 {
     match variant {
         Variant::TaskMonitor => tokio::spawn(monitor.instrument(fut)),
-        Variant::Watch => tokio::spawn(guard.unwrap().watch("bench", fut)),
+        Variant::Watch | Variant::WatchNoWakes => tokio::spawn(guard.unwrap().watch("bench", fut)),
         Variant::SpanRegistry | Variant::SpanLoopwatch => {
             tokio::spawn(fut.instrument(tracing::info_span!("bench")))
         }
@@ -690,6 +698,7 @@ fn instructions(variant: &str) {
             loopwatch::builder()
                 .ignore_env()
                 .diagnose(false)
+                .schedule_delay(variant != "watch-nowake")
                 .metrics(loopwatch::MetricsExport::Off)
                 .build()
                 .unwrap()
@@ -710,8 +719,8 @@ fn instructions(variant: &str) {
                 std::hint::black_box(m);
             });
         }
-        "bare" | "watch" => {}
-        other => panic!("unknown variant {other} (bare, watch, hooks-empty, hooks)"),
+        "bare" | "watch" | "watch-nowake" => {}
+        other => panic!("unknown variant {other} (bare, watch, watch-nowake, hooks-empty, hooks)"),
     }
     let rt = b.build().unwrap();
     let (tasks, yields) = (100u64, 10_000u64);
@@ -724,7 +733,7 @@ fn instructions(variant: &str) {
                     }
                 };
                 match &guard {
-                    Some(g) if variant == "watch" => tokio::spawn(g.watch("w", fut)),
+                    Some(g) if variant.starts_with("watch") => tokio::spawn(g.watch("w", fut)),
                     _ => tokio::spawn(fut),
                 }
             })

@@ -15,7 +15,7 @@ count() {
 bare=$(count bare)
 polls=1000100
 printf '%-12s %14s %12s\n' probe instructions "added/poll"
-for v in bare watch hooks-empty hooks; do
+for v in bare watch watch-nowake hooks-empty hooks; do
   n=$(count "$v")
   printf '%-12s %14s %12.1f\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)"
 done

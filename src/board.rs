@@ -328,6 +328,8 @@ pub(crate) struct Board {
     wait_floor_ns: u64,
     /// A probe that knows schedule delays is installed (victims can be found).
     waits_known: AtomicBool,
+    /// Watched futures note their wakes (`schedule_delay`, default on).
+    pub(crate) track_wakes: bool,
     slots: Box<[Slot]>,
     high_water: AtomicUsize,
     unwatched_threads: AtomicU64,
@@ -381,12 +383,18 @@ impl Board {
                 u64::try_from(t.as_nanos() / 10).unwrap_or(u64::MAX)
             }),
             waits_known: AtomicBool::new(false),
+            track_wakes: true,
             slots: (0..max_threads).map(|_| Slot::new()).collect(),
             high_water: AtomicUsize::new(0),
             unwatched_threads: AtomicU64::new(0),
             kinds: Kinds::new(max_kinds),
             blocking: BlockingStats::default(),
         }
+    }
+
+    /// The instant the board's clock counts from.
+    pub(crate) fn epoch(&self) -> Instant {
+        self.epoch
     }
 
     /// Nanoseconds since the board's epoch, from the real clock.
@@ -413,12 +421,9 @@ impl Board {
         self.sample_mask + 1
     }
 
-    /// A probe that reports schedule delays (tokio's poll hooks with schedule latency) is in
+    /// A probe that reports schedule delays (tokio's poll hooks with schedule latency, or a
+    /// [`Watched`](crate::Watched) future) is in
     /// use: stalls wait a little after they end to collect their victims.
-    #[cfg_attr(
-        not(all(tokio_unstable, feature = "schedule-delay", target_has_atomic = "64")),
-        allow(dead_code)
-    )]
     pub(crate) fn set_waits_known(&self) {
         self.waits_known.store(true, Ordering::Relaxed);
     }
@@ -464,6 +469,14 @@ impl Board {
                 slot.inner.store(word, Ordering::Relaxed);
                 if is_named(word) && slot.named.load(Ordering::Relaxed) == 0 {
                     slot.named.store(word, Ordering::Relaxed);
+                }
+                if waited != NO_WAIT && !l.wait_noted.get() {
+                    // A watched future inside a span's poll: its wake time is the task's.
+                    l.wait_noted.set(true);
+                    let sampled = l.sample_start.get().is_some();
+                    let start = slot.start_ns.load(Ordering::Relaxed);
+                    let task = slot.task.load(Ordering::Relaxed);
+                    self.note_wait(slot, word, waited, start, task, sampled);
                 }
             }
         });
@@ -526,16 +539,24 @@ impl Board {
         };
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
-        let mut sampled = (s >> 1) & self.sample_mask == 0;
-        // Rare: a timed poll, or one that waited long (a stall's victim, perhaps).
-        if waited != NO_WAIT && (sampled || waited >= self.wait_floor_ns || is_blocking(word)) {
-            // Blocking jobs are few and long: every one is timed, and its queue wait kept.
-            sampled |= is_blocking(word);
-            let flags = if sampled { WAIT | WAIT_SAMPLED } else { WAIT };
-            slot.push(word, (waited & WAIT_NANOS) | flags, start, task);
+        // Blocking jobs are few and long: every one is timed, and its queue wait kept.
+        let sampled = (s >> 1) & self.sample_mask == 0 || is_blocking(word);
+        l.wait_noted.set(waited != NO_WAIT);
+        if waited != NO_WAIT {
+            self.note_wait(slot, word, waited, start, task, sampled);
         }
         if sampled {
             l.sample_start.set(Some(Instant::now()));
+        }
+    }
+
+    /// Keeps a poll's schedule delay if rare enough: a timed poll's (for the histogram), or a
+    /// long one (a stall's victim, perhaps).
+    #[inline]
+    fn note_wait(&self, slot: &Slot, word: u64, waited: u64, start: u64, task: u64, sampled: bool) {
+        if sampled || waited >= self.wait_floor_ns {
+            let flags = if sampled { WAIT | WAIT_SAMPLED } else { WAIT };
+            slot.push(word, (waited & WAIT_NANOS) | flags, start, task);
         }
     }
 
@@ -663,6 +684,8 @@ struct Local {
     slot: Cell<usize>,
     depth: Cell<u32>,
     sample_start: Cell<Option<Instant>>,
+    /// The current poll's schedule delay is known (its first probe, or a nested one, said).
+    wait_noted: Cell<bool>,
     own: Cell<bool>,
     /// The culprit words of the spans nested in the current poll (`stack[d]` at depth `d`).
     stack: [Cell<u64>; 8],
@@ -705,6 +728,7 @@ thread_local! {
             slot: Cell::new(usize::MAX),
             depth: Cell::new(0),
             sample_start: Cell::new(None),
+            wait_noted: Cell::new(false),
             own: Cell::new(false),
             stack: [const { Cell::new(0) }; 8],
         }

@@ -169,8 +169,9 @@ pub struct Config {
     pub stack_signal: Option<i32>,
     /// At most this many stack captures per second (bursts of as many).
     pub max_stacks_per_sec: u32,
-    /// Turn on tokio's schedule-latency tracking in `install_poll_hooks` (victims and the
-    /// schedule-delay histogram; `tokio_unstable` with the `schedule-delay` feature).
+    /// Learn schedule delays (victims and the schedule-delay histogram): tokio's
+    /// schedule-latency tracking in `install_poll_hooks` (`tokio_unstable` with the
+    /// `schedule-delay` feature), and wake notes in [`Watched`](crate::Watched) futures.
     pub schedule_delay: bool,
     /// A job on tokio's blocking pool that runs this long is a stall of the `blocking` layer.
     pub blocking_threshold: Duration,

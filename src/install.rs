@@ -242,11 +242,13 @@ impl Builder {
         self
     }
 
-    /// With the poll hooks (`tokio_unstable`, feature `schedule-delay`): turn on tokio's
-    /// schedule-latency tracking, so each stall lists the tasks that waited behind it
-    /// ([`Victims`](crate::Victims)) and timed polls feed the schedule-delay histogram. Default
-    /// on. It costs tokio a clock read per wake and per poll (about +56 ns per poll of a
-    /// task that yields in a loop; see docs/PERFORMANCE.md). Env: `LOOPWATCH_SCHEDULE_DELAY`.
+    /// Learn each poll's schedule delay (wake to poll), so each stall lists the tasks that
+    /// waited behind it ([`Victims`](crate::Victims)) and timed polls feed the schedule-delay
+    /// histogram. Default on. With the poll hooks (`tokio_unstable`, feature `schedule-delay`)
+    /// it turns on tokio's schedule-latency tracking, which costs tokio a clock read per wake
+    /// and per poll (about +56 ns per poll of a task that yields in a loop); on any tokio it
+    /// makes [`Watched`](crate::Watched) futures note their wakes, which costs them about as
+    /// much (see docs/PERFORMANCE.md). Env: `LOOPWATCH_SCHEDULE_DELAY`.
     pub fn schedule_delay(mut self, on: bool) -> Self {
         self.cfg.schedule_delay = on;
         self
@@ -390,7 +392,7 @@ impl Builder {
                 },
             ));
         }
-        let board = Arc::new(Board::new(
+        let mut board = Board::new(
             [
                 Some(cfg.threshold),
                 Some(cfg.blocking_threshold),
@@ -400,7 +402,9 @@ impl Builder {
             cfg.precise_start,
             cfg.max_threads,
             cfg.max_task_kinds,
-        ));
+        );
+        board.track_wakes = cfg.schedule_delay;
+        let board = Arc::new(board);
         let layer_shared = Arc::new(LayerShared {
             board: board.clone(),
             spans: SpanTable::new(cfg.max_live_spans),
@@ -559,6 +563,26 @@ impl Guard {
     #[track_caller]
     pub fn watch<F: Future>(&self, name: &str, future: F) -> Watched<F> {
         Watched::new(
+            self.inner.as_ref().map(|i| i.shared.board.clone()),
+            name,
+            future,
+            std::panic::Location::caller(),
+        )
+    }
+
+    /// Spawns `future` as a task watched under `name` by this guard (see
+    /// [`spawn`](crate::spawn)).
+    ///
+    /// # Panics
+    ///
+    /// Like `tokio::spawn`, when called outside a tokio runtime.
+    #[track_caller]
+    pub fn spawn<F>(&self, name: &str, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        crate::probe::watched::spawn_watched(
             self.inner.as_ref().map(|i| i.shared.board.clone()),
             name,
             future,

@@ -156,8 +156,9 @@ pub struct Snapshot {
     /// Loop lag of each runtime given to
     /// [`Guard::monitor_runtime`](crate::Guard::monitor_runtime).
     pub loop_lag: Vec<RuntimeLag>,
-    /// Schedule delays (wake to poll) of timed polls per task kind and layer. Only with tokio's
-    /// poll hooks and schedule-latency tracking (`--cfg tokio_unstable`); empty otherwise.
+    /// Schedule delays (wake to poll) of timed polls per task kind and layer: with tokio's
+    /// poll hooks and schedule-latency tracking (`--cfg tokio_unstable`), and for
+    /// [`Watched`](crate::Watched) futures; empty otherwise.
     pub schedule_delays: Vec<KindPolls>,
     /// Tasks that waited behind stalls (see [`Victims`](crate::Victims)).
     pub victims_total: u64,

@@ -127,12 +127,14 @@ pub struct Stall {
 /// The tasks that waited behind a stall on its worker: head-of-line blocking, linked to its
 /// cause.
 ///
-/// Known only with tokio's poll hooks and schedule-latency tracking (`--cfg tokio_unstable`,
-/// `Guard::install_poll_hooks`, feature `schedule-delay`):
-/// each poll then says how long its task waited since its wake, and a task polled on the same
-/// worker after the stall whose wait overlapped it is a victim, for the overlap. A task stolen
-/// by another worker did not wait behind it, and is not counted. Without that probe,
-/// `tracked` is false and the rest is empty.
+/// Known for the polls whose schedule delay (wake to poll) loopwatch learns: every task's with
+/// tokio's poll hooks and schedule-latency tracking (`--cfg tokio_unstable`,
+/// `Guard::install_poll_hooks`, feature `schedule-delay`), and [`Watched`](crate::Watched)
+/// futures' (`watch`, `spawn`) on any tokio. A task polled on the same worker after the stall
+/// whose wait overlapped it is a victim, for the overlap. A task stolen by another worker did
+/// not wait behind it, and is not counted; a task seen only through a `tracing` span has no
+/// known wake and is not counted either. Without either probe, `tracked` is false and the rest
+/// is empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Victims {

@@ -223,7 +223,17 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut spin = Thread::new(spin_tid);
         let a = spin.read(1);
-        let s = Thread::new(sleep_tid).read(1);
+        // The sleeper wakes every 5 ms and may be caught between sleeps on a
+        // loaded machine: it must be seen in a syscall within a few readings.
+        let mut sleeper_thread = Thread::new(sleep_tid);
+        let mut s = sleeper_thread.read(1);
+        for _ in 0..50 {
+            if matches!(s.activity, Activity::Syscall(_)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            s = sleeper_thread.read(1);
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
         let b = spin.read(2);
         stop.store(true, Ordering::Relaxed);

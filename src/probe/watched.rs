@@ -1,10 +1,20 @@
 //! The wrapper probe: a future polled inside [`Watched`] is watched like a task, on stable
 //! tokio, with no span and no subscriber needed.
+//!
+//! It also knows when its future was woken, which stable tokio does not tell: the future is
+//! polled with a waker of loopwatch's that notes the time of the first wake since the last
+//! poll, then wakes the task's own waker. The next poll's start minus that time is the
+//! schedule delay, which feeds the schedule-delay histogram and a stall's victims, as tokio's
+//! schedule latency does under `--cfg tokio_unstable`.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Instant;
+
+use atomic_waker::AtomicWaker;
 
 use crate::board::{kind_word, Board};
 use crate::probe::layer::current_task_id;
@@ -44,6 +54,73 @@ pin_project_lite::pin_project! {
         // The task it runs in, learnt at its first poll.
         task: u64,
         board: Option<Arc<Board>>,
+        // The waker the future is polled with, made at its first poll under a board.
+        wake: Option<(Arc<WakeNote>, Waker)>,
+    }
+}
+
+/// A future's wake note and the waker made of it; `woken_at` is 0 or a board time.
+fn wake_note(board: &Board, woken_at: u64) -> (Arc<WakeNote>, Waker) {
+    let note = Arc::new(WakeNote {
+        epoch: board.epoch(),
+        woken_at: AtomicU64::new(woken_at),
+        polling: AtomicBool::new(false),
+        task: AtomicWaker::new(),
+    });
+    let waker = Waker::from(note.clone());
+    (note, waker)
+}
+
+/// In `woken_at`: woken during its own poll; the wait starts at that poll's end.
+const WOKEN_IN_POLL: u64 = u64::MAX;
+
+/// The state behind a [`Watched`] future's waker.
+#[derive(Debug)]
+struct WakeNote {
+    /// The board's epoch, to read its clock.
+    epoch: Instant,
+    /// When the first wake since the last poll came, in board ns (at least 1), or
+    /// [`WOKEN_IN_POLL`]; 0: no wake.
+    woken_at: AtomicU64,
+    /// The future is being polled (a wake now needs no clock: the poll's end is its time).
+    polling: AtomicBool,
+    /// The waker of the task that polled the future last.
+    task: AtomicWaker,
+}
+
+impl WakeNote {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .clamp(1, u64::MAX - 1)
+    }
+
+    #[inline]
+    fn note(&self) {
+        if self.woken_at.load(Ordering::Relaxed) == 0 {
+            // Only the first wake counts: the task waits from then.
+            let at = if self.polling.load(Ordering::Relaxed) {
+                WOKEN_IN_POLL
+            } else {
+                self.now_ns()
+            };
+            let _ = self
+                .woken_at
+                .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Wake for WakeNote {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.note();
+        // A wake that finds no waker came after the previous wake and before the poll that
+        // registers the next one: that poll is under way and sees what the wake announced.
+        self.task.wake();
     }
 }
 
@@ -60,13 +137,40 @@ impl<F> Watched<F> {
                 .intern(Some(name), Some((site.file(), site.line(), site.column())));
             kind_word(kind, LayerKind::Async, true)
         });
+        if let Some(b) = board.as_ref().filter(|b| b.track_wakes) {
+            // Stalls wait a moment after they end for watched futures' delays.
+            b.set_waits_known();
+        }
         Watched {
             inner,
             word,
             task: 0,
             board,
+            wake: None,
         }
     }
+
+    /// The future is being spawned: its first poll's wait counts from now.
+    fn scheduled_now(mut self) -> Self {
+        if let Some(board) = self.board.as_ref().filter(|b| b.track_wakes) {
+            self.wake = Some(wake_note(board, board.now_ns().clamp(1, u64::MAX - 1)));
+        }
+        self
+    }
+}
+
+/// Spawns `future` as a tokio task watched under `name` by `board` (see [`spawn`]).
+pub(crate) fn spawn_watched<F>(
+    board: Option<Arc<Board>>,
+    name: &str,
+    future: F,
+    site: &'static std::panic::Location<'static>,
+) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(Watched::new(board, name, future, site).scheduled_now())
 }
 
 struct ExitOnDrop<'a>(&'a Arc<Board>);
@@ -84,25 +188,46 @@ impl<F: Future> Future for Watched<F> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        match this.board {
-            Some(board) => {
-                let task = this.task;
-                board.enter(
-                    *this.word,
-                    || {
-                        if *task == 0 {
-                            *task = current_task_id();
-                        }
-                        *task
-                    },
-                    crate::board::NO_WAIT,
-                );
-                let _exit = ExitOnDrop(board);
-                this.inner.poll(cx)
-            }
-            None => this.inner.poll(cx),
+        let Some(board) = this.board else {
+            return this.inner.poll(cx);
+        };
+        if !board.track_wakes {
+            board.enter(*this.word, || task_id(this.task), crate::board::NO_WAIT);
+            let _exit = ExitOnDrop(board);
+            return this.inner.poll(cx);
         }
+        let (note, waker) = this.wake.get_or_insert_with(|| wake_note(board, 0));
+        let waited = match note.woken_at.swap(0, Ordering::Relaxed) {
+            // Not woken through this future's waker (the first poll, or the task was woken
+            // for another future it polls): the wait is unknown.
+            0 | WOKEN_IN_POLL => crate::board::NO_WAIT,
+            woken => note.now_ns().saturating_sub(woken),
+        };
+        // Registered before the future is polled: a wake during the poll reaches the task.
+        note.task.register(cx.waker());
+        board.enter(*this.word, || task_id(this.task), waited);
+        note.polling.store(true, Ordering::Relaxed);
+        let out = {
+            let _exit = ExitOnDrop(board);
+            this.inner.poll(&mut Context::from_waker(waker))
+        };
+        note.polling.store(false, Ordering::Relaxed);
+        if note.woken_at.load(Ordering::Relaxed) == WOKEN_IN_POLL {
+            // Woken during its own poll (a yield, say): it waits from the poll's end, not
+            // through the rest of the poll, so a stall is never its own victim.
+            note.woken_at.store(note.now_ns(), Ordering::Relaxed);
+        }
+        out
     }
+}
+
+/// The task id of the watched future's task, learnt at its first poll.
+#[inline]
+fn task_id(task: &mut u64) -> u64 {
+    if *task == 0 {
+        *task = current_task_id();
+    }
+    *task
 }
 
 /// Watches the polls of `future` under the name `name`, with the caller's location as its
@@ -121,6 +246,31 @@ impl<F: Future> Future for Watched<F> {
 #[track_caller]
 pub fn watch<F: Future>(name: &str, future: F) -> Watched<F> {
     Watched::new(current(), name, future, std::panic::Location::caller())
+}
+
+/// Spawns `future` on the current tokio runtime as a task watched under `name`, like
+/// `tokio::spawn(loopwatch::watch(name, future))`, and also times its wait from the spawn to
+/// its first poll (a plain [`watch`] knows a wait only from a wake on). On stable tokio this
+/// makes a burst of spawned tasks queued behind a stall show as its victims:
+///
+/// ```
+/// # async fn handle() {}
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let task = loopwatch::spawn("handle", handle());
+/// task.await.unwrap();
+/// # }
+/// ```
+///
+/// # Panics
+///
+/// Like `tokio::spawn`, when called outside a tokio runtime.
+#[track_caller]
+pub fn spawn<F>(name: &str, future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    spawn_watched(current(), name, future, std::panic::Location::caller())
 }
 
 /// `.watched(name)` on any future: the method form of [`watch`].
