@@ -322,6 +322,7 @@ struct WaitRec {
 
 /// An ended stall waiting for its victims' records.
 struct Held {
+    kind: KindId,
     record: Stall,
     raw_stack: Option<Arc<[usize]>>,
     start_ns: u64,
@@ -784,6 +785,7 @@ impl Watchdog {
             let stall_start = open.start_ns;
             let window = (record.threshold.as_nanos() as u64).clamp(5_000_000, 100_000_000);
             let mut held = Held {
+                kind: open.kind,
                 record,
                 raw_stack: open.raw_stack,
                 start_ns: stall_start,
@@ -797,19 +799,24 @@ impl Watchdog {
             self.states[i].held.push(held);
             return;
         }
+        self.feed_stall(open.kind, &record);
+        self.send(record, open.raw_stack);
+    }
+
+    /// An ended stall's exact duration, for the stall-duration histogram.
+    fn feed_stall(&self, kind: KindId, record: &Stall) {
         if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
             if feed.stalls.len() < Feed::STALL_CAP {
                 let key = StallKey {
-                    kind: open.kind,
+                    kind,
                     layer: record.layer,
-                    cause,
+                    cause: record.cause,
                 };
                 feed.stalls.push((key, record.duration.as_nanos() as u64));
             } else {
                 feed.dropped += 1;
             }
         }
-        self.send(record, open.raw_stack);
     }
 
     fn send(&self, stall: Stall, raw_stack: Option<Arc<[usize]>>) {
@@ -1002,6 +1009,7 @@ impl Watchdog {
         st.held = keep;
         for h in ready {
             let Held {
+                kind,
                 mut record,
                 raw_stack,
                 acc,
@@ -1023,6 +1031,7 @@ impl Watchdog {
                     }
                 }
             }
+            self.feed_stall(kind, &record);
             self.send(record, raw_stack);
         }
     }

@@ -111,6 +111,30 @@ fn tasks_spawned_behind_a_stall_are_its_victims_and_stealing_lowers_their_count(
 
     let snap = h.guard.snapshot();
     assert!(snap.victims_total >= v.count, "{}", snap.victims_total);
+
+    // A stall held back for its victims still reaches the stall-duration histogram, and the
+    // victims their counter.
+    let addr = h
+        .guard
+        .prometheus_addr()
+        .expect("the harness serves /metrics");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (_, body) = common::http_get(addr, "/metrics").unwrap();
+        if common::series(&body, "loopwatch_stall_duration_seconds_count")
+            .iter()
+            .any(|l| l.contains(r#"kind="staller""#))
+        {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let victims: f64 = common::series(&body, "loopwatch_victims_total")
+        .iter()
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(victims >= v.count as f64, "{body}");
 }
 
 #[test]
