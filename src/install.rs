@@ -679,11 +679,58 @@ impl Guard {
     /// same name replaces the first.
     pub fn monitor_runtime(&self, runtime: &tokio::runtime::Handle, name: &str) {
         let Some(e) = &self.exporter else { return };
-        let probe = RuntimeProbe::new(runtime, name);
+        let threads = e
+            .threads
+            .lock()
+            .ok()
+            .and_then(|t| t.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone()));
+        let probe = RuntimeProbe::new(runtime, name, threads);
         if let Ok(mut rts) = e.runtimes.lock() {
             rts.retain(|r| r.name() != name);
             rts.push(probe);
         }
+    }
+
+    /// A counter of the threads of the runtime that [`monitor_runtime`](Self::monitor_runtime)
+    /// will watch under `name`: call its [`started`](crate::ThreadCounter::started) and
+    /// [`stopped`](crate::ThreadCounter::stopped) from the runtime's `on_thread_start` and
+    /// `on_thread_stop`. On stable tokio this is how loopwatch sees the runtime's blocking
+    /// pool (`loopwatch_runtime_blocking_threads`), tokio's own blocking work included; under
+    /// `--cfg tokio_unstable` tokio's own count is exported instead. A second call with the
+    /// same name replaces the first.
+    pub fn thread_counter(&self, name: &str) -> crate::ThreadCounter {
+        let counter = crate::ThreadCounter::default();
+        if let Some(e) = &self.exporter {
+            if let Ok(mut t) = e.threads.lock() {
+                t.retain(|(n, _)| n != name);
+                t.push((name.to_string(), counter.clone()));
+            }
+            if let Ok(mut rts) = e.runtimes.lock() {
+                for r in rts.iter_mut().filter(|r| r.name() == name) {
+                    r.set_threads(counter.clone());
+                }
+            }
+        }
+        counter
+    }
+
+    /// [`thread_counter`](Self::thread_counter) installed as the builder's `on_thread_start`
+    /// and `on_thread_stop`, for a runtime that has none of its own (tokio keeps one of each:
+    /// these replace callbacks set before, and are replaced by ones set after).
+    ///
+    /// ```
+    /// # let guard = loopwatch::builder().ignore_env().metrics(loopwatch::MetricsExport::Off).build().unwrap().1;
+    /// let mut builder = tokio::runtime::Builder::new_multi_thread();
+    /// guard.count_threads(&mut builder, "api");
+    /// let rt = builder.enable_all().build().unwrap();
+    /// guard.monitor_runtime(rt.handle(), "api");
+    /// ```
+    pub fn count_threads<'a>(
+        &self,
+        builder: &'a mut tokio::runtime::Builder,
+        name: &str,
+    ) -> &'a mut tokio::runtime::Builder {
+        self.thread_counter(name).install(builder)
     }
 
     /// Waits up to `timeout` until loopwatch has loaded the program's symbol tables (it does so

@@ -35,6 +35,7 @@ pub use probe::blocking::spawn_blocking;
 #[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
 pub use probe::cpu::{CpuPool, FINE_JOB};
 pub use probe::layer::LoopwatchLayer;
+pub use probe::threads::ThreadCounter;
 pub use probe::watched::{spawn, watch, WatchExt, Watched};
 pub use snapshot::{
     Histogram, KindPolls, OtlpStats, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,

@@ -279,6 +279,8 @@ pub(crate) struct Exporter {
     /// The address `/metrics` is served on, if it is.
     pub(crate) prometheus_addr: Option<SocketAddr>,
     pub(crate) runtimes: Arc<Mutex<Vec<RuntimeProbe>>>,
+    /// Thread counters by runtime name, for the runtimes monitored under that name.
+    pub(crate) threads: Mutex<Vec<(String, crate::ThreadCounter)>>,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -335,6 +337,7 @@ impl Exporter {
                 stop: Some(stop_tx),
                 prometheus_addr,
                 runtimes,
+                threads: Mutex::default(),
             },
             stall_sink,
         )))

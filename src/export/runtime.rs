@@ -55,6 +55,9 @@ pub(crate) struct RuntimeProbe {
     busy: Vec<Duration>,
     at: Instant,
     heartbeat: Arc<Heartbeat>,
+    /// The runtime's threads, counted by its start and stop callbacks (stable tokio's only
+    /// view of its blocking pool).
+    threads: Option<crate::ThreadCounter>,
 }
 
 impl std::fmt::Debug for RuntimeProbe {
@@ -66,7 +69,11 @@ impl std::fmt::Debug for RuntimeProbe {
 }
 
 impl RuntimeProbe {
-    pub(crate) fn new(handle: &tokio::runtime::Handle, name: &str) -> RuntimeProbe {
+    pub(crate) fn new(
+        handle: &tokio::runtime::Handle,
+        name: &str,
+        threads: Option<crate::ThreadCounter>,
+    ) -> RuntimeProbe {
         let mut intervals = RuntimeMonitor::new(handle).intervals();
         // The first interval covers the runtime's life so far; start counting from now.
         let _ = intervals.next();
@@ -85,6 +92,7 @@ impl RuntimeProbe {
                 .collect(),
             at: Instant::now(),
             heartbeat: Arc::default(),
+            threads,
         }
     }
 
@@ -112,6 +120,10 @@ impl RuntimeProbe {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(crate) fn set_threads(&mut self, threads: crate::ThreadCounter) {
+        self.threads = Some(threads);
     }
 
     pub(crate) fn collect(&mut self, f: &mut Frame) {
@@ -155,6 +167,21 @@ impl RuntimeProbe {
             Value::Gauge(if ratio.is_finite() { ratio } else { 0.0 }),
         );
         f.push(M::RuntimeParks, rt(), Value::Counter(self.parks));
+        // tokio counts its blocking threads itself under tokio_unstable; on stable, the
+        // thread callbacks do: every thread it started, less the workers of a multi-thread
+        // runtime (started the same way; a current-thread runtime's worker is the caller's).
+        #[cfg(not(tokio_unstable))]
+        if let Some(t) = &self.threads {
+            let workers = match self.handle.runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::CurrentThread => 0,
+                _ => iv.workers_count as u64,
+            };
+            f.push(
+                M::RuntimeBlockingThreads,
+                rt(),
+                Value::Gauge(t.alive().saturating_sub(workers) as f64),
+            );
+        }
         #[cfg(tokio_unstable)]
         {
             self.steals += iv.total_steal_count;

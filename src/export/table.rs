@@ -147,7 +147,7 @@ metrics! {
     RuntimeParks = "loopwatch_runtime_parks_total", Counter, Count, ["runtime"],
         "Times the runtime's workers parked (went idle).";
     RuntimeBlockingThreads = "loopwatch_runtime_blocking_threads", Gauge, Count, ["runtime"],
-        "Threads of the runtime's blocking pool (tokio_unstable builds only).";
+        "Threads of the runtime's blocking pool (tokio_unstable, or Guard::count_threads on stable tokio).";
     RuntimeIdleBlockingThreads = "loopwatch_runtime_idle_blocking_threads", Gauge, Count, ["runtime"],
         "Idle threads of the runtime's blocking pool (tokio_unstable builds only).";
     RuntimeBlockingQueueDepth = "loopwatch_runtime_blocking_queue_depth", Gauge, Count, ["runtime"],

@@ -7,4 +7,5 @@ pub(crate) mod cpu;
 pub(crate) mod hooks;
 pub(crate) mod layer;
 pub(crate) mod spans;
+pub(crate) mod threads;
 pub(crate) mod watched;

@@ -159,7 +159,9 @@ impl<F> Watched<F> {
     }
 }
 
-/// Spawns `future` as a tokio task watched under `name` by `board` (see [`spawn`]).
+/// Spawns `future` as a tokio task watched under `name` by `board` (see [`spawn`]). Its
+/// caller's location is the task's spawn site, for tokio too.
+#[track_caller]
 pub(crate) fn spawn_watched<F>(
     board: Option<Arc<Board>>,
     name: &str,
