@@ -54,7 +54,7 @@ pin_project_lite::pin_project! {
         // The task it runs in, learnt at its first poll.
         task: u64,
         board: Option<Arc<Board>>,
-        // The waker the future is polled with, made at its first poll under a board.
+        // The waker the future is polled with (when it notes wakes).
         wake: Option<(Arc<WakeNote>, Waker)>,
     }
 }
@@ -137,23 +137,26 @@ impl<F> Watched<F> {
                 .intern(Some(name), Some((site.file(), site.line(), site.column())));
             kind_word(kind, LayerKind::Async, true)
         });
-        if let Some(b) = board.as_ref().filter(|b| b.track_wakes) {
+        // The waker is made here, in the caller's code, so no poll allocates.
+        let wake = board.as_ref().filter(|b| b.track_wakes).map(|b| {
             // Stalls wait a moment after they end for watched futures' delays.
             b.set_waits_known();
-        }
+            wake_note(b, 0)
+        });
         Watched {
             inner,
             word,
             task: 0,
             board,
-            wake: None,
+            wake,
         }
     }
 
     /// The future is being spawned: its first poll's wait counts from now.
-    fn scheduled_now(mut self) -> Self {
-        if let Some(board) = self.board.as_ref().filter(|b| b.track_wakes) {
-            self.wake = Some(wake_note(board, board.now_ns().clamp(1, u64::MAX - 1)));
+    fn scheduled_now(self) -> Self {
+        if let (Some(board), Some((note, _))) = (&self.board, &self.wake) {
+            note.woken_at
+                .store(board.now_ns().clamp(1, u64::MAX - 1), Ordering::Relaxed);
         }
         self
     }
@@ -193,12 +196,12 @@ impl<F: Future> Future for Watched<F> {
         let Some(board) = this.board else {
             return this.inner.poll(cx);
         };
-        if !board.track_wakes {
+        let Some((note, waker)) = this.wake else {
+            // schedule_delay is off: the poll is timed, the waker left alone.
             board.enter(*this.word, || task_id(this.task), crate::board::NO_WAIT);
             let _exit = ExitOnDrop(board);
             return this.inner.poll(cx);
-        }
-        let (note, waker) = this.wake.get_or_insert_with(|| wake_note(board, 0));
+        };
         let waited = match note.woken_at.swap(0, Ordering::Relaxed) {
             // Not woken through this future's waker (the first poll, or the task was woken
             // for another future it polls): the wait is unknown.
