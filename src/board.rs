@@ -121,8 +121,15 @@ pub(crate) const WAIT: u64 = 1 << 63;
 /// In a wait record's `nanos`: the poll was one of the timed ones (it counts for the
 /// schedule-delay histogram; the others are kept only to find a stall's victims).
 pub(crate) const WAIT_SAMPLED: u64 = 1 << 62;
+/// In the `waited` given to [`Board::enter`]: this wait was measured on the watchdog's coarse
+/// clock (good for victims, never for the schedule-delay histogram), or is otherwise not one
+/// its probe chose for the histogram.
+pub(crate) const WAIT_COARSE: u64 = 1 << 61;
+/// In the `waited` given to [`Board::enter`] ([`WAIT_SAMPLED`]): this wait was measured
+/// exactly and chosen for the histogram by its probe.
+pub(crate) const WAIT_CHOSEN: u64 = WAIT_SAMPLED;
 /// The value of a record's `nanos` without the flags.
-pub(crate) const WAIT_NANOS: u64 = WAIT_SAMPLED - 1;
+pub(crate) const WAIT_NANOS: u64 = WAIT_COARSE - 1;
 /// "This probe does not know how long the poll waited."
 pub(crate) const NO_WAIT: u64 = u64::MAX;
 
@@ -392,9 +399,10 @@ impl Board {
         }
     }
 
-    /// The instant the board's clock counts from.
-    pub(crate) fn epoch(&self) -> Instant {
-        self.epoch
+    /// The watchdog's clock (updated every tick), or [`CLOCK_UNKNOWN`] during an idle spell.
+    #[inline]
+    pub(crate) fn coarse_ns(&self) -> u64 {
+        self.clock_ns.0.load(Ordering::Relaxed)
     }
 
     /// Nanoseconds since the board's epoch, from the real clock.
@@ -554,9 +562,12 @@ impl Board {
     /// long one (a stall's victim, perhaps).
     #[inline]
     fn note_wait(&self, slot: &Slot, word: u64, waited: u64, start: u64, task: u64, sampled: bool) {
-        if sampled || waited >= self.wait_floor_ns {
+        // A probe may choose its own exact waits for the histogram, or say a wait is coarse.
+        let sampled = (sampled && waited & WAIT_COARSE == 0) || waited & WAIT_CHOSEN != 0;
+        let nanos = waited & WAIT_NANOS;
+        if sampled || nanos >= self.wait_floor_ns {
             let flags = if sampled { WAIT | WAIT_SAMPLED } else { WAIT };
-            slot.push(word, (waited & WAIT_NANOS) | flags, start, task);
+            slot.push(word, nanos | flags, start, task);
         }
     }
 

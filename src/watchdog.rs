@@ -334,6 +334,8 @@ struct Held {
 /// Victims gathered so far.
 #[derive(Default)]
 struct VictimAcc {
+    /// The stalled task's id (0: unknown): a task never waits behind its own poll.
+    stalled_task: u64,
     count: u64,
     total_ns: u64,
     worst_ns: u64,
@@ -348,6 +350,9 @@ const MAX_VICTIMS: usize = 16;
 
 impl VictimAcc {
     fn add(&mut self, w: &WaitRec, stall_start: u64, stall_end: u64) {
+        if w.task != 0 && w.task == self.stalled_task {
+            return;
+        }
         let overlap = w
             .to_ns
             .min(stall_end)
@@ -784,6 +789,7 @@ impl Watchdog {
             // how long they waited.
             let stall_start = open.start_ns;
             let window = (record.threshold.as_nanos() as u64).clamp(5_000_000, 100_000_000);
+            let stalled_task = record.task.id.unwrap_or(0);
             let mut held = Held {
                 kind: open.kind,
                 record,
@@ -791,7 +797,10 @@ impl Watchdog {
                 start_ns: stall_start,
                 end_ns: end,
                 until_ns: now.max(end) + window,
-                acc: VictimAcc::default(),
+                acc: VictimAcc {
+                    stalled_task,
+                    ..VictimAcc::default()
+                },
             };
             for w in &self.states[i].recent {
                 held.acc.add(w, stall_start, end);

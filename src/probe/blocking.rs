@@ -32,7 +32,10 @@ where
     let submitted = Instant::now();
     board.blocking.submitted.fetch_add(1, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
-        let waited = u64::try_from(submitted.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        let waited = u64::try_from(submitted.elapsed().as_nanos())
+            .map_or(crate::board::WAIT_NANOS, |w| {
+                w.min(crate::board::WAIT_NANOS)
+            });
         board.blocking.started.fetch_add(1, Ordering::Relaxed);
         // Ends the job on the board even if `f` panics.
         struct Done<'a>(&'a Arc<Board>);

@@ -45,7 +45,9 @@ pub(crate) fn install<'a>(
 fn waited_ns(meta: &TaskMeta<'_>) -> u64 {
     #[cfg(all(feature = "schedule-delay", target_has_atomic = "64"))]
     if let Some(d) = meta.schedule_latency() {
-        return u64::try_from(d.as_nanos()).unwrap_or(crate::board::NO_WAIT - 1);
+        return u64::try_from(d.as_nanos()).map_or(crate::board::WAIT_NANOS, |w| {
+            w.min(crate::board::WAIT_NANOS)
+        });
     }
     let _ = meta;
     crate::board::NO_WAIT

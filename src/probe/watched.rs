@@ -12,11 +12,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Instant;
 
 use atomic_waker::AtomicWaker;
 
-use crate::board::{kind_word, Board};
+use crate::board::{
+    kind_word, Board, CLOCK_UNKNOWN, NO_WAIT, WAIT_CHOSEN, WAIT_COARSE, WAIT_NANOS,
+};
 use crate::probe::layer::current_task_id;
 use crate::stall::LayerKind;
 
@@ -56,15 +57,20 @@ pin_project_lite::pin_project! {
         board: Option<Arc<Board>>,
         // The waker the future is polled with (when it notes wakes).
         wake: Option<(Arc<WakeNote>, Waker)>,
+        // Polls so far (from an offset), to choose the exactly timed waits.
+        polls: u32,
+        // What the note's `exact_next` holds (so it is written only when it changes).
+        exact_next: bool,
     }
 }
 
-/// A future's wake note and the waker made of it; `woken_at` is 0 or a board time.
-fn wake_note(board: &Board, woken_at: u64) -> (Arc<WakeNote>, Waker) {
+/// A future's wake note and the waker made of it.
+fn wake_note(board: &Arc<Board>) -> (Arc<WakeNote>, Waker) {
     let note = Arc::new(WakeNote {
-        epoch: board.epoch(),
-        woken_at: AtomicU64::new(woken_at),
+        board: board.clone(),
+        woken_at: AtomicU64::new(0),
         polling: AtomicBool::new(false),
+        exact_next: AtomicBool::new(false),
         task: AtomicWaker::new(),
     });
     let waker = Waker::from(note.clone());
@@ -73,26 +79,43 @@ fn wake_note(board: &Board, woken_at: u64) -> (Arc<WakeNote>, Waker) {
 
 /// In `woken_at`: woken during its own poll; the wait starts at that poll's end.
 const WOKEN_IN_POLL: u64 = u64::MAX;
+/// In `woken_at`: the stamp is from the real clock, not the watchdog's.
+const EXACT: u64 = 1 << 63;
+/// In `woken_at`: the wake was chosen for the schedule-delay histogram.
+const CHOSEN: u64 = 1 << 62;
 
 /// The state behind a [`Watched`] future's waker.
+///
+/// A wake is stamped with the watchdog's clock (one load; exact to a tick, enough to find a
+/// stall's victims), except one wake in `sample_every`, stamped with the real clock for the
+/// schedule-delay histogram: so most polls read no clock at all.
 #[derive(Debug)]
 struct WakeNote {
-    /// The board's epoch, to read its clock.
-    epoch: Instant,
-    /// When the first wake since the last poll came, in board ns (at least 1), or
-    /// [`WOKEN_IN_POLL`]; 0: no wake.
+    board: Arc<Board>,
+    /// The first wake since the last poll: a board time (`EXACT` set if from the real
+    /// clock, `CHOSEN` if timed for the histogram), or [`WOKEN_IN_POLL`]; 0: no wake.
     woken_at: AtomicU64,
     /// The future is being polled (a wake now needs no clock: the poll's end is its time).
     polling: AtomicBool,
+    /// The next wake is one of the exactly timed ones.
+    exact_next: AtomicBool,
     /// The waker of the task that polled the future last.
     task: AtomicWaker,
 }
 
 impl WakeNote {
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos())
-            .unwrap_or(u64::MAX - 1)
-            .clamp(1, u64::MAX - 1)
+    /// A stamp for a wake now.
+    #[inline]
+    fn stamp(&self) -> u64 {
+        if self.exact_next.load(Ordering::Relaxed) {
+            return self.board.now_ns().clamp(1, WAIT_NANOS) | EXACT | CHOSEN;
+        }
+        match self.board.coarse_ns() {
+            // The watchdog sleeps through an idle spell and its clock stops: a poll starting
+            // now (this wake's, perhaps) ends the spell, so read the real one.
+            CLOCK_UNKNOWN => self.board.now_ns().clamp(1, WAIT_NANOS) | EXACT,
+            t => t.clamp(1, WAIT_NANOS),
+        }
     }
 
     #[inline]
@@ -102,12 +125,34 @@ impl WakeNote {
             let at = if self.polling.load(Ordering::Relaxed) {
                 WOKEN_IN_POLL
             } else {
-                self.now_ns()
+                self.stamp()
             };
             let _ = self
                 .woken_at
                 .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
         }
+    }
+
+    /// How long the future waited from the wake noted (taking the note), as `Board::enter`
+    /// wants it: flagged exact-and-chosen or coarse, or `NO_WAIT`.
+    #[inline]
+    fn take_wait(&self) -> u64 {
+        let w = self.woken_at.swap(0, Ordering::Relaxed);
+        if w == 0 || w == WOKEN_IN_POLL {
+            // Not woken through this future's waker (the first poll, or the task was woken
+            // for another future it polls): the wait is unknown.
+            return NO_WAIT;
+        }
+        let from = w & WAIT_NANOS;
+        if w & CHOSEN != 0 {
+            return self.board.now_ns().saturating_sub(from).min(WAIT_NANOS) | WAIT_CHOSEN;
+        }
+        let now = match self.board.coarse_ns() {
+            CLOCK_UNKNOWN => self.board.now_ns(),
+            t => t,
+        };
+        // Good to a tick: for victims, not for the histogram.
+        now.saturating_sub(from).min(WAIT_NANOS) | WAIT_COARSE
     }
 }
 
@@ -141,22 +186,28 @@ impl<F> Watched<F> {
         let wake = board.as_ref().filter(|b| b.track_wakes).map(|b| {
             // Stalls wait a moment after they end for watched futures' delays.
             b.set_waits_known();
-            wake_note(b, 0)
+            wake_note(b)
         });
+        // Which polls' waits are timed exactly: one in `sample_every`, from a point that
+        // differs between futures (their note's address), so short-lived futures share it.
+        let polls = wake
+            .as_ref()
+            .map_or(0, |(n, _)| (Arc::as_ptr(n) as usize >> 7) as u32);
         Watched {
             inner,
             word,
             task: 0,
             board,
             wake,
+            polls,
+            exact_next: false,
         }
     }
 
     /// The future is being spawned: its first poll's wait counts from now.
     fn scheduled_now(self) -> Self {
-        if let (Some(board), Some((note, _))) = (&self.board, &self.wake) {
-            note.woken_at
-                .store(board.now_ns().clamp(1, u64::MAX - 1), Ordering::Relaxed);
+        if let Some((note, _)) = &self.wake {
+            note.woken_at.store(note.stamp(), Ordering::Relaxed);
         }
         self
     }
@@ -198,16 +249,11 @@ impl<F: Future> Future for Watched<F> {
         };
         let Some((note, waker)) = this.wake else {
             // schedule_delay is off: the poll is timed, the waker left alone.
-            board.enter(*this.word, || task_id(this.task), crate::board::NO_WAIT);
+            board.enter(*this.word, || task_id(this.task), NO_WAIT);
             let _exit = ExitOnDrop(board);
             return this.inner.poll(cx);
         };
-        let waited = match note.woken_at.swap(0, Ordering::Relaxed) {
-            // Not woken through this future's waker (the first poll, or the task was woken
-            // for another future it polls): the wait is unknown.
-            0 | WOKEN_IN_POLL => crate::board::NO_WAIT,
-            woken => note.now_ns().saturating_sub(woken),
-        };
+        let waited = note.take_wait();
         // Registered before the future is polled: a wake during the poll reaches the task.
         note.task.register(cx.waker());
         board.enter(*this.word, || task_id(this.task), waited);
@@ -217,10 +263,16 @@ impl<F: Future> Future for Watched<F> {
             this.inner.poll(&mut Context::from_waker(waker))
         };
         note.polling.store(false, Ordering::Relaxed);
+        *this.polls = this.polls.wrapping_add(1);
+        let exact = u64::from(*this.polls) & (board.sample_every() - 1) == 0;
+        if exact != *this.exact_next {
+            *this.exact_next = exact;
+            note.exact_next.store(exact, Ordering::Relaxed);
+        }
         if note.woken_at.load(Ordering::Relaxed) == WOKEN_IN_POLL {
             // Woken during its own poll (a yield, say): it waits from the poll's end, not
-            // through the rest of the poll, so a stall is never its own victim.
-            note.woken_at.store(note.now_ns(), Ordering::Relaxed);
+            // through the rest of the poll.
+            note.woken_at.store(note.stamp(), Ordering::Relaxed);
         }
         out
     }
