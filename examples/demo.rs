@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = rt.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(loopwatch::watch("accept-loop", serve(listener)));
+        loopwatch::spawn("accept-loop", serve(listener));
         Ok::<_, std::io::Error>(addr)
     })?;
     tracing::info!(%addr, "demo service listening");
@@ -108,7 +108,8 @@ async fn serve(listener: TcpListener) {
         let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
-        tokio::spawn(loopwatch::watch("http-connection", handle(conn)));
+        // A watched task: its polls are timed, and its waits count as victims of stalls.
+        loopwatch::spawn("http-connection", handle(conn));
     }
 }
 

@@ -25,10 +25,12 @@ fn a_signal_the_app_handles_is_left_alone() {
         common::spin_for(Duration::from_millis(40));
     });
     assert_eq!(s.stack_status, StackStatus::Unavailable);
-    assert_eq!(
-        s.cause,
-        loopwatch::Cause::Cpu,
-        "the cause is still diagnosed"
+    // The cause is still diagnosed: on the CPU (or runnable but starved of one, on a loaded
+    // host), not unknown.
+    assert!(
+        matches!(s.cause, loopwatch::Cause::Cpu | loopwatch::Cause::Starved),
+        "{:?}",
+        s.cause
     );
     let why = h.guard.snapshot().stack_setup_error.expect("a reason");
     assert!(why.contains("already has a handler"), "{why}");
