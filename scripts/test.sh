@@ -45,13 +45,14 @@ RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portabl
   cargo test --lib --test diagnose_unsupported --test diagnose_off --test stall_reported_while_running \
   2>&1 | tee -a "$log"
 
-step "demo (it must report its stalls and end by itself)"
+step "demo (it must report its stalls, with victims on stable tokio, and end by itself)"
 out=$(timeout 120 cargo run -q --example demo 2>&1)
 tail -n 8 <<<"$out"
 # (here-strings, not `echo | grep -q`: grep -q exits at the first match, and with pipefail the
 # echo's SIGPIPE would fail the step)
 for want in "stall detected" "in span render_report" "in span fetch_legacy_config" \
-            "cause: cpu" "cause: syscall(" "hint: std::thread::sleep"; do
+            "cause: cpu" "cause: syscall(" "hint: std::thread::sleep" \
+            "waited behind it"; do
   grep -qF "$want" <<<"$out" || { echo "the demo's output lacks: $want" >&2; exit 1; }
 done
 
