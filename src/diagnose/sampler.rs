@@ -94,6 +94,15 @@ impl Limiter {
             false
         }
     }
+
+    /// Gives back the token of a capture that could not be asked for.
+    #[cfg_attr(
+        not(all(target_os = "linux", not(loopwatch_portable))),
+        allow(dead_code)
+    )]
+    fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.per_sec.max(1.0));
+    }
 }
 
 /// How long the watchdog keeps a stall's report waiting for its stack.
@@ -200,7 +209,11 @@ impl Sampler {
                     deadline_ns: now_ns + STACK_WAIT_NS,
                 })
             }
-            Err(super::stack::RequestError::Busy) => return Ask::Busy,
+            Err(super::stack::RequestError::Busy) => {
+                // Another capture holds the slot: nothing was captured, so the try is free.
+                self.limiter.refund();
+                return Ask::Busy;
+            }
             Err(super::stack::RequestError::Failed) => {}
         }
         let _ = sig;
@@ -260,5 +273,24 @@ mod tests {
         assert!(!l.allow(0));
         assert!(l.allow(500_000_000));
         assert!(!l.allow(500_000_000));
+    }
+
+    #[test]
+    fn a_refunded_try_is_free_but_never_past_the_burst() {
+        let mut l = Limiter {
+            per_sec: 2.0,
+            tokens: 2.0,
+            last_ns: 0,
+        };
+        assert!(l.allow(0));
+        l.refund();
+        assert!(l.allow(0));
+        assert!(l.allow(0));
+        assert!(!l.allow(0));
+        l.refund();
+        l.refund();
+        l.refund();
+        assert!(l.allow(0) && l.allow(0));
+        assert!(!l.allow(0), "refunds stop at the burst");
     }
 }
