@@ -8,22 +8,14 @@ mod common;
 
 use std::time::Duration;
 
-use loopwatch::{Stall, StallState};
+use loopwatch::Stall;
 
 const STALL: Duration = Duration::from_millis(100);
 
 /// The stalled task spawns 50 short tasks (they queue on its worker), then computes for
 /// `STALL` without yielding. Returns its ended report.
 fn run(h: &common::Harness, workers: usize) -> Stall {
-    let mut b = if workers == 0 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    b.enable_all();
-    h.with_dispatch(&mut b);
+    let mut b = h.builder(workers);
     h.guard.install_poll_hooks(&mut b);
     let rt = b.build().unwrap();
     rt.block_on(async {
@@ -39,15 +31,7 @@ fn run(h: &common::Harness, workers: usize) -> Stall {
         .await
         .unwrap();
     });
-    let ended = h
-        .wait_for(Duration::from_secs(10), |s| {
-            s.state == StallState::Ended && s.duration >= STALL * 8 / 10
-        })
-        .unwrap_or_else(|| {
-            let seen = h.seen.lock().unwrap();
-            let states: Vec<_> = seen.iter().map(|s| (s.id, s.state, s.duration)).collect();
-            panic!("no ended report of the stall: {states:?}")
-        });
+    let ended = h.ended_stall(STALL * 8 / 10);
     drop(rt);
     ended
 }

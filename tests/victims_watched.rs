@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use loopwatch::{Stall, StallState};
+use loopwatch::Stall;
 
 const STALL: Duration = Duration::from_millis(100);
 const QUEUED: usize = 50;
@@ -22,27 +22,11 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn runtime(h: &common::Harness, workers: usize) -> tokio::runtime::Runtime {
-    let mut b = if workers == 0 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    b.enable_all();
-    h.with_dispatch(&mut b);
-    b.build().unwrap()
+    h.builder(workers).build().unwrap()
 }
 
 fn ended_stall(h: &common::Harness) -> Stall {
-    h.wait_for(Duration::from_secs(10), |s| {
-        s.state == StallState::Ended && s.duration >= STALL * 8 / 10
-    })
-    .unwrap_or_else(|| {
-        let seen = h.seen.lock().unwrap();
-        let states: Vec<_> = seen.iter().map(|s| (s.id, s.state, s.duration)).collect();
-        panic!("no ended report of the stall: {states:?}")
-    })
+    h.ended_stall(STALL * 8 / 10)
 }
 
 /// A watched task spawns `QUEUED` short tasks with `loopwatch::spawn` (they queue on its

@@ -109,6 +109,33 @@ impl Harness {
     pub fn wait_ended(&self, id: u64, timeout: Duration) -> Option<Stall> {
         self.wait_for(timeout, |s| s.state == StallState::Ended && s.id == id)
     }
+
+    /// The ended report of a stall at least `min` long, or a panic listing what was seen.
+    pub fn ended_stall(&self, min: Duration) -> Stall {
+        self.wait_for(Duration::from_secs(10), |s| {
+            s.state == StallState::Ended && s.duration >= min
+        })
+        .unwrap_or_else(|| {
+            let seen = self.seen.lock().unwrap();
+            let states: Vec<_> = seen.iter().map(|s| (s.id, s.state, s.duration)).collect();
+            panic!("no ended report of a stall of {min:?}: {states:?}")
+        })
+    }
+
+    /// A builder for a current-thread runtime (`workers` 0) or a multi-thread one, with this
+    /// harness' subscriber on its threads.
+    pub fn builder(&self, workers: usize) -> tokio::runtime::Builder {
+        let mut b = if workers == 0 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers);
+            b
+        };
+        b.enable_all();
+        self.with_dispatch(&mut b);
+        b
+    }
 }
 
 /// Burns CPU on this thread for `d` (the kind of poll loopwatch exists to catch).
