@@ -430,8 +430,8 @@ impl Board {
     }
 
     /// A probe that reports schedule delays (tokio's poll hooks with schedule latency, or a
-    /// [`Watched`](crate::Watched) future) is in
-    /// use: stalls wait a little after they end to collect their victims.
+    /// [`Watched`](crate::Watched) future) is in use: stalls wait a little after they end to
+    /// collect their victims.
     pub(crate) fn set_waits_known(&self) {
         self.waits_known.store(true, Ordering::Relaxed);
     }

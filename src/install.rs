@@ -247,8 +247,9 @@ impl Builder {
     /// histogram. Default on. With the poll hooks (`tokio_unstable`, feature `schedule-delay`)
     /// it turns on tokio's schedule-latency tracking, which costs tokio a clock read per wake
     /// and per poll (about +56 ns per poll of a task that yields in a loop); on any tokio it
-    /// makes [`Watched`](crate::Watched) futures note their wakes, which costs them about as
-    /// much (see docs/PERFORMANCE.md). Env: `LOOPWATCH_SCHEDULE_DELAY`.
+    /// makes [`Watched`](crate::Watched) futures note their wakes (about +17 ns per such poll,
+    /// and one allocation per watched future; see docs/PERFORMANCE.md). Env:
+    /// `LOOPWATCH_SCHEDULE_DELAY`.
     pub fn schedule_delay(mut self, on: bool) -> Self {
         self.cfg.schedule_delay = on;
         self
