@@ -109,6 +109,34 @@ impl Feed {
     pub(crate) const CAP: usize = 1 << 16;
     /// At most this many ended stalls wait between two exports.
     pub(crate) const STALL_CAP: usize = 4096;
+
+    /// Appends the `items` that fit under `cap` to `into`; the rest are counted in `dropped`.
+    fn keep<T>(
+        into: &mut Vec<T>,
+        cap: usize,
+        dropped: &mut u64,
+        items: impl IntoIterator<Item = T>,
+    ) {
+        for item in items {
+            if into.len() < cap {
+                into.push(item);
+            } else {
+                *dropped += 1;
+            }
+        }
+    }
+}
+
+/// Records each `(key, ns)` value in its histogram of `hist`.
+fn record_all<K: std::hash::Hash + Eq + Copy>(
+    hist: &Mutex<HashMap<K, Histogram>>,
+    values: &[(K, u64)],
+) {
+    if let Ok(mut h) = hist.lock() {
+        for &(key, ns) in values {
+            h.entry(key).or_insert_with(Histogram::new).record(ns);
+        }
+    }
 }
 
 impl Shared {
@@ -812,20 +840,22 @@ impl Watchdog {
         self.send(record, open.raw_stack);
     }
 
+    /// Hands `f` the exporters' feed, when something is exported.
+    fn with_feed(&self, f: impl FnOnce(&mut Feed)) {
+        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
+            f(&mut feed);
+        }
+    }
+
     /// An ended stall's exact duration, for the stall-duration histogram.
     fn feed_stall(&self, kind: KindId, record: &Stall) {
-        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
-            if feed.stalls.len() < Feed::STALL_CAP {
-                let key = StallKey {
-                    kind,
-                    layer: record.layer,
-                    cause: record.cause,
-                };
-                feed.stalls.push((key, record.duration.as_nanos() as u64));
-            } else {
-                feed.dropped += 1;
-            }
-        }
+        let key = StallKey {
+            kind,
+            layer: record.layer,
+            cause: record.cause,
+        };
+        let ns = record.duration.as_nanos() as u64;
+        self.with_feed(|f| Feed::keep(&mut f.stalls, Feed::STALL_CAP, &mut f.dropped, [(key, ns)]));
     }
 
     fn send(&self, stall: Stall, raw_stack: Option<Arc<[usize]>>) {
@@ -932,17 +962,15 @@ impl Watchdog {
         if timed.is_empty() {
             return;
         }
-        if let Ok(mut h) = self.shared.sched_hist.lock() {
-            for &(key, ns) in &timed {
-                h.entry(key).or_insert_with(Histogram::new).record(ns);
-            }
-        }
-        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
-            let room = Feed::CAP.saturating_sub(feed.sched.len());
-            let take = timed.len().min(room);
-            feed.dropped += (timed.len() - take) as u64;
-            feed.sched.extend_from_slice(&timed[..take]);
-        }
+        record_all(&self.shared.sched_hist, &timed);
+        self.with_feed(|f| {
+            Feed::keep(
+                &mut f.sched,
+                Feed::CAP,
+                &mut f.dropped,
+                timed.iter().copied(),
+            )
+        });
     }
 
     /// Once a second: a CPU pool that ran at least 10,000 jobs since the last look, most of them
@@ -1030,15 +1058,8 @@ impl Watchdog {
                 if let Ok(mut m) = self.shared.victim_counts.lock() {
                     *m.entry(key).or_insert(0) += acc.count;
                 }
-                if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
-                    for &w in &acc.waits {
-                        if feed.victims.len() < Feed::CAP {
-                            feed.victims.push((key, w));
-                        } else {
-                            feed.dropped += 1;
-                        }
-                    }
-                }
+                let waits = acc.waits.iter().map(|&w| (key, w));
+                self.with_feed(|f| Feed::keep(&mut f.victims, Feed::CAP, &mut f.dropped, waits));
             }
             self.feed_stall(kind, &record);
             self.send(record, raw_stack);
@@ -1084,17 +1105,15 @@ impl Watchdog {
                 .map(|(word, nanos)| (self.resolve(word), nanos)),
         );
         self.samples = samples;
-        if let Ok(mut hist) = self.shared.hist.lock() {
-            for &(key, nanos) in &resolved {
-                hist.entry(key).or_insert_with(Histogram::new).record(nanos);
-            }
-        }
-        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(Mutex::lock) {
-            let room = Feed::CAP.saturating_sub(feed.polls.len());
-            let take = resolved.len().min(room);
-            feed.dropped += (resolved.len() - take) as u64;
-            feed.polls.extend_from_slice(&resolved[..take]);
-        }
+        record_all(&self.shared.hist, &resolved);
+        self.with_feed(|f| {
+            Feed::keep(
+                &mut f.polls,
+                Feed::CAP,
+                &mut f.dropped,
+                resolved.iter().copied(),
+            );
+        });
         resolved.clear();
         self.resolved = resolved;
     }

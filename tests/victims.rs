@@ -65,14 +65,7 @@ fn queued_tasks_are_listed_as_victims_and_stealing_lowers_their_count() {
             .stacks(false),
     );
     let shared = run(&h2, 4);
-    assert!(shared.victims.tracked);
-    eprintln!("alone: {alone}\nwith 4 workers: {shared}");
-    assert!(
-        shared.victims.count < v.count,
-        "with free workers to steal them, fewer tasks wait: {} vs {}",
-        shared.victims.count,
-        v.count
-    );
+    common::assert_stealing_lowers_victims(&alone, &shared);
 
     // The schedule-delay histogram and the victims total.
     let snap = h.guard.snapshot();

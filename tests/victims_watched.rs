@@ -85,13 +85,7 @@ fn tasks_spawned_behind_a_stall_are_its_victims_and_stealing_lowers_their_count(
 
     let h2 = harness();
     let shared = spawned_behind_a_stall(&h2, 4);
-    eprintln!("alone: {alone}\nwith 4 workers: {shared}");
-    assert!(
-        shared.victims.count < v.count,
-        "with free workers to steal them, fewer tasks wait: {} vs {}",
-        shared.victims.count,
-        v.count
-    );
+    common::assert_stealing_lowers_victims(&alone, &shared);
 
     let snap = h.guard.snapshot();
     assert!(snap.victims_total >= v.count, "{}", snap.victims_total);

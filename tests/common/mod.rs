@@ -138,6 +138,19 @@ impl Harness {
     }
 }
 
+/// The same stall on a runtime whose free workers can steal the queued tasks leaves fewer
+/// victims than on one worker (the relation, not a timing).
+pub fn assert_stealing_lowers_victims(alone: &Stall, shared: &Stall) {
+    eprintln!("alone: {alone}\nwith free workers: {shared}");
+    assert!(shared.victims.tracked);
+    assert!(
+        shared.victims.count < alone.victims.count,
+        "with free workers to steal them, fewer tasks wait: {} vs {}",
+        shared.victims.count,
+        alone.victims.count
+    );
+}
+
 /// Burns CPU on this thread for `d` (the kind of poll loopwatch exists to catch).
 #[inline(never)]
 pub fn spin_for(d: Duration) {
