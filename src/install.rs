@@ -18,10 +18,12 @@ use crate::export::{Exporter, RuntimeProbe};
 use crate::probe::layer::{LayerShared, LoopwatchLayer};
 use crate::probe::spans::SpanTable;
 use crate::probe::watched::{self, Watched};
-use crate::report::{self, Callback, Report};
+use crate::report::{self, Callback};
+use crate::shared::Shared;
 use crate::snapshot::Snapshot;
+use crate::stall::Report;
 use crate::stall::Stall;
-use crate::watchdog::{Shared, Watchdog};
+use crate::watchdog::Watchdog;
 use crate::Error;
 
 /// Configures and starts loopwatch. Made by [`builder`](crate::builder).
@@ -740,7 +742,7 @@ impl Guard {
     /// `loading`). Returns whether they are loaded. A service that wants frames for stalls in
     /// its first moments can call this once at start-up.
     pub fn wait_for_symbols(&self, timeout: Duration) -> bool {
-        crate::report::wait_for_symbols(timeout)
+        crate::diagnose::symbols::wait_for_symbols(timeout)
     }
 
     /// Stops loopwatch now (the same as dropping the guard).

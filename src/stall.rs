@@ -3,8 +3,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::diagnose::{Cause, CauseShare, Stack};
 use std::time::{Duration, SystemTime};
+
+use crate::diagnose::{Cause, CauseShare, Stack};
 
 /// The layer of the service a thread belongs to. The seeds of this project insist the two
 /// layers be measured apart: the concurrency layer (async workers, where one long poll delays
@@ -278,5 +279,77 @@ impl fmt::Display for Stall {
             write!(f, "; at {frame}")?;
         }
         Ok(())
+    }
+}
+
+/// What the watchdog sends: a stall record, and the stack's raw addresses (symbolized off the
+/// watchdog, since symbolizing can take milliseconds); or a notice about a pool.
+#[derive(Debug)]
+// Stall reports are nearly all the traffic: boxing them would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Report {
+    Stall {
+        stall: Stall,
+        raw_stack: Option<Arc<[usize]>>,
+    },
+    Notice(Notice),
+}
+
+/// Something wrong with a layer as a whole, not one poll.
+#[derive(Debug, Clone)]
+pub(crate) enum Notice {
+    /// A blocking job waited for a thread of tokio's blocking pool: the pool is full.
+    BlockingSaturated {
+        /// Where the job was submitted.
+        site: Arc<str>,
+        waited: Duration,
+        running: u64,
+        queued: u64,
+        max: u64,
+        /// Jobs that waited like this since the last notice (notices are rate limited).
+        since_last: u64,
+    },
+    /// A CPU pool is fed jobs too small to be worth a dispatch.
+    #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
+    CpuTooFine {
+        pool: Arc<str>,
+        jobs: u64,
+        fine: u64,
+        mean: Duration,
+    },
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A running stall record with nothing known yet.
+    pub(crate) fn stall() -> Stall {
+        Stall {
+            id: 1,
+            task: TaskInfo {
+                name: None,
+                id: None,
+                site: None,
+                span: None,
+            },
+            worker: WorkerInfo {
+                index: 0,
+                thread_name: None,
+                tid: None,
+            },
+            layer: LayerKind::Async,
+            started_at: SystemTime::UNIX_EPOCH,
+            duration: Duration::ZERO,
+            state: StallState::Running,
+            threshold: Duration::from_millis(10),
+            exact_end: false,
+            hint: None,
+            cause: Cause::Unknown,
+            cause_shares: Vec::new(),
+            stack: None,
+            stack_status: StackStatus::Disabled,
+            victims: Victims::default(),
+        }
     }
 }

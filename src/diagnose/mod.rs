@@ -12,6 +12,7 @@
 
 use std::fmt;
 
+pub(crate) mod ports;
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod proc;
 pub(crate) mod sampler;
@@ -19,7 +20,9 @@ pub(crate) mod sampler;
 pub(crate) mod stack;
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod symbolize;
+pub(crate) mod symbols;
 pub(crate) mod syscalls;
+pub(crate) mod verdict;
 
 /// Why a poll held its worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,44 +79,12 @@ impl Cause {
 
     /// One line saying what to do about a stall with this cause, if there is something to say.
     pub fn hint(&self) -> Option<&'static str> {
-        Some(match self {
-            Cause::Cpu => {
-                "CPU-bound poll: move the work to tokio::task::spawn_blocking or a CPU pool \
-                 (rayon), or yield (tokio::task::yield_now) inside the loop"
-            }
-            Cause::Starved => {
-                "the thread was runnable but got no CPU: the host is out of CPU (limits, noisy \
-                 neighbours), not this code"
-            }
-            Cause::Syscall(s) => match s.name.unwrap_or("") {
-                "nanosleep" | "clock_nanosleep" => {
-                    "std::thread::sleep on an async worker: use tokio::time::sleep"
-                }
-                "futex" | "futex_waitv" => {
-                    "a lock or blocking channel holds the worker: shorten the critical section, \
-                     or use the async primitive (tokio::sync::Mutex, tokio::sync::mpsc)"
-                }
-                "fsync" | "fdatasync" | "sync" | "syncfs" | "sync_file_range" => {
-                    "a blocking fsync on an async worker: move it to tokio::task::spawn_blocking"
-                }
-                "epoll_wait" | "epoll_pwait" | "epoll_pwait2" => {
-                    "a nested event loop (block_on inside a task?) blocks the worker: await \
-                     the future instead"
-                }
-                "read" | "readv" | "pread64" | "preadv2" | "recvfrom" | "recvmsg" | "recvmmsg"
-                | "write" | "writev" | "pwrite64" | "pwritev2" | "sendto" | "sendmsg"
-                | "sendmmsg" | "connect" | "accept" | "accept4" | "poll" | "ppoll" | "select"
-                | "pselect6" | "openat" | "open" | "sendfile" | "splice" => {
-                    "blocking I/O on an async worker: use the tokio equivalent (tokio::net, \
-                     tokio::fs) or tokio::task::spawn_blocking"
-                }
-                _ => {
-                    "a blocking system call on an async worker: move it to \
-                     tokio::task::spawn_blocking"
-                }
-            },
-            Cause::Unknown => return None,
-        })
+        match self {
+            Cause::Cpu => Some(crate::hints::CPU),
+            Cause::Starved => Some(crate::hints::STARVED),
+            Cause::Syscall(s) => Some(crate::hints::syscall(s.name.unwrap_or(""))),
+            Cause::Unknown => None,
+        }
     }
 }
 
@@ -186,105 +157,9 @@ impl fmt::Display for Stack {
     }
 }
 
-/// Accumulates the samples of one stalled thread into shares of time per cause.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Tally {
-    cpu_ns: u64,
-    starved_ns: u64,
-    /// Sleeping time per syscall number.
-    sleep_ns: Vec<(i64, u64)>,
-    /// The last instantaneous reading, for a verdict with no interval yet.
-    last_instant: Option<Cause>,
-    pub(crate) samples: u32,
-}
-
-impl Tally {
-    /// An interval of `wall` nanoseconds in which the thread ran `cpu`; the rest is put down
-    /// to what it was doing (runnable: starved; in a syscall: sleeping in it; else unknown).
-    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-    pub(crate) fn add_interval(&mut self, wall: u64, cpu: u64, activity: proc::Activity) {
-        let cpu = cpu.min(wall);
-        let rest = wall - cpu;
-        self.cpu_ns += cpu;
-        self.samples += 1;
-        match activity {
-            proc::Activity::Running => self.starved_ns += rest,
-            proc::Activity::Syscall(nr) => match self.sleep_ns.iter_mut().find(|(n, _)| *n == nr) {
-                Some((_, ns)) => *ns += rest,
-                None => self.sleep_ns.push((nr, rest)),
-            },
-            proc::Activity::Blocked | proc::Activity::Unknown => {}
-        }
-    }
-
-    pub(crate) fn set_instant(&mut self, cause: Cause) {
-        self.last_instant = Some(cause);
-        self.samples += 1;
-    }
-
-    /// The shares of each cause, largest first; the first is the verdict.
-    pub(crate) fn shares(&self) -> Vec<CauseShare> {
-        let mut v: Vec<(Cause, u64)> =
-            vec![(Cause::Cpu, self.cpu_ns), (Cause::Starved, self.starved_ns)];
-        v.extend(
-            self.sleep_ns
-                .iter()
-                .map(|&(nr, ns)| (Cause::Syscall(Syscall::from_nr(nr)), ns)),
-        );
-        let total: u64 = v.iter().map(|(_, ns)| ns).sum();
-        if total == 0 {
-            return self
-                .last_instant
-                .map(|c| {
-                    vec![CauseShare {
-                        cause: c,
-                        share: 1.0,
-                    }]
-                })
-                .unwrap_or_default();
-        }
-        v.retain(|(_, ns)| *ns > 0);
-        v.sort_by_key(|b| std::cmp::Reverse(b.1));
-        v.into_iter()
-            .map(|(cause, ns)| CauseShare {
-                cause,
-                share: ns as f64 / total as f64,
-            })
-            .collect()
-    }
-
-    pub(crate) fn verdict(&self) -> Cause {
-        self.shares().first().map_or(Cause::Unknown, |s| s.cause)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-    #[test]
-    fn intervals_split_into_cpu_starved_and_sleep() {
-        use proc::Activity;
-        let mut t = Tally::default();
-        t.add_interval(1000, 300, Activity::Syscall(202));
-        t.add_interval(1000, 100, Activity::Syscall(202));
-        t.add_interval(1000, 400, Activity::Running);
-        let s = t.shares();
-        assert_eq!(s[0].cause, Cause::Syscall(Syscall::from_nr(202)));
-        assert!((s[0].share - 1600.0 / 3000.0).abs() < 1e-9);
-        assert_eq!(s[1].cause, Cause::Cpu);
-        assert_eq!(s[2].cause, Cause::Starved);
-        assert_eq!(t.samples, 3);
-    }
-
-    #[test]
-    fn no_interval_falls_back_to_the_instant_reading() {
-        let mut t = Tally::default();
-        assert_eq!(t.verdict(), Cause::Unknown);
-        t.set_instant(Cause::Cpu);
-        assert_eq!(t.verdict(), Cause::Cpu);
-    }
 
     #[test]
     fn causes_show_and_hint() {

@@ -7,40 +7,8 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 
-use super::{Cause, Syscall, Tally};
-
-/// What a thread was doing at one instant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activity {
-    /// Running, or runnable and waiting for a CPU (the kernel's TASK_RUNNING).
-    Running,
-    /// Sleeping inside this system call.
-    Syscall(i64),
-    /// Sleeping, not in a system call we could name.
-    Blocked,
-    Unknown,
-}
-
-/// One reading of a thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Reading {
-    /// When it was taken (board nanoseconds).
-    pub(crate) at_ns: u64,
-    /// The thread's CPU time, nanoseconds.
-    pub(crate) cpu_ns: Option<u64>,
-    pub(crate) activity: Activity,
-}
-
-impl Reading {
-    /// What this reading alone says.
-    pub(crate) fn instant_cause(&self) -> Cause {
-        match self.activity {
-            Activity::Running => Cause::Cpu,
-            Activity::Syscall(nr) => Cause::Syscall(Syscall::from_nr(nr)),
-            Activity::Blocked | Activity::Unknown => Cause::Unknown,
-        }
-    }
-}
+use super::ports::{Kernel, ProcKernel};
+use super::verdict::{Activity, Reading};
 
 /// Reads a small proc file into `buf`, returning the text.
 fn read_small<'a>(path: &str, buf: &'a mut [u8; 512]) -> Option<&'a str> {
@@ -94,10 +62,6 @@ impl Thread {
             tid,
             syscall: File::open(format!("/proc/self/task/{tid}/syscall")).ok(),
         }
-    }
-
-    pub(crate) fn tid(&self) -> u64 {
-        self.tid
     }
 
     /// Takes a reading.
@@ -161,19 +125,15 @@ pub(crate) fn parse_state(text: &str) -> Option<u8> {
     text[close + 1..].trim_start().bytes().next()
 }
 
-/// Folds the interval between two readings into a tally: the CPU time it ran, and the rest
-/// by what the thread was doing at the end of it (runnable: starved; in a syscall: that call).
-pub(crate) fn fold(tally: &mut Tally, prev: &Reading, now: &Reading) {
-    let wall = now.at_ns.saturating_sub(prev.at_ns);
-    match (prev.cpu_ns, now.cpu_ns) {
-        (Some(c0), Some(c1)) if wall > 0 => {
-            let activity = match now.activity {
-                Activity::Unknown => prev.activity,
-                a => a,
-            };
-            tally.add_interval(wall, c1.saturating_sub(c0), activity);
-        }
-        _ => tally.set_instant(now.instant_cause()),
+impl Kernel for ProcKernel {
+    type Thread = Thread;
+
+    fn open(&mut self, tid: u64) -> Self::Thread {
+        Thread::new(tid)
+    }
+
+    fn read(&mut self, thread: &mut Self::Thread, at_ns: u64) -> Option<Reading> {
+        Some(thread.read(at_ns))
     }
 }
 

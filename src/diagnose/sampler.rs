@@ -1,16 +1,13 @@
 //! The watchdog's side of diagnosis: sampling a suspect thread's kernel state on each tick,
-//! and asking for its stack once per stall, within a rate limit. Off Linux this only says
-//! "unknown" and "unsupported".
-// Off Linux the kernel-state sampling and stack capture are compiled out, and with them
-// the only users of some of what follows.
-#![cfg_attr(
-    not(all(target_os = "linux", not(loopwatch_portable))),
-    allow(dead_code)
-)]
+//! and asking for its stack once per stall, within a rate limit. What it reads and asks goes
+//! through the ports of `ports.rs` (the real `/proc` and signal, or a test's script); off Linux
+//! the real ports read nothing, so the cause is "unknown" and stacks "unavailable".
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Cause, CauseShare, Tally};
+use super::ports::{Kernel, RequestError, StackPort};
+use super::verdict::{fold, Reading, Tally};
+use super::{Cause, CauseShare};
 use crate::config::Config;
 use crate::stall::StackStatus;
 
@@ -23,25 +20,22 @@ pub(crate) struct DiagCounters {
     pub(crate) samples: AtomicU64,
 }
 
-/// The sampling of one poll's thread.
+/// The sampling of one poll's thread; `T` is what the kernel port keeps open for it.
 #[derive(Debug)]
-pub(crate) struct Probe {
+pub(crate) struct Probe<T> {
     pub(crate) seq: u64,
     tally: Tally,
-    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-    last: Option<super::proc::Reading>,
-    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-    thread: Option<super::proc::Thread>,
+    last: Option<Reading>,
+    /// The thread followed, and what is kept open for it.
+    thread: Option<(u64, T)>,
 }
 
-impl Probe {
-    pub(crate) fn new(seq: u64) -> Probe {
+impl<T> Probe<T> {
+    pub(crate) fn new(seq: u64) -> Probe<T> {
         Probe {
             seq,
             tally: Tally::default(),
-            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
             last: None,
-            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
             thread: None,
         }
     }
@@ -96,17 +90,13 @@ impl Limiter {
     }
 
     /// Gives back the token of a capture that could not be asked for.
-    #[cfg_attr(
-        not(all(target_os = "linux", not(loopwatch_portable))),
-        allow(dead_code)
-    )]
     fn refund(&mut self) {
         self.tokens = (self.tokens + 1.0).min(self.per_sec.max(1.0));
     }
 }
 
 /// How long the watchdog keeps a stall's report waiting for its stack.
-const STACK_WAIT_NS: u64 = 50_000_000;
+pub(crate) const STACK_WAIT_NS: u64 = 50_000_000;
 
 #[derive(Debug)]
 pub(crate) struct Sampler {
@@ -129,26 +119,29 @@ impl Sampler {
                 StackStatus::Unavailable
             })
         };
-        (
-            Sampler {
-                diagnose: cfg.diagnose,
-                stacks,
-                limiter: Limiter {
-                    per_sec: f64::from(cfg.max_stacks_per_sec),
-                    tokens: f64::from(cfg.max_stacks_per_sec.max(1)),
-                    last_ns: 0,
-                },
+        (Sampler::with_stacks(cfg, stacks), note)
+    }
+
+    /// A sampler whose stack signal is already settled: `Ok(signal)`, or why stacks are off.
+    /// Sets nothing up (the decision core's tests start here).
+    pub(crate) fn with_stacks(cfg: &Config, stacks: Result<i32, StackStatus>) -> Sampler {
+        Sampler {
+            diagnose: cfg.diagnose,
+            stacks,
+            limiter: Limiter {
+                per_sec: f64::from(cfg.max_stacks_per_sec),
+                tokens: f64::from(cfg.max_stacks_per_sec.max(1)),
+                last_ns: 0,
             },
-            note,
-        )
+        }
     }
 
     /// Takes one reading of thread `tid` for the poll `seq` (starting a new probe if the poll
-    /// changed). Does nothing when diagnosis is off or the platform has none.
-    #[allow(unused_variables)]
-    pub(crate) fn observe(
+    /// changed). Does nothing when diagnosis is off or the kernel port has no reading.
+    pub(crate) fn observe<K: Kernel>(
         &self,
-        probe: &mut Option<Probe>,
+        kernel: &mut K,
+        probe: &mut Option<Probe<K::Thread>>,
         seq: u64,
         tid: Option<u64>,
         now_ns: u64,
@@ -157,31 +150,33 @@ impl Sampler {
         if probe.as_ref().is_none_or(|p| p.seq != seq) {
             *probe = Some(Probe::new(seq));
         }
-        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-        if self.diagnose {
-            let (Some(p), Some(tid)) = (probe.as_mut(), tid) else {
-                return;
-            };
-            if p.thread.as_ref().is_none_or(|t| t.tid() != tid) {
-                p.thread = Some(super::proc::Thread::new(tid));
-            }
-            let Some(thread) = p.thread.as_mut() else {
-                return;
-            };
-            let reading = thread.read(now_ns);
-            match &p.last {
-                Some(prev) => super::proc::fold(&mut p.tally, prev, &reading),
-                None => p.tally.set_instant(reading.instant_cause()),
-            }
-            p.last = Some(reading);
-            counters.samples.fetch_add(1, Ordering::Relaxed);
+        if !self.diagnose {
+            return;
         }
+        let (Some(p), Some(tid)) = (probe.as_mut(), tid) else {
+            return;
+        };
+        if p.thread.as_ref().is_none_or(|(t, _)| *t != tid) {
+            p.thread = Some((tid, kernel.open(tid)));
+        }
+        let Some((_, thread)) = p.thread.as_mut() else {
+            return;
+        };
+        let Some(reading) = kernel.read(thread, now_ns) else {
+            return;
+        };
+        match &p.last {
+            Some(prev) => fold(&mut p.tally, prev, &reading),
+            None => p.tally.set_instant(reading.instant_cause()),
+        }
+        p.last = Some(reading);
+        counters.samples.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Asks for the stack of thread `tid` (once per stall).
-    #[allow(unused_variables)]
     pub(crate) fn ask_stack(
         &mut self,
+        stacks: &mut impl StackPort,
         tid: Option<u64>,
         now_ns: u64,
         counters: &DiagCounters,
@@ -193,50 +188,44 @@ impl Sampler {
         let Some(tid) = tid else {
             return Ask::Not(StackStatus::Failed);
         };
-        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-        if super::stack::busy() {
+        if stacks.busy() {
             return Ask::Busy;
         }
         if !self.limiter.allow(now_ns) {
             counters.stacks_rate_limited.fetch_add(1, Ordering::Relaxed);
             return Ask::Not(StackStatus::RateLimited);
         }
-        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-        match super::stack::request(tid, sig) {
-            Ok(ticket) => {
-                return Ask::Pending(Pending {
-                    ticket,
-                    deadline_ns: now_ns + STACK_WAIT_NS,
-                })
-            }
-            Err(super::stack::RequestError::Busy) => {
+        match stacks.request(tid, sig) {
+            Ok(ticket) => Ask::Pending(Pending {
+                ticket,
+                deadline_ns: now_ns + STACK_WAIT_NS,
+            }),
+            Err(RequestError::Busy) => {
                 // Another capture holds the slot: nothing was captured, so the try is free.
                 self.limiter.refund();
-                return Ask::Busy;
+                Ask::Busy
             }
-            Err(super::stack::RequestError::Failed) => {}
+            Err(RequestError::Failed) => {
+                counters.stacks_failed.fetch_add(1, Ordering::Relaxed);
+                Ask::Not(StackStatus::Failed)
+            }
         }
-        let _ = sig;
-        counters.stacks_failed.fetch_add(1, Ordering::Relaxed);
-        Ask::Not(StackStatus::Failed)
     }
 
     /// The addresses of a pending capture, once the handler has run; `Err` once it is too late.
-    #[allow(unused_variables)]
     pub(crate) fn poll_stack(
         &self,
+        stacks: &mut impl StackPort,
         p: Pending,
         now_ns: u64,
         counters: &DiagCounters,
     ) -> Option<Result<Vec<usize>, StackStatus>> {
-        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-        if let Some(ips) = super::stack::take(p.ticket) {
+        if let Some(ips) = stacks.take(p.ticket) {
             counters.stacks_captured.fetch_add(1, Ordering::Relaxed);
             return Some(Ok(ips));
         }
         if now_ns >= p.deadline_ns {
-            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-            super::stack::cancel(p.ticket);
+            stacks.cancel(p.ticket);
             counters.stacks_failed.fetch_add(1, Ordering::Relaxed);
             return Some(Err(StackStatus::TimedOut));
         }

@@ -17,6 +17,7 @@
 //! Rust's `std` (`thread::sleep`) and tokio retry. C code that does not retry `EINTR` could see
 //! it: turn stacks off (`LOOPWATCH_STACKS=0`) for such a service.
 
+use super::ports::{RequestError, SignalStacks, StackPort};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -147,15 +148,6 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut
 
 static TICKETS: AtomicU64 = AtomicU64::new(1);
 
-/// Why a capture could not be started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RequestError {
-    /// Another capture is under way.
-    Busy,
-    /// The signal could not be sent (the thread is gone).
-    Failed,
-}
-
 /// Is a capture under way?
 pub(crate) fn busy() -> bool {
     CAPTURE.state.load(Ordering::Acquire) != IDLE
@@ -211,6 +203,24 @@ pub(crate) fn cancel(ticket: u64) {
         let _ = CAPTURE
             .state
             .compare_exchange(from, IDLE, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+impl StackPort for SignalStacks {
+    fn busy(&self) -> bool {
+        busy()
+    }
+
+    fn request(&mut self, tid: u64, sig: i32) -> Result<u64, RequestError> {
+        request(tid, sig)
+    }
+
+    fn take(&mut self, ticket: u64) -> Option<Vec<usize>> {
+        take(ticket)
+    }
+
+    fn cancel(&mut self, ticket: u64) {
+        cancel(ticket);
     }
 }
 

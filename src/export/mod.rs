@@ -9,6 +9,7 @@
 
 pub(crate) mod table;
 
+mod frame;
 #[cfg(feature = "otlp")]
 pub(crate) mod otlp;
 mod runtime;
@@ -28,51 +29,13 @@ use std::time::Duration;
 use metrics::SharedString;
 
 use crate::config::MetricsExport;
+use crate::shared::Shared;
 use crate::stall::LayerKind;
-use crate::watchdog::Shared;
 use crate::Error;
 
+use frame::{Frame, Value};
 pub(crate) use runtime::RuntimeProbe;
 use table::M;
-
-/// One metric's value for one label set.
-#[derive(Debug, Clone)]
-pub(crate) struct Point {
-    pub(crate) metric: M,
-    /// Values of the metric's labels, in the table's order.
-    pub(crate) labels: Vec<SharedString>,
-    pub(crate) value: Value,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) enum Value {
-    /// A counter's total so far.
-    Counter(u64),
-    Gauge(f64),
-    /// Values (seconds) recorded since the previous frame.
-    Samples(Vec<f64>),
-}
-
-/// Everything exported at one moment.
-#[derive(Debug, Default)]
-pub(crate) struct Frame {
-    pub(crate) points: Vec<Point>,
-}
-
-impl Frame {
-    fn push(&mut self, metric: M, labels: Vec<SharedString>, value: Value) {
-        debug_assert_eq!(labels.len(), metric.def().labels.len(), "{metric:?}");
-        self.points.push(Point {
-            metric,
-            labels,
-            value,
-        });
-    }
-
-    fn counter(&mut self, metric: M, v: u64) {
-        self.push(metric, Vec::new(), Value::Counter(v));
-    }
-}
 
 const LAYERS: [LayerKind; 3] = [LayerKind::Async, LayerKind::Blocking, LayerKind::Cpu];
 

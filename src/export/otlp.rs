@@ -29,11 +29,11 @@ use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator, SpanData, Sp
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
+use super::frame::{Frame, Value};
 use super::table::{MetricKind, DURATION_BUCKETS, M};
-use super::{Frame, Value};
 use crate::config::{OtlpConfig, OtlpProtocol};
+use crate::shared::{ExportStats, Shared};
 use crate::stall::{Stall, StallState};
-use crate::watchdog::{ExportStats, Shared};
 use crate::Error;
 
 /// Spans sent in one export at most.

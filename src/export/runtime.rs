@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use metrics::SharedString;
 use tokio_metrics::{RuntimeIntervals, RuntimeMonitor};
 
+use super::frame::{Frame, Value};
 use super::table::M;
-use super::{Frame, Value};
 
 /// The runtime's heartbeat: one tiny task at a time, spawned from loopwatch's export thread;
 /// the time from its spawn to its first poll is the loop lag (how long a newly woken task waits

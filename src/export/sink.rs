@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 
 use metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 
+use super::frame::{Frame, Value};
 use super::table::{MetricKind, MetricUnit, M, METRICS};
-use super::{Frame, Value};
 use crate::Error;
 
 /// Records frames through the `metrics` facade.

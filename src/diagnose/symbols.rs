@@ -1,0 +1,224 @@
+//! Symbol loading and symbolizing, on a thread of its own (`loopwatch-symbols`): turning a
+//! stall's raw stack addresses into frames can take hundreds of milliseconds the first time (the
+//! binary's debug info is parsed on first use), so the reporter never waits on it for more than
+//! a few milliseconds, and a report that went out without frames is sent once more with them.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::catch_unwind;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Stack;
+use crate::stall::{StackStatus, Stall, StallState};
+
+/// The longest a running report waits for its stack to be symbolized; past it the report goes
+/// out without frames, and the stall is reported once more when they are ready.
+const SYMBOLIZE_WAIT: Duration = Duration::from_millis(5);
+/// The same for an ended report (less urgent: the stall is over).
+const SYMBOLIZE_WAIT_ENDED: Duration = Duration::from_millis(250);
+
+/// Symbolizes on a thread of its own (`loopwatch-symbols`), so the reporter never waits more
+/// than [`SYMBOLIZE_WAIT`]: the first stacks of a process can take hundreds of milliseconds
+/// (its debug info is parsed on first use).
+/// Finished stacks by stall id, and the condition variable that says one has arrived.
+type Done = Arc<(Mutex<HashMap<u64, Arc<Stack>>>, Condvar)>;
+
+struct Symbolizer {
+    jobs: SyncSender<(u64, Arc<[usize]>)>,
+    done: Done,
+    /// Jobs submitted and not finished: a report waits for its stack only when its job is the
+    /// only one, so a backlog never makes every report wait.
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl Symbolizer {
+    fn start() -> Option<Symbolizer> {
+        let (jobs, rx) = sync_channel::<(u64, Arc<[usize]>)>(64);
+        let done: Done = Arc::default();
+        let out = done.clone();
+        let outstanding = Arc::new(AtomicUsize::new(0));
+        let count = outstanding.clone();
+        std::thread::Builder::new()
+            .name("loopwatch-symbols".into())
+            .spawn(move || {
+                warm_up();
+                while let Ok((id, raw)) = rx.recv() {
+                    let stack = catch_unwind(|| symbolize(&raw)).unwrap_or_default();
+                    let (map, cv) = &*out;
+                    if let Ok(mut m) = map.lock() {
+                        if m.len() >= 1024 {
+                            m.clear(); // bounded: results nobody picked up
+                        }
+                        m.insert(id, Arc::new(stack));
+                    }
+                    count.fetch_sub(1, Ordering::AcqRel);
+                    cv.notify_all();
+                }
+            })
+            .ok()?;
+        Some(Symbolizer {
+            jobs,
+            done,
+            outstanding,
+        })
+    }
+
+    fn submit(&self, id: u64, raw: Arc<[usize]>) -> bool {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let ok = self.jobs.try_send((id, raw)).is_ok();
+        if !ok {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+        ok
+    }
+
+    /// How long a report in `state` may wait for its stack now.
+    fn patience(&self, state: StallState) -> Duration {
+        match (self.outstanding.load(Ordering::Acquire) <= 1, state) {
+            (false, _) => Duration::ZERO,
+            (true, StallState::Ended) => SYMBOLIZE_WAIT_ENDED,
+            (true, _) => SYMBOLIZE_WAIT,
+        }
+    }
+
+    /// The stack of stall `id`, waiting at most `wait` for it.
+    fn get(&self, id: u64, wait: Duration) -> Option<Arc<Stack>> {
+        let (map, cv) = &*self.done;
+        let deadline = Instant::now() + wait;
+        let mut m = map.lock().ok()?;
+        loop {
+            if let Some(s) = m.get(&id) {
+                return Some(s.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            m = cv.wait_timeout(m, left).ok()?.0;
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Ok(mut m) = self.done.0.lock() {
+            m.remove(&id);
+        }
+    }
+}
+
+/// The reporter's side of stacks: which stalls were submitted, and the running reports that
+/// went out before their frames were ready.
+pub(crate) struct Stacks {
+    symbolizer: Option<Symbolizer>,
+    submitted: HashSet<u64>,
+    late: Vec<Stall>,
+}
+
+impl Stacks {
+    /// The reporter's stacks: with a symbolizer thread when `on` (stacks asked for and
+    /// diagnosis on), or none (every raw stack is then left unsymbolized).
+    pub(crate) fn new(on: bool) -> Stacks {
+        Stacks {
+            symbolizer: on.then(Symbolizer::start).flatten(),
+            submitted: HashSet::new(),
+            late: Vec::new(),
+        }
+    }
+
+    pub(crate) fn attach(&mut self, stall: &mut Stall, raw: Option<&Arc<[usize]>>) {
+        let Some(raw) = raw else { return };
+        let Some(sym) = &self.symbolizer else {
+            return;
+        };
+        if self.submitted.len() >= 1024 {
+            self.submitted.clear(); // bounded: ids whose ended report was dropped
+        }
+        if self.submitted.insert(stall.id) && !sym.submit(stall.id, raw.clone()) {
+            stall.stack_status = StackStatus::Failed;
+            return;
+        }
+        match sym.get(stall.id, sym.patience(stall.state)) {
+            Some(stack) => stall.stack = Some(stack),
+            None => {
+                stall.stack_status = StackStatus::Loading;
+                if stall.state == StallState::Running && self.late.len() < 64 {
+                    self.late.push(stall.clone());
+                }
+            }
+        }
+        if stall.state == StallState::Ended {
+            self.submitted.remove(&stall.id);
+            self.late.retain(|s| s.id != stall.id);
+            sym.forget(stall.id);
+        }
+    }
+
+    /// Running reports whose frames are now ready: they are reported once more, with them.
+    pub(crate) fn ready_late(&mut self) -> Vec<Stall> {
+        let Some(sym) = &self.symbolizer else {
+            return Vec::new();
+        };
+        let mut ready = Vec::new();
+        self.late.retain(|s| match sym.get(s.id, Duration::ZERO) {
+            Some(stack) => {
+                let mut s = s.clone();
+                s.stack = Some(stack);
+                s.stack_status = StackStatus::Captured;
+                ready.push(s);
+                false
+            }
+            None => true,
+        });
+        ready
+    }
+}
+
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+fn symbolize(raw: &[usize]) -> Stack {
+    super::symbolize::symbolize(raw)
+}
+
+#[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
+fn symbolize(_raw: &[usize]) -> Stack {
+    Stack::default()
+}
+
+/// Set once the symbol tables are loaded.
+static SYMBOLS_READY: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn wait_for_symbols(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !SYMBOLS_READY.load(Ordering::Acquire) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// Loads the symbol tables, once per process, at idle priority (Linux `SCHED_IDLE`: bulk work
+/// nobody waits on never takes a core from the service); then this thread symbolizes stalls at
+/// a lowered priority (nice 10).
+fn warm_up() {
+    crate::board::mark_own_thread();
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if !ONCE.is_completed() {
+        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+        // SAFETY: sched_setscheduler on the calling thread (0) with a valid, zeroed param.
+        unsafe {
+            let param: libc::sched_param = std::mem::zeroed();
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        }
+        ONCE.call_once(|| {
+            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+            let _ = catch_unwind(|| symbolize(&[warm_up as *const () as usize]));
+            SYMBOLS_READY.store(true, Ordering::Release);
+        });
+    }
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+    // SAFETY: sched_setscheduler and setpriority on the calling thread (0), valid arguments.
+    unsafe {
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}

@@ -1,0 +1,71 @@
+//! Every hint loopwatch gives a user, in one place: one line each saying what to do about what
+//! was seen. Plain text with no dependency, so the rules that choose a hint (the cause's, in
+//! `diagnose`; the layer's, in the watchdog; the pool notices', in the reporter) stay where their
+//! facts are, and a reviewer reads every word a user is told here.
+
+/// A poll that ran on the CPU past the threshold.
+pub(crate) const CPU: &str = "CPU-bound poll: move the work to tokio::task::spawn_blocking or a \
+     CPU pool (rayon), or yield (tokio::task::yield_now) inside the loop";
+
+/// A poll whose thread was runnable but got no CPU.
+pub(crate) const STARVED: &str = "the thread was runnable but got no CPU: the host is out of CPU \
+     (limits, noisy neighbours), not this code";
+
+/// A CPU pool's job asleep in a system call (whatever the call).
+pub(crate) const CPU_POOL_WAITING: &str = "a CPU pool job waiting in a system call: a parallel \
+     layer used for waiting holds a core's worth of thread; do the waiting on async tasks or the \
+     blocking pool";
+
+/// A CPU pool fed jobs too small to be worth a dispatch.
+pub(crate) const CPU_JOBS_TOO_FINE: &str = "batch these: give each job at least 50-100 µs of work \
+     (par_chunks, with_min_len, or a loop over several items per job); below that, dispatch \
+     costs more than the parallelism gains";
+
+/// Jobs waiting for a thread of a full blocking pool.
+pub(crate) const BLOCKING_POOL_FULL: &str = "the blocking pool is full: jobs that wait (sleep, \
+     poll, hold locks) occupy its threads; make them async, raise max_blocking_threads, or give \
+     long jobs a pool of their own";
+
+/// An async worker asleep in the system call `name` (its name as the syscall table has it, or
+/// `""` for a call loopwatch cannot name).
+pub(crate) fn syscall(name: &str) -> &'static str {
+    match name {
+        "nanosleep" | "clock_nanosleep" => {
+            "std::thread::sleep on an async worker: use tokio::time::sleep"
+        }
+        "futex" | "futex_waitv" => {
+            "a lock or blocking channel holds the worker: shorten the critical section, or use \
+             the async primitive (tokio::sync::Mutex, tokio::sync::mpsc)"
+        }
+        "fsync" | "fdatasync" | "sync" | "syncfs" | "sync_file_range" => {
+            "a blocking fsync on an async worker: move it to tokio::task::spawn_blocking"
+        }
+        "epoll_wait" | "epoll_pwait" | "epoll_pwait2" => {
+            "a nested event loop (block_on inside a task?) blocks the worker: await the future \
+             instead"
+        }
+        "read" | "readv" | "pread64" | "preadv2" | "recvfrom" | "recvmsg" | "recvmmsg"
+        | "write" | "writev" | "pwrite64" | "pwritev2" | "sendto" | "sendmsg" | "sendmmsg"
+        | "connect" | "accept" | "accept4" | "poll" | "ppoll" | "select" | "pselect6"
+        | "openat" | "open" | "sendfile" | "splice" => {
+            "blocking I/O on an async worker: use the tokio equivalent (tokio::net, tokio::fs) or \
+             tokio::task::spawn_blocking"
+        }
+        _ => "a blocking system call on an async worker: move it to tokio::task::spawn_blocking",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_call_family_has_its_own_advice() {
+        assert!(syscall("nanosleep").contains("tokio::time::sleep"));
+        assert!(syscall("futex").contains("tokio::sync::Mutex"));
+        assert!(syscall("recvfrom").contains("tokio::net"));
+        assert!(syscall("fdatasync").contains("spawn_blocking"));
+        assert!(syscall("epoll_wait").contains("block_on"));
+        assert_eq!(syscall(""), syscall("made_up"));
+    }
+}

@@ -1,0 +1,288 @@
+//! What every loopwatch thread of one install shares: the board, the config, the counters and
+//! histograms the watchdog keeps, the exporters' feed, and the assembly of a [`Snapshot`] from
+//! them. The watchdog writes here; the reporter, the exporters and the guard read.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::board::{Board, Slot};
+use crate::config::Config;
+use crate::diagnose::sampler::DiagCounters;
+use crate::diagnose::Cause;
+use crate::kinds::KindId;
+use crate::probe::layer::LayerShared;
+use crate::snapshot::{Histogram, KindPolls, OtlpStats, Snapshot, StallCount};
+use crate::stall::LayerKind;
+
+/// What the watchdog, the reporter and the guard share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) board: Arc<Board>,
+    pub(crate) layer: Arc<LayerShared>,
+    pub(crate) cfg: Config,
+    pub(crate) stop: AtomicBool,
+    pub(crate) polls: AtomicU64,
+    /// Polls and slow polls by the layer of the thread's latest poll.
+    pub(crate) polls_by_layer: [AtomicU64; 3],
+    pub(crate) slow_by_layer: [AtomicU64; 3],
+    pub(crate) stalls_total: AtomicU64,
+    /// Stalls running now, by layer.
+    pub(crate) in_progress: [AtomicU64; 3],
+    /// Age of the oldest running stall in nanoseconds per layer, 0 when none runs.
+    pub(crate) oldest_ns: [AtomicU64; 3],
+    pub(crate) dropped_reports: AtomicU64,
+    pub(crate) caught_panics: AtomicU64,
+    /// Blocking jobs that waited past the async stall threshold for a thread.
+    pub(crate) blocking_slow_starts: AtomicU64,
+    /// CPU pools made with `Guard::cpu_pool`.
+    #[cfg(feature = "rayon")]
+    pub(crate) cpu_pools: Mutex<Vec<Arc<crate::probe::cpu::CpuStats>>>,
+    /// "Jobs too fine" reports sent.
+    pub(crate) too_fine_reports: AtomicU64,
+    pub(crate) diag: DiagCounters,
+    /// Why stacks are off although they were asked for (the signal is taken, ...).
+    pub(crate) stack_setup_error: Mutex<Option<String>>,
+    pub(crate) hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
+    /// Stalls detected, by kind, layer and the cause known at detection.
+    pub(crate) stall_counts: Mutex<HashMap<StallKey, u64>>,
+    /// Schedule delays of timed polls (poll hooks with schedule latency only).
+    pub(crate) sched_hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
+    /// Tasks that waited behind stalls, by the stall's layer and cause.
+    pub(crate) victim_counts: Mutex<HashMap<(LayerKind, &'static str), u64>>,
+    /// Raw figures for the exporters, taken by the export thread each interval; `None` when no
+    /// exporter runs (nothing is kept).
+    pub(crate) feed: Option<Mutex<Feed>>,
+    /// The OTLP exporter's counters.
+    pub(crate) export: ExportStats,
+}
+
+/// What the OTLP exporter sent, dropped and failed to send.
+#[derive(Debug, Default)]
+pub(crate) struct ExportStats {
+    pub(crate) spans_exported: AtomicU64,
+    pub(crate) spans_dropped: AtomicU64,
+    pub(crate) spans_errors: AtomicU64,
+    pub(crate) metric_exports: AtomicU64,
+    pub(crate) metrics_dropped: AtomicU64,
+    pub(crate) metrics_errors: AtomicU64,
+}
+
+/// A stall's label set: task kind, layer, cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct StallKey {
+    pub(crate) kind: KindId,
+    pub(crate) layer: LayerKind,
+    pub(crate) cause: Cause,
+}
+
+/// Exact values the exporters record into their histograms, gathered by the watchdog between
+/// two exports. Bounded: past [`Feed::CAP`] values are dropped and counted.
+#[derive(Debug, Default)]
+pub(crate) struct Feed {
+    pub(crate) polls: Vec<((KindId, LayerKind), u64)>,
+    pub(crate) stalls: Vec<(StallKey, u64)>,
+    /// Schedule delays of timed polls.
+    pub(crate) sched: Vec<((KindId, LayerKind), u64)>,
+    /// How long each victim waited behind its stall, by the stall's layer and cause.
+    pub(crate) victims: Vec<((LayerKind, &'static str), u64)>,
+    pub(crate) dropped: u64,
+}
+
+impl Feed {
+    /// At most this many poll samples wait between two exports (one second of 1-in-64 samples
+    /// at 4M polls/s).
+    pub(crate) const CAP: usize = 1 << 16;
+    /// At most this many ended stalls wait between two exports.
+    pub(crate) const STALL_CAP: usize = 4096;
+
+    /// Appends the `items` that fit under `cap` to `into`; the rest are counted in `dropped`.
+    pub(crate) fn keep<T>(
+        into: &mut Vec<T>,
+        cap: usize,
+        dropped: &mut u64,
+        items: impl IntoIterator<Item = T>,
+    ) {
+        for item in items {
+            if into.len() < cap {
+                into.push(item);
+            } else {
+                *dropped += 1;
+            }
+        }
+    }
+}
+
+/// Records each `(key, ns)` value in its histogram of `hist`.
+pub(crate) fn record_all<K: std::hash::Hash + Eq + Copy>(
+    hist: &Mutex<HashMap<K, Histogram>>,
+    values: &[(K, u64)],
+) {
+    if let Ok(mut h) = hist.lock() {
+        for &(key, ns) in values {
+            h.entry(key).or_insert_with(Histogram::new).record(ns);
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        board: Arc<Board>,
+        layer: Arc<LayerShared>,
+        cfg: Config,
+        export: bool,
+    ) -> Shared {
+        Shared {
+            board,
+            layer,
+            cfg,
+            stop: AtomicBool::new(false),
+            polls: AtomicU64::new(0),
+            polls_by_layer: Default::default(),
+            slow_by_layer: Default::default(),
+            stalls_total: AtomicU64::new(0),
+            in_progress: Default::default(),
+            oldest_ns: Default::default(),
+            dropped_reports: AtomicU64::new(0),
+            caught_panics: AtomicU64::new(0),
+            blocking_slow_starts: AtomicU64::new(0),
+            #[cfg(feature = "rayon")]
+            cpu_pools: Mutex::new(Vec::new()),
+            too_fine_reports: AtomicU64::new(0),
+            diag: DiagCounters::default(),
+            stack_setup_error: Mutex::new(None),
+            hist: Mutex::new(HashMap::new()),
+            stall_counts: Mutex::new(HashMap::new()),
+            sched_hist: Mutex::new(HashMap::new()),
+            victim_counts: Mutex::new(HashMap::new()),
+            feed: export.then(|| Mutex::new(Feed::default())),
+            export: ExportStats::default(),
+        }
+    }
+
+    /// Stalls running now, all layers.
+    pub(crate) fn stalls_in_progress(&self) -> u64 {
+        self.in_progress
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The histograms of `map` per task kind and layer, the fullest first.
+    fn kind_polls(&self, map: &Mutex<HashMap<(KindId, LayerKind), Histogram>>) -> Vec<KindPolls> {
+        let Ok(h) = map.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<KindPolls> = h
+            .iter()
+            .map(|(&(kind, layer), histogram)| KindPolls {
+                kind: self.board.kinds.get(kind).clone(),
+                layer,
+                histogram: histogram.clone(),
+            })
+            .collect();
+        v.sort_by_key(|b| std::cmp::Reverse(b.histogram.count));
+        v
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(true)
+    }
+
+    /// The counters and gauges only: no histogram or per-kind table is copied (the export
+    /// thread takes exact values from the feed instead, every interval).
+    pub(crate) fn counters(&self) -> Snapshot {
+        self.snapshot_with(false)
+    }
+
+    fn snapshot_with(&self, tables: bool) -> Snapshot {
+        let slots = self.board.slots();
+        let oldest = self
+            .oldest_ns
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let schedule_delays = if tables {
+            self.kind_polls(&self.sched_hist)
+        } else {
+            Vec::new()
+        };
+        let victims_total = self
+            .victim_counts
+            .lock()
+            .map(|m| m.values().sum())
+            .unwrap_or(0);
+        let stalls_by = if !tables {
+            Vec::new()
+        } else {
+            self.stall_counts
+                .lock()
+                .map(|m| {
+                    let mut v: Vec<StallCount> = m
+                        .iter()
+                        .map(|(k, &count)| StallCount {
+                            kind: self.board.kinds.get(k.kind).clone(),
+                            layer: k.layer,
+                            cause: k.cause,
+                            count,
+                        })
+                        .collect();
+                    v.sort_by_key(|c| std::cmp::Reverse(c.count));
+                    v
+                })
+                .unwrap_or_default()
+        };
+        let poll_durations = if tables {
+            self.kind_polls(&self.hist)
+        } else {
+            Vec::new()
+        };
+        Snapshot {
+            polls: self.polls.load(Ordering::Relaxed),
+            slow_polls: slots.iter().map(Slot::slow_polls).sum(),
+            polls_by_layer: self
+                .polls_by_layer
+                .each_ref()
+                .map(|a| a.load(Ordering::Relaxed)),
+            slow_polls_by_layer: self
+                .slow_by_layer
+                .each_ref()
+                .map(|a| a.load(Ordering::Relaxed)),
+            stalls_total: self.stalls_total.load(Ordering::Relaxed),
+            stalls_in_progress: self.stalls_in_progress(),
+            oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
+            dropped_reports: self.dropped_reports.load(Ordering::Relaxed),
+            dropped_samples: slots.iter().map(Slot::samples_dropped).sum(),
+            dropped_spans: self.layer.spans.dropped(),
+            kinds_overflow: self.board.kinds.overflow(),
+            unwatched_threads: self.board.unwatched_threads(),
+            caught_panics: self.caught_panics.load(Ordering::Relaxed),
+            stacks_captured: self.diag.stacks_captured.load(Ordering::Relaxed),
+            stacks_rate_limited: self.diag.stacks_rate_limited.load(Ordering::Relaxed),
+            stacks_failed: self.diag.stacks_failed.load(Ordering::Relaxed),
+            diagnosis_samples: self.diag.samples.load(Ordering::Relaxed),
+            stack_setup_error: self.stack_setup_error.lock().ok().and_then(|e| e.clone()),
+            sample_every: self.board.sample_every(),
+            poll_durations,
+            stalls_by,
+            otlp: OtlpStats {
+                spans_exported: self.export.spans_exported.load(Ordering::Relaxed),
+                spans_dropped: self.export.spans_dropped.load(Ordering::Relaxed),
+                span_export_errors: self.export.spans_errors.load(Ordering::Relaxed),
+                metric_exports: self.export.metric_exports.load(Ordering::Relaxed),
+                metric_frames_dropped: self.export.metrics_dropped.load(Ordering::Relaxed),
+                metric_export_errors: self.export.metrics_errors.load(Ordering::Relaxed),
+            },
+            // Filled in by the guard, which holds the monitored runtimes.
+            loop_lag: Vec::new(),
+            schedule_delays,
+            victims_total,
+            blocking_running: self.board.blocking.running(),
+            blocking_queued: self.board.blocking.queued(),
+            blocking_slow_starts: self.blocking_slow_starts.load(Ordering::Relaxed),
+            cpu_too_fine_reports: self.too_fine_reports.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,727 @@
+//! The watchdog's decision core: a function of what it reads. Each tick it is given the clock
+//! and the slots (through [`SlotPort`]); it reads suspect threads through the kernel port and
+//! asks for stacks through the stack port (`diagnose/ports.rs`), and it answers with what to do:
+//! a poll flagged on its slot, reports (running, ended, with victims) and pool notices in
+//! [`Core::out`], counters and histograms in [`Shared`]. It owns no thread, reads no real clock
+//! and sleeps nowhere, so tests drive it tick by tick on a scripted clock (`tests.rs`).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::pools::Pools;
+use super::victims::{hold_window_ns, Held, SlotVictims, VictimAcc, WaitRec};
+use crate::board::{
+    decode, layer_of, Culprit, Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN, WAIT, WAIT_NANOS,
+    WAIT_SAMPLED,
+};
+use crate::diagnose::ports::{Kernel, StackPort};
+use crate::diagnose::sampler::{Ask, Pending, Probe, Sampler, STACK_WAIT_NS};
+use crate::diagnose::{Cause, CauseShare};
+use crate::kinds::KindId;
+use crate::shared::{record_all, Feed, Shared, StallKey};
+use crate::stall::{
+    LayerKind, Notice, Report, StackStatus, Stall, StallState, TaskInfo, Victims, WorkerInfo,
+};
+
+/// What the core reads of one slot, and the one thing it writes (the flag). The board's
+/// [`Slot`] is the real one; tests script their own.
+pub(crate) trait SlotPort {
+    /// The poll in progress (a seqlock read: `stable` is false if it changed while read).
+    fn read(&self) -> SlotRead;
+    /// Slow polls the owner has counted.
+    fn slow_polls(&self) -> u64;
+    /// Flags poll `seq` as a stall: its end will read the real clock.
+    fn flag(&self, seq: u64);
+    /// The exact end of the flagged poll, if its thread saw the flag (0 if not).
+    fn flagged_end_ns(&self) -> u64;
+    /// The board's clock when the last poll ended.
+    fn end_coarse_ns(&self) -> u64;
+    /// The owner's name and OS thread id (`None` while it claims the slot).
+    fn meta(&self) -> Option<ThreadMeta>;
+    /// Hands each record pushed since the last drain to `f`.
+    fn drain(&self, f: &mut dyn FnMut(Record));
+}
+
+impl SlotPort for Slot {
+    fn read(&self) -> SlotRead {
+        Slot::read(self)
+    }
+    fn slow_polls(&self) -> u64 {
+        Slot::slow_polls(self)
+    }
+    fn flag(&self, seq: u64) {
+        Slot::flag(self, seq);
+    }
+    fn flagged_end_ns(&self) -> u64 {
+        Slot::flagged_end_ns(self)
+    }
+    fn end_coarse_ns(&self) -> u64 {
+        Slot::end_coarse_ns(self)
+    }
+    fn meta(&self) -> Option<ThreadMeta> {
+        Slot::meta(self)
+    }
+    fn drain(&self, f: &mut dyn FnMut(Record)) {
+        self.drain_samples(f);
+    }
+}
+
+/// A stalled thread is read on every tick until it has this many readings, then one tick in
+/// eight, so many long stalls at once stay cheap to watch.
+const DENSE_READINGS: u32 = 16;
+
+/// A stall the core follows until its poll ends.
+#[derive(Debug)]
+struct Open {
+    kind: KindId,
+    seq: u64,
+    start_ns: u64,
+    record: Stall,
+    /// A stack capture not picked up yet; the running report waits for it (at most
+    /// [`STACK_WAIT_NS`]).
+    pending: Option<Pending>,
+    /// Another stall's capture held the (process-wide) capture slot: ask again until then.
+    retry_until_ns: Option<u64>,
+    running_sent: bool,
+    raw_stack: Option<Arc<[usize]>>,
+}
+
+/// The core's own view of one slot; `T` is what the kernel port keeps open for its thread.
+#[derive(Debug)]
+struct SlotState<T> {
+    /// Polls of this slot already counted.
+    done: u64,
+    /// Slow polls of this slot already counted.
+    slow_done: u64,
+    /// The poll in progress last seen, and the tick that first saw it.
+    seen_seq: u64,
+    first_seen_ns: u64,
+    /// The earliest the poll in progress can have started.
+    start_lo_ns: u64,
+    open: Option<Open>,
+    /// Kernel-state sampling of the poll in progress, once it is a suspect.
+    probe: Option<Probe<T>>,
+    /// The OS thread id of the slot's owner, read when a probe starts.
+    tid: Option<u64>,
+    victims: SlotVictims,
+}
+
+impl<T> Default for SlotState<T> {
+    fn default() -> Self {
+        SlotState {
+            done: 0,
+            slow_done: 0,
+            seen_seq: 0,
+            first_seen_ns: 0,
+            start_lo_ns: 0,
+            open: None,
+            probe: None,
+            tid: None,
+            victims: SlotVictims::default(),
+        }
+    }
+}
+
+/// The decision core. `K` reads kernel state, `S` captures stacks.
+pub(crate) struct Core<K: Kernel, S: StackPort> {
+    shared: Arc<Shared>,
+    sampler: Sampler,
+    kernel: K,
+    stacks: S,
+    states: Vec<SlotState<K::Thread>>,
+    /// Location words resolved to kinds (poll-hook culprits), so samples do not re-intern.
+    locations: HashMap<u64, KindId>,
+    /// Buffers kept across ticks: no allocation per tick once warm.
+    samples: Vec<(u64, u64)>,
+    resolved: Vec<((KindId, LayerKind), u64)>,
+    waits: Vec<Record>,
+    pools: Pools,
+    notices: Vec<Notice>,
+    next_stall_id: u64,
+    ticks: u64,
+    /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
+    last_tick_ns: u64,
+    /// What to send the reporter, in order; the driver takes it after each tick.
+    pub(crate) out: Vec<Report>,
+}
+
+impl<K: Kernel, S: StackPort> std::fmt::Debug for Core<K, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("slots", &self.states.len())
+            .field("ticks", &self.ticks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: Kernel, S: StackPort> Core<K, S> {
+    pub(crate) fn new(shared: Arc<Shared>, sampler: Sampler, kernel: K, stacks: S) -> Self {
+        Core {
+            shared,
+            sampler,
+            kernel,
+            stacks,
+            states: Vec::new(),
+            locations: HashMap::new(),
+            samples: Vec::new(),
+            resolved: Vec::new(),
+            waits: Vec::new(),
+            pools: Pools::default(),
+            notices: Vec::new(),
+            next_stall_id: 1,
+            ticks: 0,
+            last_tick_ns: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// One tick at board time `now` over `slots`; returns whether anything ran since the last
+    /// one (a poll in progress or ended), which paces the watchdog.
+    pub(crate) fn tick<P: SlotPort>(&mut self, now: u64, slots: &[P]) -> bool {
+        self.ticks = self.ticks.wrapping_add(1);
+        let prev_tick = std::mem::replace(&mut self.last_tick_ns, now);
+        let mut active = false;
+        if self.states.len() < slots.len() {
+            self.states.resize_with(slots.len(), SlotState::default);
+        }
+        let mut polls = 0;
+        let mut oldest = [0u64; 3];
+        for (i, slot) in slots.iter().enumerate() {
+            let r = slot.read();
+            active |= r.in_poll();
+            polls += self.count_polls(i, slot, &r);
+
+            if let Some(mut open) = self.states[i].open.take() {
+                if r.seq == open.seq {
+                    let o = &mut oldest[open.record.layer as usize];
+                    *o = (*o).max(now.saturating_sub(open.start_ns));
+                    self.sample(i, slot, &r, now);
+                    if open.retry_until_ns.is_some() {
+                        self.ask_stack(i, slot, &mut open, now);
+                    }
+                    self.progress(i, &mut open, now);
+                    self.states[i].open = Some(open);
+                } else {
+                    self.end_stall(i, slot, &r, open, now);
+                }
+            }
+
+            let st = &mut self.states[i];
+            if r.stable && r.in_poll() && st.open.is_none() {
+                if st.seen_seq != r.seq {
+                    st.seen_seq = r.seq;
+                    st.first_seen_ns = now;
+                    // The earliest it can have started: the clock it read, or, if it started
+                    // while the watchdog slept long, the tick before this one.
+                    st.start_lo_ns = if r.start_ns == CLOCK_UNKNOWN {
+                        prev_tick
+                    } else {
+                        r.start_ns
+                    };
+                }
+                if let Some(open) = self.check(i, slot, &r, now) {
+                    let o = &mut oldest[open.record.layer as usize];
+                    *o = (*o).max(now.saturating_sub(open.start_ns));
+                    self.states[i].open = Some(open);
+                }
+            } else if !r.in_poll() {
+                st.probe = None;
+            }
+
+            let (samples, waits) = (&mut self.samples, &mut self.waits);
+            slot.drain(&mut |r| {
+                if r.nanos & WAIT != 0 {
+                    waits.push(r);
+                } else {
+                    samples.push((r.word, r.nanos));
+                }
+            });
+            if !self.waits.is_empty() {
+                self.take_waits(i, now);
+            }
+            if self.states[i].victims.is_holding() {
+                self.release_held(i, now, false);
+            }
+        }
+        active |= polls > 0;
+        self.shared.polls.fetch_add(polls, Ordering::Relaxed);
+        for (a, o) in self.shared.oldest_ns.iter().zip(oldest) {
+            a.store(o, Ordering::Relaxed);
+        }
+        self.fold_samples();
+        let mut notices = std::mem::take(&mut self.notices);
+        self.pools.check_cpu(&self.shared, now, &mut notices);
+        self.out.extend(notices.drain(..).map(Report::Notice));
+        self.notices = notices;
+        active
+    }
+
+    /// The kernel port (tests script it).
+    #[cfg(test)]
+    pub(crate) fn kernel_mut(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+
+    /// The stack port (tests script it).
+    #[cfg(test)]
+    pub(crate) fn stacks_mut(&mut self) -> &mut S {
+        &mut self.stacks
+    }
+
+    /// Sends every stall still held for its victims (the watchdog is stopping).
+    pub(crate) fn release_all(&mut self, now: u64) {
+        for i in 0..self.states.len() {
+            self.release_held(i, now, true);
+        }
+    }
+
+    /// Counts the polls (and slow polls) slot `i` finished since the last tick; returns the
+    /// polls. A thread serves one layer (workers, the blocking pool, a CPU pool): its polls
+    /// count for the layer of its latest one.
+    fn count_polls(&mut self, i: usize, slot: &impl SlotPort, r: &SlotRead) -> u64 {
+        let st = &mut self.states[i];
+        let done = r.seq >> 1;
+        let new = done.saturating_sub(st.done);
+        st.done = done;
+        let layer = layer_of(r.word) as usize;
+        if new > 0 {
+            self.shared.polls_by_layer[layer].fetch_add(new, Ordering::Relaxed);
+        }
+        let slow = slot.slow_polls();
+        if slow > st.slow_done {
+            self.shared.slow_by_layer[layer].fetch_add(slow - st.slow_done, Ordering::Relaxed);
+            st.slow_done = slow;
+        }
+        new
+    }
+
+    /// Is the poll `r` on slot `i` a stall? If so, flag it, report it, and follow it.
+    fn check(&mut self, i: usize, slot: &impl SlotPort, r: &SlotRead, now: u64) -> Option<Open> {
+        let (kind, layer) = self.resolve(r.word);
+        let threshold = self.shared.board.threshold_ns(layer);
+        if threshold == u64::MAX {
+            return None;
+        }
+        let first_seen = self.states[i].first_seen_ns;
+        // The lower bound of the poll's age: with the exact start, the exact age; otherwise the
+        // poll began before the tick that first saw it, whatever the watchdog's lateness.
+        let (age_lower, start_ns) = if self.shared.cfg.precise_start {
+            (now.saturating_sub(r.start_ns), r.start_ns)
+        } else {
+            // It began after the clock value it read (or the tick before an idle sleep) and
+            // before `first_seen`: take the middle of that window as its start (at most half a
+            // tick off when ticks are on time).
+            let lo = self.states[i].start_lo_ns.min(first_seen);
+            let mid = lo + (first_seen - lo) / 2;
+            (now.saturating_sub(first_seen), mid)
+        };
+        // A suspect (half-way to the threshold): sample its thread, so the cause is known from
+        // several samples by the time it becomes a stall.
+        if age_lower >= threshold / 2 {
+            self.sample(i, slot, r, now);
+        }
+        if age_lower < threshold {
+            return None;
+        }
+        slot.flag(r.seq);
+        let (cause, cause_shares) = self.verdict(i, r.seq);
+        let record = Stall {
+            id: self.next_stall_id,
+            task: self.task_info(kind, r),
+            worker: worker_info(i, slot),
+            layer,
+            started_at: self.shared.board.system_time(start_ns),
+            duration: Duration::from_nanos(now.saturating_sub(start_ns)),
+            state: StallState::Running,
+            threshold: Duration::from_nanos(threshold),
+            exact_end: false,
+            hint: hint_for(layer, &cause),
+            cause,
+            cause_shares,
+            stack: None,
+            stack_status: StackStatus::Disabled,
+            victims: Victims {
+                tracked: self.shared.board.waits_known(),
+                ..Victims::default()
+            },
+        };
+        self.next_stall_id += 1;
+        self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
+        self.shared.in_progress[layer as usize].fetch_add(1, Ordering::Relaxed);
+        let mut open = Open {
+            kind,
+            seq: r.seq,
+            start_ns,
+            record,
+            pending: None,
+            retry_until_ns: None,
+            running_sent: false,
+            raw_stack: None,
+        };
+        self.ask_stack(i, slot, &mut open, now);
+        Some(open)
+    }
+
+    /// Asks for the stack of the stall `open` on slot `i`; if another capture holds the slot,
+    /// tries again on the next ticks, for at most [`STACK_WAIT_NS`].
+    fn ask_stack(&mut self, i: usize, slot: &impl SlotPort, open: &mut Open, now: u64) {
+        let tid = self.states[i]
+            .tid
+            .or_else(|| slot.meta().and_then(|m| m.tid));
+        match self
+            .sampler
+            .ask_stack(&mut self.stacks, tid, now, &self.shared.diag)
+        {
+            Ask::Pending(p) => {
+                open.pending = Some(p);
+                open.retry_until_ns = None;
+            }
+            Ask::Busy => {
+                let until = *open.retry_until_ns.get_or_insert(now + STACK_WAIT_NS);
+                if now >= until {
+                    self.shared
+                        .diag
+                        .stacks_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    open.retry_until_ns = None;
+                    open.record.stack_status = StackStatus::TimedOut;
+                    self.send_running(i, open);
+                }
+            }
+            Ask::Not(status) => {
+                open.retry_until_ns = None;
+                open.record.stack_status = status;
+                self.send_running(i, open);
+            }
+        }
+    }
+
+    /// Samples the thread of the poll in progress on slot `i`.
+    fn sample(&mut self, i: usize, slot: &impl SlotPort, r: &SlotRead, now: u64) {
+        let st = &mut self.states[i];
+        match &st.probe {
+            Some(p) if p.seq == r.seq => {
+                // A long stall: after the first readings (enough for a verdict), read it one
+                // tick in eight.
+                if p.readings() >= DENSE_READINGS && self.ticks % 8 != 0 {
+                    return;
+                }
+            }
+            _ => st.tid = slot.meta().and_then(|m| m.tid),
+        }
+        self.sampler.observe(
+            &mut self.kernel,
+            &mut st.probe,
+            r.seq,
+            st.tid,
+            now,
+            &self.shared.diag,
+        );
+    }
+
+    /// The cause of poll `seq` on slot `i` from the samples so far.
+    fn verdict(&self, i: usize, seq: u64) -> (Cause, Vec<CauseShare>) {
+        match &self.states[i].probe {
+            Some(p) if p.seq == seq => p.verdict(),
+            _ => (Cause::Unknown, Vec::new()),
+        }
+    }
+
+    /// Picks up a pending stack capture; sends the running report once it is in (or too late).
+    fn progress(&mut self, i: usize, open: &mut Open, now: u64) {
+        let Some(p) = open.pending else { return };
+        let Some(got) = self
+            .sampler
+            .poll_stack(&mut self.stacks, p, now, &self.shared.diag)
+        else {
+            return;
+        };
+        open.pending = None;
+        match got {
+            Ok(ips) => {
+                open.raw_stack = Some(ips.into());
+                open.record.stack_status = StackStatus::Captured;
+            }
+            Err(status) => open.record.stack_status = status,
+        }
+        self.send_running(i, open);
+    }
+
+    /// Sends the running report, with the cause as sampled up to now.
+    fn send_running(&mut self, i: usize, open: &mut Open) {
+        let (cause, shares) = self.verdict(i, open.seq);
+        open.record.cause = cause;
+        open.record.hint = hint_for(open.record.layer, &cause);
+        open.record.cause_shares = shares;
+        open.running_sent = true;
+        let key = StallKey {
+            kind: open.kind,
+            layer: open.record.layer,
+            cause,
+        };
+        if let Ok(mut m) = self.shared.stall_counts.lock() {
+            *m.entry(key).or_insert(0) += 1;
+        }
+        let stall = open.record.clone();
+        self.send(stall, open.raw_stack.clone());
+    }
+
+    fn end_stall(
+        &mut self,
+        i: usize,
+        slot: &impl SlotPort,
+        r: &SlotRead,
+        mut open: Open,
+        now: u64,
+    ) {
+        if !open.running_sent {
+            // It ended before its stack came in: one last look, then the running report.
+            if let Some(p) = open.pending {
+                let late = Pending {
+                    deadline_ns: now,
+                    ..p
+                };
+                open.pending = Some(late);
+                self.progress(i, &mut open, now);
+            } else {
+                if open.retry_until_ns.take().is_some() {
+                    // It ended while waiting for another stall's capture to finish.
+                    self.shared
+                        .diag
+                        .stacks_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    open.record.stack_status = StackStatus::Failed;
+                }
+                self.send_running(i, &mut open);
+            }
+        }
+        let exact = slot.flagged_end_ns();
+        let (end, exact_end) = if exact != 0 {
+            (exact, true)
+        } else if r.seq == open.seq + 1 {
+            // The poll ended in the instant it was flagged: the watchdog's clock at its end.
+            match slot.end_coarse_ns() {
+                CLOCK_UNKNOWN => (now, false),
+                c => (c.max(open.start_ns), false),
+            }
+        } else {
+            (now, false)
+        };
+        let (cause, shares) = self.verdict(i, open.seq);
+        let mut record = open.record;
+        record.state = StallState::Ended;
+        record.duration = Duration::from_nanos(end.saturating_sub(open.start_ns));
+        record.exact_end = exact_end;
+        record.cause = cause;
+        record.hint = hint_for(record.layer, &cause);
+        record.cause_shares = shares;
+        self.states[i].probe = None;
+        self.shared.in_progress[record.layer as usize].fetch_sub(1, Ordering::Relaxed);
+        if self.shared.board.waits_known() {
+            // Wait a moment for the tasks queued behind it to be polled: their records say
+            // how long they waited.
+            let window = hold_window_ns(record.threshold.as_nanos() as u64);
+            let stalled_task = record.task.id.unwrap_or(0);
+            self.states[i].victims.hold(Held {
+                kind: open.kind,
+                record,
+                raw_stack: open.raw_stack,
+                start_ns: open.start_ns,
+                end_ns: end,
+                until_ns: now.max(end) + window,
+                acc: VictimAcc::of(stalled_task),
+            });
+            return;
+        }
+        self.feed_stall(open.kind, &record);
+        self.send(record, open.raw_stack);
+    }
+
+    /// Hands `f` the exporters' feed, when something is exported.
+    fn with_feed(&self, f: impl FnOnce(&mut Feed)) {
+        if let Some(Ok(mut feed)) = self.shared.feed.as_ref().map(std::sync::Mutex::lock) {
+            f(&mut feed);
+        }
+    }
+
+    /// An ended stall's exact duration, for the stall-duration histogram.
+    fn feed_stall(&self, kind: KindId, record: &Stall) {
+        let key = StallKey {
+            kind,
+            layer: record.layer,
+            cause: record.cause,
+        };
+        let ns = record.duration.as_nanos() as u64;
+        self.with_feed(|f| Feed::keep(&mut f.stalls, Feed::STALL_CAP, &mut f.dropped, [(key, ns)]));
+    }
+
+    fn send(&mut self, stall: Stall, raw_stack: Option<Arc<[usize]>>) {
+        self.out.push(Report::Stall { stall, raw_stack });
+    }
+
+    fn resolve(&mut self, word: u64) -> (KindId, LayerKind) {
+        match decode(word) {
+            Culprit::Location(_) => {
+                let board = &self.shared.board;
+                let kind = *self
+                    .locations
+                    .entry(word)
+                    .or_insert_with(|| board.resolve(word).0);
+                (kind, LayerKind::Async)
+            }
+            _ => self.shared.board.resolve(word),
+        }
+    }
+
+    /// Names the task of a poll: its id and site come from the outermost culprit (the task
+    /// itself: tokio's task span or poll hook, or the outermost span); its name from the
+    /// outermost culprit that has one; `span` is the innermost span open, if another.
+    fn task_info(&mut self, kind: KindId, r: &SlotRead) -> TaskInfo {
+        let k = self.shared.board.kinds.get(kind).clone();
+        let mut info = TaskInfo {
+            name: k.name.clone(),
+            id: (r.task != 0).then_some(r.task),
+            site: k.site.clone(),
+            span: None,
+        };
+        if info.name.is_none() && r.named != 0 {
+            let (n, _) = self.resolve(r.named);
+            info.name = self.shared.board.kinds.get(n).name.clone();
+        }
+        if r.inner != 0 {
+            let (inner, _) = self.resolve(r.inner);
+            let ik = self.shared.board.kinds.get(inner);
+            // tokio's task span inside a poll hook is the task itself (same site): not a span.
+            if inner != kind && ik.site != k.site {
+                info.span = Some(match (&ik.name, &ik.site) {
+                    (Some(n), Some(s)) => format!("{n} ({s})").into(),
+                    _ => ik.label().into(),
+                });
+            }
+        }
+        info
+    }
+
+    /// Schedule delays drained from slot `i`: timed ones go into the histograms; long ones are
+    /// matched with the stalls that ended on that slot (their victims).
+    fn take_waits(&mut self, i: usize, now: u64) {
+        let floor = self.shared.board.threshold_ns(LayerKind::Async) / 10;
+        let mut waits = std::mem::take(&mut self.waits);
+        let mut timed = Vec::new();
+        for r in waits.drain(..) {
+            let waited = r.nanos & WAIT_NANOS;
+            let (kind, layer) = self.resolve(r.word);
+            if r.nanos & WAIT_SAMPLED != 0 {
+                timed.push(((kind, layer), waited));
+            }
+            if layer == LayerKind::Blocking {
+                if waited >= floor * 10 {
+                    if let Some(n) = self.pools.slow_start(&self.shared, kind, waited, now) {
+                        self.out.push(Report::Notice(n));
+                    }
+                }
+                continue;
+            }
+            if waited < floor {
+                continue;
+            }
+            let to_ns = if r.start == CLOCK_UNKNOWN {
+                now
+            } else {
+                r.start
+            };
+            self.states[i].victims.note(WaitRec {
+                kind,
+                task: r.task,
+                from_ns: to_ns.saturating_sub(waited),
+                to_ns,
+            });
+        }
+        self.waits = waits;
+        self.states[i].victims.forget_old(now);
+        if timed.is_empty() {
+            return;
+        }
+        record_all(&self.shared.sched_hist, &timed);
+        self.with_feed(|f| {
+            Feed::keep(
+                &mut f.sched,
+                Feed::CAP,
+                &mut f.dropped,
+                timed.iter().copied(),
+            )
+        });
+    }
+
+    /// Sends the held stalls of slot `i` whose wait for victims is over (all with `force`).
+    fn release_held(&mut self, i: usize, now: u64, force: bool) {
+        let Some(st) = self.states.get_mut(i) else {
+            return;
+        };
+        for h in st.victims.ready(now, force) {
+            let Held {
+                kind,
+                mut record,
+                raw_stack,
+                acc,
+                ..
+            } = h;
+            record.victims = acc.victims(&self.shared.board.kinds);
+            let key = (record.layer, record.cause.kind());
+            if acc.count > 0 {
+                if let Ok(mut m) = self.shared.victim_counts.lock() {
+                    *m.entry(key).or_insert(0) += acc.count;
+                }
+                let waits = acc.waits.iter().map(|&w| (key, w));
+                self.with_feed(|f| Feed::keep(&mut f.victims, Feed::CAP, &mut f.dropped, waits));
+            }
+            self.feed_stall(kind, &record);
+            self.send(record, raw_stack);
+        }
+    }
+
+    fn fold_samples(&mut self) {
+        if self.samples.is_empty() {
+            return;
+        }
+        let mut samples = std::mem::take(&mut self.samples);
+        let mut resolved = std::mem::take(&mut self.resolved);
+        resolved.extend(
+            samples
+                .drain(..)
+                .map(|(word, nanos)| (self.resolve(word), nanos)),
+        );
+        self.samples = samples;
+        record_all(&self.shared.hist, &resolved);
+        self.with_feed(|f| {
+            Feed::keep(
+                &mut f.polls,
+                Feed::CAP,
+                &mut f.dropped,
+                resolved.iter().copied(),
+            );
+        });
+        resolved.clear();
+        self.resolved = resolved;
+    }
+}
+
+fn worker_info(index: usize, slot: &impl SlotPort) -> WorkerInfo {
+    let meta = slot.meta();
+    WorkerInfo {
+        index,
+        thread_name: meta.as_ref().and_then(|m| m.name.clone()),
+        tid: meta.and_then(|m| m.tid),
+    }
+}
+
+/// The one-line hint for a stall with `cause` on `layer`: a CPU pool's job sitting in a system
+/// call is the pool used for waiting, whatever the call; otherwise the cause's own hint.
+fn hint_for(layer: LayerKind, cause: &Cause) -> Option<&'static str> {
+    match (layer, cause) {
+        (LayerKind::Cpu, Cause::Syscall(_)) => Some(crate::hints::CPU_POOL_WAITING),
+        _ => cause.hint(),
+    }
+}

@@ -1,0 +1,67 @@
+//! When the watchdog ticks: every `tick` while something runs; while the runtime is idle (no
+//! poll running, none ended since the last tick) nothing can be stalled yet, so after two idle
+//! ticks it sleeps up to half the threshold (at least one tick) per wake-up. While it sleeps
+//! long, the board's clock reads [`CLOCK_UNKNOWN`](crate::board::CLOCK_UNKNOWN), so a poll that
+//! starts then takes its start from the tick that first sees it, never from a stale clock.
+
+use std::time::Duration;
+
+/// What to do after a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Step {
+    /// When the next tick is due (board nanoseconds).
+    pub(crate) next_ns: u64,
+    /// Store "no time" on the board's clock until then.
+    pub(crate) clock_unknown: bool,
+}
+
+/// The watchdog's schedule.
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    tick_ns: u64,
+    idle_sleep_ns: u64,
+    idle_ticks: u32,
+    next_ns: u64,
+}
+
+/// Idle ticks in a row before the watchdog sleeps long.
+const IDLE_TICKS_BEFORE_SLEEP: u32 = 2;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Pacer {
+    /// A schedule of `tick`, for a smallest threshold of `threshold`, starting at `start_ns`.
+    pub(crate) fn new(tick: Duration, threshold: Duration, start_ns: u64) -> Pacer {
+        Pacer {
+            tick_ns: nanos(tick).max(1),
+            idle_sleep_ns: nanos((threshold / 2).max(tick)),
+            idle_ticks: 0,
+            next_ns: start_ns,
+        }
+    }
+
+    /// After a tick that saw something run (`active`) or not, read at `now_ns`: when the next
+    /// tick is due. A watchdog that fell behind (a loaded host) skips the ticks it missed.
+    pub(crate) fn after_tick(&mut self, active: bool, now_ns: u64) -> Step {
+        self.idle_ticks = if active {
+            0
+        } else {
+            self.idle_ticks.saturating_add(1)
+        };
+        let long = self.idle_ticks >= IDLE_TICKS_BEFORE_SLEEP && self.idle_sleep_ns > self.tick_ns;
+        self.next_ns = self.next_ns.saturating_add(if long {
+            self.idle_sleep_ns
+        } else {
+            self.tick_ns
+        });
+        if self.next_ns <= now_ns {
+            self.next_ns = now_ns.saturating_add(self.tick_ns);
+        }
+        Step {
+            next_ns: self.next_ns,
+            clock_unknown: long,
+        }
+    }
+}

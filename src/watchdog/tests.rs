@@ -1,0 +1,902 @@
+//! The decision core on a scripted clock, scripted slots and scripted kernel readings: each test
+//! is one rule, with no thread, no sleep and no real time, so it gives the same answer on any
+//! host however loaded.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::core::{Core, SlotPort};
+use super::pace::{Pacer, Step};
+use crate::board::{kind_word, Board, Record, SlotRead, ThreadMeta, CLOCK_UNKNOWN, WAIT};
+use crate::config::Config;
+use crate::diagnose::ports::{Kernel, RequestError, StackPort};
+use crate::diagnose::sampler::Sampler;
+use crate::diagnose::verdict::{Activity, Reading};
+use crate::diagnose::{Cause, Syscall};
+use crate::probe::layer::LayerShared;
+use crate::probe::spans::SpanTable;
+use crate::shared::Shared;
+use crate::stall::{LayerKind, Report, StackStatus, Stall, StallState};
+
+const MS: u64 = 1_000_000;
+const THRESHOLD: u64 = 10 * MS;
+const TID: u64 = 4242;
+
+// --- scripted ports ------------------------------------------------------------------------
+
+/// A slot whose owner the test plays: it starts and ends polls by hand.
+struct FakeSlot {
+    read: Cell<SlotRead>,
+    slow: Cell<u64>,
+    flagged: Cell<Option<u64>>,
+    end_exact: Cell<u64>,
+    end_coarse: Cell<u64>,
+    tid: u64,
+    records: RefCell<Vec<Record>>,
+}
+
+impl FakeSlot {
+    fn new(tid: u64) -> FakeSlot {
+        FakeSlot {
+            read: Cell::new(SlotRead {
+                seq: 0,
+                stable: true,
+                word: 0,
+                task: 0,
+                named: 0,
+                inner: 0,
+                start_ns: 0,
+            }),
+            slow: Cell::new(0),
+            flagged: Cell::new(None),
+            end_exact: Cell::new(0),
+            end_coarse: Cell::new(0),
+            tid,
+            records: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// A poll of `word` (task `task`) starts, having read `start_ns` from the board's clock.
+    fn start(&self, word: u64, task: u64, start_ns: u64) {
+        let mut r = self.read.get();
+        r.seq |= 1;
+        r.word = word;
+        r.task = task;
+        r.named = word;
+        r.start_ns = start_ns;
+        self.read.set(r);
+    }
+
+    /// The poll ends; `coarse` is the board's clock it read then.
+    fn end(&self, coarse: u64) {
+        let mut r = self.read.get();
+        // The worker stores its exact end only if the watchdog flagged this very poll.
+        if self.flagged.get() != Some(r.seq) {
+            self.end_exact.set(0);
+        }
+        self.end_coarse.set(coarse);
+        r.seq = (r.seq | 1) + 1;
+        self.read.set(r);
+    }
+
+    /// The poll ends and its thread saw the flag: it read the real clock, `exact_ns`.
+    fn end_exactly(&self, exact_ns: u64) {
+        self.end_exact.set(exact_ns);
+        self.end(exact_ns);
+    }
+
+    fn seq(&self) -> u64 {
+        self.read.get().seq
+    }
+
+    /// The probe hands the watchdog a schedule delay: task `task` of `word` waited `waited_ns`
+    /// before its poll that started at `start_ns`.
+    fn push_wait(&self, word: u64, task: u64, waited_ns: u64, start_ns: u64) {
+        self.records.borrow_mut().push(Record {
+            word,
+            nanos: waited_ns | WAIT,
+            start: start_ns,
+            task,
+        });
+    }
+}
+
+impl SlotPort for FakeSlot {
+    fn read(&self) -> SlotRead {
+        self.read.get()
+    }
+    fn slow_polls(&self) -> u64 {
+        self.slow.get()
+    }
+    fn flag(&self, seq: u64) {
+        self.flagged.set(Some(seq));
+    }
+    fn flagged_end_ns(&self) -> u64 {
+        self.end_exact.get()
+    }
+    fn end_coarse_ns(&self) -> u64 {
+        self.end_coarse.get()
+    }
+    fn meta(&self) -> Option<ThreadMeta> {
+        Some(ThreadMeta {
+            name: Some("worker".into()),
+            tid: Some(self.tid),
+        })
+    }
+    fn drain(&self, f: &mut dyn FnMut(Record)) {
+        for r in self.records.borrow_mut().drain(..) {
+            f(r);
+        }
+    }
+}
+
+/// A thread's kernel state as the test sets it: what it does now, and how fast its CPU clock
+/// runs against wall time (1.0: on a CPU all the time).
+#[derive(Clone, Copy)]
+struct ThreadScript {
+    activity: Activity,
+    cpu_per_wall: f64,
+}
+
+/// A kernel that answers from the scripts, integrating each thread's CPU clock over the board
+/// time of the readings.
+#[derive(Default)]
+struct ScriptedKernel {
+    scripts: HashMap<u64, ThreadScript>,
+    /// (tid, at_ns) of every reading taken.
+    reads: Vec<(u64, u64)>,
+    opened: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Followed {
+    tid: u64,
+    cpu_ns: f64,
+    last_ns: Option<u64>,
+}
+
+impl Kernel for ScriptedKernel {
+    type Thread = Followed;
+
+    fn open(&mut self, tid: u64) -> Followed {
+        self.opened.push(tid);
+        Followed {
+            tid,
+            cpu_ns: 0.0,
+            last_ns: None,
+        }
+    }
+
+    fn read(&mut self, t: &mut Followed, at_ns: u64) -> Option<Reading> {
+        let s = *self.scripts.get(&t.tid)?;
+        if let Some(last) = t.last_ns {
+            t.cpu_ns += at_ns.saturating_sub(last) as f64 * s.cpu_per_wall;
+        }
+        t.last_ns = Some(at_ns);
+        self.reads.push((t.tid, at_ns));
+        Some(Reading {
+            at_ns,
+            cpu_ns: Some(t.cpu_ns as u64),
+            activity: s.activity,
+        })
+    }
+}
+
+/// A stack capture the test answers by hand.
+#[derive(Default)]
+struct ScriptedStacks {
+    busy: bool,
+    refuse_busy: bool,
+    next_ticket: u64,
+    /// Tickets asked for, by thread.
+    requests: Vec<(u64, u64)>,
+    /// Captures that came in, by ticket.
+    captured: HashMap<u64, Vec<usize>>,
+    cancelled: Vec<u64>,
+}
+
+impl StackPort for ScriptedStacks {
+    fn busy(&self) -> bool {
+        self.busy
+    }
+    fn request(&mut self, tid: u64, _sig: i32) -> Result<u64, RequestError> {
+        if self.refuse_busy {
+            return Err(RequestError::Busy);
+        }
+        self.next_ticket += 1;
+        self.requests.push((tid, self.next_ticket));
+        Ok(self.next_ticket)
+    }
+    fn take(&mut self, ticket: u64) -> Option<Vec<usize>> {
+        self.captured.remove(&ticket)
+    }
+    fn cancel(&mut self, ticket: u64) {
+        self.cancelled.push(ticket);
+    }
+}
+
+// --- the rig -------------------------------------------------------------------------------
+
+fn config(f: impl FnOnce(&mut Config)) -> Config {
+    let mut cfg = crate::builder()
+        .ignore_env()
+        .threshold(Duration::from_nanos(THRESHOLD))
+        .tick(Duration::from_millis(1))
+        .metrics(crate::MetricsExport::Off)
+        .config()
+        .expect("a valid config");
+    cfg.stacks = false;
+    f(&mut cfg);
+    cfg
+}
+
+struct Rig {
+    core: Core<ScriptedKernel, ScriptedStacks>,
+    shared: Arc<Shared>,
+    word: u64,
+}
+
+fn rig(cfg: Config) -> Rig {
+    rig_with(cfg, Err(StackStatus::Disabled))
+}
+
+fn rig_with(cfg: Config, stacks: Result<i32, StackStatus>) -> Rig {
+    let board = Arc::new(Board::new(
+        [
+            Some(cfg.threshold),
+            Some(cfg.blocking_threshold),
+            Some(cfg.cpu_threshold),
+        ],
+        cfg.sample_every,
+        cfg.precise_start,
+        cfg.max_threads,
+        cfg.max_task_kinds,
+    ));
+    let layer = Arc::new(LayerShared {
+        board: board.clone(),
+        spans: SpanTable::new(64),
+        dispatch: Mutex::new(None),
+    });
+    let shared = Arc::new(Shared::new(board.clone(), layer, cfg.clone(), false));
+    let sampler = Sampler::with_stacks(&cfg, stacks);
+    let kind = board.kinds.intern(Some("hog"), Some(("src/hog.rs", 7, 1)));
+    Rig {
+        core: Core::new(
+            shared.clone(),
+            sampler,
+            ScriptedKernel::default(),
+            ScriptedStacks::default(),
+        ),
+        shared,
+        word: kind_word(kind, LayerKind::Async, true),
+    }
+}
+
+impl Rig {
+    fn tick(&mut self, now: u64, slots: &[FakeSlot]) -> bool {
+        self.core.tick(now, slots)
+    }
+
+    /// Ticks every millisecond from `from` to `to` (both included).
+    fn ticks(&mut self, from_ms: u64, to_ms: u64, slots: &[FakeSlot]) {
+        for t in from_ms..=to_ms {
+            self.tick(t * MS, slots);
+        }
+    }
+
+    fn stalls(&mut self) -> Vec<Stall> {
+        self.core
+            .out
+            .drain(..)
+            .filter_map(|r| match r {
+                Report::Stall { stall, .. } => Some(stall),
+                Report::Notice(_) => None,
+            })
+            .collect()
+    }
+
+    fn script(&mut self, tid: u64, activity: Activity, cpu_per_wall: f64) {
+        self.core.kernel_mut().scripts.insert(
+            tid,
+            ThreadScript {
+                activity,
+                cpu_per_wall,
+            },
+        );
+    }
+
+    fn one_stall(&mut self) -> Stall {
+        let mut s = self.stalls();
+        assert_eq!(s.len(), 1, "{s:#?}");
+        s.remove(0)
+    }
+}
+
+// --- detection -----------------------------------------------------------------------------
+
+#[test]
+fn a_poll_is_flagged_exactly_when_the_lower_bound_of_its_age_reaches_the_threshold() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    // It read the board's clock at 0.5 ms; the tick at 1 ms is the first to see it.
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.tick(MS, &slot);
+    rig.tick(11 * MS - 1, &slot);
+    assert_eq!(
+        slot[0].flagged.get(),
+        None,
+        "9.999 ms since it was first seen"
+    );
+    assert!(rig.stalls().is_empty());
+    rig.tick(11 * MS, &slot);
+    assert_eq!(slot[0].flagged.get(), Some(slot[0].seq()));
+    let s = rig.one_stall();
+    assert_eq!(s.state, StallState::Running);
+    assert_eq!(s.threshold, Duration::from_nanos(THRESHOLD));
+    // Its start is the middle of [clock it read, first tick that saw it]: 0.75 ms.
+    assert_eq!(s.duration, Duration::from_nanos(11 * MS - 750_000));
+    assert_eq!(s.task.name.as_deref(), Some("hog"));
+    assert_eq!(s.task.id, Some(7));
+    assert_eq!(s.worker.tid, Some(TID));
+    assert_eq!(rig.shared.stalls_total.load(Ordering::Relaxed), 1);
+    assert_eq!(rig.shared.stalls_in_progress(), 1);
+}
+
+#[test]
+fn a_late_watchdog_never_reports_a_poll_it_has_not_seen_run_for_the_threshold() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, 0);
+    // The watchdog was descheduled: its first look is 50 ms after the poll read the clock.
+    rig.tick(50 * MS, &slot);
+    rig.tick(59 * MS, &slot);
+    slot[0].end(59 * MS);
+    rig.tick(60 * MS, &slot);
+    assert_eq!(slot[0].flagged.get(), None);
+    assert!(rig.stalls().is_empty());
+    assert_eq!(rig.shared.stalls_total.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn with_precise_starts_the_age_counts_from_the_exact_start() {
+    let mut rig = rig(config(|c| c.precise_start = true));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, 0);
+    rig.tick(9 * MS, &slot);
+    assert!(rig.stalls().is_empty());
+    rig.tick(10 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.duration, Duration::from_nanos(10 * MS));
+}
+
+#[test]
+fn a_poll_that_ends_between_ticks_before_the_threshold_is_no_stall() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, 0);
+    rig.tick(MS, &slot);
+    slot[0].end(8 * MS);
+    // Another poll starts before the next tick: the sequence moved by two.
+    slot[0].start(rig.word, 8, 8 * MS);
+    rig.tick(9 * MS, &slot);
+    rig.tick(10 * MS, &slot);
+    assert_eq!(slot[0].flagged.get(), None);
+    assert!(rig.stalls().is_empty());
+    assert_eq!(rig.shared.polls.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_flagged_poll_that_saw_its_flag_ends_at_its_exact_end() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    assert_eq!(rig.one_stall().state, StallState::Running);
+    slot[0].end_exactly(15 * MS + 123);
+    rig.tick(16 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.state, StallState::Ended);
+    assert!(s.exact_end);
+    assert_eq!(s.duration, Duration::from_nanos(15 * MS + 123 - 750_000));
+    assert_eq!(rig.shared.stalls_in_progress(), 0);
+}
+
+#[test]
+fn a_flagged_poll_that_missed_its_flag_ends_at_the_clock_it_read() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    rig.stalls();
+    // It ended in the instant it was flagged: no exact end, the coarse clock at its end.
+    slot[0].end(11 * MS);
+    rig.tick(12 * MS, &slot);
+    let s = rig.one_stall();
+    assert!(!s.exact_end);
+    assert_eq!(s.duration, Duration::from_nanos(11 * MS - 750_000));
+}
+
+#[test]
+fn a_flagged_poll_followed_by_another_poll_ends_at_the_tick_that_saw_it_gone() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    rig.stalls();
+    // Its end was not stored (the flag came too late) and a new poll already runs.
+    slot[0].end(11 * MS);
+    slot[0].start(rig.word, 8, 11 * MS);
+    rig.tick(12 * MS, &slot);
+    let s = rig.one_stall();
+    assert!(!s.exact_end);
+    assert_eq!(s.duration, Duration::from_nanos(12 * MS - 750_000));
+}
+
+#[test]
+fn a_poll_that_started_while_the_watchdog_slept_long_starts_after_the_tick_before() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    rig.tick(MS, &slot);
+    // The board's clock read "no time": the poll began after the tick at 1 ms.
+    slot[0].start(rig.word, 7, CLOCK_UNKNOWN);
+    rig.tick(31 * MS, &slot);
+    rig.tick(40 * MS, &slot);
+    assert!(rig.stalls().is_empty());
+    rig.tick(41 * MS, &slot);
+    let s = rig.one_stall();
+    // Start: the middle of [1 ms, 31 ms].
+    assert_eq!(s.duration, Duration::from_nanos(41 * MS - 16 * MS));
+}
+
+#[test]
+fn each_layer_is_judged_by_its_own_threshold() {
+    let mut rig = rig(config(|_| {}));
+    let slots = [FakeSlot::new(TID), FakeSlot::new(TID + 1)];
+    let board = rig.shared.board.clone();
+    let job = kind_word(
+        board.kinds.intern(Some("job"), None),
+        LayerKind::Blocking,
+        true,
+    );
+    // A blocking job 100 ms long is normal (its threshold is 30 s); an async poll is not.
+    slots[0].start(job, 1, MS / 2);
+    slots[1].start(rig.word, 2, MS / 2);
+    rig.ticks(1, 101, &slots);
+    let s = rig.one_stall();
+    assert_eq!(s.layer, LayerKind::Async);
+    assert_eq!(s.worker.tid, Some(TID + 1));
+    assert_eq!(slots[0].flagged.get(), None);
+    assert_eq!(
+        rig.shared.in_progress[LayerKind::Blocking as usize].load(Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn a_blocking_job_that_waited_for_a_thread_gives_one_notice_a_second() {
+    let mut rig = rig(config(|_| {}));
+    let board = rig.shared.board.clone();
+    let job = kind_word(
+        board.kinds.intern(Some("job"), None),
+        LayerKind::Blocking,
+        true,
+    );
+    let slot = [FakeSlot::new(TID)];
+    // Waited past the async threshold for a thread: the pool is full.
+    slot[0].push_wait(job, 1, THRESHOLD, MS);
+    slot[0].push_wait(job, 2, THRESHOLD, MS);
+    // A short wait is normal.
+    slot[0].push_wait(job, 3, THRESHOLD - 1, MS);
+    rig.tick(2 * MS, &slot);
+    let notices: Vec<Report> = rig.core.out.drain(..).collect();
+    assert_eq!(notices.len(), 1, "{notices:#?}");
+    assert!(matches!(
+        &notices[0],
+        Report::Notice(crate::stall::Notice::BlockingSaturated { since_last: 1, .. })
+    ));
+    assert_eq!(rig.shared.blocking_slow_starts.load(Ordering::Relaxed), 2);
+    slot[0].push_wait(job, 4, THRESHOLD, MS);
+    rig.tick(1_002 * MS, &slot);
+    let again: Vec<Report> = rig.core.out.drain(..).collect();
+    assert!(
+        matches!(
+            &again[..],
+            [Report::Notice(crate::stall::Notice::BlockingSaturated {
+                since_last: 2,
+                ..
+            })]
+        ),
+        "{again:#?}"
+    );
+}
+
+// --- pacing --------------------------------------------------------------------------------
+
+#[test]
+fn the_watchdog_sleeps_long_after_two_idle_ticks_with_the_clock_unknown() {
+    let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0);
+    let step = |next_ms: u64, clock_unknown: bool| Step {
+        next_ns: next_ms * MS,
+        clock_unknown,
+    };
+    assert_eq!(p.after_tick(true, 0), step(1, false));
+    assert_eq!(p.after_tick(false, MS), step(2, false));
+    // Second idle tick in a row: half the threshold, and "no time" on the board meanwhile.
+    assert_eq!(p.after_tick(false, 2 * MS), step(7, true));
+    assert_eq!(p.after_tick(false, 7 * MS), step(12, true));
+    // Something ran: back to every tick at once.
+    assert_eq!(p.after_tick(true, 12 * MS), step(13, false));
+}
+
+#[test]
+fn a_watchdog_that_fell_behind_skips_the_ticks_it_missed() {
+    let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0);
+    assert_eq!(p.after_tick(true, 50 * MS).next_ns, 51 * MS);
+}
+
+#[test]
+fn no_long_sleep_when_half_the_threshold_is_no_longer_than_a_tick() {
+    let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(2), 0);
+    for i in 0..5 {
+        assert!(!p.after_tick(false, i * MS).clock_unknown);
+    }
+}
+
+// --- verdicts ------------------------------------------------------------------------------
+
+/// Runs one stall of `rig.word` on thread `TID` from 0.5 ms to its detection at 11 ms.
+fn detect(rig: &mut Rig) -> Stall {
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    rig.one_stall()
+}
+
+#[test]
+fn a_suspect_is_read_from_half_the_threshold_on_every_tick() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 1.0);
+    detect(&mut rig);
+    let at: Vec<u64> = rig
+        .core
+        .kernel_mut()
+        .reads
+        .iter()
+        .map(|r| r.1 / MS)
+        .collect();
+    // First seen at 1 ms: a suspect from 6 ms (5 ms old), read each tick to 11 ms.
+    assert_eq!(at, vec![6, 7, 8, 9, 10, 11]);
+    assert_eq!(rig.core.kernel_mut().opened, vec![TID]);
+    assert_eq!(rig.shared.diag.samples.load(Ordering::Relaxed), 6);
+}
+
+#[test]
+fn a_long_stall_is_read_one_tick_in_eight_after_sixteen_readings() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 1.0);
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 100, &slot);
+    let reads = rig.core.kernel_mut().reads.len();
+    // 16 dense readings (6..=21 ms), then on the ticks divisible by 8 (24, 32, .. 96 ms).
+    assert_eq!(reads, 16 + 10);
+}
+
+#[test]
+fn a_thread_whose_cpu_clock_keeps_up_with_wall_time_is_cpu_bound() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 1.0);
+    let s = detect(&mut rig);
+    assert_eq!(s.cause, Cause::Cpu);
+    assert_eq!(s.hint, Some(crate::hints::CPU));
+    assert_eq!(s.cause_shares.len(), 1);
+}
+
+#[test]
+fn a_runnable_thread_whose_cpu_clock_stands_still_is_starved() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 0.0);
+    let s = detect(&mut rig);
+    assert_eq!(s.cause, Cause::Starved);
+    assert_eq!(s.hint, Some(crate::hints::STARVED));
+}
+
+#[test]
+fn a_thread_asleep_in_a_system_call_is_that_call() {
+    let nanosleep = (0..512)
+        .find(|&nr| crate::diagnose::syscalls::name(nr) == Some("nanosleep"))
+        .expect("the table names nanosleep");
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Syscall(nanosleep), 0.0);
+    let s = detect(&mut rig);
+    assert_eq!(s.cause, Cause::Syscall(Syscall::from_nr(nanosleep)));
+    assert!(s.hint.unwrap().contains("tokio::time::sleep"), "{s}");
+}
+
+#[test]
+fn a_stall_on_and_off_the_cpu_is_split_into_shares() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Syscall(0), 0.25);
+    let s = detect(&mut rig);
+    assert_eq!(s.cause, Cause::Syscall(Syscall::from_nr(0)));
+    let share = |c: Cause| {
+        s.cause_shares
+            .iter()
+            .find(|x| x.cause == c)
+            .map_or(0.0, |x| x.share)
+    };
+    assert!(
+        (share(Cause::Cpu) - 0.25).abs() < 1e-6,
+        "{:?}",
+        s.cause_shares
+    );
+    assert!((share(s.cause) - 0.75).abs() < 1e-6, "{:?}", s.cause_shares);
+}
+
+#[test]
+fn a_cpu_pool_job_asleep_in_a_call_is_the_pool_used_for_waiting() {
+    let mut rig = rig(config(|c| {
+        c.cpu_threshold = Duration::from_nanos(THRESHOLD)
+    }));
+    let kind = rig.shared.board.kinds.intern(Some("job"), None);
+    rig.word = kind_word(kind, LayerKind::Cpu, true);
+    rig.script(TID, Activity::Syscall(0), 0.0);
+    let s = detect(&mut rig);
+    assert_eq!(s.layer, LayerKind::Cpu);
+    assert_eq!(s.hint, Some(crate::hints::CPU_POOL_WAITING));
+}
+
+#[test]
+fn with_diagnosis_off_no_thread_is_read_and_the_cause_is_unknown() {
+    let mut rig = rig(config(|c| c.diagnose = false));
+    rig.script(TID, Activity::Running, 1.0);
+    let s = detect(&mut rig);
+    assert_eq!(s.cause, Cause::Unknown);
+    assert_eq!(s.hint, None);
+    assert!(rig.core.kernel_mut().reads.is_empty());
+}
+
+#[test]
+fn a_thread_with_no_reading_is_unknown() {
+    let mut rig = rig(config(|_| {}));
+    // No script for the thread: the kernel port has no reading (as off Linux).
+    let s = detect(&mut rig);
+    assert_eq!(s.cause, Cause::Unknown);
+    assert!(s.cause_shares.is_empty());
+}
+
+#[test]
+fn the_ended_report_has_the_verdict_of_the_whole_stall() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 1.0);
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    assert_eq!(rig.one_stall().cause, Cause::Cpu);
+    // It then sleeps for a long while: the end says so.
+    rig.script(TID, Activity::Syscall(0), 0.0);
+    rig.ticks(12, 60, &slot);
+    slot[0].end_exactly(60 * MS);
+    rig.tick(61 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.state, StallState::Ended);
+    assert_eq!(s.cause, Cause::Syscall(Syscall::from_nr(0)));
+}
+
+// --- victims -------------------------------------------------------------------------------
+
+#[test]
+fn tasks_that_waited_through_a_stall_are_its_victims() {
+    let mut rig = rig(config(|_| {}));
+    rig.shared.board.set_waits_known();
+    let board = rig.shared.board.clone();
+    let queued = kind_word(
+        board.kinds.intern(Some("queued"), None),
+        LayerKind::Async,
+        true,
+    );
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    let running = rig.one_stall();
+    assert!(running.victims.tracked);
+    slot[0].end_exactly(20 * MS);
+    rig.tick(21 * MS, &slot);
+    assert!(rig.stalls().is_empty(), "held for its victims");
+    // Polled right after it: waited 25 ms, 19.25 of them behind the stall (0.75..20 ms).
+    slot[0].push_wait(queued, 100, 25 * MS, 21 * MS);
+    // Waited 2 ms, wholly behind it.
+    slot[0].push_wait(queued, 101, 2 * MS, 15 * MS);
+    // The stalled task itself is never its own victim.
+    slot[0].push_wait(rig.word, 7, 20 * MS, 21 * MS);
+    // Woken after the stall ended: no overlap.
+    slot[0].push_wait(queued, 102, 2 * MS, 24 * MS);
+    rig.tick(22 * MS, &slot);
+    assert!(rig.stalls().is_empty());
+    // Held for the threshold (10 ms) past the tick that saw it end.
+    rig.tick(31 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.state, StallState::Ended);
+    assert_eq!(s.victims.count, 2, "{:#?}", s.victims);
+    assert_eq!(
+        s.victims.worst_wait,
+        Duration::from_nanos(20 * MS - 750_000)
+    );
+    assert_eq!(
+        s.victims.total_wait,
+        Duration::from_nanos(20 * MS - 750_000 + 2 * MS)
+    );
+    assert_eq!(s.victims.tasks[0].task_id, Some(100));
+    assert_eq!(s.victims.top_kinds, vec![(Arc::from("queued"), 2)]);
+    let counted: u64 = rig.shared.victim_counts.lock().unwrap().values().sum();
+    assert_eq!(counted, 2);
+}
+
+#[test]
+fn a_victim_polled_in_the_instant_the_stall_ended_counts() {
+    let mut rig = rig(config(|_| {}));
+    rig.shared.board.set_waits_known();
+    let queued = kind_word(
+        rig.shared.board.kinds.intern(Some("queued"), None),
+        LayerKind::Async,
+        true,
+    );
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    rig.stalls();
+    // The stall ends and its victim is polled before the next tick: its record is drained in
+    // the tick that sees the end.
+    slot[0].end_exactly(20 * MS);
+    slot[0].push_wait(queued, 100, 5 * MS, 20 * MS);
+    rig.tick(21 * MS, &slot);
+    rig.tick(40 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.victims.count, 1);
+}
+
+#[test]
+fn stalls_held_for_victims_go_out_when_the_watchdog_stops() {
+    let mut rig = rig(config(|_| {}));
+    rig.shared.board.set_waits_known();
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    rig.stalls();
+    slot[0].end_exactly(12 * MS);
+    rig.tick(13 * MS, &slot);
+    assert!(rig.stalls().is_empty());
+    rig.core.release_all(13 * MS);
+    assert_eq!(rig.one_stall().state, StallState::Ended);
+}
+
+#[test]
+fn without_known_waits_the_end_goes_out_at_once_with_no_victims_tracked() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    assert!(!rig.one_stall().victims.tracked);
+    slot[0].end_exactly(12 * MS);
+    rig.tick(13 * MS, &slot);
+    let s = rig.one_stall();
+    assert!(!s.victims.tracked);
+}
+
+// --- stacks and their rate limit -----------------------------------------------------------
+
+const SIG: i32 = 40;
+
+#[test]
+fn the_running_report_waits_for_its_stack_and_carries_it() {
+    let mut rig = rig_with(config(|_| {}), Ok(SIG));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    assert!(rig.stalls().is_empty(), "waiting for the stack");
+    let (tid, ticket) = rig.core.stacks_mut().requests[0];
+    assert_eq!(tid, TID);
+    rig.core
+        .stacks_mut()
+        .captured
+        .insert(ticket, vec![0x1000, 0x2000]);
+    rig.tick(12 * MS, &slot);
+    let reports: Vec<Report> = rig.core.out.drain(..).collect();
+    let [Report::Stall { stall, raw_stack }] = &reports[..] else {
+        panic!("{reports:#?}");
+    };
+    assert_eq!(stall.stack_status, StackStatus::Captured);
+    assert_eq!(raw_stack.as_deref(), Some(&[0x1000, 0x2000][..]));
+    assert_eq!(rig.shared.diag.stacks_captured.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_stack_that_never_comes_times_out_after_fifty_milliseconds() {
+    let mut rig = rig_with(config(|_| {}), Ok(SIG));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 60, &slot);
+    assert!(rig.stalls().is_empty());
+    rig.tick(61 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.stack_status, StackStatus::TimedOut);
+    assert_eq!(rig.core.stacks_mut().cancelled, vec![1]);
+    assert_eq!(rig.shared.diag.stacks_failed.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_stall_that_finds_the_capture_busy_asks_again_for_fifty_milliseconds() {
+    let mut rig = rig_with(config(|_| {}), Ok(SIG));
+    rig.core.stacks_mut().busy = true;
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 30, &slot);
+    assert!(rig.stalls().is_empty());
+    // The other capture finishes: this one's turn.
+    rig.core.stacks_mut().busy = false;
+    rig.tick(31 * MS, &slot);
+    assert_eq!(rig.core.stacks_mut().requests.len(), 1);
+    // And with the slot busy for good, the report goes out after 50 ms without a stack.
+    let mut rig = rig_with(config(|_| {}), Ok(SIG));
+    rig.core.stacks_mut().busy = true;
+    let slot2 = [FakeSlot::new(TID)];
+    slot2[0].start(rig.word, 9, MS / 2);
+    rig.ticks(1, 60, &slot2);
+    assert!(rig.stalls().is_empty());
+    rig.tick(61 * MS, &slot2);
+    assert_eq!(rig.one_stall().stack_status, StackStatus::TimedOut);
+}
+
+#[test]
+fn a_try_that_finds_the_capture_taken_costs_no_token() {
+    let mut rig = rig_with(config(|c| c.max_stacks_per_sec = 1), Ok(SIG));
+    rig.core.stacks_mut().refuse_busy = true;
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 20, &slot);
+    // Ten refused tries; then the capture is free and the one token is still there.
+    rig.core.stacks_mut().refuse_busy = false;
+    rig.tick(21 * MS, &slot);
+    assert_eq!(rig.core.stacks_mut().requests.len(), 1);
+    assert_eq!(
+        rig.shared.diag.stacks_rate_limited.load(Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn stacks_past_the_rate_go_without_and_are_counted() {
+    let mut rig = rig_with(config(|c| c.max_stacks_per_sec = 2), Ok(SIG));
+    let slots: Vec<FakeSlot> = (0..3).map(|i| FakeSlot::new(TID + i)).collect();
+    for s in &slots {
+        s.start(rig.word, 7, MS / 2);
+    }
+    rig.ticks(1, 11, &slots);
+    // Two captures asked for; the third stall is reported at once, rate limited.
+    assert_eq!(rig.core.stacks_mut().requests.len(), 2);
+    let s = rig.one_stall();
+    assert_eq!(s.stack_status, StackStatus::RateLimited);
+    assert_eq!(s.worker.tid, Some(TID + 2));
+    assert_eq!(
+        rig.shared.diag.stacks_rate_limited.load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn a_stall_that_ends_before_its_stack_arrives_still_reports_running_first() {
+    let mut rig = rig_with(config(|_| {}), Ok(SIG));
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slot);
+    slot[0].end_exactly(12 * MS);
+    rig.tick(13 * MS, &slot);
+    let s = rig.stalls();
+    assert_eq!(s.len(), 2, "{s:#?}");
+    assert_eq!(s[0].state, StallState::Running);
+    assert_eq!(s[0].stack_status, StackStatus::TimedOut);
+    assert_eq!(s[1].state, StallState::Ended);
+}

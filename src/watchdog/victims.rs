@@ -1,0 +1,262 @@
+//! Victims: the tasks that waited behind a stall. A probe that knows schedule delays (tokio's
+//! poll hooks with schedule latency, or watched futures' wake notes) hands the watchdog a wait
+//! record for each long wait; the watchdog holds an ended stall back for a moment
+//! ([`hold_window_ns`]) and counts every wait on the same worker that overlapped it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::kinds::{KindId, Kinds};
+use crate::stall::{Stall, Victim, Victims};
+
+/// Victims listed one by one per stall, at most (the longest waits); the rest are counted.
+pub(crate) const MAX_VICTIMS: usize = 16;
+
+/// Waits kept per stall for the victim-wait histogram, at most.
+const MAX_WAITS: usize = 4096;
+
+/// Recent waits kept per slot, at most: when full, the older half goes.
+const MAX_RECENT: usize = 512;
+
+/// A wait older than this (board nanoseconds) cannot belong to a stall still to be seen ending.
+const RECENT_HORIZON_NS: u64 = 1_000_000_000;
+
+/// How long an ended stall of `threshold_ns` is held for its victims' records: they are polled
+/// right after it, so a few ticks' worth, between 5 and 100 ms.
+pub(crate) fn hold_window_ns(threshold_ns: u64) -> u64 {
+    threshold_ns.clamp(5_000_000, 100_000_000)
+}
+
+/// A task that waited at least the wait floor before a poll on this slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WaitRec {
+    pub(crate) kind: KindId,
+    /// Its task id (0: unknown).
+    pub(crate) task: u64,
+    /// From its wake to its poll's start (board clock).
+    pub(crate) from_ns: u64,
+    pub(crate) to_ns: u64,
+}
+
+/// An ended stall waiting for its victims' records.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) kind: KindId,
+    pub(crate) record: Stall,
+    pub(crate) raw_stack: Option<Arc<[usize]>>,
+    pub(crate) start_ns: u64,
+    pub(crate) end_ns: u64,
+    /// Sent when the watchdog's clock passes this.
+    pub(crate) until_ns: u64,
+    pub(crate) acc: VictimAcc,
+}
+
+/// Victims gathered so far for one stall.
+#[derive(Debug, Default)]
+pub(crate) struct VictimAcc {
+    /// The stalled task's id (0: unknown): a task never waits behind its own poll.
+    stalled_task: u64,
+    pub(crate) count: u64,
+    pub(crate) total_ns: u64,
+    pub(crate) worst_ns: u64,
+    /// The longest waits (kind, task id, ns), at most [`MAX_VICTIMS`].
+    top: Vec<(KindId, u64, u64)>,
+    kinds: HashMap<KindId, u64>,
+    /// Each victim's wait behind the stall (for the histogram), at most [`MAX_WAITS`].
+    pub(crate) waits: Vec<u64>,
+}
+
+impl VictimAcc {
+    /// Victims of a stall of the task `stalled_task` (0: unknown).
+    pub(crate) fn of(stalled_task: u64) -> VictimAcc {
+        VictimAcc {
+            stalled_task,
+            ..VictimAcc::default()
+        }
+    }
+
+    /// Counts `w` if it overlapped the stall `[stall_start, stall_end]`: the overlap is how long
+    /// it waited behind this stall.
+    pub(crate) fn add(&mut self, w: &WaitRec, stall_start: u64, stall_end: u64) {
+        if w.task != 0 && w.task == self.stalled_task {
+            return;
+        }
+        let overlap = w
+            .to_ns
+            .min(stall_end)
+            .saturating_sub(w.from_ns.max(stall_start));
+        if overlap == 0 {
+            return;
+        }
+        self.count += 1;
+        self.total_ns = self.total_ns.saturating_add(overlap);
+        self.worst_ns = self.worst_ns.max(overlap);
+        *self.kinds.entry(w.kind).or_insert(0) += 1;
+        if self.waits.len() < MAX_WAITS {
+            self.waits.push(overlap);
+        }
+        if self.top.len() < MAX_VICTIMS {
+            self.top.push((w.kind, w.task, overlap));
+        } else if let Some(min) = self.top.iter_mut().min_by_key(|t| t.2) {
+            if min.2 < overlap {
+                *min = (w.kind, w.task, overlap);
+            }
+        }
+    }
+
+    /// The stall's [`Victims`]: the longest waits one by one, and the five commonest kinds.
+    pub(crate) fn victims(&self, kinds: &Kinds) -> Victims {
+        let label = |k: KindId| -> Arc<str> { Arc::from(kinds.get(k).label()) };
+        let mut tasks: Vec<Victim> = self
+            .top
+            .iter()
+            .map(|&(k, task, ns)| Victim {
+                kind: label(k),
+                task_id: (task != 0).then_some(task),
+                waited: Duration::from_nanos(ns),
+            })
+            .collect();
+        tasks.sort_by_key(|v| std::cmp::Reverse(v.waited));
+        let mut top: Vec<(KindId, u64)> = self.kinds.iter().map(|(&k, &n)| (k, n)).collect();
+        top.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        top.truncate(5);
+        Victims {
+            tracked: true,
+            count: self.count,
+            total_wait: Duration::from_nanos(self.total_ns),
+            worst_wait: Duration::from_nanos(self.worst_ns),
+            tasks,
+            top_kinds: top.into_iter().map(|(k, n)| (label(k), n)).collect(),
+        }
+    }
+}
+
+/// One slot's victim book: the stalls held for their victims, and the recent long waits (a
+/// victim's record can be drained before the watchdog sees the stall's end).
+#[derive(Debug, Default)]
+pub(crate) struct SlotVictims {
+    held: Vec<Held>,
+    recent: Vec<WaitRec>,
+}
+
+impl SlotVictims {
+    /// Holds an ended stall; the recent waits that overlapped it count at once.
+    pub(crate) fn hold(&mut self, mut held: Held) {
+        for w in &self.recent {
+            held.acc.add(w, held.start_ns, held.end_ns);
+        }
+        self.held.push(held);
+    }
+
+    /// A long wait on this slot: a victim of every held stall it overlapped, and kept a while
+    /// for the stalls whose end is still to be seen.
+    pub(crate) fn note(&mut self, w: WaitRec) {
+        for h in &mut self.held {
+            h.acc.add(&w, h.start_ns, h.end_ns);
+        }
+        if self.recent.len() >= MAX_RECENT {
+            self.recent.drain(..MAX_RECENT / 2);
+        }
+        self.recent.push(w);
+    }
+
+    /// Forgets the waits too old to belong to a stall still to be seen ending.
+    pub(crate) fn forget_old(&mut self, now: u64) {
+        let horizon = now.saturating_sub(RECENT_HORIZON_NS);
+        self.recent.retain(|w| w.to_ns >= horizon);
+    }
+
+    pub(crate) fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// The held stalls whose wait for victims is over at `now` (all of them with `force`).
+    pub(crate) fn ready(&mut self, now: u64, force: bool) -> Vec<Held> {
+        let (ready, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| force || now >= h.until_ns);
+        self.held = keep;
+        ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::OTHER;
+
+    fn wait(task: u64, from_ns: u64, to_ns: u64) -> WaitRec {
+        WaitRec {
+            kind: OTHER,
+            task,
+            from_ns,
+            to_ns,
+        }
+    }
+
+    #[test]
+    fn a_victim_counts_for_its_overlap_with_the_stall_only() {
+        let mut acc = VictimAcc::of(7);
+        acc.add(&wait(1, 0, 50), 10, 30);
+        acc.add(&wait(2, 15, 20), 10, 30);
+        acc.add(&wait(3, 30, 40), 10, 30);
+        acc.add(&wait(7, 0, 50), 10, 30);
+        assert_eq!((acc.count, acc.total_ns, acc.worst_ns), (2, 25, 20));
+        assert_eq!(acc.waits, vec![20, 5]);
+    }
+
+    #[test]
+    fn only_the_longest_waits_are_listed_one_by_one() {
+        let mut acc = VictimAcc::of(0);
+        for task in 1..=(MAX_VICTIMS as u64 + 4) {
+            acc.add(&wait(task, 100 - task, 100), 0, 100);
+        }
+        let kinds = Kinds::new(4);
+        let v = acc.victims(&kinds);
+        assert_eq!(v.count, MAX_VICTIMS as u64 + 4);
+        assert_eq!(v.tasks.len(), MAX_VICTIMS);
+        assert_eq!(v.tasks[0].task_id, Some(MAX_VICTIMS as u64 + 4));
+        assert!(
+            v.tasks.iter().all(|t| t.task_id.unwrap() > 4),
+            "{:?}",
+            v.tasks
+        );
+    }
+
+    #[test]
+    fn a_wait_seen_before_the_stall_was_held_still_counts() {
+        let mut book = SlotVictims::default();
+        book.note(wait(1, 5, 25));
+        book.hold(Held {
+            kind: OTHER,
+            record: crate::stall::tests_support::stall(),
+            raw_stack: None,
+            start_ns: 10,
+            end_ns: 20,
+            until_ns: 30,
+            acc: VictimAcc::of(0),
+        });
+        assert!(book.ready(29, false).is_empty());
+        let h = book.ready(30, false);
+        assert_eq!(h[0].acc.count, 1);
+        assert_eq!(h[0].acc.total_ns, 10);
+    }
+
+    #[test]
+    fn waits_older_than_a_second_are_forgotten() {
+        let mut book = SlotVictims::default();
+        book.note(wait(1, 0, 10));
+        book.forget_old(2_000_000_000);
+        book.hold(Held {
+            kind: OTHER,
+            record: crate::stall::tests_support::stall(),
+            raw_stack: None,
+            start_ns: 0,
+            end_ns: 20,
+            until_ns: 0,
+            acc: VictimAcc::of(0),
+        });
+        assert_eq!(book.ready(0, true)[0].acc.count, 0);
+    }
+}
