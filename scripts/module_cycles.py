@@ -42,8 +42,9 @@ def resolve(path_parts):
 def strip(text):
     text = re.sub(r"//[^\n]*", "", text)
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    # Leave out unit tests: a test module may use anything of its parent.
-    m = re.search(r"#\[cfg\(test\)\]\s*mod tests", text)
+    # Leave out unit tests and their helpers (inline `#[cfg(test)]` modules, kept at the end
+    # of a file): a test module may use anything of its parent.
+    m = re.search(r"#\[cfg\(test\)\]\s*(?:pub(?:\(crate\))?\s+)?mod \w+\s*\{", text)
     return text[: m.start()] if m else text
 
 

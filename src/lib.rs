@@ -3,12 +3,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod board;
+mod builder;
 mod config;
 mod diagnose;
 mod error;
 mod export;
+mod guard;
 mod hints;
-mod install;
 mod kinds;
 mod probe;
 mod report;
@@ -17,6 +18,7 @@ mod snapshot;
 mod stall;
 mod watchdog;
 
+pub use builder::Builder;
 pub use config::{
     default_tick, Config, MetricsExport, OtlpConfig, OtlpProtocol, DEFAULT_BLOCKING_THRESHOLD,
     DEFAULT_CPU_THRESHOLD, DEFAULT_EXPORT_INTERVAL, DEFAULT_MAX_BLOCKING_THREADS,
@@ -30,7 +32,7 @@ pub use config::{
 pub use diagnose::{Cause, CauseShare, Frame, Stack, Syscall};
 pub use error::Error;
 pub use export::table::{MetricDef, MetricKind, MetricUnit, DURATION_BUCKETS, METRICS};
-pub use install::{Builder, Guard};
+pub use guard::Guard;
 pub use kinds::TaskKind;
 pub use probe::blocking::spawn_blocking;
 #[cfg(feature = "rayon")]
