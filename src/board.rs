@@ -33,70 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::kinds::{KindId, Kinds, OTHER};
 use crate::stall::LayerKind;
-
-// --- the culprit word: what a slot is polling ------------------------------------------------
-//
-// bits 0..2  tag: 0 none, 1 interned kind, 2 `&'static Location` pointer (tokio poll hooks)
-// tag 1:     bits 2..4 layer, bit 4 set if the kind has a name, bits 32..64 kind id
-// tag 2:     the pointer itself (a `Location` is 8-aligned, so its low bits are free); async.
-
-const TAG_MASK: u64 = 0b11;
-const TAG_KIND: u64 = 1;
-const TAG_LOCATION: u64 = 2;
-const NAMED: u64 = 1 << 4;
-
-/// Encodes an interned kind polled on `layer`; `named` says if the kind has a name.
-#[inline]
-pub(crate) const fn kind_word(kind: KindId, layer: LayerKind, named: bool) -> u64 {
-    ((kind as u64) << 32) | ((layer as u64) << 2) | if named { NAMED } else { 0 } | TAG_KIND
-}
-
-#[inline]
-fn is_blocking(word: u64) -> bool {
-    word & (TAG_MASK | (0b11 << 2)) == TAG_KIND | ((LayerKind::Blocking as u64) << 2)
-}
-
-#[inline]
-fn is_named(word: u64) -> bool {
-    word & (TAG_MASK | NAMED) == TAG_KIND | NAMED
-}
-
-/// Encodes a spawn location (the poll-hook probe), resolved to a kind later by the watchdog.
-#[inline]
-#[cfg_attr(not(tokio_unstable), allow(dead_code))]
-pub(crate) fn location_word(loc: &'static std::panic::Location<'static>) -> u64 {
-    (loc as *const std::panic::Location<'static> as u64) | TAG_LOCATION
-}
-
-/// A decoded culprit word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Culprit {
-    None,
-    Kind(KindId, LayerKind),
-    Location(&'static std::panic::Location<'static>),
-}
-
-#[inline]
-pub(crate) fn layer_of(word: u64) -> LayerKind {
-    if word & TAG_MASK == TAG_KIND {
-        LayerKind::from_bits((word >> 2) & 0b11)
-    } else {
-        LayerKind::Async
-    }
-}
-
-pub(crate) fn decode(word: u64) -> Culprit {
-    match word & TAG_MASK {
-        TAG_KIND => Culprit::Kind((word >> 32) as KindId, layer_of(word)),
-        TAG_LOCATION => {
-            let p = (word & !TAG_MASK) as *const std::panic::Location<'static>;
-            // SAFETY: a TAG_LOCATION word is only ever made by `location_word` from a
-            // `&'static Location<'static>`, so the pointer is valid for the whole program.
-            Culprit::Location(unsafe { &*p })
-        }
-        _ => Culprit::None,
-    }
-}
+use crate::words::{Culprit, CulpritWord, Measure, Wait};
 
 /// The board's clock while the watchdog sleeps through an idle spell: "no time". A poll that
 /// starts then has no start from the clock; one that ends then is not timed as slow.
@@ -104,42 +41,32 @@ pub(crate) const CLOCK_UNKNOWN: u64 = u64::MAX;
 
 // --- slots -------------------------------------------------------------------------------------
 
-/// One record a worker hands the watchdog: an exact poll duration (one poll in
-/// `sample_every`), or how long a poll waited to start (`nanos` has [`WAIT`] set; `start` is
-/// the board's clock at its start, `task` its task id).
+/// One ring entry: a [`Record`] in atomics.
 #[derive(Debug, Default)]
 pub(crate) struct Sample {
     word: AtomicU64,
-    nanos: AtomicU64,
+    measure: AtomicU64,
     start: AtomicU64,
     task: AtomicU64,
 }
 
-/// In a record's `nanos`: a schedule delay (the time from the task's wake to this poll),
-/// not a poll duration.
-pub(crate) const WAIT: u64 = 1 << 63;
-/// In a wait record's `nanos`: the poll was one of the timed ones (it counts for the
-/// schedule-delay histogram; the others are kept only to find a stall's victims).
-pub(crate) const WAIT_SAMPLED: u64 = 1 << 62;
-/// In the `waited` given to [`Board::enter`]: this wait was measured on the watchdog's coarse
-/// clock (good for victims, never for the schedule-delay histogram), or is otherwise not one
-/// its probe chose for the histogram.
-pub(crate) const WAIT_COARSE: u64 = 1 << 61;
-/// In the `waited` given to [`Board::enter`] ([`WAIT_SAMPLED`]): this wait was measured
-/// exactly and chosen for the histogram by its probe.
-pub(crate) const WAIT_CHOSEN: u64 = WAIT_SAMPLED;
-/// The value of a record's `nanos` without the flags.
-pub(crate) const WAIT_NANOS: u64 = WAIT_COARSE - 1;
-/// "This probe does not know how long the poll waited."
-pub(crate) const NO_WAIT: u64 = u64::MAX;
-
-/// A record drained from a slot.
+/// A record a worker hands the watchdog: an exact poll duration (one poll in `sample_every`),
+/// or how long a poll waited to start (then `start` is the board's clock at its start and
+/// `task` its task id).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Record {
-    pub(crate) word: u64,
-    pub(crate) nanos: u64,
+    pub(crate) word: CulpritWord,
+    pub(crate) measure: Measure,
     pub(crate) start: u64,
     pub(crate) task: u64,
+}
+
+/// The poll a schedule delay belongs to.
+#[derive(Debug, Clone, Copy)]
+struct Polled {
+    word: CulpritWord,
+    task: u64,
+    start_ns: u64,
 }
 
 /// Facts about the thread that owns a slot, set when it claims the slot.
@@ -201,10 +128,10 @@ impl Slot {
     /// Reads the poll in progress, if the slot was stable while read.
     pub(crate) fn read(&self) -> SlotRead {
         let s1 = self.seq.load(Ordering::Acquire);
-        let word = self.culprit.load(Ordering::Relaxed);
+        let word = CulpritWord::from_bits(self.culprit.load(Ordering::Relaxed));
         let task = self.task.load(Ordering::Relaxed);
-        let named = self.named.load(Ordering::Relaxed);
-        let inner = self.inner.load(Ordering::Relaxed);
+        let named = CulpritWord::from_bits(self.named.load(Ordering::Relaxed));
+        let inner = CulpritWord::from_bits(self.inner.load(Ordering::Relaxed));
         let start_ns = self.start_ns.load(Ordering::Relaxed);
         fence(Ordering::Acquire);
         let s2 = self.seq.load(Ordering::Relaxed);
@@ -257,8 +184,8 @@ impl Slot {
         while tail < head {
             let s = &ring[(tail as usize) & (RING - 1)];
             f(Record {
-                word: s.word.load(Ordering::Relaxed),
-                nanos: s.nanos.load(Ordering::Relaxed),
+                word: CulpritWord::from_bits(s.word.load(Ordering::Relaxed)),
+                measure: Measure::from_bits(s.measure.load(Ordering::Relaxed)),
                 start: s.start.load(Ordering::Relaxed),
                 task: s.task.load(Ordering::Relaxed),
             });
@@ -268,12 +195,7 @@ impl Slot {
     }
 
     #[inline]
-    fn push_sample(&self, word: u64, nanos: u64) {
-        self.push(word, nanos, 0, 0);
-    }
-
-    #[inline]
-    fn push(&self, word: u64, nanos: u64, start: u64, task: u64) {
+    fn push(&self, r: Record) {
         let Some(ring) = self.ring.get() else { return };
         let head = self.ring_head.load(Ordering::Relaxed);
         let tail = self.ring_tail.load(Ordering::Acquire);
@@ -285,10 +207,10 @@ impl Slot {
             return;
         }
         let s = &ring[(head as usize) & (RING - 1)];
-        s.word.store(word, Ordering::Relaxed);
-        s.nanos.store(nanos, Ordering::Relaxed);
-        s.start.store(start, Ordering::Relaxed);
-        s.task.store(task, Ordering::Relaxed);
+        s.word.store(r.word.bits(), Ordering::Relaxed);
+        s.measure.store(r.measure.bits(), Ordering::Relaxed);
+        s.start.store(r.start, Ordering::Relaxed);
+        s.task.store(r.task, Ordering::Relaxed);
         self.ring_head.store(head + 1, Ordering::Release);
     }
 }
@@ -298,13 +220,13 @@ impl Slot {
 pub(crate) struct SlotRead {
     pub(crate) seq: u64,
     pub(crate) stable: bool,
-    pub(crate) word: u64,
+    pub(crate) word: CulpritWord,
     pub(crate) task: u64,
     /// The outermost culprit with a name (a named span or watched future inside an unnamed
-    /// task), 0 if none.
-    pub(crate) named: u64,
-    /// The innermost span open in the poll, 0 if none is nested.
-    pub(crate) inner: u64,
+    /// task), none if none.
+    pub(crate) named: CulpritWord,
+    /// The innermost span open in the poll, none if none is nested.
+    pub(crate) inner: CulpritWord,
     pub(crate) start_ns: u64,
 }
 
@@ -455,9 +377,14 @@ impl Board {
     }
 
     /// A poll (or a nested span) starts on this thread. `task` is called only for the outermost.
-    /// `waited`: how long the task waited from its wake to this poll, in ns, or [`NO_WAIT`].
+    /// `waited`: how long the task waited from its wake to this poll, or [`Wait::UNKNOWN`].
     #[inline]
-    pub(crate) fn enter(self: &Arc<Self>, word: u64, task: impl FnOnce() -> u64, waited: u64) {
+    pub(crate) fn enter(
+        self: &Arc<Self>,
+        word: CulpritWord,
+        task: impl FnOnce() -> u64,
+        waited: Wait,
+    ) {
         let _ = LOCAL.try_with(|l| {
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l, word) {
                 return;
@@ -472,19 +399,22 @@ impl Board {
             } else {
                 // A span nested in the poll: it is the innermost now, and it may name the task.
                 if let Some(s) = l.stack.get(depth as usize) {
-                    s.set(word);
+                    s.set(word.bits());
                 }
-                slot.inner.store(word, Ordering::Relaxed);
-                if is_named(word) && slot.named.load(Ordering::Relaxed) == 0 {
-                    slot.named.store(word, Ordering::Relaxed);
+                slot.inner.store(word.bits(), Ordering::Relaxed);
+                if word.is_named() && slot.named.load(Ordering::Relaxed) == 0 {
+                    slot.named.store(word.bits(), Ordering::Relaxed);
                 }
-                if waited != NO_WAIT && !l.wait_noted.get() {
+                if waited.is_known() && !l.wait_noted.get() {
                     // A watched future inside a span's poll: its wake time is the task's.
                     l.wait_noted.set(true);
-                    let sampled = l.sample_start.get().is_some();
-                    let start = slot.start_ns.load(Ordering::Relaxed);
-                    let task = slot.task.load(Ordering::Relaxed);
-                    self.note_wait(slot, word, waited, start, task, sampled);
+                    let timed = l.sample_start.get().is_some();
+                    let polled = Polled {
+                        word,
+                        task: slot.task.load(Ordering::Relaxed),
+                        start_ns: slot.start_ns.load(Ordering::Relaxed),
+                    };
+                    self.note_wait(slot, polled, waited, timed);
                 }
             }
         });
@@ -519,9 +449,13 @@ impl Board {
                     // (it was the outermost with one).
                     let exited = l.stack.get(open as usize).map_or(0, Cell::get);
                     if exited != 0 && slot.named.load(Ordering::Relaxed) == exited {
-                        let outer = slot.culprit.load(Ordering::Relaxed);
-                        let named = if is_named(outer) { outer } else { 0 };
-                        slot.named.store(named, Ordering::Relaxed);
+                        let outer = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
+                        let named = if outer.is_named() {
+                            outer
+                        } else {
+                            CulpritWord::NONE
+                        };
+                        slot.named.store(named.bits(), Ordering::Relaxed);
                     }
                     l.depth.set(open);
                 }
@@ -530,15 +464,17 @@ impl Board {
     }
 
     #[inline]
-    fn begin(&self, slot: &Slot, l: &Local, word: u64, task: u64, waited: u64) {
+    fn begin(&self, slot: &Slot, l: &Local, word: CulpritWord, task: u64, waited: Wait) {
         let s = slot.seq.load(Ordering::Relaxed);
         // The previous poll's end (even sequence) is published before the new poll's fields,
         // so a reader that sees these fields also sees a sequence past its own (seqlock).
         fence(Ordering::Release);
-        slot.culprit.store(word, Ordering::Relaxed);
+        slot.culprit.store(word.bits(), Ordering::Relaxed);
         slot.task.store(task, Ordering::Relaxed);
-        slot.named
-            .store(if is_named(word) { word } else { 0 }, Ordering::Relaxed);
+        slot.named.store(
+            if word.is_named() { word.bits() } else { 0 },
+            Ordering::Relaxed,
+        );
         slot.inner.store(0, Ordering::Relaxed);
         let start = if self.precise_start {
             self.now_ns()
@@ -548,10 +484,15 @@ impl Board {
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
         // Blocking jobs are few and long: every one is timed, and its queue wait kept.
-        let sampled = (s >> 1) & self.sample_mask == 0 || is_blocking(word);
-        l.wait_noted.set(waited != NO_WAIT);
-        if waited != NO_WAIT {
-            self.note_wait(slot, word, waited, start, task, sampled);
+        let sampled = (s >> 1) & self.sample_mask == 0 || word.is_blocking();
+        l.wait_noted.set(waited.is_known());
+        if waited.is_known() {
+            let polled = Polled {
+                word,
+                task,
+                start_ns: start,
+            };
+            self.note_wait(slot, polled, waited, sampled);
         }
         if sampled {
             l.sample_start.set(Some(Instant::now()));
@@ -559,15 +500,19 @@ impl Board {
     }
 
     /// Keeps a poll's schedule delay if rare enough: a timed poll's (for the histogram), or a
-    /// long one (a stall's victim, perhaps).
+    /// long one (a stall's victim, perhaps). `timed`: the board times this poll.
     #[inline]
-    fn note_wait(&self, slot: &Slot, word: u64, waited: u64, start: u64, task: u64, sampled: bool) {
+    fn note_wait(&self, slot: &Slot, polled: Polled, waited: Wait, timed: bool) {
         // A probe may choose its own exact waits for the histogram, or say a wait is coarse.
-        let sampled = (sampled && waited & WAIT_COARSE == 0) || waited & WAIT_CHOSEN != 0;
-        let nanos = waited & WAIT_NANOS;
-        if sampled || nanos >= self.wait_floor_ns {
-            let flags = if sampled { WAIT | WAIT_SAMPLED } else { WAIT };
-            slot.push(word, nanos | flags, start, task);
+        let timed = waited.for_histogram(timed);
+        let nanos = waited.nanos();
+        if timed || nanos >= self.wait_floor_ns {
+            slot.push(Record {
+                word: polled.word,
+                measure: Measure::wait(nanos, timed),
+                start: polled.start_ns,
+                task: polled.task,
+            });
         }
     }
 
@@ -578,10 +523,10 @@ impl Board {
         if slot.flagged.load(Ordering::Relaxed) == s {
             slot.end_ns.store(self.now_ns().max(1), Ordering::Relaxed);
         }
-        let word = slot.culprit.load(Ordering::Relaxed);
+        let word = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
         let start = slot.start_ns.load(Ordering::Relaxed);
         if coarse != CLOCK_UNKNOWN
-            && coarse.saturating_sub(start) >= self.thresholds_ns[layer_of(word) as usize]
+            && coarse.saturating_sub(start) >= self.thresholds_ns[word.layer() as usize]
         {
             slot.slow_polls.store(
                 slot.slow_polls.load(Ordering::Relaxed) + 1,
@@ -594,13 +539,18 @@ impl Board {
         if let Some(t0) = l.sample_start.get() {
             l.sample_start.set(None);
             let nanos = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            slot.push_sample(word, nanos);
+            slot.push(Record {
+                word,
+                measure: Measure::poll(nanos),
+                start: 0,
+                task: 0,
+            });
         }
     }
 
     /// Slow path: this thread polls under this board for the first time (or came back to it).
     #[cold]
-    fn attach(self: &Arc<Self>, l: &Local, word: u64) -> bool {
+    fn attach(self: &Arc<Self>, l: &Local, word: CulpritWord) -> bool {
         if l.own.get() || l.depth.get() > 0 {
             // loopwatch's own threads are never watched; a thread never switches boards in
             // the middle of a poll.
@@ -609,7 +559,7 @@ impl Board {
         // Only threads inside a tokio runtime are watched: a span held for long on some
         // other thread is not a stalled worker. A CPU pool's jobs are the exception: they
         // come through loopwatch's own wrapper, which names their layer.
-        if layer_of(word) != LayerKind::Cpu && tokio::runtime::Handle::try_current().is_err() {
+        if word.layer() != LayerKind::Cpu && tokio::runtime::Handle::try_current().is_err() {
             return false;
         }
         l.release();
@@ -670,8 +620,8 @@ impl Board {
     }
 
     /// Resolves a culprit word to an interned kind and its layer (watchdog side).
-    pub(crate) fn resolve(&self, word: u64) -> (KindId, LayerKind) {
-        match decode(word) {
+    pub(crate) fn resolve(&self, word: CulpritWord) -> (KindId, LayerKind) {
+        match word.decode() {
             Culprit::None => (OTHER, LayerKind::Async),
             Culprit::Kind(k, layer) => (k, layer),
             Culprit::Location(loc) => (

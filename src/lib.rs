@@ -17,6 +17,7 @@ mod shared;
 mod snapshot;
 mod stall;
 mod watchdog;
+mod words;
 
 pub use builder::Builder;
 pub use config::{

@@ -32,7 +32,7 @@ impl LayerKind {
         }
     }
 
-    pub(crate) fn from_bits(b: u64) -> LayerKind {
+    pub(crate) const fn from_bits(b: u64) -> LayerKind {
         match b {
             1 => LayerKind::Blocking,
             2 => LayerKind::Cpu,

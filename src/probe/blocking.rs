@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use tokio::task::JoinHandle;
 
-use crate::board::{kind_word, Board};
+use crate::board::Board;
 use crate::probe::layer::current_task_id;
 use crate::stall::LayerKind;
+use crate::words::{CulpritWord, Wait};
 
 /// Runs `f` on tokio's blocking pool like `tokio::task::spawn_blocking`, watched by `board`.
 pub(crate) fn spawn<F, R>(
@@ -28,14 +29,12 @@ where
     let kind = board
         .kinds
         .intern(None, Some((site.file(), site.line(), site.column())));
-    let word = kind_word(kind, LayerKind::Blocking, false);
+    let word = CulpritWord::kind(kind, LayerKind::Blocking, false);
     let submitted = Instant::now();
     board.blocking.submitted.fetch_add(1, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || {
-        let waited = u64::try_from(submitted.elapsed().as_nanos())
-            .map_or(crate::board::WAIT_NANOS, |w| {
-                w.min(crate::board::WAIT_NANOS)
-            });
+        let waited =
+            Wait::exact(u64::try_from(submitted.elapsed().as_nanos()).unwrap_or(Wait::MAX_NANOS));
         board.blocking.started.fetch_add(1, Ordering::Relaxed);
         // Ends the job on the board even if `f` panics.
         struct Done<'a>(&'a Arc<Board>);

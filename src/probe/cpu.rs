@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::board::{kind_word, Board, NO_WAIT};
+use crate::board::Board;
 use crate::stall::LayerKind;
+use crate::words::{CulpritWord, Wait};
 
 /// A job shorter than this is too fine to be worth a dispatch.
 pub const FINE_JOB: std::time::Duration = std::time::Duration::from_micros(50);
@@ -67,7 +68,7 @@ impl CpuStats {
 pub struct CpuPool {
     pool: rayon::ThreadPool,
     board: Option<Arc<Board>>,
-    word: u64,
+    word: CulpritWord,
     stats: Arc<CpuStats>,
 }
 
@@ -78,11 +79,11 @@ impl CpuPool {
         pool: rayon::ThreadPool,
         site: &'static std::panic::Location<'static>,
     ) -> (CpuPool, Arc<CpuStats>) {
-        let word = board.as_ref().map_or(0, |b| {
+        let word = board.as_ref().map_or(CulpritWord::NONE, |b| {
             let kind = b
                 .kinds
                 .intern(Some(name), Some((site.file(), site.line(), site.column())));
-            kind_word(kind, LayerKind::Cpu, true)
+            CulpritWord::kind(kind, LayerKind::Cpu, true)
         });
         let stats = Arc::new(CpuStats {
             name: Arc::from(name),
@@ -136,7 +137,7 @@ impl CpuPool {
 
 struct Job {
     board: Option<Arc<Board>>,
-    word: u64,
+    word: CulpritWord,
     stats: Arc<CpuStats>,
 }
 
@@ -153,7 +154,7 @@ impl Job {
                 self.0.stats.record(nanos);
             }
         }
-        board.enter(self.word, || 0, NO_WAIT);
+        board.enter(self.word, || 0, Wait::UNKNOWN);
         let _done = Done(&self, board, Instant::now());
         f()
     }

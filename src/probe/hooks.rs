@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use tokio::runtime::{Builder, TaskMeta};
 
-use crate::board::{location_word, Board};
+use crate::board::Board;
 use crate::probe::layer::task_id_u64;
+use crate::words::{CulpritWord, Wait};
 
 /// Installs the poll hooks of `board` on a runtime builder. With the `schedule-delay` feature
 /// (on by default; 64-bit targets) it also turns on tokio's schedule-latency tracking, so each
@@ -32,23 +33,21 @@ pub(crate) fn install<'a>(
         .on_before_task_poll(move |meta: &TaskMeta<'_>| {
             let loc = meta.spawned_at();
             before.enter(
-                location_word(loc),
+                CulpritWord::location(loc),
                 || task_id_u64(meta.id()),
-                waited_ns(meta),
+                waited(meta),
             );
         })
         .on_after_task_poll(move |_meta: &TaskMeta<'_>| after.exit())
 }
 
-/// How long the task waited from its wake to this poll, in ns; `NO_WAIT` if unknown.
+/// How long the task waited from its wake to this poll, if tokio tracks it.
 #[inline]
-fn waited_ns(meta: &TaskMeta<'_>) -> u64 {
+fn waited(meta: &TaskMeta<'_>) -> Wait {
     #[cfg(all(feature = "schedule-delay", target_has_atomic = "64"))]
     if let Some(d) = meta.schedule_latency() {
-        return u64::try_from(d.as_nanos()).map_or(crate::board::WAIT_NANOS, |w| {
-            w.min(crate::board::WAIT_NANOS)
-        });
+        return Wait::exact(u64::try_from(d.as_nanos()).unwrap_or(Wait::MAX_NANOS));
     }
     let _ = meta;
-    crate::board::NO_WAIT
+    Wait::UNKNOWN
 }

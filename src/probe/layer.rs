@@ -20,9 +20,10 @@ use tracing_core::span::{Attributes, Id};
 use tracing_core::{Dispatch, Subscriber};
 use tracing_subscriber::layer::Context;
 
-use crate::board::{kind_word, Board};
+use crate::board::Board;
 use crate::probe::spans::SpanTable;
 use crate::stall::LayerKind;
+use crate::words::{CulpritWord, Wait};
 
 /// What the layer shares with the rest of loopwatch.
 #[derive(Debug)]
@@ -193,13 +194,13 @@ impl LayerShared {
             let name = f.name.as_str();
             let named = !name.is_empty();
             let kind = self.board.kinds.intern(named.then_some(name), site);
-            (kind_word(kind, layer, named), f.id)
+            (CulpritWord::kind(kind, layer, named), f.id)
         } else if target.starts_with("tokio") || target.starts_with("runtime") {
             return; // tokio's resource spans: not polls
         } else {
             let site = meta.file().map(|f| (f, meta.line().unwrap_or(0), 0));
             let kind = self.board.kinds.intern(Some(meta.name()), site);
-            (kind_word(kind, LayerKind::Async, true), 0)
+            (CulpritWord::kind(kind, LayerKind::Async, true), 0)
         };
         self.spans.insert(id.into_u64(), word, task);
     }
@@ -227,7 +228,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
                 shared.board.enter(
                     word,
                     || if task != 0 { task } else { current_task_id() },
-                    crate::board::NO_WAIT,
+                    Wait::UNKNOWN,
                 );
             }
         }

@@ -4,6 +4,7 @@
 //! Written when a span is created and removed when it closes (both off the poll path), read on
 //! every enter and exit. A span that finds no room is not followed, and is counted.
 
+use crate::words::CulpritWord;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How many neighbouring entries a span id may land in.
@@ -43,7 +44,7 @@ impl SpanTable {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn insert(&self, id: u64, word: u64, task: u64) -> bool {
+    pub(crate) fn insert(&self, id: u64, word: CulpritWord, task: u64) -> bool {
         let home = self.home(id);
         for i in 0..WINDOW {
             let e = &self.entries[(home + i) & self.mask];
@@ -52,7 +53,7 @@ impl SpanTable {
                     .compare_exchange(0, u64::MAX, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                e.word.store(word, Ordering::Relaxed);
+                e.word.store(word.bits(), Ordering::Relaxed);
                 e.task.store(task, Ordering::Relaxed);
                 e.id.store(id, Ordering::Release);
                 return true;
@@ -63,13 +64,13 @@ impl SpanTable {
     }
 
     #[inline]
-    pub(crate) fn get(&self, id: u64) -> Option<(u64, u64)> {
+    pub(crate) fn get(&self, id: u64) -> Option<(CulpritWord, u64)> {
         let home = self.home(id);
         for i in 0..WINDOW {
             let e = &self.entries[(home + i) & self.mask];
             if e.id.load(Ordering::Acquire) == id {
                 return Some((
-                    e.word.load(Ordering::Relaxed),
+                    CulpritWord::from_bits(e.word.load(Ordering::Relaxed)),
                     e.task.load(Ordering::Relaxed),
                 ));
             }
@@ -93,11 +94,15 @@ impl SpanTable {
 mod tests {
     use super::*;
 
+    fn w(bits: u64) -> CulpritWord {
+        CulpritWord::from_bits(bits)
+    }
+
     #[test]
     fn insert_get_remove() {
         let t = SpanTable::new(16);
-        assert!(t.insert(7, 70, 700));
-        assert_eq!(t.get(7), Some((70, 700)));
+        assert!(t.insert(7, w(70), 700));
+        assert_eq!(t.get(7), Some((w(70), 700)));
         t.remove(7);
         assert_eq!(t.get(7), None);
     }
@@ -106,15 +111,15 @@ mod tests {
     fn a_full_neighbourhood_drops_and_counts() {
         let t = SpanTable::new(8);
         for id in 1..=8 {
-            assert!(t.insert(id, id, 0));
+            assert!(t.insert(id, w(id), 0));
         }
-        assert!(!t.insert(9, 9, 0));
+        assert!(!t.insert(9, w(9), 0));
         assert_eq!(t.dropped(), 1);
         for id in 1..=8 {
-            assert_eq!(t.get(id), Some((id, 0)));
+            assert_eq!(t.get(id), Some((w(id), 0)));
         }
         t.remove(3);
-        assert!(t.insert(9, 9, 0));
-        assert_eq!(t.get(9), Some((9, 0)));
+        assert!(t.insert(9, w(9), 0));
+        assert_eq!(t.get(9), Some((w(9), 0)));
     }
 }

@@ -15,11 +15,10 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use atomic_waker::AtomicWaker;
 
-use crate::board::{
-    kind_word, Board, CLOCK_UNKNOWN, NO_WAIT, WAIT_CHOSEN, WAIT_COARSE, WAIT_NANOS,
-};
+use crate::board::{Board, CLOCK_UNKNOWN};
 use crate::probe::layer::current_task_id;
 use crate::stall::LayerKind;
+use crate::words::{CulpritWord, Wait};
 
 /// The board of the most recently started [`Guard`](crate::Guard), for [`watch`].
 static CURRENT: Mutex<Option<Weak<Board>>> = Mutex::new(None);
@@ -51,7 +50,7 @@ pin_project_lite::pin_project! {
     pub struct Watched<F> {
         #[pin]
         inner: F,
-        word: u64,
+        word: CulpritWord,
         // The task it runs in, learnt at its first poll.
         task: u64,
         board: Option<Arc<Board>>,
@@ -83,6 +82,8 @@ const WOKEN_IN_POLL: u64 = u64::MAX;
 const EXACT: u64 = 1 << 63;
 /// In `woken_at`: the wake was chosen for the schedule-delay histogram.
 const CHOSEN: u64 = 1 << 62;
+/// The nanoseconds of a stamp, without its flags.
+const STAMP_NANOS: u64 = CHOSEN - 1;
 
 /// The state behind a [`Watched`] future's waker.
 ///
@@ -108,13 +109,13 @@ impl WakeNote {
     #[inline]
     fn stamp(&self) -> u64 {
         if self.exact_next.load(Ordering::Relaxed) {
-            return self.board.now_ns().clamp(1, WAIT_NANOS) | EXACT | CHOSEN;
+            return self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT | CHOSEN;
         }
         match self.board.coarse_ns() {
             // The watchdog sleeps through an idle spell and its clock stops: a poll starting
             // now (this wake's, perhaps) ends the spell, so read the real one.
-            CLOCK_UNKNOWN => self.board.now_ns().clamp(1, WAIT_NANOS) | EXACT,
-            t => t.clamp(1, WAIT_NANOS),
+            CLOCK_UNKNOWN => self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT,
+            t => t.clamp(1, STAMP_NANOS),
         }
     }
 
@@ -134,25 +135,25 @@ impl WakeNote {
     }
 
     /// How long the future waited from the wake noted (taking the note), as `Board::enter`
-    /// wants it: flagged exact-and-chosen or coarse, or `NO_WAIT`.
+    /// wants it: exact and chosen for the histogram, or coarse, or unknown.
     #[inline]
-    fn take_wait(&self) -> u64 {
+    fn take_wait(&self) -> Wait {
         let w = self.woken_at.swap(0, Ordering::Relaxed);
         if w == 0 || w == WOKEN_IN_POLL {
             // Not woken through this future's waker (the first poll, or the task was woken
             // for another future it polls): the wait is unknown.
-            return NO_WAIT;
+            return Wait::UNKNOWN;
         }
-        let from = w & WAIT_NANOS;
+        let from = w & STAMP_NANOS;
         if w & CHOSEN != 0 {
-            return self.board.now_ns().saturating_sub(from).min(WAIT_NANOS) | WAIT_CHOSEN;
+            return Wait::chosen(self.board.now_ns().saturating_sub(from));
         }
         let now = match self.board.coarse_ns() {
             CLOCK_UNKNOWN => self.board.now_ns(),
             t => t,
         };
         // Good to a tick: for victims, not for the histogram.
-        now.saturating_sub(from).min(WAIT_NANOS) | WAIT_COARSE
+        Wait::coarse(now.saturating_sub(from))
     }
 }
 
@@ -176,11 +177,11 @@ impl<F> Watched<F> {
         inner: F,
         site: &'static std::panic::Location<'static>,
     ) -> Self {
-        let word = board.as_ref().map_or(0, |b| {
+        let word = board.as_ref().map_or(CulpritWord::NONE, |b| {
             let kind = b
                 .kinds
                 .intern(Some(name), Some((site.file(), site.line(), site.column())));
-            kind_word(kind, LayerKind::Async, true)
+            CulpritWord::kind(kind, LayerKind::Async, true)
         });
         // The waker is made here, in the caller's code, so no poll allocates.
         let wake = board.as_ref().filter(|b| b.track_wakes).map(|b| {
@@ -249,7 +250,7 @@ impl<F: Future> Future for Watched<F> {
         };
         let Some((note, waker)) = this.wake else {
             // schedule_delay is off: the poll is timed, the waker left alone.
-            board.enter(*this.word, || task_id(this.task), NO_WAIT);
+            board.enter(*this.word, || task_id(this.task), Wait::UNKNOWN);
             let _exit = ExitOnDrop(board);
             return this.inner.poll(cx);
         };

@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use super::pools::Pools;
 use super::victims::{hold_window_ns, Held, SlotVictims, VictimAcc, WaitRec};
-use crate::board::{
-    decode, layer_of, Culprit, Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN, WAIT, WAIT_NANOS,
-    WAIT_SAMPLED,
-};
+use crate::board::{Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
 use crate::diagnose::ports::{Kernel, StackPort};
 use crate::diagnose::sampler::{Ask, Pending, Probe, Sampler, STACK_WAIT_NS};
 use crate::diagnose::{Cause, CauseShare};
@@ -24,6 +21,7 @@ use crate::shared::{record_all, Feed, Shared, StallKey};
 use crate::stall::{
     LayerKind, Notice, Report, StackStatus, Stall, StallState, TaskInfo, Victims, WorkerInfo,
 };
+use crate::words::{Culprit, CulpritWord};
 
 /// What the core reads of one slot, and the one thing it writes (the flag). The board's
 /// [`Slot`] is the real one; tests script their own.
@@ -132,9 +130,9 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     stacks: S,
     states: Vec<SlotState<K::Thread>>,
     /// Location words resolved to kinds (poll-hook culprits), so samples do not re-intern.
-    locations: HashMap<u64, KindId>,
+    locations: HashMap<CulpritWord, KindId>,
     /// Buffers kept across ticks: no allocation per tick once warm.
-    samples: Vec<(u64, u64)>,
+    samples: Vec<(CulpritWord, u64)>,
     resolved: Vec<((KindId, LayerKind), u64)>,
     waits: Vec<Record>,
     pools: Pools,
@@ -232,10 +230,10 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
 
             let (samples, waits) = (&mut self.samples, &mut self.waits);
             slot.drain(&mut |r| {
-                if r.nanos & WAIT != 0 {
+                if r.measure.is_wait() {
                     waits.push(r);
                 } else {
-                    samples.push((r.word, r.nanos));
+                    samples.push((r.word, r.measure.nanos()));
                 }
             });
             if !self.waits.is_empty() {
@@ -285,7 +283,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let done = r.seq >> 1;
         let new = done.saturating_sub(st.done);
         st.done = done;
-        let layer = layer_of(r.word) as usize;
+        let layer = r.word.layer() as usize;
         if new > 0 {
             self.shared.polls_by_layer[layer].fetch_add(new, Ordering::Relaxed);
         }
@@ -561,8 +559,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         self.out.push(Report::Stall { stall, raw_stack });
     }
 
-    fn resolve(&mut self, word: u64) -> (KindId, LayerKind) {
-        match decode(word) {
+    fn resolve(&mut self, word: CulpritWord) -> (KindId, LayerKind) {
+        match word.decode() {
             Culprit::Location(_) => {
                 let board = &self.shared.board;
                 let kind = *self
@@ -586,11 +584,11 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             site: k.site.clone(),
             span: None,
         };
-        if info.name.is_none() && r.named != 0 {
+        if info.name.is_none() && !r.named.is_none() {
             let (n, _) = self.resolve(r.named);
             info.name = self.shared.board.kinds.get(n).name.clone();
         }
-        if r.inner != 0 {
+        if !r.inner.is_none() {
             let (inner, _) = self.resolve(r.inner);
             let ik = self.shared.board.kinds.get(inner);
             // tokio's task span inside a poll hook is the task itself (same site): not a span.
@@ -611,9 +609,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let mut waits = std::mem::take(&mut self.waits);
         let mut timed = Vec::new();
         for r in waits.drain(..) {
-            let waited = r.nanos & WAIT_NANOS;
+            let waited = r.measure.nanos();
             let (kind, layer) = self.resolve(r.word);
-            if r.nanos & WAIT_SAMPLED != 0 {
+            if r.measure.is_timed_wait() {
                 timed.push(((kind, layer), waited));
             }
             if layer == LayerKind::Blocking {

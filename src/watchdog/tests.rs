@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::core::{Core, SlotPort};
 use super::pace::{Pacer, Step};
-use crate::board::{kind_word, Board, Record, SlotRead, ThreadMeta, CLOCK_UNKNOWN, WAIT};
+use crate::board::{Board, Record, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
 use crate::config::Config;
 use crate::diagnose::ports::{Kernel, RequestError, StackPort};
 use crate::diagnose::sampler::Sampler;
@@ -20,6 +20,7 @@ use crate::probe::layer::LayerShared;
 use crate::probe::spans::SpanTable;
 use crate::shared::Shared;
 use crate::stall::{LayerKind, Report, StackStatus, Stall, StallState};
+use crate::words::{CulpritWord, Measure};
 
 const MS: u64 = 1_000_000;
 const THRESHOLD: u64 = 10 * MS;
@@ -44,10 +45,10 @@ impl FakeSlot {
             read: Cell::new(SlotRead {
                 seq: 0,
                 stable: true,
-                word: 0,
+                word: CulpritWord::NONE,
                 task: 0,
-                named: 0,
-                inner: 0,
+                named: CulpritWord::NONE,
+                inner: CulpritWord::NONE,
                 start_ns: 0,
             }),
             slow: Cell::new(0),
@@ -60,7 +61,7 @@ impl FakeSlot {
     }
 
     /// A poll of `word` (task `task`) starts, having read `start_ns` from the board's clock.
-    fn start(&self, word: u64, task: u64, start_ns: u64) {
+    fn start(&self, word: CulpritWord, task: u64, start_ns: u64) {
         let mut r = self.read.get();
         r.seq |= 1;
         r.word = word;
@@ -94,10 +95,10 @@ impl FakeSlot {
 
     /// The probe hands the watchdog a schedule delay: task `task` of `word` waited `waited_ns`
     /// before its poll that started at `start_ns`.
-    fn push_wait(&self, word: u64, task: u64, waited_ns: u64, start_ns: u64) {
+    fn push_wait(&self, word: CulpritWord, task: u64, waited_ns: u64, start_ns: u64) {
         self.records.borrow_mut().push(Record {
             word,
-            nanos: waited_ns | WAIT,
+            measure: Measure::wait(waited_ns, false),
             start: start_ns,
             task,
         });
@@ -236,7 +237,7 @@ fn config(f: impl FnOnce(&mut Config)) -> Config {
 struct Rig {
     core: Core<ScriptedKernel, ScriptedStacks>,
     shared: Arc<Shared>,
-    word: u64,
+    word: CulpritWord,
 }
 
 fn rig(cfg: Config) -> Rig {
@@ -271,7 +272,7 @@ fn rig_with(cfg: Config, stacks: Result<i32, StackStatus>) -> Rig {
             ScriptedStacks::default(),
         ),
         shared,
-        word: kind_word(kind, LayerKind::Async, true),
+        word: CulpritWord::kind(kind, LayerKind::Async, true),
     }
 }
 
@@ -456,7 +457,7 @@ fn each_layer_is_judged_by_its_own_threshold() {
     let mut rig = rig(config(|_| {}));
     let slots = [FakeSlot::new(TID), FakeSlot::new(TID + 1)];
     let board = rig.shared.board.clone();
-    let job = kind_word(
+    let job = CulpritWord::kind(
         board.kinds.intern(Some("job"), None),
         LayerKind::Blocking,
         true,
@@ -479,7 +480,7 @@ fn each_layer_is_judged_by_its_own_threshold() {
 fn a_blocking_job_that_waited_for_a_thread_gives_one_notice_a_second() {
     let mut rig = rig(config(|_| {}));
     let board = rig.shared.board.clone();
-    let job = kind_word(
+    let job = CulpritWord::kind(
         board.kinds.intern(Some("job"), None),
         LayerKind::Blocking,
         true,
@@ -642,7 +643,7 @@ fn a_cpu_pool_job_asleep_in_a_call_is_the_pool_used_for_waiting() {
         c.cpu_threshold = Duration::from_nanos(THRESHOLD)
     }));
     let kind = rig.shared.board.kinds.intern(Some("job"), None);
-    rig.word = kind_word(kind, LayerKind::Cpu, true);
+    rig.word = CulpritWord::kind(kind, LayerKind::Cpu, true);
     rig.script(TID, Activity::Syscall(0), 0.0);
     let s = detect(&mut rig);
     assert_eq!(s.layer, LayerKind::Cpu);
@@ -693,7 +694,7 @@ fn tasks_that_waited_through_a_stall_are_its_victims() {
     let mut rig = rig(config(|_| {}));
     rig.shared.board.set_waits_known();
     let board = rig.shared.board.clone();
-    let queued = kind_word(
+    let queued = CulpritWord::kind(
         board.kinds.intern(Some("queued"), None),
         LayerKind::Async,
         true,
@@ -739,7 +740,7 @@ fn tasks_that_waited_through_a_stall_are_its_victims() {
 fn a_victim_polled_in_the_instant_the_stall_ended_counts() {
     let mut rig = rig(config(|_| {}));
     rig.shared.board.set_waits_known();
-    let queued = kind_word(
+    let queued = CulpritWord::kind(
         rig.shared.board.kinds.intern(Some("queued"), None),
         LayerKind::Async,
         true,
