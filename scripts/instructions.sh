@@ -1,21 +1,37 @@
 #!/usr/bin/env bash
-# Instructions each probe adds per poll, counted by callgrind (deterministic: the same binary
-# and input give the same count, however busy the host is). 1M tiny polls on a current_thread
-# runtime per probe; the watchdog runs beside them and is counted too.
+# Instructions each probe adds per poll, counted by callgrind: 1M tiny polls (100 tasks x 10,000
+# yields) on a current_thread runtime per probe. Counted on the thread that polls (the main
+# thread, which runs the runtime), so the count is deterministic: the same binary and input give
+# the same number however busy the host is. The watchdog thread's own instructions depend on
+# how many ticks fit in the run (wall time under valgrind), so they are shown apart.
+# LOOPWATCH_INSTR_BIN=path counts an already built bench binary (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || apt-get install -y valgrind
 export RUSTFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=target/unstable
-bin=$(cargo bench --bench overhead --no-run --message-format=json 2>/dev/null \
-  | sed -n 's/.*"executable":"\([^"]*overhead[^"]*\)".*/\1/p' | tail -n 1)
+bin=${LOOPWATCH_INSTR_BIN:-$(cargo bench --bench overhead --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*overhead[^"]*\)".*/\1/p' | tail -n 1)}
+# Prints "polling-thread-instructions other-threads-instructions" for one probe.
 count() {
-  LOOPWATCH_BENCH_ONLY="instructions:$1" valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-    "$bin" 2>&1 | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
+  local dir
+  dir=$(mktemp -d)
+  LOOPWATCH_BENCH_ONLY="instructions:$1" valgrind --tool=callgrind --separate-threads=yes \
+    --callgrind-out-file="$dir/cg" "$bin" >/dev/null 2>&1
+  local main=0 rest=0 f n
+  for f in "$dir"/cg-*; do
+    n=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$f" | head -n 1)
+    case "$f" in
+      *-01) main=$n ;;
+      *) rest=$((rest + ${n:-0})) ;;
+    esac
+  done
+  rm -rf "$dir"
+  echo "$main $rest"
 }
-bare=$(count bare)
+read -r bare bare_rest < <(count bare)
 polls=1000100
-printf '%-12s %14s %12s\n' probe instructions "added/poll"
+printf '%-12s %14s %12s %16s\n' probe instructions "added/poll" "other threads"
 for v in bare watch watch-nowake hooks-empty hooks; do
-  n=$(count "$v")
-  printf '%-12s %14s %12.1f\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)"
+  read -r n rest < <(count "$v")
+  printf '%-12s %14s %12.1f %16s\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)" "$rest"
 done

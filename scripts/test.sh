@@ -25,6 +25,9 @@ unstable_env=(env RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_uns
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "no two files in src/ depend on each other (ARCHITECTURE.md, code map)"
+python3 scripts/module_cycles.py
+
 step "clippy (stable tokio)"
 cargo clippy --all-targets --all-features -- -D warnings
 
@@ -42,7 +45,7 @@ step "tests (--cfg tokio_unstable)"
 
 step "the non-Linux code path (Linux-only diagnosis compiled out with --cfg loopwatch_portable)"
 RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portable \
-  cargo test --lib --test diagnose_unsupported --test diagnose_off --test stall_reported_while_running \
+  cargo test --lib --test diagnosis --test detection \
   2>&1 | tee -a "$log"
 
 step "demo (it must report its stalls, with victims on stable tokio, and end by itself)"

@@ -31,31 +31,41 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
         }
     };
     loop {
-        match reports.recv_timeout(Duration::from_millis(250)) {
+        // While an ended report waits for its frames, look for them often.
+        let wait = if stacks.holding() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(250)
+        };
+        match reports.recv_timeout(wait) {
             Ok(Report::Notice(n)) => {
                 if catch_unwind(AssertUnwindSafe(|| emit_notice(&shared, &n))).is_err() {
                     shared.caught_panics.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(Report::Stall {
-                mut stall,
-                raw_stack,
-            }) => {
-                if catch_unwind(AssertUnwindSafe(|| {
-                    stacks.attach(&mut stall, raw_stack.as_ref())
+            Ok(Report::Stall { stall, raw_stack }) => {
+                // Kept to deliver as it is if attaching its frames panics.
+                let plain = stall.clone();
+                let now = catch_unwind(AssertUnwindSafe(|| {
+                    stacks.attach(stall, raw_stack.as_ref())
                 }))
-                .is_err()
-                {
+                .unwrap_or_else(|_| {
                     shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                    Some(plain)
+                });
+                if let Some(stall) = now {
+                    deliver(&stall, false);
                 }
-                deliver(&stall, false);
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        for stall in stacks.ready_late() {
-            deliver(&stall, true);
+        for (stall, update) in stacks.ready_late() {
+            deliver(&stall, update);
         }
+    }
+    for stall in stacks.release_held() {
+        deliver(&stall, false);
     }
 }
 

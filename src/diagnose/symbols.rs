@@ -104,12 +104,21 @@ impl Symbolizer {
     }
 }
 
-/// The reporter's side of stacks: which stalls were submitted, and the running reports that
-/// went out before their frames were ready.
+/// The longest an ended report whose frames are not ready is held back for them. The symbolizer
+/// runs at a lowered priority, so on a loaded host the first stacks of a process can take
+/// seconds; an ended report is history, and is worth more late with its frames than on time
+/// without them.
+const HOLD_ENDED: Duration = Duration::from_secs(10);
+/// Ended reports held at most; past that one goes out without its frames.
+const MAX_HELD: usize = 64;
+
+/// The reporter's side of stacks: which stalls were submitted, the running reports that went
+/// out before their frames were ready, and the ended reports held back for theirs.
 pub(crate) struct Stacks {
     symbolizer: Option<Symbolizer>,
     submitted: HashSet<u64>,
     late: Vec<Stall>,
+    held: Vec<(Stall, Instant)>,
 }
 
 impl Stacks {
@@ -120,20 +129,24 @@ impl Stacks {
             symbolizer: on.then(Symbolizer::start).flatten(),
             submitted: HashSet::new(),
             late: Vec::new(),
+            held: Vec::new(),
         }
     }
 
-    pub(crate) fn attach(&mut self, stall: &mut Stall, raw: Option<&Arc<[usize]>>) {
-        let Some(raw) = raw else { return };
+    /// Gives `stall` its frames, waiting for them a few milliseconds at most. Returns the
+    /// report to deliver now, or `None` if it is an ended report held back for its frames
+    /// (it comes out of [`ready_late`](Self::ready_late) later).
+    pub(crate) fn attach(&mut self, mut stall: Stall, raw: Option<&Arc<[usize]>>) -> Option<Stall> {
+        let Some(raw) = raw else { return Some(stall) };
         let Some(sym) = &self.symbolizer else {
-            return;
+            return Some(stall);
         };
         if self.submitted.len() >= 1024 {
             self.submitted.clear(); // bounded: ids whose ended report was dropped
         }
         if self.submitted.insert(stall.id) && !sym.submit(stall.id, raw.clone()) {
             stall.stack_status = StackStatus::Failed;
-            return;
+            return Some(stall);
         }
         match sym.get(stall.id, sym.patience(stall.state)) {
             Some(stack) => stall.stack = Some(stack),
@@ -147,12 +160,24 @@ impl Stacks {
         if stall.state == StallState::Ended {
             self.submitted.remove(&stall.id);
             self.late.retain(|s| s.id != stall.id);
+            if stall.stack.is_none() && self.held.len() < MAX_HELD {
+                self.held.push((stall, Instant::now() + HOLD_ENDED));
+                return None;
+            }
             sym.forget(stall.id);
         }
+        Some(stall)
     }
 
-    /// Running reports whose frames are now ready: they are reported once more, with them.
-    pub(crate) fn ready_late(&mut self) -> Vec<Stall> {
+    /// Is an ended report held back for its frames?
+    pub(crate) fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Reports whose frames are now ready, with `true` for a running report reported once
+    /// more (it went out without them), `false` for an ended report held back until now (with
+    /// its frames, or without them once it was held [`HOLD_ENDED`]).
+    pub(crate) fn ready_late(&mut self) -> Vec<(Stall, bool)> {
         let Some(sym) = &self.symbolizer else {
             return Vec::new();
         };
@@ -162,12 +187,40 @@ impl Stacks {
                 let mut s = s.clone();
                 s.stack = Some(stack);
                 s.stack_status = StackStatus::Captured;
-                ready.push(s);
+                ready.push((s, true));
                 false
             }
             None => true,
         });
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.held.len() {
+            let id = self.held[i].0.id;
+            let stack = sym.get(id, Duration::ZERO);
+            if stack.is_none() && now < self.held[i].1 {
+                i += 1;
+                continue;
+            }
+            let (mut s, _) = self.held.swap_remove(i);
+            if let Some(stack) = stack {
+                s.stack = Some(stack);
+                s.stack_status = StackStatus::Captured;
+            }
+            sym.forget(id);
+            ready.push((s, false));
+        }
         ready
+    }
+
+    /// The ended reports still held (loopwatch is stopping): they go out as they are.
+    pub(crate) fn release_held(&mut self) -> Vec<Stall> {
+        let held = std::mem::take(&mut self.held);
+        if let Some(sym) = &self.symbolizer {
+            for (s, _) in &held {
+                sym.forget(s.id);
+            }
+        }
+        held.into_iter().map(|(s, _)| s).collect()
     }
 }
 

@@ -11,6 +11,14 @@ use loopwatch::{Builder, Guard, Stall, StallState};
 use tracing::Dispatch;
 use tracing_subscriber::prelude::*;
 
+/// Held by each test of a grouped binary for its whole run: tests that time real threads
+/// (spins, sleeps, stalls on purpose) run one at a time, so one test's load never changes
+/// another's verdict. A test that failed (and so poisoned the lock) does not stop the rest.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct Harness {
     pub guard: Guard,
     pub dispatch: Dispatch,
@@ -177,7 +185,7 @@ pub fn spin_until(stop: &std::sync::atomic::AtomicBool, limit: Duration) {
 pub fn diagnosing(threshold: Duration) -> Harness {
     let h = harness(loopwatch::builder().threshold(threshold));
     assert!(
-        h.guard.wait_for_symbols(Duration::from_secs(30)),
+        h.guard.wait_for_symbols(Duration::from_secs(120)),
         "symbol tables load"
     );
     h

@@ -2,7 +2,7 @@
 //! stall: loopwatch reports a `starved` share (the host's fault, not the code's).
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,7 @@ fn pin_to_cpu0() {
 
 #[test]
 fn a_worker_sharing_its_cpu_with_hogs_is_starved() {
+    let _serial = common::serial();
     let h = common::diagnosing(Duration::from_millis(10));
     let stop = Arc::new(AtomicBool::new(false));
     let hogs: Vec<_> = (0..3)

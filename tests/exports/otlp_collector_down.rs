@@ -3,8 +3,8 @@
 //! guard still stops, and the export resumes when the collector comes back.
 #![cfg(feature = "otlp")]
 
-mod common;
-mod receiver;
+use crate::common;
+use crate::receiver;
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,7 @@ fn builder(endpoint: String) -> loopwatch::Builder {
 
 #[test]
 fn a_collector_that_never_answers_costs_drops_not_throughput() {
+    let _serial = common::serial();
     let hole = Receiver::start(Transport::BlackHole);
     let h = common::harness(builder(hole.endpoint()));
     workload(&h, 100);
@@ -78,6 +79,7 @@ fn a_collector_that_never_answers_costs_drops_not_throughput() {
 
 #[test]
 fn export_resumes_when_the_collector_comes_back() {
+    let _serial = common::serial();
     // A port with nothing behind it.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

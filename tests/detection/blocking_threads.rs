@@ -3,7 +3,7 @@
 //! (plain `tokio::task::spawn_blocking`, as `tokio::fs` does inside) still shows as threads in
 //! `loopwatch_runtime_blocking_threads`.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -58,6 +58,7 @@ fn count_while_busy(h: &common::Harness, rt: &tokio::runtime::Runtime, name: &st
 
 #[test]
 fn blocking_threads_are_counted_on_a_multi_thread_runtime() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().export_interval(Duration::from_millis(100)));
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(2).enable_all();
@@ -73,6 +74,7 @@ fn blocking_threads_are_counted_on_a_multi_thread_runtime() {
 
 #[test]
 fn a_counter_called_from_the_applications_own_callbacks_counts_too() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().export_interval(Duration::from_millis(100)));
     let threads = h.guard.thread_counter("own");
     let own_starts = Arc::new(AtomicUsize::new(0));

@@ -1,7 +1,7 @@
 //! With diagnosis off (`LOOPWATCH_DIAGNOSE=0`, and the path every non-Linux build takes), a
 //! stall is still reported, with cause `unknown`, no hint and no stack.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use loopwatch::{Cause, StackStatus};
 
 #[test]
 fn without_diagnosis_the_cause_is_unknown() {
+    let _serial = common::serial();
     let h = common::harness(
         loopwatch::builder()
             .threshold(Duration::from_millis(10))

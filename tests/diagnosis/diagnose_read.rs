@@ -2,7 +2,7 @@
 //! with the tokio I/O hint.
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,6 +12,7 @@ use loopwatch::Cause;
 
 #[test]
 fn a_blocking_socket_read_is_a_read_syscall() {
+    let _serial = common::serial();
     let h = common::diagnosing(Duration::from_millis(10));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

@@ -8,7 +8,7 @@
 //! (Seen on this 2-core VM: a 3 ms spin that took 13.7 ms of wall time, and a stall of 11 ms
 //! around a 6.9 ms spin.)
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -53,6 +53,7 @@ fn timed_spin(d: Duration) {
 
 #[test]
 fn polls_below_the_threshold_are_never_reported() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.runtime(2);
     let _sub = h.enter();

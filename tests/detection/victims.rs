@@ -4,7 +4,7 @@
 //! asserted, not a timing).
 #![cfg(tokio_unstable)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ fn run(h: &common::Harness, workers: usize) -> Stall {
 
 #[test]
 fn queued_tasks_are_listed_as_victims_and_stealing_lowers_their_count() {
+    let _serial = common::serial();
     let h = common::harness(
         loopwatch::builder()
             .threshold(Duration::from_millis(20))

@@ -1,7 +1,7 @@
 //! A stall is reported as a WARN event with target `loopwatch` and all of the stall's fields,
 //! to the subscriber the layer was added to; those events never feed back into the probes.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for Captured {
 
 #[test]
 fn stalls_become_warn_events_with_every_field() {
+    let _serial = common::serial();
     let captured = Captured::default();
     // Stacks off: with them, a stall whose frames come after its first report is reported once
     // more, and this test counts events.

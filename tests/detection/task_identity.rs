@@ -1,6 +1,6 @@
 //! A stall names its task: name, tokio task id and site, on each probe path.
 
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -23,6 +23,7 @@ fn report(h: &common::Harness) -> Stall {
 
 #[test]
 fn instrumented_future_names_the_span_and_the_task_id() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.runtime(2);
     let _sub = h.enter();
@@ -56,6 +57,7 @@ fn instrumented_future_names_the_span_and_the_task_id() {
 
 #[test]
 fn watched_future_names_the_call_site() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.runtime(2);
     let (tx, rx) = mpsc::channel();
@@ -78,6 +80,7 @@ fn watched_future_names_the_call_site() {
 #[cfg(tokio_unstable)]
 #[test]
 fn tokio_task_span_gives_name_id_and_spawn_site() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.runtime(2);
     let _sub = h.enter();
@@ -106,6 +109,7 @@ fn tokio_task_span_gives_name_id_and_spawn_site() {
 #[cfg(tokio_unstable)]
 #[test]
 fn poll_hooks_give_id_and_spawn_site_without_any_span() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(2).enable_all();
@@ -130,6 +134,7 @@ fn poll_hooks_give_id_and_spawn_site_without_any_span() {
 /// entered: a span entered and left earlier in the same poll is not blamed.
 #[test]
 fn the_innermost_open_span_is_named_not_an_earlier_one() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.runtime(2);
     let _sub = h.enter();

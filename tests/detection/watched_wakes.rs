@@ -3,7 +3,7 @@
 //! Pairs of watched tasks play ping-pong across a multi-thread runtime (wakes from other
 //! workers, from the same worker, during polls and between them); every exchange must finish.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ const ROUNDS: usize = 2_000;
 
 #[test]
 fn ping_pong_between_watched_tasks_never_loses_a_wake() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().sample_every(1).stacks(false));
     let rt = h.runtime(4);
     let done = rt.block_on(async {

@@ -3,7 +3,7 @@
 //! and reported, with cause `unknown` and no stack.
 #![cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use loopwatch::{Cause, StackStatus};
 
 #[test]
 fn off_linux_the_cause_is_unknown_and_there_is_no_stack() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(Duration::from_millis(10)));
     let s = common::stall_of(&h, "elsewhere", async {
         common::spin_for(Duration::from_millis(40));

@@ -1,6 +1,6 @@
 //! Two workers stalled at once give two stalls; a stall on a current_thread runtime is seen.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
@@ -13,6 +13,7 @@ const THRESHOLD: Duration = Duration::from_millis(10);
 
 #[test]
 fn two_workers_stalled_at_once_are_two_stalls() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.runtime(2);
     let _sub = h.enter();
@@ -58,6 +59,7 @@ fn two_workers_stalled_at_once_are_two_stalls() {
 
 #[test]
 fn a_stall_on_a_current_thread_runtime_is_seen() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.current_thread();
     let _sub = h.enter();

@@ -4,8 +4,8 @@
 //! explicit buckets.
 #![cfg(feature = "otlp")]
 
-mod common;
-mod receiver;
+use crate::common;
+use crate::receiver;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -143,16 +143,19 @@ fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol) {
 
 #[test]
 fn grpc_receives_stall_spans_and_metrics() {
+    let _serial = common::serial();
     stall_is_exported(Transport::Grpc, loopwatch::OtlpProtocol::Grpc);
 }
 
 #[test]
 fn http_protobuf_receives_stall_spans_and_metrics() {
+    let _serial = common::serial();
     stall_is_exported(Transport::Http, loopwatch::OtlpProtocol::HttpProtobuf);
 }
 
 #[test]
 fn a_bad_endpoint_is_a_named_error() {
+    let _serial = common::serial();
     let err = loopwatch::builder()
         .ignore_env()
         .metrics(loopwatch::MetricsExport::Off)
@@ -166,6 +169,7 @@ fn a_bad_endpoint_is_a_named_error() {
 
 #[test]
 fn a_stall_still_running_at_shutdown_goes_out_as_running() {
+    let _serial = common::serial();
     let rx = Receiver::start(Transport::Grpc);
     let h = common::harness(
         loopwatch::builder()

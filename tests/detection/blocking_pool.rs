@@ -2,7 +2,7 @@
 //! `max_blocking_threads` queue up; loopwatch reports the queue wait (the alarm), the pool's
 //! saturation, and each job's duration, on the `blocking` layer, apart from the async workers.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ const JOB: Duration = Duration::from_millis(200);
 
 #[test]
 fn a_saturated_blocking_pool_shows_queue_wait_and_saturation() {
+    let _serial = common::serial();
     let h = common::harness(
         loopwatch::builder()
             .threshold(Duration::from_millis(20))

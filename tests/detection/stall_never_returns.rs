@@ -1,7 +1,7 @@
 //! A poll that does not return is reported all the same (the watchdog does not wait for the
 //! poll to end), here through the stable `watch` wrapper with no span at all.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use loopwatch::StallState;
 
 #[test]
 fn a_poll_that_never_returns_is_reported() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(Duration::from_millis(10)));
     let rt = h.runtime(2);
     let stop = Arc::new(AtomicBool::new(false));

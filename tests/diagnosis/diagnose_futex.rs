@@ -2,7 +2,7 @@
 //! lock hint.
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use loopwatch::Cause;
 
 #[test]
 fn a_contended_std_mutex_is_a_futex_syscall() {
+    let _serial = common::serial();
     let h = common::diagnosing(Duration::from_millis(10));
     let lock = Arc::new(Mutex::new(0u64));
     let (held_tx, held_rx) = std::sync::mpsc::channel();

@@ -1,7 +1,7 @@
 //! After an idle spell (the watchdog then wakes less often), short polls are still not slow and
 //! a stall is still reported, with a start no earlier than the poll's own.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -9,6 +9,7 @@ const THRESHOLD: Duration = Duration::from_millis(10);
 
 #[test]
 fn idle_spells_neither_invent_slow_polls_nor_hide_stalls() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD).diagnose(false));
     let rt = h.runtime(2);
     // Polls of 0.6x the threshold, each after an idle spell.

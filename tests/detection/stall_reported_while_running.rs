@@ -1,7 +1,7 @@
 //! A poll that spins for 3x the threshold is reported while it still runs, then reported ended
 //! with its total.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,6 +14,7 @@ const THRESHOLD: Duration = Duration::from_millis(20);
 
 #[test]
 fn spinning_poll_is_reported_before_it_ends() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
     let rt = h.runtime(2);
     let _sub = h.enter();

@@ -2,7 +2,7 @@
 //! tokio::time::sleep hint, and the sleeping function first in the stack (std folded away).
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ fn fetch_config_the_old_way() {
 
 #[test]
 fn thread_sleep_is_a_nanosleep_syscall() {
+    let _serial = common::serial();
     let h = common::diagnosing(Duration::from_millis(10));
     let s = common::stall_of(&h, "sleepy", async {
         fetch_config_the_old_way();

@@ -2,12 +2,13 @@
 //! nothing crashes, and the runtime is fine afterwards.
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
 #[test]
 fn a_thousand_stalls_are_rate_limited_and_counted() {
+    let _serial = common::serial();
     // The limiter's bucket starts full when the guard starts, and captures may still come
     // while the last reports drain: the window is the guard's whole life in this test.
     let started = Instant::now();

@@ -3,7 +3,7 @@
 //! stall with a `syscall` cause and the "waiting on a CPU pool" hint.
 #![cfg(feature = "rayon")]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,6 +38,7 @@ fn pool(h: &common::Harness, name: &str) -> loopwatch::CpuPool {
 
 #[test]
 fn too_fine_jobs_are_reported_and_coarse_ones_are_not() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder());
     let fine = pool(&h, "fine");
     feed(&fine, 1_000_000, Duration::from_micros(1));
@@ -67,6 +68,7 @@ fn too_fine_jobs_are_reported_and_coarse_ones_are_not() {
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 #[test]
 fn a_cpu_job_waiting_in_a_syscall_is_named() {
+    let _serial = common::serial();
     let h = common::harness(
         loopwatch::builder()
             .cpu_threshold(Duration::from_millis(100))

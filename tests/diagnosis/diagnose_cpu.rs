@@ -2,7 +2,7 @@
 //! spawn_blocking hint.
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ fn crunch_numbers_in_a_hot_loop(d: Duration) {
 
 #[test]
 fn a_hot_loop_is_cpu_with_its_function_on_top() {
+    let _serial = common::serial();
     let h = common::diagnosing(Duration::from_millis(10));
     let s = common::stall_of(&h, "crunch", async {
         // Long enough for the first symbolization of a debug test binary (its debug info is big).

@@ -2,7 +2,7 @@
 //! lag stays low while the runtime is free and grows by the length of a stall that holds it.
 //! (Relations, not timings: the quiet lag is compared with the stall's length.)
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ fn max_lag(h: &common::Harness) -> (u64, Duration) {
 
 #[test]
 fn loop_lag_grows_under_a_stall_and_stays_low_without() {
+    let _serial = common::serial();
     let h = common::harness(loopwatch::builder().threshold(Duration::from_millis(20)));
     // One worker: a stall holds the whole runtime.
     let rt = h.runtime(1);

@@ -3,7 +3,7 @@
 //! stall are listed as its victims. Runs in both builds; under `--cfg tokio_unstable` tokio's
 //! own task spans enclose the watched futures, which tests the nested path.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,6 +64,7 @@ fn harness() -> common::Harness {
 
 #[test]
 fn tasks_spawned_behind_a_stall_are_its_victims_and_stealing_lowers_their_count() {
+    let _serial = common::serial();
     let _serial = serial();
     let h = harness();
     let alone = spawned_behind_a_stall(&h, 0);
@@ -119,6 +120,7 @@ fn tasks_spawned_behind_a_stall_are_its_victims_and_stealing_lowers_their_count(
 
 #[test]
 fn tasks_woken_by_a_stalling_poll_are_its_victims() {
+    let _serial = common::serial();
     let _serial = serial();
     let h = harness();
     let rt = runtime(&h, 0);
@@ -174,6 +176,7 @@ fn tasks_woken_by_a_stalling_poll_are_its_victims() {
 
 #[test]
 fn a_future_that_wakes_itself_is_not_its_own_victim() {
+    let _serial = common::serial();
     let _serial = serial();
     let h = harness();
     let rt = runtime(&h, 0);
@@ -204,6 +207,7 @@ fn a_future_that_wakes_itself_is_not_its_own_victim() {
 
 #[test]
 fn with_schedule_delay_off_watched_futures_do_not_track_victims() {
+    let _serial = common::serial();
     let _serial = serial();
     let h = common::harness(
         loopwatch::builder()
