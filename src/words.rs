@@ -191,16 +191,17 @@ const TIMED: u64 = 1 << 62;
 pub(crate) struct Measure(u64);
 
 impl Measure {
-    /// A timed poll's duration.
+    /// A timed poll's duration (a poll of 73 years or more would read as a wait).
     #[inline]
     pub(crate) const fn poll(nanos: u64) -> Measure {
-        Measure(clamp(nanos))
+        Measure(nanos)
     }
 
-    /// A poll's schedule delay; `timed`: it counts for the histogram.
+    /// A poll's schedule delay, from a [`Wait`]'s nanoseconds (so at most
+    /// [`Wait::MAX_NANOS`]); `timed`: it counts for the histogram.
     #[inline]
     pub(crate) const fn wait(nanos: u64, timed: bool) -> Measure {
-        Measure(clamp(nanos) | IS_WAIT | if timed { TIMED } else { 0 })
+        Measure(nanos | IS_WAIT | if timed { TIMED } else { 0 })
     }
 
     #[inline]
@@ -275,7 +276,7 @@ mod tests {
         let p = Measure::poll(1234);
         assert!(!p.is_wait() && !p.is_timed_wait());
         assert_eq!(p.nanos(), 1234);
-        let w = Measure::wait(99, true);
+        let w = Measure::wait(Wait::exact(99).nanos(), true);
         assert!(w.is_wait() && w.is_timed_wait());
         assert_eq!(Measure::from_bits(w.bits()).nanos(), 99);
         assert!(!Measure::wait(99, false).is_timed_wait());
