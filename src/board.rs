@@ -31,6 +31,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::config::Config;
 use crate::kinds::{KindId, Kinds, OTHER};
 use crate::stall::LayerKind;
 use crate::words::{Culprit, CulpritWord, Measure, Wait};
@@ -319,6 +320,21 @@ impl Board {
             kinds: Kinds::new(max_kinds),
             blocking: BlockingStats::default(),
         }
+    }
+
+    /// The board for `cfg`: its layers' thresholds, sampling, start precision and limits.
+    pub(crate) fn for_config(cfg: &Config) -> Board {
+        Board::new(
+            [
+                Some(cfg.threshold),
+                Some(cfg.blocking_threshold),
+                Some(cfg.cpu_threshold),
+            ],
+            cfg.sample_every,
+            cfg.precise_start,
+            cfg.max_threads,
+            cfg.max_task_kinds,
+        )
     }
 
     /// The watchdog's clock (updated every tick), or [`CLOCK_UNKNOWN`] during an idle spell.

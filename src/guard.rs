@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::mpsc::sync_channel;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -12,7 +12,6 @@ use crate::board::Board;
 use crate::config::Config;
 use crate::export::{Exporter, RuntimeProbe};
 use crate::probe::layer::{LayerShared, LoopwatchLayer};
-use crate::probe::spans::SpanTable;
 use crate::probe::watched::{self, Watched};
 use crate::report::{self, Callback};
 use crate::shared::Shared;
@@ -66,24 +65,10 @@ impl Guard {
                 },
             ));
         }
-        let mut board = Board::new(
-            [
-                Some(cfg.threshold),
-                Some(cfg.blocking_threshold),
-                Some(cfg.cpu_threshold),
-            ],
-            cfg.sample_every,
-            cfg.precise_start,
-            cfg.max_threads,
-            cfg.max_task_kinds,
-        );
+        let mut board = Board::for_config(&cfg);
         board.track_wakes = cfg.schedule_delay;
         let board = Arc::new(board);
-        let layer_shared = Arc::new(LayerShared {
-            board: board.clone(),
-            spans: SpanTable::new(cfg.max_live_spans),
-            dispatch: Mutex::new(None),
-        });
+        let layer_shared = Arc::new(LayerShared::new(board.clone(), cfg.max_live_spans));
         let shared = Arc::new(Shared::new(
             board.clone(),
             layer_shared.clone(),

@@ -34,6 +34,17 @@ pub(crate) struct LayerShared {
     pub(crate) dispatch: Mutex<Option<WeakDispatch>>,
 }
 
+impl LayerShared {
+    /// The layer's state over `board`, following at most `max_live_spans` spans at once.
+    pub(crate) fn new(board: Arc<Board>, max_live_spans: usize) -> LayerShared {
+        LayerShared {
+            board,
+            spans: SpanTable::new(max_live_spans),
+            dispatch: Mutex::new(None),
+        }
+    }
+}
+
 /// The `tracing_subscriber` layer that probes polls. Add it to a registry:
 ///
 /// ```

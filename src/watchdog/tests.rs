@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::core::{Core, SlotPort};
@@ -17,7 +17,6 @@ use crate::diagnose::sampler::Sampler;
 use crate::diagnose::verdict::{Activity, Reading};
 use crate::diagnose::{Cause, Syscall};
 use crate::probe::layer::LayerShared;
-use crate::probe::spans::SpanTable;
 use crate::shared::Shared;
 use crate::stall::{LayerKind, Report, StackStatus, Stall, StallState};
 use crate::words::{CulpritWord, Measure};
@@ -245,22 +244,8 @@ fn rig(cfg: Config) -> Rig {
 }
 
 fn rig_with(cfg: Config, stacks: Result<i32, StackStatus>) -> Rig {
-    let board = Arc::new(Board::new(
-        [
-            Some(cfg.threshold),
-            Some(cfg.blocking_threshold),
-            Some(cfg.cpu_threshold),
-        ],
-        cfg.sample_every,
-        cfg.precise_start,
-        cfg.max_threads,
-        cfg.max_task_kinds,
-    ));
-    let layer = Arc::new(LayerShared {
-        board: board.clone(),
-        spans: SpanTable::new(64),
-        dispatch: Mutex::new(None),
-    });
+    let board = Arc::new(Board::for_config(&cfg));
+    let layer = Arc::new(LayerShared::new(board.clone(), 64));
     let shared = Arc::new(Shared::new(board.clone(), layer, cfg.clone(), false));
     let sampler = Sampler::with_stacks(&cfg, stacks);
     let kind = board.kinds.intern(Some("hog"), Some(("src/hog.rs", 7, 1)));
@@ -286,6 +271,15 @@ impl Rig {
         for t in from_ms..=to_ms {
             self.tick(t * MS, slots);
         }
+    }
+
+    /// A poll of `self.word` (task 7) on thread `TID` that read the clock at 0.5 ms, was first
+    /// seen at 1 ms and is flagged at 11 ms: its slot, ticked to 11 ms.
+    fn stalled(&mut self) -> [FakeSlot; 1] {
+        let slot = [FakeSlot::new(TID)];
+        slot[0].start(self.word, 7, MS / 2);
+        self.ticks(1, 11, &slot);
+        slot
     }
 
     fn stalls(&mut self) -> Vec<Stall> {
@@ -392,9 +386,7 @@ fn a_poll_that_ends_between_ticks_before_the_threshold_is_no_stall() {
 #[test]
 fn a_flagged_poll_that_saw_its_flag_ends_at_its_exact_end() {
     let mut rig = rig(config(|_| {}));
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     assert_eq!(rig.one_stall().state, StallState::Running);
     slot[0].end_exactly(15 * MS + 123);
     rig.tick(16 * MS, &slot);
@@ -408,9 +400,7 @@ fn a_flagged_poll_that_saw_its_flag_ends_at_its_exact_end() {
 #[test]
 fn a_flagged_poll_that_missed_its_flag_ends_at_the_clock_it_read() {
     let mut rig = rig(config(|_| {}));
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     rig.stalls();
     // It ended in the instant it was flagged: no exact end, the coarse clock at its end.
     slot[0].end(11 * MS);
@@ -423,9 +413,7 @@ fn a_flagged_poll_that_missed_its_flag_ends_at_the_clock_it_read() {
 #[test]
 fn a_flagged_poll_followed_by_another_poll_ends_at_the_tick_that_saw_it_gone() {
     let mut rig = rig(config(|_| {}));
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     rig.stalls();
     // Its end was not stored (the flag came too late) and a new poll already runs.
     slot[0].end(11 * MS);
@@ -550,9 +538,7 @@ fn no_long_sleep_when_half_the_threshold_is_no_longer_than_a_tick() {
 
 /// Runs one stall of `rig.word` on thread `TID` from 0.5 ms to its detection at 11 ms.
 fn detect(rig: &mut Rig) -> Stall {
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    rig.stalled();
     rig.one_stall()
 }
 
@@ -673,9 +659,7 @@ fn a_thread_with_no_reading_is_unknown() {
 fn the_ended_report_has_the_verdict_of_the_whole_stall() {
     let mut rig = rig(config(|_| {}));
     rig.script(TID, Activity::Running, 1.0);
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     assert_eq!(rig.one_stall().cause, Cause::Cpu);
     // It then sleeps for a long while: the end says so.
     rig.script(TID, Activity::Syscall(0), 0.0);
@@ -699,9 +683,7 @@ fn tasks_that_waited_through_a_stall_are_its_victims() {
         LayerKind::Async,
         true,
     );
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     let running = rig.one_stall();
     assert!(running.victims.tracked);
     slot[0].end_exactly(20 * MS);
@@ -745,9 +727,7 @@ fn a_victim_polled_in_the_instant_the_stall_ended_counts() {
         LayerKind::Async,
         true,
     );
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     rig.stalls();
     // The stall ends and its victim is polled before the next tick: its record is drained in
     // the tick that sees the end.
@@ -763,9 +743,7 @@ fn a_victim_polled_in_the_instant_the_stall_ended_counts() {
 fn stalls_held_for_victims_go_out_when_the_watchdog_stops() {
     let mut rig = rig(config(|_| {}));
     rig.shared.board.set_waits_known();
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     rig.stalls();
     slot[0].end_exactly(12 * MS);
     rig.tick(13 * MS, &slot);
@@ -777,9 +755,7 @@ fn stalls_held_for_victims_go_out_when_the_watchdog_stops() {
 #[test]
 fn without_known_waits_the_end_goes_out_at_once_with_no_victims_tracked() {
     let mut rig = rig(config(|_| {}));
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     assert!(!rig.one_stall().victims.tracked);
     slot[0].end_exactly(12 * MS);
     rig.tick(13 * MS, &slot);
@@ -794,9 +770,7 @@ const SIG: i32 = 40;
 #[test]
 fn the_running_report_waits_for_its_stack_and_carries_it() {
     let mut rig = rig_with(config(|_| {}), Ok(SIG));
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     assert!(rig.stalls().is_empty(), "waiting for the stack");
     let (tid, ticket) = rig.core.stacks_mut().requests[0];
     assert_eq!(tid, TID);
@@ -890,9 +864,7 @@ fn stacks_past_the_rate_go_without_and_are_counted() {
 #[test]
 fn a_stall_that_ends_before_its_stack_arrives_still_reports_running_first() {
     let mut rig = rig_with(config(|_| {}), Ok(SIG));
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 11, &slot);
+    let slot = rig.stalled();
     slot[0].end_exactly(12 * MS);
     rig.tick(13 * MS, &slot);
     let s = rig.stalls();
