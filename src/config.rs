@@ -534,27 +534,71 @@ pub(crate) fn validate(
     Ok(())
 }
 
-/// A signal loopwatch may use for stack capture: one that can be caught and that the runtime
-/// and std do not rely on (Linux: 1..=64, not SIGKILL, SIGSTOP, SIGSEGV, SIGBUS, SIGILL, SIGFPE,
-/// SIGABRT, SIGPIPE, SIGCHLD).
+/// A signal loopwatch may use for stack capture: one an application can spare. On Linux that is
+/// `SIGUSR1`, `SIGUSR2`, `SIGPROF`, or a real-time signal from `SIGRTMIN` to `SIGRTMAX`; never
+/// 32 or 33 (the C library's own: thread cancellation and `setxid`), and never a standard
+/// signal whose job is to stop, terminate or report on the process (`SIGTERM`, `SIGINT`,
+/// `SIGSEGV`, `SIGCHLD`, ...): loopwatch taking one of those would change what it means.
 pub(crate) fn check_signal(n: i32) -> Result<(), String> {
-    const FORBIDDEN: &[(i32, &str)] = &[
-        (4, "SIGILL"),
-        (6, "SIGABRT"),
-        (7, "SIGBUS"),
-        (8, "SIGFPE"),
-        (9, "SIGKILL"),
-        (11, "SIGSEGV"),
-        (13, "SIGPIPE"),
-        (17, "SIGCHLD"),
-        (19, "SIGSTOP"),
-    ];
     if !(1..=64).contains(&n) {
         return Err("expected a signal number in 1..=64".into());
     }
-    if let Some((_, name)) = FORBIDDEN.iter().find(|(s, _)| *s == n) {
-        return Err(format!("{name} cannot be used for stack capture"));
+    #[cfg(target_os = "linux")]
+    {
+        let (lo, hi) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+        if (lo..=hi).contains(&n) || [libc::SIGUSR1, libc::SIGUSR2, libc::SIGPROF].contains(&n) {
+            return Ok(());
+        }
+        if (32..lo).contains(&n) {
+            return Err(format!(
+                "reserved by the C library (thread cancellation, setxid); use SIGUSR1, SIGUSR2, \
+                 SIGPROF or a real-time signal in {lo}..={hi}"
+            ));
+        }
+        const NAMES: [&str; 31] = [
+            "SIGHUP",
+            "SIGINT",
+            "SIGQUIT",
+            "SIGILL",
+            "SIGTRAP",
+            "SIGABRT",
+            "SIGBUS",
+            "SIGFPE",
+            "SIGKILL",
+            "SIGUSR1",
+            "SIGSEGV",
+            "SIGUSR2",
+            "SIGPIPE",
+            "SIGALRM",
+            "SIGTERM",
+            "SIGSTKFLT",
+            "SIGCHLD",
+            "SIGCONT",
+            "SIGSTOP",
+            "SIGTSTP",
+            "SIGTTIN",
+            "SIGTTOU",
+            "SIGURG",
+            "SIGXCPU",
+            "SIGXFSZ",
+            "SIGVTALRM",
+            "SIGPROF",
+            "SIGWINCH",
+            "SIGIO",
+            "SIGPWR",
+            "SIGSYS",
+        ];
+        let name = usize::try_from(n - 1)
+            .ok()
+            .and_then(|i| NAMES.get(i))
+            .copied()
+            .unwrap_or("this signal");
+        Err(format!(
+            "{name} has a job of its own in a process; use SIGUSR1, SIGUSR2, SIGPROF or a \
+             real-time signal in {lo}..={hi}"
+        ))
     }
+    #[cfg(not(target_os = "linux"))]
     Ok(())
 }
 
@@ -621,6 +665,35 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_signals_an_application_can_spare_take_stacks() {
+        for ok in [
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGPROF,
+            libc::SIGRTMIN(),
+            libc::SIGRTMIN() + 6,
+            libc::SIGRTMAX(),
+        ] {
+            assert_eq!(check_signal(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            (32, "C library"),
+            (33, "C library"),
+            (libc::SIGTERM, "SIGTERM"),
+            (libc::SIGINT, "SIGINT"),
+            (libc::SIGSEGV, "SIGSEGV"),
+            (libc::SIGCHLD, "SIGCHLD"),
+            (libc::SIGKILL, "SIGKILL"),
+            (0, "1..=64"),
+            (65, "1..=64"),
+        ] {
+            let why = check_signal(bad).unwrap_err();
+            assert!(why.contains(says), "{bad}: {why}");
+        }
+    }
 
     #[test]
     fn durations_parse_with_units() {

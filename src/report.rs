@@ -119,6 +119,12 @@ fn notice_event(n: &Notice) {
              ({running} of {max} threads busy, {queued} jobs queued; {since_last} jobs waited \
              like this since the last notice); hint: {BLOCKING_POOL_FULL}"
         ),
+        Notice::StacksOff { reason } => tracing::warn!(
+            target: "loopwatch",
+            notice = "stacks_off",
+            reason = reason.as_str(),
+            "loopwatch stopped capturing stacks: {reason}"
+        ),
         Notice::CpuTooFine {
             pool,
             jobs,

@@ -139,6 +139,10 @@ pub struct Snapshot {
     pub stacks_rate_limited: u64,
     /// Stack captures that failed or timed out.
     pub stacks_failed: u64,
+    /// Stack captures refused because the stack signal no longer ran loopwatch's handler (the
+    /// application took it back after start): capture then stops, with a reason in
+    /// [`stack_setup_error`](Self::stack_setup_error) and a WARN.
+    pub stacks_signal_lost: u64,
     /// Readings of stalled (or suspect) threads' kernel state taken for diagnosis.
     pub diagnosis_samples: u64,
     /// Why stacks are not captured although they were asked for (the signal is taken by the

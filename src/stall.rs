@@ -309,6 +309,8 @@ pub(crate) enum Notice {
         /// Jobs that waited like this since the last notice (notices are rate limited).
         since_last: u64,
     },
+    /// Stack capture stopped for good (the stack signal was taken back), and why.
+    StacksOff { reason: String },
     /// A CPU pool is fed jobs too small to be worth a dispatch.
     #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
     CpuTooFine {

@@ -26,6 +26,9 @@ pub(crate) enum RequestError {
     Busy,
     /// The signal could not be sent (the thread is gone).
     Failed,
+    /// The signal no longer runs loopwatch's handler (the application or a library installed
+    /// its own, or reset it to the default, which would kill the process): nothing was sent.
+    SignalTaken,
 }
 
 /// The process-wide stack capture: ask a thread for its stack, pick the addresses up later.

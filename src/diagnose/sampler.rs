@@ -17,6 +17,8 @@ pub(crate) struct DiagCounters {
     pub(crate) stacks_captured: AtomicU64,
     pub(crate) stacks_rate_limited: AtomicU64,
     pub(crate) stacks_failed: AtomicU64,
+    /// Captures refused because the stack signal no longer runs loopwatch's handler.
+    pub(crate) stacks_signal_lost: AtomicU64,
     pub(crate) samples: AtomicU64,
 }
 
@@ -104,6 +106,8 @@ pub(crate) struct Sampler {
     /// The signal stacks are captured with, or why they are not.
     stacks: Result<i32, StackStatus>,
     limiter: Limiter,
+    /// Why stacks just stopped (the signal was taken back), until the core takes it.
+    lost: Option<String>,
 }
 
 impl Sampler {
@@ -133,7 +137,14 @@ impl Sampler {
                 tokens: f64::from(cfg.max_stacks_per_sec.max(1)),
                 last_ns: 0,
             },
+            lost: None,
         }
+    }
+
+    /// Why stack capture stopped since the last call, once: the stack signal no longer runs
+    /// loopwatch's handler.
+    pub(crate) fn take_lost(&mut self) -> Option<String> {
+        self.lost.take()
     }
 
     /// Takes one reading of thread `tid` for the poll `seq` (starting a new probe if the poll
@@ -208,6 +219,18 @@ impl Sampler {
             Err(RequestError::Failed) => {
                 counters.stacks_failed.fetch_add(1, Ordering::Relaxed);
                 Ask::Not(StackStatus::Failed)
+            }
+            Err(RequestError::SignalTaken) => {
+                // For good: no signal is ever sent to a handler that is not loopwatch's.
+                self.limiter.refund();
+                self.stacks = Err(StackStatus::Unavailable);
+                counters.stacks_signal_lost.fetch_add(1, Ordering::Relaxed);
+                self.lost = Some(format!(
+                    "signal {sig} no longer runs loopwatch's handler (the application or a \
+                     library installed its own, or reset it): stack capture stopped; choose \
+                     another signal with LOOPWATCH_STACK_SIGNAL"
+                ));
+                Ask::Not(StackStatus::Unavailable)
             }
         }
     }

@@ -12,36 +12,58 @@
 //! `dl_iterate_phdr` lock it may take is recursive, so a thread interrupted while holding it does
 //! not deadlock.
 //!
+//! The slot's state and the ticket of the capture it holds are one atomic word, so a handler late
+//! for one capture can never claim, finish or free another; a capture the watchdog gives up on
+//! while its handler still writes (a preempted thread, a debugger) is marked abandoned and freed
+//! by that handler when it finishes. Before each `tgkill` the disposition is read again: if the
+//! signal no longer runs loopwatch's handler (the application installed its own, or reset it to
+//! the default, which would kill the process), nothing is sent and stack capture stops.
+//!
 //! A signal interrupts the stalled thread's system call: calls restartable under `SA_RESTART`
 //! (`read`, `futex`, ...) resume by themselves, and `nanosleep` and friends return `EINTR`, which
 //! Rust's `std` (`thread::sleep`) and tokio retry. C code that does not retry `EINTR` could see
 //! it: turn stacks off (`LOOPWATCH_STACKS=0`) for such a service.
 
 use super::ports::{RequestError, SignalStacks, StackPort};
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Frames kept from one capture.
 pub(crate) const MAX_FRAMES: usize = 128;
 
-const IDLE: u8 = 0;
-const ARMING: u8 = 1;
-const ARMED: u8 = 2;
-const WRITING: u8 = 3;
-const DONE: u8 = 4;
+// The capture slot's word: a ticket (who asked, bits 8..64) and a state (bits 0..8), in one
+// atomic so every transition names the capture it belongs to: a handler late for capture A can
+// never claim, finish or free capture B (the ABA a separate state byte allowed).
+const IDLE: u64 = 0;
+const ARMING: u64 = 1;
+const ARMED: u64 = 2;
+const WRITING: u64 = 3;
+const DONE: u64 = 4;
+/// The watchdog gave up on a capture its handler is still writing: the handler frees the slot
+/// when it finishes.
+const ABANDONED: u64 = 5;
+const STATE: u64 = 0xff;
+
+#[inline]
+const fn word(ticket: u64, state: u64) -> u64 {
+    (ticket << 8) | state
+}
+
+#[inline]
+const fn state_of(word: u64) -> u64 {
+    word & STATE
+}
 
 struct Capture {
-    state: AtomicU8,
-    /// Who asked (several loopwatch instances may share the process).
-    ticket: AtomicU64,
+    /// Ticket and state (see [`word`]).
+    word: AtomicU64,
     tid: AtomicI32,
     len: AtomicUsize,
     ips: [AtomicUsize; MAX_FRAMES],
 }
 
 static CAPTURE: Capture = Capture {
-    state: AtomicU8::new(IDLE),
-    ticket: AtomicU64::new(0),
+    word: AtomicU64::new(IDLE),
     tid: AtomicI32::new(0),
     len: AtomicUsize::new(0),
     ips: [const { AtomicUsize::new(0) }; MAX_FRAMES],
@@ -118,14 +140,10 @@ pub(crate) fn install(sig: i32) -> Result<(), SetupError> {
 extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: __errno_location returns this thread's errno slot.
     let errno = unsafe { *libc::__errno_location() };
-    if CAPTURE.state.load(Ordering::Acquire) == ARMED
-        // SAFETY: gettid has no preconditions.
-        && CAPTURE.tid.load(Ordering::Relaxed) == unsafe { libc::gettid() }
-        && CAPTURE
-            .state
-            .compare_exchange(ARMED, WRITING, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    {
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
+    let armed = CAPTURE.word.load(Ordering::Acquire);
+    if let Some(claimed) = claim(armed, me) {
         let mut n = 0;
         // SAFETY: tracing this thread's own stack; the callback only stores into atomics.
         unsafe {
@@ -139,34 +157,92 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut
                 }
             });
         }
-        CAPTURE.len.store(n, Ordering::Relaxed);
-        CAPTURE.state.store(DONE, Ordering::Release);
+        finish(claimed, n);
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
+}
+
+/// The handler's claim: `armed` is the slot's word as it read it, `me` its thread. Claims the
+/// capture only if it is armed for this thread and still the same capture (same ticket) when
+/// claimed: a capture cancelled and re-armed for another thread in between is not taken.
+/// Returns the claimed word (state `WRITING`).
+#[inline]
+fn claim(armed: u64, me: i32) -> Option<u64> {
+    if state_of(armed) != ARMED || CAPTURE.tid.load(Ordering::Relaxed) != me {
+        return None;
+    }
+    let writing = (armed & !STATE) | WRITING;
+    CAPTURE
+        .word
+        .compare_exchange(armed, writing, Ordering::AcqRel, Ordering::Relaxed)
+        .ok()
+        .map(|_| writing)
+}
+
+/// The handler's end: `n` addresses are written. Marks the capture done, or, if the watchdog
+/// abandoned it meanwhile (the handler ran past the deadline), frees the slot.
+#[inline]
+fn finish(writing: u64, n: usize) {
+    CAPTURE.len.store(n, Ordering::Relaxed);
+    let done = (writing & !STATE) | DONE;
+    if CAPTURE
+        .word
+        .compare_exchange(writing, done, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        let abandoned = (writing & !STATE) | ABANDONED;
+        let _ = CAPTURE
+            .word
+            .compare_exchange(abandoned, IDLE, Ordering::AcqRel, Ordering::Relaxed);
+    }
 }
 
 static TICKETS: AtomicU64 = AtomicU64::new(1);
 
 /// Is a capture under way?
 pub(crate) fn busy() -> bool {
-    CAPTURE.state.load(Ordering::Acquire) != IDLE
+    state_of(CAPTURE.word.load(Ordering::Acquire)) != IDLE
+}
+
+/// Does `sig` still run loopwatch's handler? (One `sigaction` query.)
+fn ours(sig: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `now`.
+    let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::sigaction(sig, std::ptr::null(), &mut now) };
+    rc == 0 && now.sa_sigaction == handler as *const () as usize
+}
+
+/// Arms the slot for thread `tid`; the ticket of the capture.
+fn arm(tid: i32) -> Result<u64, RequestError> {
+    // Tickets fit in 56 bits for 2^56 captures.
+    let ticket = TICKETS.fetch_add(1, Ordering::Relaxed) & (u64::MAX >> 8);
+    if CAPTURE
+        .word
+        .compare_exchange(
+            IDLE,
+            word(ticket, ARMING),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_err()
+    {
+        return Err(RequestError::Busy);
+    }
+    CAPTURE.tid.store(tid, Ordering::Relaxed);
+    CAPTURE.word.store(word(ticket, ARMED), Ordering::Release);
+    Ok(ticket)
 }
 
 /// Asks thread `tid` for its stack. Returns the ticket to `take` it with.
 pub(crate) fn request(tid: u64, sig: i32) -> Result<u64, RequestError> {
     let tid = i32::try_from(tid).map_err(|_| RequestError::Failed)?;
-    if CAPTURE
-        .state
-        .compare_exchange(IDLE, ARMING, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
-    {
-        return Err(RequestError::Busy);
+    // The application may have taken the signal back since loopwatch installed its handler:
+    // sent now, the signal would run its handler, or (reset to the default) kill the process.
+    if !ours(sig) {
+        return Err(RequestError::SignalTaken);
     }
-    let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
-    CAPTURE.ticket.store(ticket, Ordering::Relaxed);
-    CAPTURE.tid.store(tid, Ordering::Relaxed);
-    CAPTURE.state.store(ARMED, Ordering::Release);
+    let ticket = arm(tid)?;
     // SAFETY: tgkill only sends a signal to a thread of this process.
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
     if rc != 0 {
@@ -178,9 +254,8 @@ pub(crate) fn request(tid: u64, sig: i32) -> Result<u64, RequestError> {
 
 /// The addresses captured for `ticket`, if the handler has run; frees the slot.
 pub(crate) fn take(ticket: u64) -> Option<Vec<usize>> {
-    if CAPTURE.state.load(Ordering::Acquire) != DONE
-        || CAPTURE.ticket.load(Ordering::Relaxed) != ticket
-    {
+    let done = word(ticket, DONE);
+    if CAPTURE.word.load(Ordering::Acquire) != done {
         return None;
     }
     let n = CAPTURE.len.load(Ordering::Relaxed).min(MAX_FRAMES);
@@ -188,21 +263,28 @@ pub(crate) fn take(ticket: u64) -> Option<Vec<usize>> {
         .iter()
         .map(|a| a.load(Ordering::Relaxed))
         .collect();
-    CAPTURE.state.store(IDLE, Ordering::Release);
+    let _ = CAPTURE
+        .word
+        .compare_exchange(done, IDLE, Ordering::AcqRel, Ordering::Relaxed);
     Some(ips)
 }
 
-/// Gives up on capture `ticket` if its handler has not started (a blocked signal, a thread
-/// that exited) or has finished. A capture the handler is writing is left to finish; the next
-/// `cancel` of the same ticket frees it.
+/// Gives up on capture `ticket`: frees the slot if its handler has not started (a blocked
+/// signal, a thread that exited) or has finished; marks it abandoned if the handler is writing
+/// (a preempted or throttled thread, a debugger), so the handler frees it when it finishes.
 pub(crate) fn cancel(ticket: u64) {
-    if CAPTURE.ticket.load(Ordering::Relaxed) != ticket {
-        return;
-    }
-    for from in [ARMED, DONE] {
-        let _ = CAPTURE
-            .state
-            .compare_exchange(from, IDLE, Ordering::AcqRel, Ordering::Relaxed);
+    for (from, to) in [
+        (word(ticket, ARMED), IDLE),
+        (word(ticket, DONE), IDLE),
+        (word(ticket, WRITING), word(ticket, ABANDONED)),
+    ] {
+        if CAPTURE
+            .word
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
     }
 }
 
@@ -238,8 +320,66 @@ mod tests {
         }
     }
 
+    /// Captures are process-wide: these tests take turns with the signal test.
+    fn turn() -> std::sync::MutexGuard<'static, ()> {
+        static TURN: Mutex<()> = Mutex::new(());
+        TURN.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn me() -> i32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() }
+    }
+
+    #[test]
+    fn a_capture_abandoned_while_its_handler_writes_frees_the_slot_when_it_finishes() {
+        let _t = turn();
+        let ticket = arm(me()).unwrap();
+        // The handler claims it, then runs past the deadline (a preempted thread).
+        let writing = claim(CAPTURE.word.load(Ordering::Acquire), me()).expect("claimed");
+        cancel(ticket);
+        assert!(busy(), "the handler still writes into the slot");
+        assert_eq!(take(ticket), None);
+        finish(writing, 3);
+        assert!(!busy(), "the late handler freed the slot");
+        // The next stall gets its stack.
+        let next = arm(me()).unwrap();
+        let w = claim(CAPTURE.word.load(Ordering::Acquire), me()).unwrap();
+        finish(w, 2);
+        assert_eq!(take(next).map(|ips| ips.len()), Some(2));
+        assert!(!busy());
+    }
+
+    #[test]
+    fn a_handler_late_for_one_capture_never_claims_the_next() {
+        let _t = turn();
+        let first = arm(me()).unwrap();
+        // The handler read the slot armed for it...
+        let seen = CAPTURE.word.load(Ordering::Acquire);
+        // ...but before it claims, the watchdog gives up and arms the slot again, for this
+        // same thread (the worst case: the thread check passes).
+        cancel(first);
+        let second = arm(me()).unwrap();
+        assert_eq!(claim(seen, me()), None, "the old capture is gone");
+        // The second capture's own handler still gets it.
+        let w = claim(CAPTURE.word.load(Ordering::Acquire), me()).unwrap();
+        finish(w, 1);
+        assert_eq!(take(second).map(|ips| ips.len()), Some(1));
+        assert_eq!(take(first), None);
+    }
+
+    #[test]
+    fn a_capture_armed_for_another_thread_is_not_claimed() {
+        let _t = turn();
+        let ticket = arm(me() + 1).unwrap();
+        assert_eq!(claim(CAPTURE.word.load(Ordering::Acquire), me()), None);
+        cancel(ticket);
+        assert!(!busy());
+    }
+
     #[test]
     fn a_spinning_thread_gives_its_stack() {
+        let _t = turn();
         let sig = default_signal();
         install(sig).unwrap();
         let stop = Arc::new(AtomicBool::new(false));

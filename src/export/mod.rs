@@ -95,6 +95,7 @@ impl Collector {
             ("captured", snap.stacks_captured),
             ("rate_limited", snap.stacks_rate_limited),
             ("failed", snap.stacks_failed),
+            ("signal_lost", snap.stacks_signal_lost),
         ] {
             f.push(M::Stacks, vec![status.into()], Value::Counter(v));
         }

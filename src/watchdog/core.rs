@@ -368,10 +368,17 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let tid = self.states[i]
             .tid
             .or_else(|| slot.meta().and_then(|m| m.tid));
-        match self
+        let ask = self
             .sampler
-            .ask_stack(&mut self.stacks, tid, now, &self.shared.diag)
-        {
+            .ask_stack(&mut self.stacks, tid, now, &self.shared.diag);
+        if let Some(reason) = self.sampler.take_lost() {
+            // Said once: in the snapshot, and as a notice.
+            if let Ok(mut e) = self.shared.stack_setup_error.lock() {
+                *e = Some(reason.clone());
+            }
+            self.out.push(Report::Notice(Notice::StacksOff { reason }));
+        }
+        match ask {
             Ask::Pending(p) => {
                 open.pending = Some(p);
                 open.retry_until_ns = None;

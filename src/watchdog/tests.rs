@@ -190,6 +190,8 @@ impl Kernel for ScriptedKernel {
 struct ScriptedStacks {
     busy: bool,
     refuse_busy: bool,
+    /// The application took the signal back.
+    taken: bool,
     next_ticket: u64,
     /// Tickets asked for, by thread.
     requests: Vec<(u64, u64)>,
@@ -205,6 +207,9 @@ impl StackPort for ScriptedStacks {
     fn request(&mut self, tid: u64, _sig: i32) -> Result<u64, RequestError> {
         if self.refuse_busy {
             return Err(RequestError::Busy);
+        }
+        if self.taken {
+            return Err(RequestError::SignalTaken);
         }
         self.next_ticket += 1;
         self.requests.push((tid, self.next_ticket));
@@ -872,4 +877,42 @@ fn a_stall_that_ends_before_its_stack_arrives_still_reports_running_first() {
     assert_eq!(s[0].state, StallState::Running);
     assert_eq!(s[0].stack_status, StackStatus::TimedOut);
     assert_eq!(s[1].state, StallState::Ended);
+}
+
+#[test]
+fn a_signal_taken_back_stops_stacks_for_good_and_says_so_once() {
+    let mut rig = rig_with(config(|_| {}), Ok(SIG));
+    rig.core.stacks_mut().taken = true;
+    let slots: Vec<FakeSlot> = (0..2).map(|i| FakeSlot::new(TID + i)).collect();
+    slots[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 11, &slots);
+    let out: Vec<Report> = rig.core.out.drain(..).collect();
+    assert!(
+        matches!(&out[..], [Report::Notice(crate::stall::Notice::StacksOff { .. }), Report::Stall { stall, .. }] if stall.stack_status == StackStatus::Unavailable),
+        "{out:#?}"
+    );
+    let why = rig
+        .shared
+        .stack_setup_error
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert!(why.contains("no longer runs loopwatch's handler"), "{why}");
+    // A later stall asks for nothing: no signal goes to a handler that is not loopwatch's.
+    rig.core.stacks_mut().taken = false;
+    slots[1].start(rig.word, 8, 12 * MS);
+    rig.ticks(12, 24, &slots);
+    let later: Vec<Stall> = rig
+        .stalls()
+        .into_iter()
+        .filter(|s| s.task.id == Some(8))
+        .collect();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].stack_status, StackStatus::Unavailable);
+    assert!(rig.core.stacks_mut().requests.is_empty());
+    assert_eq!(
+        rig.shared.diag.stacks_signal_lost.load(Ordering::Relaxed),
+        1
+    );
 }
