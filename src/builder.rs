@@ -176,21 +176,24 @@ impl Builder {
     }
 
     /// Capacity of the queue between the watchdog and the reporter thread; reports beyond it
-    /// are dropped and counted. Default [`DEFAULT_REPORT_QUEUE`](crate::DEFAULT_REPORT_QUEUE).
+    /// are dropped and counted. Default [`DEFAULT_REPORT_QUEUE`](crate::DEFAULT_REPORT_QUEUE),
+    /// at most [`REPORT_QUEUE_LIMIT`](crate::REPORT_QUEUE_LIMIT).
     pub fn report_queue(mut self, capacity: usize) -> Self {
         self.cfg.report_queue = capacity;
         self
     }
 
     /// How many threads can be watched at once. Default
-    /// [`DEFAULT_MAX_THREADS`](crate::DEFAULT_MAX_THREADS).
+    /// [`DEFAULT_MAX_THREADS`](crate::DEFAULT_MAX_THREADS), at most
+    /// [`MAX_THREADS_LIMIT`](crate::MAX_THREADS_LIMIT).
     pub fn max_threads(mut self, n: usize) -> Self {
         self.cfg.max_threads = n;
         self
     }
 
     /// How many task kinds (name + site) are kept apart; the rest are `other`. Default
-    /// [`DEFAULT_MAX_TASK_KINDS`](crate::DEFAULT_MAX_TASK_KINDS).
+    /// [`DEFAULT_MAX_TASK_KINDS`](crate::DEFAULT_MAX_TASK_KINDS), at most
+    /// [`MAX_TASK_KINDS_LIMIT`](crate::MAX_TASK_KINDS_LIMIT).
     pub fn max_task_kinds(mut self, n: usize) -> Self {
         self.cfg.max_task_kinds = n;
         self

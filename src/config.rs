@@ -33,6 +33,15 @@ pub const DEFAULT_MAX_THREADS: usize = 1024;
 pub const DEFAULT_MAX_TASK_KINDS: usize = 512;
 /// Default number of live instrumented spans the layer can follow at once.
 pub const DEFAULT_MAX_LIVE_SPANS: usize = 65_536;
+/// The largest `report_queue` accepted (its slots are allocated at start: about 8 MiB).
+pub const REPORT_QUEUE_LIMIT: usize = 16_384;
+/// The largest `max_threads` accepted (a slot per thread is allocated at start: about 16 MiB).
+pub const MAX_THREADS_LIMIT: usize = 65_536;
+/// The largest `max_task_kinds` accepted (the table is allocated at start: about 8 MiB).
+pub const MAX_TASK_KINDS_LIMIT: usize = 65_536;
+/// Task and span names are kept to this many bytes (cut on a character boundary, ending in
+/// `…`): a name is a label on every series of its kind.
+pub const MAX_NAME_BYTES: usize = 128;
 
 /// Default address of the Prometheus `/metrics` listener: loopback only, port 9464 (the port
 /// OpenTelemetry's Prometheus exporters use).
@@ -517,17 +526,17 @@ pub(crate) fn validate(
             reason: "the Prometheus listener needs loopwatch's `prometheus` cargo feature".into(),
         });
     }
-    for (setting, v) in [
-        ("report_queue", cfg.report_queue),
-        ("max_threads", cfg.max_threads),
-        ("max_task_kinds", cfg.max_task_kinds),
-        ("max_live_spans", cfg.max_live_spans),
-        ("max_blocking_threads", cfg.max_blocking_threads),
+    for (setting, v, limit) in [
+        ("report_queue", cfg.report_queue, REPORT_QUEUE_LIMIT),
+        ("max_threads", cfg.max_threads, MAX_THREADS_LIMIT),
+        ("max_task_kinds", cfg.max_task_kinds, MAX_TASK_KINDS_LIMIT),
+        ("max_live_spans", cfg.max_live_spans, 1 << 24),
+        ("max_blocking_threads", cfg.max_blocking_threads, 1 << 24),
     ] {
-        if v == 0 || v > 1 << 24 {
+        if v == 0 || v > limit {
             return Err(Error::InvalidConfig {
                 setting,
-                reason: format!("{v}: must be between 1 and {}", 1 << 24),
+                reason: format!("{v}: must be between 1 and {limit}"),
             });
         }
     }

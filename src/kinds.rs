@@ -9,6 +9,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::config::MAX_NAME_BYTES;
+
 /// The id of an interned kind. `0` is [`OTHER`].
 pub(crate) type KindId = u32;
 
@@ -126,8 +128,17 @@ impl Kinds {
     }
 
     /// Interns a kind from its parts. `site` is `(file, line, column)`; a column of 0 is left out.
+    /// A name longer than [`MAX_NAME_BYTES`] is cut (names that differ only past the cut are one
+    /// kind).
     pub(crate) fn intern(&self, name: Option<&str>, site: Option<(&str, u32, u32)>) -> KindId {
-        let name = name.filter(|n| !n.is_empty());
+        let cut;
+        let name = match name.filter(|n| !n.is_empty()) {
+            Some(n) if n.len() > MAX_NAME_BYTES => {
+                cut = cut_name(n);
+                Some(cut.as_str())
+            }
+            other => other,
+        };
         let mut h = FxHasher(0);
         name.hash(&mut h);
         site.hash(&mut h);
@@ -185,6 +196,19 @@ impl Kinds {
         self.overflow.fetch_add(1, Ordering::Relaxed);
         OTHER
     }
+}
+
+/// `name` cut to at most [`MAX_NAME_BYTES`] bytes on a character boundary, ending in `…`.
+fn cut_name(name: &str) -> String {
+    const MARK: &str = "…";
+    let mut end = MAX_NAME_BYTES - MARK.len();
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut s = String::with_capacity(end + MARK.len());
+    s.push_str(&name[..end]);
+    s.push_str(MARK);
+    s
 }
 
 fn matches(k: &TaskKind, name: Option<&str>, site: Option<(&str, u32, u32)>) -> bool {
@@ -262,6 +286,23 @@ pub(crate) fn format_site(file: &str, line: u32, col: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_name_is_cut_on_a_character_boundary() {
+        let kinds = Kinds::new(8);
+        let huge = "é".repeat(1 << 19); // 1 MiB of two-byte characters
+        let k = kinds.intern(Some(&huge), None);
+        let name = kinds.get(k).name.clone().unwrap();
+        assert!(name.len() <= MAX_NAME_BYTES, "{}", name.len());
+        assert!(name.ends_with('…') && name.starts_with("éé"), "{name}");
+        // The same long name is the same kind; a short one is kept whole.
+        assert_eq!(kinds.intern(Some(&huge), None), k);
+        let short = kinds.intern(Some("short"), None);
+        assert_eq!(kinds.get(short).name.as_deref(), Some("short"));
+        let exact = "x".repeat(MAX_NAME_BYTES);
+        let e = kinds.intern(Some(&exact), None);
+        assert_eq!(kinds.get(e).name.as_deref(), Some(exact.as_str()));
+    }
 
     #[test]
     fn same_parts_give_the_same_id() {

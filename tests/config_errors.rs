@@ -140,6 +140,18 @@ fn environment_and_setters_are_checked() {
         (loopwatch::builder().report_queue(0), "report_queue"),
         (loopwatch::builder().max_threads(0), "max_threads"),
         (loopwatch::builder().max_task_kinds(0), "max_task_kinds"),
+        // Sizes allocated at start are capped (1 << 24 took gigabytes and could abort the
+        // process from build()).
+        (loopwatch::builder().report_queue(1 << 24), "report_queue"),
+        (loopwatch::builder().max_threads(1 << 24), "max_threads"),
+        (
+            loopwatch::builder().max_task_kinds(1 << 24),
+            "max_task_kinds",
+        ),
+        (
+            loopwatch::builder().report_queue(loopwatch::REPORT_QUEUE_LIMIT + 1),
+            "report_queue",
+        ),
     ];
     for (b, setting) in cases {
         match b.ignore_env().config() {
@@ -149,6 +161,14 @@ fn environment_and_setters_are_checked() {
             other => panic!("{setting}: expected InvalidConfig, got {other:?}"),
         }
     }
+    // The limits themselves are accepted.
+    loopwatch::builder()
+        .ignore_env()
+        .report_queue(loopwatch::REPORT_QUEUE_LIMIT)
+        .max_threads(loopwatch::MAX_THREADS_LIMIT)
+        .max_task_kinds(loopwatch::MAX_TASK_KINDS_LIMIT)
+        .config()
+        .expect("the limits are valid");
     // The defaults are valid.
     let cfg = loopwatch::builder().ignore_env().config().unwrap();
     assert_eq!(cfg.threshold, Duration::from_millis(10));

@@ -173,3 +173,29 @@ fn metrics_off_starts_no_listener() {
         .unwrap();
     assert_eq!(guard.prometheus_addr(), None);
 }
+
+#[test]
+fn a_huge_task_name_is_cut_and_the_scrape_stays_small() {
+    let _serial = common::serial();
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(THRESHOLD)
+            .export_interval(Duration::from_millis(100))
+            .stacks(false),
+    );
+    let addr = h.guard.prometheus_addr().expect("listener runs");
+    // A 1 MiB name (once made every scrape 47 MB: the name is a label on each series).
+    let huge = "n".repeat(1 << 20);
+    let rt = h.runtime(1);
+    rt.block_on(rt.spawn(h.guard.watch(&huge, async {
+        common::spin_for(THRESHOLD * 3);
+    })))
+    .unwrap();
+    let cut = format!("{}…", "n".repeat(loopwatch::MAX_NAME_BYTES - "…".len()));
+    let body = scrape_until(addr, "the cut name", |b| {
+        b.contains(&format!(r#"kind="{cut}""#))
+    });
+    assert!(body.len() < 256 * 1024, "a scrape of {} bytes", body.len());
+    let s = h.ended_stall(THRESHOLD);
+    assert_eq!(s.task.name.as_deref(), Some(cut.as_str()));
+}
