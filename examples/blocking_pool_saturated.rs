@@ -9,7 +9,13 @@
 
 use std::time::Duration;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+mod support;
+
+fn main() -> std::process::ExitCode {
+    support::main(run)
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let guard = loopwatch::builder().max_blocking_threads(4).try_init()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -10,7 +10,13 @@
 
 use std::time::{Duration, Instant};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+mod support;
+
+fn main() -> std::process::ExitCode {
+    support::main(run)
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let guard = loopwatch::try_init()?;
     guard.wait_for_symbols(Duration::from_secs(10));
     let mut b = tokio::runtime::Builder::new_multi_thread();

@@ -24,7 +24,13 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream as AsyncStream};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+mod support;
+
+fn main() -> std::process::ExitCode {
+    support::main(run)
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     // 1. loopwatch: one line. Stall reports are WARN events printed to stderr.
     let guard = loopwatch::try_init()?;
     // Optional: have the symbol tables loaded before the first stall, so even the first

@@ -10,7 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+mod support;
+
+fn main() -> std::process::ExitCode {
+    support::main(run)
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let guard = loopwatch::try_init()?;
     let pool = guard.cpu_pool("thumbnails", rayon::ThreadPoolBuilder::new().num_threads(2))?;
     let items: Vec<u64> = (0..400_000).collect();

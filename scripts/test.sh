@@ -83,6 +83,13 @@ for want in "jobs too fine" "hint: batch these" "too-fine reports: 1"; do
   grep -qF "$want" <<<"$out" || { echo "fine_grained_parallel lacks: $want" >&2; exit 1; }
 done
 
+step "a bad setting stops an example with words a person reads (Display, not Debug)"
+out=$(LOOPWATCH_PROMETHEUS_ADDR=localhost:9464 timeout 120 cargo run -q --example cpu_on_async 2>&1 || true)
+tail -n 2 <<<"$out"
+grep -qF "error: invalid value" <<<"$out" || { echo "the error is not shown with Display" >&2; exit 1; }
+grep -qF "host names are not resolved" <<<"$out" || { echo "the host-name hint is missing" >&2; exit 1; }
+if grep -qF "InvalidEnv {" <<<"$out"; then echo "the error is shown with Debug" >&2; exit 1; fi
+
 step "exporters/ and dashboards/: structure, and every metric they name is in the table"
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
 python3 scripts/check_exporters.py

@@ -626,8 +626,20 @@ pub(crate) fn parse_prometheus_addr(s: &str) -> Result<MetricsExport, String> {
     t.parse::<SocketAddr>()
         .map(MetricsExport::Prometheus)
         .map_err(|_| {
-            "expected an address with a port (127.0.0.1:9464, 0.0.0.0:9464, [::1]:9464) or `off`"
-                .into()
+            let host = t.rsplit_once(':').map_or(t, |(h, _)| h);
+            let named = !host.is_empty()
+                && host.parse::<std::net::IpAddr>().is_err()
+                && !host.starts_with('[');
+            if named {
+                format!(
+                    "`{host}` is a host name, and host names are not resolved: give an IP \
+                     address with a port (127.0.0.1:9464, 0.0.0.0:9464, [::1]:9464) or `off`"
+                )
+            } else {
+                "expected an IP address with a port (127.0.0.1:9464, 0.0.0.0:9464, [::1]:9464) \
+                 or `off`"
+                    .into()
+            }
         })
 }
 
@@ -738,7 +750,10 @@ mod tests {
         assert!(parse_prometheus_addr("localhost")
             .unwrap_err()
             .contains("with a port"));
-        assert!(parse_prometheus_addr("127.0.0.1").is_err());
+        let named = parse_prometheus_addr("localhost:9464").unwrap_err();
+        assert!(named.contains("host names are not resolved"), "{named}");
+        let no_port = parse_prometheus_addr("127.0.0.1").unwrap_err();
+        assert!(no_port.contains("with a port"), "{no_port}");
     }
 
     #[test]

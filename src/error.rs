@@ -80,7 +80,10 @@ impl fmt::Display for Error {
             Error::SetGlobalDefault(_) => {
                 write!(
                     f,
-                    "could not set loopwatch's subscriber as the global default"
+                    "could not set loopwatch's subscriber as the global default: one is already \
+                     set (by the application or a library). Keep it and add loopwatch's layer \
+                     to it instead: `let (layer, guard) = loopwatch::builder().build()?;`, then \
+                     `.with(layer)` on your `tracing_subscriber::registry()`"
                 )
             }
         }

@@ -1,8 +1,9 @@
-//! loopwatch's layer in the *global* subscriber, as `init()` sets it, with tokio's task spans
-//! and poll hooks (`--cfg tokio_unstable`): tokio launches each multi-thread worker as a
-//! blocking task whose span lasts the worker's whole life; that span must not swallow the
-//! polls inside it. (A regression test: it did, and nothing was ever reported.)
-#![cfg(tokio_unstable)]
+//! The *global* subscriber (a binary of its own: there is one per process). loopwatch's layer in
+//! it, as `init()` sets it, with tokio's task spans and poll hooks (`--cfg tokio_unstable`):
+//! tokio launches each multi-thread worker as a blocking task whose span lasts the worker's
+//! whole life; that span must not swallow the polls inside it. (A regression test: it did, and
+//! nothing was ever reported.) And when the application set its own global subscriber first,
+//! `init()` says what to do instead.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use tracing_subscriber::prelude::*;
 
+#[cfg(tokio_unstable)]
 #[test]
 fn stalls_are_seen_under_a_global_subscriber_with_task_spans_and_hooks() {
     let (tx, rx) = channel();
@@ -63,4 +65,38 @@ fn stalls_are_seen_under_a_global_subscriber_with_task_spans_and_hooks() {
         .stalls_by
         .iter()
         .all(|c| c.layer == loopwatch::LayerKind::Async));
+    // A second init finds the global subscriber taken, and says what to do.
+    init_says_what_to_do();
+}
+
+/// `try_init` and `init` after the application set its own global subscriber: the error says
+/// to add loopwatch's layer to it.
+fn init_says_what_to_do() {
+    let e = loopwatch::builder()
+        .ignore_env()
+        .metrics(loopwatch::MetricsExport::Off)
+        .try_init()
+        .expect_err("a global subscriber is already set");
+    assert!(matches!(e, loopwatch::Error::SetGlobalDefault(_)), "{e:?}");
+    let shown = e.to_string();
+    assert!(
+        shown.contains("add loopwatch's layer") && shown.contains("builder().build()"),
+        "{shown}"
+    );
+    let panic = std::panic::catch_unwind(|| {
+        loopwatch::builder()
+            .ignore_env()
+            .metrics(loopwatch::MetricsExport::Off)
+            .init()
+    })
+    .expect_err("init panics");
+    let msg = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("add loopwatch's layer"), "{msg}");
+}
+
+#[cfg(not(tokio_unstable))]
+#[test]
+fn init_after_the_application_set_its_own_subscriber_says_what_to_do() {
+    tracing_subscriber::registry().init();
+    init_says_what_to_do();
 }
