@@ -100,6 +100,15 @@ impl Builder {
         self
     }
 
+    /// Makes a Prometheus listener that cannot bind its address fail [`build`](Self::build)
+    /// even at the default address (where it otherwise only turns the listener off, with a
+    /// WARN: a second loopwatch-enabled service on the same host must still start). See
+    /// [`Config::prometheus_required`](crate::Config::prometheus_required).
+    pub fn require_prometheus(mut self, on: bool) -> Self {
+        self.cfg.prometheus_required = on;
+        self
+    }
+
     /// Where the metrics go: loopwatch's Prometheus listener (the default), the application's
     /// own global `metrics` recorder, or nowhere (see [`MetricsExport`](crate::MetricsExport)).
     /// `LOOPWATCH_PROMETHEUS_ADDR`, when set, overrides this.

@@ -191,6 +191,12 @@ pub struct Config {
     pub cpu_threshold: Duration,
     /// Where the metrics go.
     pub metrics: MetricsExport,
+    /// Fail start-up if the Prometheus listener cannot bind its address. Off by default, and
+    /// then a busy *default* address ([`DEFAULT_PROMETHEUS_ADDR`]: a second service on the
+    /// host) only turns the listener off, with a WARN and
+    /// [`Snapshot::prometheus_error`](crate::Snapshot::prometheus_error); an address given
+    /// explicitly always fails start-up when it cannot be bound.
+    pub prometheus_required: bool,
     /// How often the exporters take loopwatch's figures.
     pub export_interval: Duration,
     /// The OTLP export, when it is on.
@@ -218,6 +224,7 @@ impl Default for Config {
             max_blocking_threads: DEFAULT_MAX_BLOCKING_THREADS,
             cpu_threshold: DEFAULT_CPU_THRESHOLD,
             metrics: MetricsExport::default(),
+            prometheus_required: false,
             export_interval: DEFAULT_EXPORT_INTERVAL,
             otlp: None,
         }

@@ -33,8 +33,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The Prometheus `/metrics` listener could not bind its address (in use, not local, no
-    /// permission). Choose another with `Builder::prometheus_addr` or
-    /// `LOOPWATCH_PROMETHEUS_ADDR` (`off` turns the listener off).
+    /// permission): an address given explicitly, or any with `Builder::require_prometheus`
+    /// (a busy default address only turns the listener off). Choose another with
+    /// `Builder::prometheus_addr` or `LOOPWATCH_PROMETHEUS_ADDR` (`off` turns the listener off).
     PrometheusListener {
         /// The address asked for.
         addr: std::net::SocketAddr,

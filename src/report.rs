@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::diagnose::symbols::Stacks;
 use crate::hints::{BLOCKING_POOL_FULL, CPU_JOBS_TOO_FINE};
@@ -30,9 +30,26 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
             }
         }
     };
+    let started = Instant::now();
+    let mut startup_pending = true;
     loop {
+        // Start-up notices (a listener that could not bind) wait for the layer to be added to
+        // the application's subscriber, so they reach it, for at most a second.
+        if startup_pending && (layer_registered(&shared) || started.elapsed() >= STARTUP_WAIT) {
+            startup_pending = false;
+            let notices = shared
+                .startup_notices
+                .lock()
+                .map(|mut n| std::mem::take(&mut *n))
+                .unwrap_or_default();
+            for n in &notices {
+                if catch_unwind(AssertUnwindSafe(|| emit_notice(&shared, n))).is_err() {
+                    shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         // While an ended report waits for its frames, look for them often.
-        let wait = if stacks.holding() {
+        let wait = if stacks.holding() || startup_pending {
             Duration::from_millis(20)
         } else {
             Duration::from_millis(250)
@@ -67,6 +84,19 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
     for stall in stacks.release_held() {
         deliver(&stall, false);
     }
+}
+
+/// How long start-up notices wait for the layer to be added to a subscriber.
+const STARTUP_WAIT: Duration = Duration::from_secs(1);
+
+/// Has loopwatch's layer been added to a subscriber yet?
+fn layer_registered(shared: &Shared) -> bool {
+    shared
+        .layer
+        .dispatch
+        .lock()
+        .map(|d| d.is_some())
+        .unwrap_or(true)
 }
 
 /// Emits the stall as a WARN event with target `loopwatch`, to the subscriber the layer was
@@ -118,6 +148,12 @@ fn notice_event(n: &Notice) {
             "blocking pool saturated: a job from {site} waited {waited:.1?} for a thread \
              ({running} of {max} threads busy, {queued} jobs queued; {since_last} jobs waited \
              like this since the last notice); hint: {BLOCKING_POOL_FULL}"
+        ),
+        Notice::ListenerOff { reason } => tracing::warn!(
+            target: "loopwatch",
+            notice = "prometheus_off",
+            reason = reason.as_str(),
+            "loopwatch's Prometheus listener is off: {reason}"
         ),
         Notice::StacksOff { reason } => tracing::warn!(
             target: "loopwatch",

@@ -14,7 +14,7 @@ use crate::diagnose::Cause;
 use crate::kinds::KindId;
 use crate::probe::layer::LayerShared;
 use crate::snapshot::{Histogram, KindPolls, OtlpStats, Snapshot, StallCount};
-use crate::stall::LayerKind;
+use crate::stall::{LayerKind, Notice};
 
 /// What the watchdog, the reporter and the guard share.
 #[derive(Debug)]
@@ -44,6 +44,11 @@ pub(crate) struct Shared {
     pub(crate) diag: DiagCounters,
     /// Why stacks are off although they were asked for (the signal is taken, ...).
     pub(crate) stack_setup_error: Mutex<Option<String>>,
+    /// Why the Prometheus listener is off although it was asked for (its default address was
+    /// busy).
+    pub(crate) prometheus_error: Mutex<Option<String>>,
+    /// Notices from start-up, for the reporter to emit once the layer is in a subscriber.
+    pub(crate) startup_notices: Mutex<Vec<Notice>>,
     pub(crate) hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
     /// Stalls detected, by kind, layer and the cause known at detection.
     pub(crate) stall_counts: Mutex<HashMap<StallKey, u64>>,
@@ -152,12 +157,29 @@ impl Shared {
             too_fine_reports: AtomicU64::new(0),
             diag: DiagCounters::default(),
             stack_setup_error: Mutex::new(None),
+            prometheus_error: Mutex::new(None),
+            startup_notices: Mutex::new(Vec::new()),
             hist: Mutex::new(HashMap::new()),
             stall_counts: Mutex::new(HashMap::new()),
             sched_hist: Mutex::new(HashMap::new()),
             victim_counts: Mutex::new(HashMap::new()),
             feed: export.then(|| Mutex::new(Feed::default())),
             export: ExportStats::default(),
+        }
+    }
+
+    /// The Prometheus listener could not start (`e`) and is off: said in the snapshot, and in a
+    /// WARN once the reporter can reach the application's subscriber.
+    pub(crate) fn listener_off(&self, e: &crate::Error) {
+        let reason = format!(
+            "{e}; loopwatch serves no /metrics (the service runs as usual; \
+             `Builder::require_prometheus(true)` makes this fail start-up instead)"
+        );
+        if let Ok(mut p) = self.prometheus_error.lock() {
+            *p = Some(reason.clone());
+        }
+        if let Ok(mut n) = self.startup_notices.lock() {
+            n.push(Notice::ListenerOff { reason });
         }
     }
 
@@ -265,6 +287,7 @@ impl Shared {
             stacks_signal_lost: self.diag.stacks_signal_lost.load(Ordering::Relaxed),
             diagnosis_samples: self.diag.samples.load(Ordering::Relaxed),
             stack_setup_error: self.stack_setup_error.lock().ok().and_then(|e| e.clone()),
+            prometheus_error: self.prometheus_error.lock().ok().and_then(|e| e.clone()),
             sample_every: self.board.sample_every(),
             poll_durations,
             stalls_by,

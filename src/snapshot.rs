@@ -145,6 +145,9 @@ pub struct Snapshot {
     pub stacks_signal_lost: u64,
     /// Readings of stalled (or suspect) threads' kernel state taken for diagnosis.
     pub diagnosis_samples: u64,
+    /// Why the Prometheus listener is off although it was asked for (its default address was
+    /// taken, by a second loopwatch-enabled service on the host, say), if so.
+    pub prometheus_error: Option<String>,
     /// Why stacks are not captured although they were asked for (the signal is taken by the
     /// application, not Linux), if so.
     pub stack_setup_error: Option<String>,

@@ -311,6 +311,8 @@ pub(crate) enum Notice {
     },
     /// Stack capture stopped for good (the stack signal was taken back), and why.
     StacksOff { reason: String },
+    /// The Prometheus listener could not start and is off, and why.
+    ListenerOff { reason: String },
     /// A CPU pool is fed jobs too small to be worth a dispatch.
     #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
     CpuTooFine {

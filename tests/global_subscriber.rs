@@ -7,8 +7,11 @@
 
 mod common;
 
+#[cfg(tokio_unstable)]
 use std::sync::mpsc::channel;
+#[cfg(tokio_unstable)]
 use std::sync::Mutex;
+#[cfg(tokio_unstable)]
 use std::time::Duration;
 
 use tracing_subscriber::prelude::*;

@@ -279,16 +279,32 @@ impl Exporter {
         #[cfg(not(feature = "otlp"))]
         let stall_sink = None;
         let prometheus_addr = match cfg.metrics {
-            MetricsExport::Prometheus(addr) => Some(resolve_port(addr)?),
+            MetricsExport::Prometheus(addr) => match resolve_port(addr) {
+                Ok(a) => Some(a),
+                Err(e) if !listener_required(cfg) => {
+                    shared.listener_off(&e);
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             _ => None,
         };
+        // The listener was the only exporter and it is off: nothing to run.
+        let metrics_on = match cfg.metrics {
+            MetricsExport::Off => false,
+            MetricsExport::Prometheus(_) => prometheus_addr.is_some(),
+            _ => true,
+        };
+        if !metrics_on && otlp.is_none() {
+            return Ok(None);
+        }
         let runtimes: Arc<Mutex<Vec<RuntimeProbe>>> = Arc::default();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let collector = Collector::new(shared.clone(), runtimes.clone());
         let interval = cfg.export_interval;
-        let metrics_on = cfg.metrics != MetricsExport::Off;
         let sinks = Sinks {
             metrics_on,
+            listener_required: listener_required(cfg),
             prometheus_addr,
             otlp,
         };
@@ -320,6 +336,13 @@ impl Drop for Exporter {
     }
 }
 
+/// Does a listener that cannot bind fail start-up? When asked for, or when its address was
+/// given (only a busy *default* address turns the listener off instead).
+fn listener_required(cfg: &crate::Config) -> bool {
+    cfg.prometheus_required
+        || cfg.metrics != MetricsExport::Prometheus(crate::DEFAULT_PROMETHEUS_ADDR)
+}
+
 /// Binds `addr` once to check it and, for port 0, to pick the port the listener will use; the
 /// error is the OS's own (address in use, not a local address, no permission).
 fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, Error> {
@@ -333,6 +356,7 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, Error> {
 /// Where frames go.
 struct Sinks {
     metrics_on: bool,
+    listener_required: bool,
     prometheus_addr: Option<SocketAddr>,
     otlp: Option<OtlpSink>,
 }
@@ -370,6 +394,7 @@ async fn run(
     let shared = collector.shared.clone();
     let Sinks {
         metrics_on,
+        listener_required,
         prometheus_addr,
         otlp,
     } = sinks;
@@ -378,6 +403,8 @@ async fn run(
         if metrics_on {
             match sink::MetricsSink::start(prometheus_addr) {
                 Ok(s) => metrics = Some(s),
+                // Taken between the check and this bind: as a busy address at the check.
+                Err(e) if !listener_required => shared.listener_off(&e),
                 Err(e) => {
                     let _ = ready.send(Err(e));
                     return;

@@ -199,3 +199,88 @@ fn a_huge_task_name_is_cut_and_the_scrape_stays_small() {
     let s = h.ended_stall(THRESHOLD);
     assert_eq!(s.task.name.as_deref(), Some(cut.as_str()));
 }
+
+/// Records the message of each of loopwatch's events.
+#[derive(Clone, Default)]
+struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        if e.metadata().target() == "loopwatch" {
+            let mut m = Message(String::new());
+            e.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+    }
+}
+
+#[test]
+fn a_busy_default_address_turns_the_listener_off_and_the_service_starts() {
+    use tracing_subscriber::prelude::*;
+    let _serial = common::serial();
+    // A second service on the host holds the default address (or something else already does).
+    let _other = std::net::TcpListener::bind(loopwatch::DEFAULT_PROMETHEUS_ADDR);
+    let warnings = Warnings::default();
+    let (layer, guard) = loopwatch::builder()
+        .ignore_env()
+        .stacks(false)
+        .build()
+        .expect("a busy default address does not stop start-up");
+    let _dispatch = tracing::Dispatch::new(
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(warnings.clone()),
+    );
+    assert!(guard.is_running());
+    assert_eq!(guard.prometheus_addr(), None);
+    let why = guard.snapshot().prometheus_error.expect("a reason");
+    assert!(
+        why.contains("127.0.0.1:9464") && why.contains("require_prometheus"),
+        "{why}"
+    );
+    // Said once, as a WARN, to the subscriber the layer is in.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = warnings.0.lock().unwrap().clone();
+        let off = seen
+            .iter()
+            .filter(|m| m.contains("Prometheus listener is off"))
+            .count();
+        if off == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline && off == 0, "{seen:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Detection goes on without the listener.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(guard.watch("no-listener", async {
+        common::spin_for(THRESHOLD * 3);
+    }));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while guard.snapshot().stalls_total == 0 {
+        assert!(Instant::now() < deadline, "the stall was not seen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(guard);
+    // Who wants start-up to fail says so.
+    let err = loopwatch::builder()
+        .ignore_env()
+        .require_prometheus(true)
+        .build()
+        .expect_err("required");
+    assert!(
+        matches!(&err, loopwatch::Error::PrometheusListener { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse),
+        "{err:?}"
+    );
+}
