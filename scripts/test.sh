@@ -43,6 +43,9 @@ cargo test --all-features 2>&1 | tee -a "$log"
 step "tests (--cfg tokio_unstable)"
 "${unstable_env[@]}" cargo test --all-features 2>&1 | tee -a "$log"
 
+step "without the otlp feature: the OTEL_* variables are ignored, never an error"
+cargo test --lib --no-default-features --features prometheus 2>&1 | tee -a "$log"
+
 step "the non-Linux code path (Linux-only diagnosis compiled out with --cfg loopwatch_portable)"
 RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portable \
   cargo test --lib --test diagnosis --test detection \

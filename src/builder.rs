@@ -314,6 +314,13 @@ impl Builder {
     }
 
     pub(crate) fn resolve(&self, env: EnvOverrides) -> Result<Config, Error> {
+        self.resolve_noting(env).map(|(cfg, _)| cfg)
+    }
+
+    /// The config, and the warnings about environment values that were not used (a bad
+    /// `OTEL_*` value, an `https` endpoint without TLS): they are said once loopwatch runs.
+    pub(crate) fn resolve_noting(&self, env: EnvOverrides) -> Result<(Config, Vec<String>), Error> {
+        let mut warnings = Vec::new();
         let mut cfg = self.cfg.clone();
         let mut threshold_src = Source::Setter("threshold");
         let mut tick_src = Source::Setter("tick");
@@ -351,22 +358,49 @@ impl Builder {
             cfg.metrics = v;
         }
         let o = &self.otlp;
-        let otlp_on = match env.otlp {
+        // The SDK's variables speak to loopwatch only when it can export OTLP.
+        let otel = cfg!(feature = "otlp");
+        let mut otlp_on = match env.otlp {
             Some(v) => v,
             None if env.otel.sdk_disabled => false,
             None => {
-                o.on.unwrap_or(o.endpoint.is_some() || env.otel.endpoint_set)
+                o.on.unwrap_or(o.endpoint.is_some() || (otel && env.otel.endpoint_set))
             }
         };
+        if otlp_on && o.endpoint.is_none() {
+            if let Some((var, value)) = &env.otel.https_endpoint {
+                // Injected into every pod for the application's own SDK: never a reason for
+                // the service not to start.
+                warnings.push(format!(
+                    "{var}={value}: an https endpoint needs TLS, which loopwatch's OTLP export \
+                     does not have yet; loopwatch's OTLP export is off (the application's own \
+                     OpenTelemetry SDK is not affected)"
+                ));
+                otlp_on = false;
+            }
+        }
+        let env_protocol = env_value(&env.otel.protocol, otlp_on, &mut warnings);
+        let env_timeout = env_value(&env.otel.timeout, otlp_on, &mut warnings).filter(|t| {
+            let ok = (Duration::from_millis(100)..=config::MAX_EXPORT_INTERVAL).contains(t);
+            if !ok && otlp_on {
+                warnings.push(format!(
+                    "OTEL_EXPORTER_OTLP_TIMEOUT={}: loopwatch takes 100..={} ms; it uses {:?}",
+                    t.as_millis(),
+                    config::MAX_EXPORT_INTERVAL.as_millis(),
+                    config::DEFAULT_OTLP_TIMEOUT
+                ));
+            }
+            ok
+        });
         cfg.otlp = otlp_on.then(|| crate::OtlpConfig {
             endpoint: o.endpoint.clone(),
             protocol: o
                 .protocol
-                .or(env.otel.protocol)
+                .or(env_protocol)
                 .unwrap_or(crate::OtlpProtocol::Grpc),
             timeout: o
                 .timeout
-                .or(env.otel.timeout)
+                .or(env_timeout)
                 .unwrap_or(config::DEFAULT_OTLP_TIMEOUT),
             span_queue: o.span_queue,
         });
@@ -378,7 +412,7 @@ impl Builder {
             sample_src = Source::Env(config::ENV_SAMPLE_EVERY, raw);
         }
         config::validate(&cfg, &threshold_src, &tick_src, &sample_src)?;
-        Ok(cfg)
+        Ok((cfg, warnings))
     }
 
     /// Starts the watchdog and returns the layer to add to a `tracing_subscriber::registry()`
@@ -387,8 +421,13 @@ impl Builder {
     /// # Errors
     /// A named [`Error`] for a bad setting or variable, or if a thread could not start.
     pub fn build(self) -> Result<(LoopwatchLayer, Guard), Error> {
-        let cfg = self.config()?;
-        Guard::start(cfg, self.callbacks)
+        let env = if self.use_env {
+            EnvOverrides::from_env()?
+        } else {
+            EnvOverrides::default()
+        };
+        let (cfg, warnings) = self.resolve_noting(env)?;
+        Guard::start(cfg, self.callbacks, warnings)
     }
 
     /// Builds loopwatch and sets, as the global default subscriber, a registry with its layer
@@ -423,5 +462,125 @@ impl Builder {
             Ok(g) => g,
             Err(e) => panic!("loopwatch::init failed: {e}"),
         }
+    }
+}
+
+/// An `OTEL_*` value as read: the value, or (when it was bad) nothing, with the warning kept
+/// when it matters (`used`: OTLP is on).
+fn env_value<T: Copy>(
+    v: &Option<Result<T, String>>,
+    used: bool,
+    warnings: &mut Vec<String>,
+) -> Option<T> {
+    match v {
+        Some(Ok(v)) => Some(*v),
+        Some(Err(why)) => {
+            if used {
+                warnings.push(why.clone());
+            }
+            None
+        }
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OtelEnv;
+
+    fn with_otel(
+        otel: OtelEnv,
+        loopwatch_otlp: Option<bool>,
+    ) -> Result<(Config, Vec<String>), Error> {
+        let env = EnvOverrides {
+            otel,
+            otlp: loopwatch_otlp,
+            ..EnvOverrides::default()
+        };
+        Builder::default().resolve_noting(env)
+    }
+
+    fn endpoint(v: &str) -> OtelEnv {
+        OtelEnv {
+            endpoint_set: true,
+            https_endpoint: crate::config::is_https(v)
+                .then(|| ("OTEL_EXPORTER_OTLP_ENDPOINT", v.to_string())),
+            ..OtelEnv::default()
+        }
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn a_bad_otel_value_is_warned_about_and_its_default_used() {
+        let otel = OtelEnv {
+            protocol: Some(Err("OTEL_EXPORTER_OTLP_PROTOCOL=\"http/json\": ...".into())),
+            timeout: Some(Err("OTEL_EXPORTER_OTLP_TIMEOUT=\"10s\": ...".into())),
+            ..endpoint("http://collector:4317")
+        };
+        let (cfg, warnings) = with_otel(otel, None).expect("never an error");
+        let otlp = cfg.otlp.expect("the endpoint turns OTLP on");
+        assert_eq!(otlp.protocol, crate::OtlpProtocol::Grpc);
+        assert_eq!(otlp.timeout, crate::DEFAULT_OTLP_TIMEOUT);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        // An out-of-range timeout too.
+        let otel = OtelEnv {
+            timeout: Some(Ok(Duration::from_millis(5))),
+            ..endpoint("http://collector:4317")
+        };
+        let (cfg, warnings) = with_otel(otel, None).unwrap();
+        assert_eq!(cfg.otlp.unwrap().timeout, crate::DEFAULT_OTLP_TIMEOUT);
+        assert!(
+            warnings[0].contains("OTEL_EXPORTER_OTLP_TIMEOUT=5"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn otel_values_say_nothing_while_otlp_is_off() {
+        let otel = OtelEnv {
+            protocol: Some(Err("bad".into())),
+            ..endpoint("http://collector:4317")
+        };
+        let (cfg, warnings) = with_otel(otel, Some(false)).expect("never an error");
+        assert!(cfg.otlp.is_none());
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn an_https_endpoint_from_the_environment_turns_otlp_off_with_a_warning() {
+        let (cfg, warnings) = with_otel(endpoint("https://otlp.example:443"), None).unwrap();
+        assert!(cfg.otlp.is_none());
+        if cfg!(feature = "otlp") {
+            assert!(warnings[0].contains("needs TLS"), "{warnings:?}");
+        }
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn an_https_endpoint_given_to_the_setter_is_a_named_error() {
+        let err = Builder::default()
+            .otlp_endpoint("https://otlp.example:443")
+            .resolve(EnvOverrides::default())
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::InvalidConfig {
+                    setting: "otlp_endpoint",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[cfg(not(feature = "otlp"))]
+    #[test]
+    fn without_the_otlp_feature_an_otel_endpoint_is_ignored() {
+        let (cfg, warnings) = with_otel(endpoint("http://collector:4317"), None)
+            .expect("no error naming a setter the user never called");
+        assert!(cfg.otlp.is_none());
+        assert!(warnings.is_empty());
     }
 }

@@ -264,10 +264,16 @@ pub(crate) struct EnvOverrides {
 pub(crate) struct OtelEnv {
     /// An `OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}ENDPOINT` is set (OTLP is then on by default).
     pub(crate) endpoint_set: bool,
+    /// The first of those variables whose endpoint is `https://`, and its value.
+    pub(crate) https_endpoint: Option<(&'static str, String)>,
     /// `OTEL_SDK_DISABLED=true`.
     pub(crate) sdk_disabled: bool,
-    pub(crate) protocol: Option<OtlpProtocol>,
-    pub(crate) timeout: Option<Duration>,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, or why its value was not used. As the OpenTelemetry
+    /// specification asks of SDKs, a bad `OTEL_*` value is warned about and its default used
+    /// (and only when OTLP is on); it never stops the service.
+    pub(crate) protocol: Option<Result<OtlpProtocol, String>>,
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT`, or why its value was not used.
+    pub(crate) timeout: Option<Result<Duration, String>>,
 }
 
 impl EnvOverrides {
@@ -359,40 +365,41 @@ impl EnvOverrides {
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
         ] {
-            out.otel.endpoint_set |= get(var)?.is_some_and(|v| !v.trim().is_empty());
+            let v = get(var)?.filter(|v| !v.trim().is_empty());
+            if let Some(v) = v {
+                out.otel.endpoint_set = true;
+                if is_https(&v) && out.otel.https_endpoint.is_none() {
+                    out.otel.https_endpoint = Some((var, v));
+                }
+            }
         }
         if let Some(v) = get("OTEL_SDK_DISABLED")? {
             out.otel.sdk_disabled = v.trim().eq_ignore_ascii_case("true");
         }
         if let Some(v) = get("OTEL_EXPORTER_OTLP_PROTOCOL")? {
             out.otel.protocol = Some(match v.trim() {
-                "grpc" => OtlpProtocol::Grpc,
-                "http/protobuf" => OtlpProtocol::HttpProtobuf,
-                "http/json" => {
-                    return Err(bad(
-                        "OTEL_EXPORTER_OTLP_PROTOCOL",
-                        &v,
-                        "loopwatch exports grpc or http/protobuf, not http/json".into(),
-                    ))
-                }
-                _ => {
-                    return Err(bad(
-                        "OTEL_EXPORTER_OTLP_PROTOCOL",
-                        &v,
-                        "expected grpc or http/protobuf".into(),
-                    ))
-                }
+                "grpc" => Ok(OtlpProtocol::Grpc),
+                "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+                other => Err(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: loopwatch exports grpc or \
+                     http/protobuf{}; it uses grpc",
+                    if other == "http/json" {
+                        ", not http/json"
+                    } else {
+                        ""
+                    }
+                )),
             });
         }
         if let Some(v) = get("OTEL_EXPORTER_OTLP_TIMEOUT")? {
-            let ms = v.trim().parse::<u64>().map_err(|e| {
-                bad(
-                    "OTEL_EXPORTER_OTLP_TIMEOUT",
-                    &v,
-                    format!("not a whole number of milliseconds ({e})"),
-                )
-            })?;
-            out.otel.timeout = Some(Duration::from_millis(ms));
+            out.otel.timeout = Some(v.trim().parse::<u64>().map(Duration::from_millis).map_err(
+                |e| {
+                    format!(
+                        "OTEL_EXPORTER_OTLP_TIMEOUT={v:?}: not a whole number of \
+                             milliseconds ({e}); it uses {DEFAULT_OTLP_TIMEOUT:?}"
+                    )
+                },
+            ));
         }
         if let Some(v) = get(ENV_SAMPLE_EVERY)? {
             let n = v.trim().parse::<u32>().map_err(|e| {
@@ -511,6 +518,14 @@ pub(crate) fn validate(
                 reason: "the OTLP export needs loopwatch's `otlp` cargo feature".into(),
             });
         }
+        if o.endpoint.as_deref().is_some_and(is_https) {
+            return Err(Error::InvalidConfig {
+                setting: "otlp_endpoint",
+                reason: "an https endpoint needs TLS, which loopwatch's OTLP export does not \
+                         have yet: use an http:// collector (on the host, or a sidecar)"
+                    .into(),
+            });
+        }
         if o.timeout < Duration::from_millis(100) || o.timeout > MAX_EXPORT_INTERVAL {
             return Err(Error::InvalidConfig {
                 setting: "otlp_timeout",
@@ -618,8 +633,16 @@ pub(crate) fn check_signal(n: i32) -> Result<(), String> {
     Ok(())
 }
 
-/// The longest export interval accepted.
-const MAX_EXPORT_INTERVAL: Duration = Duration::from_secs(300);
+/// Does `endpoint` start with `https://` (any case)?
+pub(crate) fn is_https(endpoint: &str) -> bool {
+    endpoint
+        .trim()
+        .get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
+}
+
+/// The longest export interval (and OTLP timeout) accepted.
+pub(crate) const MAX_EXPORT_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Parses `LOOPWATCH_PROMETHEUS_ADDR`: a socket address, or `off`.
 pub(crate) fn parse_prometheus_addr(s: &str) -> Result<MetricsExport, String> {

@@ -51,9 +51,11 @@ impl Guard {
     /// Starts loopwatch with the settled config `cfg`: the board, the exporters (first, so a
     /// bad Prometheus address or OTLP endpoint fails before any thread starts), the reporter
     /// and the watchdog. Returns the layer and the guard that owns the threads.
+    /// `warnings`: environment values that were not used, said once loopwatch runs.
     pub(crate) fn start(
         cfg: Config,
         callbacks: Vec<Callback>,
+        warnings: Vec<String>,
     ) -> Result<(LoopwatchLayer, Guard), Error> {
         if !cfg.enabled {
             return Ok((
@@ -75,6 +77,9 @@ impl Guard {
             cfg.clone(),
             cfg.metrics != crate::MetricsExport::Off || cfg.otlp.is_some(),
         ));
+        for w in warnings {
+            shared.env_ignored(w);
+        }
         // First, so a bad Prometheus address or OTLP endpoint fails the build before the
         // watchdog starts.
         let (exporter, stall_sink) = match Exporter::start(&shared)? {

@@ -149,6 +149,12 @@ fn notice_event(n: &Notice) {
              ({running} of {max} threads busy, {queued} jobs queued; {since_last} jobs waited \
              like this since the last notice); hint: {BLOCKING_POOL_FULL}"
         ),
+        Notice::EnvIgnored { reason } => tracing::warn!(
+            target: "loopwatch",
+            notice = "env_ignored",
+            reason = reason.as_str(),
+            "loopwatch ignored an environment value: {reason}"
+        ),
         Notice::ListenerOff { reason } => tracing::warn!(
             target: "loopwatch",
             notice = "prometheus_off",

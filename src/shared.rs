@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) prometheus_error: Mutex<Option<String>>,
     /// Notices from start-up, for the reporter to emit once the layer is in a subscriber.
     pub(crate) startup_notices: Mutex<Vec<Notice>>,
+    /// Environment values that were not used, and why.
+    pub(crate) env_warnings: Mutex<Vec<String>>,
     pub(crate) hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
     /// Stalls detected, by kind, layer and the cause known at detection.
     pub(crate) stall_counts: Mutex<HashMap<StallKey, u64>>,
@@ -159,6 +161,7 @@ impl Shared {
             stack_setup_error: Mutex::new(None),
             prometheus_error: Mutex::new(None),
             startup_notices: Mutex::new(Vec::new()),
+            env_warnings: Mutex::new(Vec::new()),
             hist: Mutex::new(HashMap::new()),
             stall_counts: Mutex::new(HashMap::new()),
             sched_hist: Mutex::new(HashMap::new()),
@@ -180,6 +183,17 @@ impl Shared {
         }
         if let Ok(mut n) = self.startup_notices.lock() {
             n.push(Notice::ListenerOff { reason });
+        }
+    }
+
+    /// An environment value was not used (`reason` says which and why): said in the snapshot,
+    /// and in a WARN once the reporter can reach the application's subscriber.
+    pub(crate) fn env_ignored(&self, reason: String) {
+        if let Ok(mut w) = self.env_warnings.lock() {
+            w.push(reason.clone());
+        }
+        if let Ok(mut n) = self.startup_notices.lock() {
+            n.push(Notice::EnvIgnored { reason });
         }
     }
 
@@ -288,6 +302,11 @@ impl Shared {
             diagnosis_samples: self.diag.samples.load(Ordering::Relaxed),
             stack_setup_error: self.stack_setup_error.lock().ok().and_then(|e| e.clone()),
             prometheus_error: self.prometheus_error.lock().ok().and_then(|e| e.clone()),
+            env_warnings: self
+                .env_warnings
+                .lock()
+                .map(|w| w.clone())
+                .unwrap_or_default(),
             sample_every: self.board.sample_every(),
             poll_durations,
             stalls_by,

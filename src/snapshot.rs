@@ -145,6 +145,9 @@ pub struct Snapshot {
     pub stacks_signal_lost: u64,
     /// Readings of stalled (or suspect) threads' kernel state taken for diagnosis.
     pub diagnosis_samples: u64,
+    /// Environment values loopwatch did not use, and why (a bad `OTEL_*` value, whose default
+    /// it used instead; an `https` OTLP endpoint without TLS, which turns its OTLP export off).
+    pub env_warnings: Vec<String>,
     /// Why the Prometheus listener is off although it was asked for (its default address was
     /// taken, by a second loopwatch-enabled service on the host, say), if so.
     pub prometheus_error: Option<String>,

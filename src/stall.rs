@@ -313,6 +313,8 @@ pub(crate) enum Notice {
     StacksOff { reason: String },
     /// The Prometheus listener could not start and is off, and why.
     ListenerOff { reason: String },
+    /// An environment value was not used, and why.
+    EnvIgnored { reason: String },
     /// A CPU pool is fed jobs too small to be worth a dispatch.
     #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
     CpuTooFine {

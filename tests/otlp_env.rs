@@ -1,8 +1,9 @@
 //! The OpenTelemetry environment variables: `OTEL_EXPORTER_OTLP_ENDPOINT` turns the export on,
 //! `OTEL_EXPORTER_OTLP_PROTOCOL` picks the transport, `OTEL_SERVICE_NAME` and
 //! `OTEL_RESOURCE_ATTRIBUTES` make the resource; `OTEL_SDK_DISABLED` and `LOOPWATCH_OTLP=0`
-//! turn it off; a protocol loopwatch does not speak is a named error. (One test: the
-//! environment is process-wide.)
+//! turn it off; a value loopwatch cannot use (a protocol it does not speak, a timeout with a
+//! unit, an https endpoint) is warned about, never an error. (One test: the environment is
+//! process-wide.)
 #![cfg(feature = "otlp")]
 
 mod common;
@@ -12,9 +13,10 @@ use std::time::Duration;
 
 use receiver::{attr, resource_attr, Receiver, Transport};
 
-const VARS: [&str; 6] = [
+const VARS: [&str; 7] = [
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
     "OTEL_SERVICE_NAME",
     "OTEL_RESOURCE_ATTRIBUTES",
     "OTEL_SDK_DISABLED",
@@ -46,12 +48,38 @@ fn otel_variables_are_honoured() {
     std::env::set_var("LOOPWATCH_OTLP", "0");
     assert!(loopwatch::builder().config().unwrap().otlp.is_none());
     std::env::remove_var("LOOPWATCH_OTLP");
+    // A value loopwatch cannot use is warned about and its default used, as the OpenTelemetry
+    // specification asks: it never stops the service from starting.
     std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json");
-    let err = loopwatch::builder().config().unwrap_err();
+    std::env::set_var("OTEL_EXPORTER_OTLP_TIMEOUT", "10s");
+    let cfg = loopwatch::builder().config().expect("a bad OTEL_* value is no error");
+    let otlp = cfg.otlp.expect("still on");
+    assert_eq!(otlp.protocol, loopwatch::OtlpProtocol::Grpc);
+    assert_eq!(otlp.timeout, loopwatch::DEFAULT_OTLP_TIMEOUT);
+    let (_layer, guard) = loopwatch::builder().build().expect("starts");
+    let warnings = guard.snapshot().env_warnings;
     assert!(
-        matches!(&err, loopwatch::Error::InvalidEnv { var: "OTEL_EXPORTER_OTLP_PROTOCOL", reason, .. } if reason.contains("http/protobuf")),
-        "{err:?}"
+        warnings.iter().any(|w| w.contains("http/json"))
+            && warnings.iter().any(|w| w.contains("10s")),
+        "{warnings:?}"
     );
+    drop(guard);
+    // And with loopwatch's OTLP off, the SDK's variables are not even looked at.
+    std::env::set_var("LOOPWATCH_OTLP", "0");
+    let (_layer, guard) = loopwatch::builder().build().expect("starts");
+    assert!(guard.snapshot().env_warnings.is_empty());
+    drop(guard);
+    std::env::remove_var("LOOPWATCH_OTLP");
+    std::env::remove_var("OTEL_EXPORTER_OTLP_TIMEOUT");
+    // An https endpoint (every hosted backend; often injected into every pod for the
+    // application's own SDK): loopwatch has no TLS yet, so its OTLP is off, and it says so.
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otlp.example.com:443");
+    let (_layer, guard) = loopwatch::builder().build().expect("an https endpoint is no error");
+    assert!(guard.config().otlp.is_none());
+    let warnings = guard.snapshot().env_warnings;
+    assert!(warnings.iter().any(|w| w.contains("needs TLS")), "{warnings:?}");
+    drop(guard);
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint());
     std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
 
     let (_layer, guard) = loopwatch::builder()
