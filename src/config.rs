@@ -43,6 +43,10 @@ pub const MAX_TASK_KINDS_LIMIT: usize = 65_536;
 /// `…`): a name is a label on every series of its kind.
 pub const MAX_NAME_BYTES: usize = 128;
 
+/// The Prometheus `/metrics` listener keeps at most this many connections open (a new one closes
+/// the oldest), so scrape clients can never take the service's file descriptors.
+pub const PROMETHEUS_MAX_CONNECTIONS: usize = 16;
+
 /// Default address of the Prometheus `/metrics` listener: loopback only, port 9464 (the port
 /// OpenTelemetry's Prometheus exporters use).
 pub const DEFAULT_PROMETHEUS_ADDR: SocketAddr =

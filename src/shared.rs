@@ -74,6 +74,10 @@ pub(crate) struct ExportStats {
     pub(crate) metric_exports: AtomicU64,
     pub(crate) metrics_dropped: AtomicU64,
     pub(crate) metrics_errors: AtomicU64,
+    /// The `/metrics` listener's `accept` failures (out of descriptors, ...).
+    pub(crate) listener_accept_errors: AtomicU64,
+    /// Scrape clients dropped: too slow, a request too long or not HTTP, or gone.
+    pub(crate) listener_client_errors: AtomicU64,
 }
 
 /// A stall's label set: task kind, layer, cause.

@@ -52,7 +52,9 @@ fn otel_variables_are_honoured() {
     // specification asks: it never stops the service from starting.
     std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json");
     std::env::set_var("OTEL_EXPORTER_OTLP_TIMEOUT", "10s");
-    let cfg = loopwatch::builder().config().expect("a bad OTEL_* value is no error");
+    let cfg = loopwatch::builder()
+        .config()
+        .expect("a bad OTEL_* value is no error");
     let otlp = cfg.otlp.expect("still on");
     assert_eq!(otlp.protocol, loopwatch::OtlpProtocol::Grpc);
     assert_eq!(otlp.timeout, loopwatch::DEFAULT_OTLP_TIMEOUT);
@@ -73,11 +75,19 @@ fn otel_variables_are_honoured() {
     std::env::remove_var("OTEL_EXPORTER_OTLP_TIMEOUT");
     // An https endpoint (every hosted backend; often injected into every pod for the
     // application's own SDK): loopwatch has no TLS yet, so its OTLP is off, and it says so.
-    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otlp.example.com:443");
-    let (_layer, guard) = loopwatch::builder().build().expect("an https endpoint is no error");
+    std::env::set_var(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "https://otlp.example.com:443",
+    );
+    let (_layer, guard) = loopwatch::builder()
+        .build()
+        .expect("an https endpoint is no error");
     assert!(guard.config().otlp.is_none());
     let warnings = guard.snapshot().env_warnings;
-    assert!(warnings.iter().any(|w| w.contains("needs TLS")), "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("needs TLS")),
+        "{warnings:?}"
+    );
     drop(guard);
     std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint());
     std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");

@@ -10,6 +10,8 @@
 pub(crate) mod table;
 
 mod frame;
+#[cfg(feature = "prometheus")]
+mod listener;
 #[cfg(feature = "otlp")]
 pub(crate) mod otlp;
 mod runtime;
@@ -178,6 +180,19 @@ impl Collector {
                 let pool = || vec![SharedString::from(p.name.to_string())];
                 f.push(M::CpuJobs, pool(), Value::Counter(jobs));
                 f.push(M::CpuJobsTooFine, pool(), Value::Counter(fine));
+            }
+        }
+        if matches!(sh.cfg.metrics, MetricsExport::Prometheus(_)) {
+            let e = &sh.export;
+            for (signal, errors) in [
+                ("accept", &e.listener_accept_errors),
+                ("client", &e.listener_client_errors),
+            ] {
+                f.push(
+                    M::ExportErrors,
+                    vec![SharedString::from("prometheus"), SharedString::from(signal)],
+                    Value::Counter(errors.load(Ordering::Relaxed)),
+                );
             }
         }
         if sh.cfg.otlp.is_some() {
@@ -401,7 +416,7 @@ async fn run(
     {
         let mut metrics = None;
         if metrics_on {
-            match sink::MetricsSink::start(prometheus_addr) {
+            match sink::MetricsSink::start(prometheus_addr, &shared) {
                 Ok(s) => metrics = Some(s),
                 // Taken between the check and this bind: as a busy address at the check.
                 Err(e) if !listener_required => shared.listener_off(&e),

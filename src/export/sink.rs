@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 
 use super::frame::{Frame, Value};
 use super::table::{MetricKind, MetricUnit, M, METRICS};
+use crate::shared::Shared;
 use crate::Error;
 
 /// Records frames through the `metrics` facade.
@@ -28,11 +30,14 @@ enum Handle {
 impl MetricsSink {
     /// Starts the sink; with an address, builds loopwatch's Prometheus recorder and spawns its
     /// HTTP listener on the current (loopwatch's own) runtime.
-    pub(crate) fn start(prometheus_addr: Option<SocketAddr>) -> Result<MetricsSink, Error> {
+    pub(crate) fn start(
+        prometheus_addr: Option<SocketAddr>,
+        shared: &Arc<Shared>,
+    ) -> Result<MetricsSink, Error> {
         #[cfg(feature = "prometheus")]
         {
             let own = match prometheus_addr {
-                Some(addr) => Some(prometheus(addr)?),
+                Some(addr) => Some(prometheus(addr, shared)?),
                 None => None,
             };
             Ok(MetricsSink {
@@ -45,6 +50,7 @@ impl MetricsSink {
         {
             // Config validation refuses a Prometheus address without the feature.
             debug_assert!(prometheus_addr.is_none());
+            let _ = shared;
             Ok(MetricsSink {
                 described: false,
                 handles: HashMap::new(),
@@ -56,6 +62,9 @@ impl MetricsSink {
         #[cfg(feature = "prometheus")]
         if let Some(own) = self.own.take() {
             metrics::with_local_recorder(&own, || self.record(frame));
+            // Folds the histograms' new values into their buckets (a listener of the exporter
+            // crate's own would do it on a timer): memory stays flat between scrapes.
+            own.handle().run_upkeep();
             self.own = Some(own);
             return;
         }
@@ -118,12 +127,15 @@ impl MetricsSink {
 }
 
 /// loopwatch's Prometheus recorder, with explicit buckets for every histogram, and its HTTP
-/// listener spawned on the current runtime.
+/// listener (loopwatch's own, bounded: `listener.rs`) spawned on the current runtime.
 #[cfg(feature = "prometheus")]
-fn prometheus(addr: SocketAddr) -> Result<metrics_exporter_prometheus::PrometheusRecorder, Error> {
+fn prometheus(
+    addr: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<metrics_exporter_prometheus::PrometheusRecorder, Error> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-    let mut b = PrometheusBuilder::new().with_http_listener(addr);
+    let mut b = PrometheusBuilder::new();
     for m in METRICS.iter().filter(|m| m.kind == MetricKind::Histogram) {
         b = b
             .set_buckets_for_metric(
@@ -135,14 +147,15 @@ fn prometheus(addr: SocketAddr) -> Result<metrics_exporter_prometheus::Prometheu
                 source: std::io::Error::other(e.to_string()),
             })?;
     }
-    let (recorder, server) = b.build().map_err(|e| Error::PrometheusListener {
-        addr,
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    tokio::spawn(async move {
-        // Ends only if the listener fails; scrapes then get "connection refused", and the
-        // in-process snapshot still works.
-        let _ = server.await;
-    });
+    let bound = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|source| Error::PrometheusListener { addr, source })?;
+    let recorder = b.build_recorder();
+    tokio::spawn(super::listener::serve(
+        bound,
+        recorder.handle(),
+        shared.clone(),
+    ));
     Ok(recorder)
 }

@@ -131,7 +131,7 @@ metrics! {
     ExportDropped = "loopwatch_export_dropped_total", Counter, Count, ["exporter", "signal"],
         "Items an exporter could not send and dropped (collector down, slow or full queue).";
     ExportErrors = "loopwatch_export_errors_total", Counter, Count, ["exporter", "signal"],
-        "Export attempts that failed or timed out.";
+        "Export attempts that failed or timed out (otlp: traces, metrics); for the /metrics listener (prometheus), accept errors and dropped scrape clients.";
     LoopLag = "loopwatch_loop_lag_seconds", Histogram, Seconds, ["runtime"],
         "Loop lag: from a heartbeat task's spawn (from loopwatch's thread, every 25 ms) to its first poll; it grows when the workers are stalled.";
     RuntimeWorkers = "loopwatch_runtime_workers", Gauge, Count, ["runtime"],

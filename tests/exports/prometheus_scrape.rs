@@ -284,3 +284,53 @@ fn a_busy_default_address_turns_the_listener_off_and_the_service_starts() {
         "{err:?}"
     );
 }
+
+/// This process's open file descriptors.
+#[cfg(target_os = "linux")]
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn idle_scrape_clients_cannot_take_the_services_descriptors() {
+    let _serial = common::serial();
+    let h = common::harness(
+        loopwatch::builder()
+            .stacks(false)
+            .export_interval(Duration::from_millis(100)),
+    );
+    let addr = h.guard.prometheus_addr().expect("listener runs");
+    scrape_until(addr, "the first frame", |b| {
+        b.contains("loopwatch_polls_total")
+    });
+    let before = open_fds();
+    // 200 clients that connect and never send a request (251 of them once took a
+    // `ulimit -n 256` service's last descriptors).
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connects"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let during = open_fds();
+    // The test's own 200 client sockets, and at most the cap (plus one being closed) that the
+    // listener accepted.
+    let accepted = during.saturating_sub(before + idle.len());
+    assert!(
+        accepted <= loopwatch::PROMETHEUS_MAX_CONNECTIONS + 1,
+        "the listener holds {accepted} descriptors"
+    );
+    // A real scrape still gets its answer at once: it closes the oldest idle client.
+    let t = Instant::now();
+    let body = scrape(addr);
+    assert!(body.contains("loopwatch_polls_total"), "{body}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(idle);
+    // What the listener dropped is counted.
+    scrape_until(addr, "dropped clients counted", |b| {
+        common::sample(
+            b,
+            r#"loopwatch_export_errors_total{exporter="prometheus",signal="client"}"#,
+        )
+        .is_some_and(|v| v >= 100.0)
+    });
+}
