@@ -303,6 +303,7 @@ impl Shared {
             stacks_rate_limited: self.diag.stacks_rate_limited.load(Ordering::Relaxed),
             stacks_failed: self.diag.stacks_failed.load(Ordering::Relaxed),
             stacks_signal_lost: self.diag.stacks_signal_lost.load(Ordering::Relaxed),
+            stacks_in_syscall: self.diag.stacks_in_syscall.load(Ordering::Relaxed),
             diagnosis_samples: self.diag.samples.load(Ordering::Relaxed),
             stack_setup_error: self.stack_setup_error.lock().ok().and_then(|e| e.clone()),
             prometheus_error: self.prometheus_error.lock().ok().and_then(|e| e.clone()),

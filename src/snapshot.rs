@@ -143,6 +143,9 @@ pub struct Snapshot {
     /// application took it back after start): capture then stops, with a reason in
     /// [`stack_setup_error`](Self::stack_setup_error) and a WARN.
     pub stacks_signal_lost: u64,
+    /// Stacks not captured because the stalled thread was asleep in a system call (the signal
+    /// would have interrupted it; the cause names the call).
+    pub stacks_in_syscall: u64,
     /// Readings of stalled (or suspect) threads' kernel state taken for diagnosis.
     pub diagnosis_samples: u64,
     /// Environment values loopwatch did not use, and why (a bad `OTEL_*` value, whose default

@@ -182,14 +182,18 @@ pub enum StackStatus {
     Failed,
     /// The thread did not answer within 50 ms (its signal blocked?); counted.
     TimedOut,
+    /// Not captured: the thread was asleep in a system call, and the stack signal would have
+    /// interrupted it (a `read` with a timeout, `poll` or `nanosleep` would have failed with
+    /// `Interrupted`). The cause names the call; counted.
+    InSyscall,
     /// Captured, but loopwatch was still loading the symbol tables (in its first moments, on
     /// its own thread), so the report went out without the frames rather than wait.
     Loading,
 }
 
 impl StackStatus {
-    /// `captured`, `disabled`, `unavailable`, `rate_limited`, `failed`, `timed_out` or
-    /// `loading`.
+    /// `captured`, `disabled`, `unavailable`, `rate_limited`, `failed`, `timed_out`,
+    /// `in_syscall` or `loading`.
     pub fn as_str(self) -> &'static str {
         match self {
             StackStatus::Captured => "captured",
@@ -198,6 +202,7 @@ impl StackStatus {
             StackStatus::RateLimited => "rate_limited",
             StackStatus::Failed => "failed",
             StackStatus::TimedOut => "timed_out",
+            StackStatus::InSyscall => "in_syscall",
             StackStatus::Loading => "loading",
         }
     }

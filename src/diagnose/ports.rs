@@ -26,6 +26,9 @@ pub(crate) enum RequestError {
     Busy,
     /// The signal could not be sent (the thread is gone).
     Failed,
+    /// The thread is asleep in a system call (or blocked outside one): a signal would
+    /// interrupt it, so none was sent.
+    Asleep,
     /// The signal no longer runs loopwatch's handler (the application or a library installed
     /// its own, or reset it to the default, which would kill the process): nothing was sent.
     SignalTaken,

@@ -19,6 +19,8 @@ pub(crate) struct DiagCounters {
     pub(crate) stacks_failed: AtomicU64,
     /// Captures refused because the stack signal no longer runs loopwatch's handler.
     pub(crate) stacks_signal_lost: AtomicU64,
+    /// Captures not tried because the thread was asleep in a system call.
+    pub(crate) stacks_in_syscall: AtomicU64,
     pub(crate) samples: AtomicU64,
 }
 
@@ -219,6 +221,12 @@ impl Sampler {
             Err(RequestError::Failed) => {
                 counters.stacks_failed.fetch_add(1, Ordering::Relaxed);
                 Ask::Not(StackStatus::Failed)
+            }
+            Err(RequestError::Asleep) => {
+                // Nothing was sent: the try is free.
+                self.limiter.refund();
+                counters.stacks_in_syscall.fetch_add(1, Ordering::Relaxed);
+                Ask::Not(StackStatus::InSyscall)
             }
             Err(RequestError::SignalTaken) => {
                 // For good: no signal is ever sent to a handler that is not loopwatch's.

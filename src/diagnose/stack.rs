@@ -19,12 +19,14 @@
 //! signal no longer runs loopwatch's handler (the application installed its own, or reset it to
 //! the default, which would kill the process), nothing is sent and stack capture stops.
 //!
-//! A signal interrupts the stalled thread's system call: calls restartable under `SA_RESTART`
-//! (`read`, `futex`, ...) resume by themselves, and `nanosleep` and friends return `EINTR`, which
-//! Rust's `std` (`thread::sleep`) and tokio retry. C code that does not retry `EINTR` could see
-//! it: turn stacks off (`LOOPWATCH_STACKS=0`) for such a service.
+//! The signal never goes into a system call: the thread's state is read just before `tgkill`,
+//! and a thread asleep in a call (or blocked) gets none. Linux does not restart a socket call
+//! with a timeout, `poll` or `nanosleep` after a handler, even with `SA_RESTART`, and std's
+//! `read` does not retry, so the call would fail with `EINTR`. A thread that enters a call in
+//! the microseconds between the read and the signal can still be interrupted.
 
 use super::ports::{RequestError, SignalStacks, StackPort};
+use super::verdict::Activity;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -213,6 +215,24 @@ fn ours(sig: i32) -> bool {
     rc == 0 && now.sa_sigaction == handler as *const () as usize
 }
 
+/// Is thread `tid` running or runnable (not asleep in a system call, not blocked)? Read from
+/// `/proc/self/task/<tid>/syscall`; a thread whose state cannot be read counts as asleep (no
+/// signal is the safe side).
+fn running(tid: i32) -> bool {
+    let Ok(mut f) = std::fs::File::open(format!("/proc/self/task/{tid}/syscall")) else {
+        return false;
+    };
+    let mut buf = [0u8; 64];
+    let n = loop {
+        match std::io::Read::read(&mut f, &mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    };
+    std::str::from_utf8(&buf[..n]).is_ok_and(|t| super::proc::parse_syscall(t) == Activity::Running)
+}
+
 /// Arms the slot for thread `tid`; the ticket of the capture.
 fn arm(tid: i32) -> Result<u64, RequestError> {
     // Tickets fit in 56 bits for 2^56 captures.
@@ -243,6 +263,13 @@ pub(crate) fn request(tid: u64, sig: i32) -> Result<u64, RequestError> {
         return Err(RequestError::SignalTaken);
     }
     let ticket = arm(tid)?;
+    // Never into a system call: Linux does not restart a socket call with a timeout, `poll` or
+    // `nanosleep` after a handler, even with SA_RESTART, so the application's call would fail
+    // with EINTR. Read as late as can be, just before the signal.
+    if !running(tid) {
+        cancel(ticket);
+        return Err(RequestError::Asleep);
+    }
     // SAFETY: tgkill only sends a signal to a thread of this process.
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
     if rc != 0 {

@@ -98,6 +98,7 @@ impl Collector {
             ("rate_limited", snap.stacks_rate_limited),
             ("failed", snap.stacks_failed),
             ("signal_lost", snap.stacks_signal_lost),
+            ("in_syscall", snap.stacks_in_syscall),
         ] {
             f.push(M::Stacks, vec![status.into()], Value::Counter(v));
         }

@@ -125,7 +125,7 @@ metrics! {
     CaughtPanics = "loopwatch_caught_panics_total", Counter, Count, [],
         "Panics caught inside loopwatch's own callbacks (never reach the service).";
     Stacks = "loopwatch_stacks_total", Counter, Count, ["status"],
-        "Stack captures of stalled threads, by outcome (captured, rate_limited, failed, signal_lost).";
+        "Stack captures of stalled threads, by outcome (captured, rate_limited, failed, signal_lost, in_syscall).";
     DiagnosisSamples = "loopwatch_diagnosis_samples_total", Counter, Count, [],
         "Readings of stalled threads' kernel state taken for diagnosis.";
     ExportDropped = "loopwatch_export_dropped_total", Counter, Count, ["exporter", "signal"],

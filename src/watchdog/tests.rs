@@ -192,6 +192,8 @@ struct ScriptedStacks {
     refuse_busy: bool,
     /// The application took the signal back.
     taken: bool,
+    /// The thread is asleep in a system call when the signal would go.
+    asleep: bool,
     next_ticket: u64,
     /// Tickets asked for, by thread.
     requests: Vec<(u64, u64)>,
@@ -210,6 +212,9 @@ impl StackPort for ScriptedStacks {
         }
         if self.taken {
             return Err(RequestError::SignalTaken);
+        }
+        if self.asleep {
+            return Err(RequestError::Asleep);
         }
         self.next_ticket += 1;
         self.requests.push((tid, self.next_ticket));
@@ -914,5 +919,25 @@ fn a_signal_taken_back_stops_stacks_for_good_and_says_so_once() {
     assert_eq!(
         rig.shared.diag.stacks_signal_lost.load(Ordering::Relaxed),
         1
+    );
+}
+
+#[test]
+fn a_thread_asleep_in_a_call_gets_no_signal_and_costs_no_token() {
+    let mut rig = rig_with(config(|c| c.max_stacks_per_sec = 1), Ok(SIG));
+    rig.core.stacks_mut().asleep = true;
+    let slot = rig.stalled();
+    let s = rig.one_stall();
+    assert_eq!(s.stack_status, StackStatus::InSyscall);
+    assert_eq!(rig.shared.diag.stacks_in_syscall.load(Ordering::Relaxed), 1);
+    // The token was given back: the next stall, on the CPU, gets its stack at once.
+    rig.core.stacks_mut().asleep = false;
+    slot[0].end_exactly(12 * MS);
+    slot[0].start(rig.word, 8, 12 * MS);
+    rig.ticks(13, 24, &slot);
+    assert_eq!(rig.core.stacks_mut().requests.len(), 1);
+    assert_eq!(
+        rig.shared.diag.stacks_rate_limited.load(Ordering::Relaxed),
+        0
     );
 }

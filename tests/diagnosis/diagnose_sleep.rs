@@ -1,5 +1,5 @@
 //! `std::thread::sleep` on a worker is `syscall(nanosleep)` (or `clock_nanosleep`), with the
-//! tokio::time::sleep hint, and the sleeping function first in the stack (std folded away).
+//! tokio::time::sleep hint; no stack signal is sent into the sleep (it would cut it short).
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 use crate::common;
@@ -10,8 +10,7 @@ use loopwatch::{Cause, StackStatus};
 
 #[inline(never)]
 fn fetch_config_the_old_way() {
-    // Long enough for the first symbolization of a debug test binary (its debug info is big).
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(100));
 }
 
 #[test]
@@ -29,11 +28,6 @@ fn thread_sleep_is_a_nanosleep_syscall() {
         "{sc:?}"
     );
     assert!(s.hint.unwrap().contains("tokio::time::sleep"));
-    assert_eq!(s.stack_status, StackStatus::Captured);
-    let frames = common::first_frames(&s, 2);
-    assert!(
-        frames[0].contains("fetch_config_the_old_way"),
-        "{frames:#?}\n{}",
-        s.stack.as_ref().unwrap()
-    );
+    assert_eq!(s.stack_status, StackStatus::InSyscall, "{s:#?}");
+    assert!(h.guard.snapshot().stacks_in_syscall >= 1);
 }

@@ -16,3 +16,4 @@ mod diagnose_read;
 mod diagnose_sleep;
 mod diagnose_starved;
 mod diagnose_unsupported;
+mod no_interrupted_calls;
