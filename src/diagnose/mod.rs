@@ -22,6 +22,8 @@ pub(crate) mod stack;
 pub(crate) mod symbolize;
 pub(crate) mod symbols;
 pub(crate) mod syscalls;
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loopwatch_portable)))]
+pub(crate) mod unwind;
 pub(crate) mod verdict;
 
 /// Why a poll held its worker.

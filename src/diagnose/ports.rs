@@ -44,6 +44,9 @@ pub(crate) trait StackPort {
     fn take(&mut self, ticket: u64) -> Option<Vec<usize>>;
     /// Gives up on `ticket`.
     fn cancel(&mut self, ticket: u64);
+    /// The stack of thread `tid`, asleep in a system call, taken without a signal (which would
+    /// interrupt the call); `None` where that cannot be done.
+    fn unwind_asleep(&mut self, tid: u64) -> Option<Vec<usize>>;
 }
 
 /// The real kernel: `/proc/self/task/<tid>/syscall` and the thread's CPU clock (Linux: the impl
@@ -65,7 +68,12 @@ impl Kernel for ProcKernel {
 /// The real stack capture: the signal handler and its single capture slot (Linux: the impl is
 /// in `stack.rs`); elsewhere every request fails (stacks are never set up there, so none is made).
 #[derive(Debug, Default)]
-pub(crate) struct SignalStacks;
+pub(crate) struct SignalStacks {
+    /// The signal-free unwinder of threads asleep in a call, built at the first one (Linux,
+    /// x86_64); `Some(None)` once building it failed.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loopwatch_portable)))]
+    pub(crate) asleep: Option<Option<Box<super::unwind::Blocked>>>,
+}
 
 #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
 impl StackPort for SignalStacks {
@@ -82,4 +90,8 @@ impl StackPort for SignalStacks {
     }
 
     fn cancel(&mut self, _ticket: u64) {}
+
+    fn unwind_asleep(&mut self, _tid: u64) -> Option<Vec<usize>> {
+        None
+    }
 }

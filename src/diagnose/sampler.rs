@@ -68,6 +68,8 @@ pub(crate) enum Ask {
     Pending(Pending),
     /// Another capture is under way (one at a time per process): ask again next tick.
     Busy,
+    /// Taken at once, without a signal (a thread asleep in a system call).
+    Captured(Vec<usize>),
     Not(StackStatus),
 }
 
@@ -222,12 +224,19 @@ impl Sampler {
                 counters.stacks_failed.fetch_add(1, Ordering::Relaxed);
                 Ask::Not(StackStatus::Failed)
             }
-            Err(RequestError::Asleep) => {
-                // Nothing was sent: the try is free.
-                self.limiter.refund();
-                counters.stacks_in_syscall.fetch_add(1, Ordering::Relaxed);
-                Ask::Not(StackStatus::InSyscall)
-            }
+            Err(RequestError::Asleep) => match stacks.unwind_asleep(tid) {
+                // Asleep in a call: its stack, read without a signal.
+                Some(ips) => {
+                    counters.stacks_captured.fetch_add(1, Ordering::Relaxed);
+                    Ask::Captured(ips)
+                }
+                None => {
+                    // Nothing was sent or read: the try is free.
+                    self.limiter.refund();
+                    counters.stacks_in_syscall.fetch_add(1, Ordering::Relaxed);
+                    Ask::Not(StackStatus::InSyscall)
+                }
+            },
             Err(RequestError::SignalTaken) => {
                 // For good: no signal is ever sent to a handler that is not loopwatch's.
                 self.limiter.refund();

@@ -331,6 +331,19 @@ impl StackPort for SignalStacks {
     fn cancel(&mut self, ticket: u64) {
         cancel(ticket);
     }
+
+    #[cfg(target_arch = "x86_64")]
+    fn unwind_asleep(&mut self, tid: u64) -> Option<Vec<usize>> {
+        let unwinder = self
+            .asleep
+            .get_or_insert_with(|| super::unwind::Blocked::new().map(Box::new));
+        unwinder.as_mut()?.unwind(tid)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn unwind_asleep(&mut self, _tid: u64) -> Option<Vec<usize>> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -395,6 +395,12 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                     self.send_running(i, open);
                 }
             }
+            Ask::Captured(ips) => {
+                open.retry_until_ns = None;
+                open.raw_stack = Some(ips.into());
+                open.record.stack_status = StackStatus::Captured;
+                self.send_running(i, open);
+            }
             Ask::Not(status) => {
                 open.retry_until_ns = None;
                 open.record.stack_status = status;

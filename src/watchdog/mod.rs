@@ -45,7 +45,7 @@ impl Watchdog {
             *e = note;
         }
         Watchdog {
-            core: Core::new(shared.clone(), sampler, ProcKernel, SignalStacks),
+            core: Core::new(shared.clone(), sampler, ProcKernel, SignalStacks::default()),
             shared,
             reports,
         }

@@ -194,6 +194,8 @@ struct ScriptedStacks {
     taken: bool,
     /// The thread is asleep in a system call when the signal would go.
     asleep: bool,
+    /// Its stack read without a signal, if that works.
+    asleep_stack: Option<Vec<usize>>,
     next_ticket: u64,
     /// Tickets asked for, by thread.
     requests: Vec<(u64, u64)>,
@@ -225,6 +227,9 @@ impl StackPort for ScriptedStacks {
     }
     fn cancel(&mut self, ticket: u64) {
         self.cancelled.push(ticket);
+    }
+    fn unwind_asleep(&mut self, _tid: u64) -> Option<Vec<usize>> {
+        self.asleep_stack.clone()
     }
 }
 
@@ -940,4 +945,24 @@ fn a_thread_asleep_in_a_call_gets_no_signal_and_costs_no_token() {
         rig.shared.diag.stacks_rate_limited.load(Ordering::Relaxed),
         0
     );
+}
+
+#[test]
+fn a_thread_asleep_in_a_call_gives_its_stack_without_a_signal() {
+    let mut rig = rig_with(config(|_| {}), Ok(SIG));
+    rig.core.stacks_mut().asleep = true;
+    rig.core.stacks_mut().asleep_stack = Some(vec![0x10, 0x20, 0x30]);
+    rig.stalled();
+    let reports: Vec<Report> = rig.core.out.drain(..).collect();
+    let [Report::Stall { stall, raw_stack }] = &reports[..] else {
+        panic!("{reports:#?}");
+    };
+    assert_eq!(stall.stack_status, StackStatus::Captured);
+    assert_eq!(raw_stack.as_deref(), Some(&[0x10, 0x20, 0x30][..]));
+    assert!(
+        rig.core.stacks_mut().requests.is_empty(),
+        "no signal was armed"
+    );
+    assert_eq!(rig.shared.diag.stacks_captured.load(Ordering::Relaxed), 1);
+    assert_eq!(rig.shared.diag.stacks_in_syscall.load(Ordering::Relaxed), 0);
 }

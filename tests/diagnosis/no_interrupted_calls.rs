@@ -3,7 +3,8 @@
 //! `SA_RESTART`, and std's `read` does not retry: with the signal sent into them, 150 of 480 such
 //! calls inside stalled polls failed with `Interrupted` (30 of 30 for each kind). Each call here
 //! blocks a worker well past the threshold with stacks on: it must end as it would without
-//! loopwatch, and the stall is still reported, naming the call.
+//! loopwatch, and the stall is still reported, naming the call, with the stack of the blocked
+//! thread read without a signal: its first frame is the function that made the call.
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 use crate::common;
@@ -91,7 +92,13 @@ fn libc_poll() -> Outcome {
 #[test]
 fn blocking_calls_in_stalled_polls_are_never_interrupted() {
     let _serial = common::serial();
-    let h = common::harness(loopwatch::builder().threshold(Duration::from_millis(10)));
+    // Fifteen stalls in a few seconds: above the default rate of stacks.
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(Duration::from_millis(10))
+            .max_stacks_per_sec(100),
+    );
+    assert!(h.guard.wait_for_symbols(Duration::from_secs(120)));
     let calls: [Call; 5] = [
         (
             "tcp-read",
@@ -126,10 +133,30 @@ fn blocking_calls_in_stalled_polls_are_never_interrupted() {
                 "{name} (round {round}) ended otherwise: {s:#?}"
             );
             assert!(matches!(s.cause, Cause::Syscall(_)), "{name}: {s:#?}");
-            assert_eq!(s.stack_status, StackStatus::InSyscall, "{name}: {s:#?}");
+            assert_eq!(s.stack_status, StackStatus::Captured, "{name}: {s:#?}");
+            let frames = common::first_frames(&s, 1);
+            assert!(
+                frames.first().is_some_and(|f| f.contains(CALLERS[*name])),
+                "{name}: {frames:#?}\n{:?}",
+                s.stack
+            );
         }
     }
     let snap = h.guard.snapshot();
-    assert!(snap.stacks_in_syscall >= 15, "{}", snap.stacks_in_syscall);
-    assert_eq!(snap.stacks_captured, 0);
+    assert!(snap.stacks_captured >= 15, "{}", snap.stacks_captured);
+    assert_eq!(snap.stacks_in_syscall, 0);
 }
+
+/// The function each call is made from (the first frame of its stack).
+static CALLERS: std::sync::LazyLock<std::collections::HashMap<&str, &str>> =
+    std::sync::LazyLock::new(|| {
+        [
+            ("tcp-read", "tcp_read_with_timeout"),
+            ("unix-read", "unix_read_with_timeout"),
+            ("udp-recv", "udp_recv_with_timeout"),
+            ("nanosleep", "libc_nanosleep"),
+            ("poll", "libc_poll"),
+        ]
+        .into_iter()
+        .collect()
+    });
