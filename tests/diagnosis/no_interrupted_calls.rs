@@ -89,17 +89,81 @@ fn libc_poll() -> Outcome {
     out
 }
 
+fn pipe_read() -> Outcome {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let writer = fds[1];
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(BLOCK);
+        // SAFETY: writing one byte from a valid buffer to the pipe's write end.
+        unsafe { libc::write(writer, b"x".as_ptr().cast(), 1) };
+    });
+    let mut b = [0u8; 1];
+    // SAFETY: reading one byte into a valid buffer from the pipe's read end.
+    let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+    let out = if n >= 0 {
+        Ok(format!("read {n}"))
+    } else {
+        Err(std::io::Error::last_os_error().kind())
+    };
+    t.join().unwrap();
+    // SAFETY: closing the pipe's two descriptors, ours.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    out
+}
+
+fn thread_sleep() -> Outcome {
+    std::thread::sleep(BLOCK);
+    Ok("slept".into())
+}
+
+fn mutex_lock() -> Outcome {
+    let m = std::sync::Arc::new(std::sync::Mutex::new(0u32));
+    let (held, wait) = std::sync::mpsc::channel();
+    let holder = {
+        let m = m.clone();
+        std::thread::spawn(move || {
+            let _g = m.lock().unwrap();
+            held.send(()).unwrap();
+            std::thread::sleep(BLOCK);
+        })
+    };
+    wait.recv().unwrap();
+    let v = *m.lock().unwrap();
+    holder.join().unwrap();
+    Ok(format!("locked {v}"))
+}
+
+fn condvar_wait() -> Outcome {
+    let pair = (std::sync::Mutex::new(false), std::sync::Condvar::new());
+    let g = pair.0.lock().unwrap();
+    let (_g, r) = pair.1.wait_timeout(g, BLOCK).unwrap();
+    Ok(format!("timed out {}", r.timed_out()))
+}
+
+fn child_wait() -> Outcome {
+    std::process::Command::new("sleep")
+        .arg(format!("{}", BLOCK.as_secs_f64()))
+        .status()
+        .map(|s| format!("exit {}", s.success()))
+        .map_err(|e| e.kind())
+}
+
 #[test]
 fn blocking_calls_in_stalled_polls_are_never_interrupted() {
     let _serial = common::serial();
-    // Fifteen stalls in a few seconds: above the default rate of stacks.
+    // Thirty stalls in a few seconds: above the default rate of stacks.
     let h = common::harness(
         loopwatch::builder()
             .threshold(Duration::from_millis(10))
             .max_stacks_per_sec(100),
     );
     assert!(h.guard.wait_for_symbols(Duration::from_secs(120)));
-    let calls: [Call; 5] = [
+    let calls: [Call; 10] = [
         (
             "tcp-read",
             tcp_read_with_timeout,
@@ -117,6 +181,12 @@ fn blocking_calls_in_stalled_polls_are_never_interrupted() {
         ),
         ("nanosleep", libc_nanosleep, Ok("slept".into())),
         ("poll", libc_poll, Ok("poll 0".into())),
+        // Calls SA_RESTART would resume: never interrupted either, and their stacks too.
+        ("pipe-read", pipe_read, Ok("read 1".into())),
+        ("thread-sleep", thread_sleep, Ok("slept".into())),
+        ("mutex-lock", mutex_lock, Ok("locked 0".into())),
+        ("condvar-wait", condvar_wait, Ok("timed out true".into())),
+        ("child-wait", child_wait, Ok("exit true".into())),
     ];
     for round in 0..3 {
         for (name, call, expected) in &calls {
@@ -143,7 +213,7 @@ fn blocking_calls_in_stalled_polls_are_never_interrupted() {
         }
     }
     let snap = h.guard.snapshot();
-    assert!(snap.stacks_captured >= 15, "{}", snap.stacks_captured);
+    assert!(snap.stacks_captured >= 30, "{}", snap.stacks_captured);
     assert_eq!(snap.stacks_in_syscall, 0);
 }
 
@@ -156,6 +226,11 @@ static CALLERS: std::sync::LazyLock<std::collections::HashMap<&str, &str>> =
             ("udp-recv", "udp_recv_with_timeout"),
             ("nanosleep", "libc_nanosleep"),
             ("poll", "libc_poll"),
+            ("pipe-read", "pipe_read"),
+            ("thread-sleep", "thread_sleep"),
+            ("mutex-lock", "mutex_lock"),
+            ("condvar-wait", "condvar_wait"),
+            ("child-wait", "child_wait"),
         ]
         .into_iter()
         .collect()
