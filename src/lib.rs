@@ -46,7 +46,9 @@ pub use probe::watched::{spawn, watch, WatchExt, Watched};
 pub use snapshot::{
     Histogram, KindPolls, OtlpStats, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,
 };
-pub use stall::{LayerKind, StackStatus, Stall, StallState, TaskInfo, Victim, Victims, WorkerInfo};
+pub use stall::{
+    CpuTime, LayerKind, StackStatus, Stall, StallState, TaskInfo, Victim, Victims, WorkerInfo,
+};
 
 /// A [`Builder`] with the defaults (and `LOOPWATCH_*` variables applied when it is built).
 pub fn builder() -> Builder {

@@ -233,6 +233,8 @@ fn event(s: &Stall, update: bool) {
         exact_end = s.exact_end,
         cause = %s.cause,
         cause.shares = shares.as_str(),
+        cpu_ms = s.cpu.map(|c| c.cpu.as_secs_f64() * 1e3),
+        cpu_sampled_ms = s.cpu.map(|c| c.sampled.as_secs_f64() * 1e3),
         hint = s.hint,
         stack.status = s.stack_status.as_str(),
         victims.count = s.victims.count,

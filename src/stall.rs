@@ -47,6 +47,24 @@ impl fmt::Display for LayerKind {
     }
 }
 
+/// A stalled poll's CPU time over the wall time loopwatch sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CpuTime {
+    /// CPU time the poll's thread ran.
+    pub cpu: Duration,
+    /// The wall time that CPU time was measured over.
+    pub sampled: Duration,
+}
+
+impl CpuTime {
+    /// How much the host stretched the poll: sampled wall time over CPU time (1.0: it ran
+    /// all the time), if it ran at all.
+    pub fn stretch(&self) -> Option<f64> {
+        (!self.cpu.is_zero()).then(|| self.sampled.as_secs_f64() / self.cpu.as_secs_f64())
+    }
+}
+
 /// The task that stalled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -115,6 +133,11 @@ pub struct Stall {
     /// The share of the sampled time each cause took, largest first (a mixed stall has
     /// several).
     pub cause_shares: Vec<CauseShare>,
+    /// The poll's own CPU time over the part of the stall loopwatch sampled (from half the
+    /// threshold on), where its thread could be read. A poll whose CPU time reached the
+    /// threshold is `cpu` whatever else the host did; the wall time past its CPU time is how
+    /// much contention stretched it.
+    pub cpu: Option<CpuTime>,
     /// One line on what to do about it.
     pub hint: Option<&'static str>,
     /// The stalled thread's stack, captured mid-stall, user frames first.
@@ -262,6 +285,16 @@ impl fmt::Display for Stall {
             }
             f.write_str(")")?;
         }
+        if let (Cause::Cpu, Some(c)) = (self.cause, self.cpu) {
+            // The code needed the CPU it got; say how much the host stretched it.
+            if let Some(x) = c.stretch().filter(|&x| x >= 1.2) {
+                write!(
+                    f,
+                    "; {:.1?} of CPU over {:.1?}: contention stretched it x{x:.1}",
+                    c.cpu, c.sampled
+                )?;
+            }
+        }
         if let Some(h) = self.hint {
             write!(f, "; hint: {h}")?;
         }
@@ -356,6 +389,7 @@ pub(crate) mod tests_support {
             threshold: Duration::from_millis(10),
             exact_end: false,
             hint: None,
+            cpu: None,
             cause: Cause::Unknown,
             cause_shares: Vec::new(),
             stack: None,

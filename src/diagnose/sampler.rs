@@ -9,7 +9,8 @@ use super::ports::{Kernel, RequestError, StackPort};
 use super::verdict::{fold, Reading, Tally};
 use super::{Cause, CauseShare};
 use crate::config::Config;
-use crate::stall::StackStatus;
+use crate::stall::{CpuTime, StackStatus};
+use std::time::Duration;
 
 /// Counters the snapshot shows.
 #[derive(Debug, Default)]
@@ -49,9 +50,14 @@ impl<T> Probe<T> {
         self.tally.samples
     }
 
-    /// The verdict so far, and the share of each cause.
-    pub(crate) fn verdict(&self) -> (Cause, Vec<CauseShare>) {
-        (self.tally.verdict(), self.tally.shares())
+    /// The verdict so far for a layer whose threshold is `threshold_ns`, the share of each
+    /// cause, and the CPU time seen over the sampled wall time.
+    pub(crate) fn verdict(&self, threshold_ns: u64) -> (Cause, Vec<CauseShare>, Option<CpuTime>) {
+        let cpu = self.tally.cpu_time().map(|(cpu, wall)| CpuTime {
+            cpu: Duration::from_nanos(cpu),
+            sampled: Duration::from_nanos(wall),
+        });
+        (self.tally.verdict(threshold_ns), self.tally.shares(), cpu)
     }
 }
 

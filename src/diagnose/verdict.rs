@@ -58,6 +58,11 @@ pub(crate) fn fold(tally: &mut Tally, prev: &Reading, now: &Reading) {
 pub(crate) struct Tally {
     cpu_ns: u64,
     starved_ns: u64,
+    /// Time off the CPU with no readable state (no `/proc`, or asleep outside a call we can
+    /// name): it counts for `unknown`, never silently for the CPU.
+    unknown_ns: u64,
+    /// Wall time the intervals cover.
+    wall_ns: u64,
     /// Sleeping time per syscall number.
     sleep_ns: Vec<(i64, u64)>,
     /// The last instantaneous reading, for a verdict with no interval yet.
@@ -72,6 +77,7 @@ impl Tally {
         let cpu = cpu.min(wall);
         let rest = wall - cpu;
         self.cpu_ns += cpu;
+        self.wall_ns += wall;
         self.samples += 1;
         match activity {
             Activity::Running => self.starved_ns += rest,
@@ -79,7 +85,7 @@ impl Tally {
                 Some((_, ns)) => *ns += rest,
                 None => self.sleep_ns.push((nr, rest)),
             },
-            Activity::Blocked | Activity::Unknown => {}
+            Activity::Blocked | Activity::Unknown => self.unknown_ns += rest,
         }
     }
 
@@ -90,8 +96,11 @@ impl Tally {
 
     /// The shares of each cause, largest first; the first is the verdict.
     pub(crate) fn shares(&self) -> Vec<CauseShare> {
-        let mut v: Vec<(Cause, u64)> =
-            vec![(Cause::Cpu, self.cpu_ns), (Cause::Starved, self.starved_ns)];
+        let mut v: Vec<(Cause, u64)> = vec![
+            (Cause::Cpu, self.cpu_ns),
+            (Cause::Starved, self.starved_ns),
+            (Cause::Unknown, self.unknown_ns),
+        ];
         v.extend(
             self.sleep_ns
                 .iter()
@@ -119,8 +128,22 @@ impl Tally {
             .collect()
     }
 
-    pub(crate) fn verdict(&self) -> Cause {
+    /// The cause of a stall of a layer whose threshold is `threshold_ns`. A poll whose own CPU
+    /// time reached the threshold would have stalled the worker on an idle host too: `cpu`,
+    /// however much the host stretched it (a busy host, a CPU-limited container). Otherwise
+    /// the largest share: `starved` only when the poll's own CPU time stayed under the
+    /// threshold.
+    pub(crate) fn verdict(&self, threshold_ns: u64) -> Cause {
+        if threshold_ns > 0 && self.cpu_ns >= threshold_ns {
+            return Cause::Cpu;
+        }
         self.shares().first().map_or(Cause::Unknown, |s| s.cause)
+    }
+
+    /// The CPU time the sampled intervals saw, and the wall time they cover (none before the
+    /// second reading).
+    pub(crate) fn cpu_time(&self) -> Option<(u64, u64)> {
+        (self.wall_ns > 0).then_some((self.cpu_ns, self.wall_ns))
     }
 }
 
@@ -145,9 +168,51 @@ mod tests {
     #[test]
     fn no_interval_falls_back_to_the_instant_reading() {
         let mut t = Tally::default();
-        assert_eq!(t.verdict(), Cause::Unknown);
+        assert_eq!(t.verdict(10), Cause::Unknown);
         t.set_instant(Cause::Cpu);
-        assert_eq!(t.verdict(), Cause::Cpu);
+        assert_eq!(t.verdict(10), Cause::Cpu);
+    }
+
+    #[test]
+    fn a_poll_whose_cpu_reached_the_threshold_is_cpu_however_stretched() {
+        // 100 ms of wall time, 48 ms of it on the CPU, the rest runnable without one: a busy
+        // host stretched a CPU-bound poll x2.1. Threshold 10 ms.
+        let mut t = Tally::default();
+        for _ in 0..10 {
+            t.add_interval(10_000_000, 4_800_000, Activity::Running);
+        }
+        assert_eq!(
+            t.shares()[0].cause,
+            Cause::Starved,
+            "starved is the larger share"
+        );
+        assert_eq!(t.verdict(10_000_000), Cause::Cpu);
+        assert_eq!(t.cpu_time(), Some((48_000_000, 100_000_000)));
+        // 9 ms of CPU in 100 ms: on an idle host it would not have stalled: starved.
+        let mut t = Tally::default();
+        for _ in 0..10 {
+            t.add_interval(10_000_000, 900_000, Activity::Running);
+        }
+        assert_eq!(t.verdict(10_000_000), Cause::Starved);
+        // The rule at the edge: exactly the threshold is CPU.
+        let mut t = Tally::default();
+        t.add_interval(20_000_000, 10_000_000, Activity::Running);
+        assert_eq!(t.verdict(10_000_000), Cause::Cpu);
+    }
+
+    #[test]
+    fn time_off_the_cpu_with_no_readable_state_is_unknown_never_cpu() {
+        // No /proc: every reading's activity is unknown; the thread slept (CPU clock flat but
+        // for 2%).
+        let mut t = Tally::default();
+        for _ in 0..10 {
+            t.add_interval(1_000_000, 20_000, Activity::Unknown);
+        }
+        assert_eq!(t.verdict(10_000_000), Cause::Unknown);
+        // `stat` says S or D (blocked, no call named): unknown too.
+        let mut t = Tally::default();
+        t.add_interval(1_000_000, 0, Activity::Blocked);
+        assert_eq!(t.verdict(10_000_000), Cause::Unknown);
     }
 
     #[test]
@@ -163,7 +228,7 @@ mod tests {
             &r(0, 0, Activity::Running),
             &r(1000, 0, Activity::Syscall(35)),
         );
-        assert_eq!(t.verdict(), Cause::Syscall(Syscall::from_nr(35)));
+        assert_eq!(t.verdict(u64::MAX), Cause::Syscall(Syscall::from_nr(35)));
         // An unknown reading keeps the activity of the one before it.
         let mut t = Tally::default();
         fold(
@@ -171,7 +236,7 @@ mod tests {
             &r(0, 0, Activity::Running),
             &r(1000, 100, Activity::Unknown),
         );
-        assert_eq!(t.verdict(), Cause::Starved);
+        assert_eq!(t.verdict(u64::MAX), Cause::Starved);
         // No CPU clock: the reading alone.
         let mut t = Tally::default();
         let no_cpu = Reading {
@@ -180,6 +245,6 @@ mod tests {
             activity: Activity::Running,
         };
         fold(&mut t, &r(0, 0, Activity::Running), &no_cpu);
-        assert_eq!(t.verdict(), Cause::Cpu);
+        assert_eq!(t.verdict(u64::MAX), Cause::Cpu);
     }
 }

@@ -19,7 +19,8 @@ use crate::diagnose::{Cause, CauseShare};
 use crate::kinds::KindId;
 use crate::shared::{record_all, Feed, Shared, StallKey};
 use crate::stall::{
-    LayerKind, Notice, Report, StackStatus, Stall, StallState, TaskInfo, Victims, WorkerInfo,
+    CpuTime, LayerKind, Notice, Report, StackStatus, Stall, StallState, TaskInfo, Victims,
+    WorkerInfo,
 };
 use crate::words::{Culprit, CulpritWord};
 
@@ -324,7 +325,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             return None;
         }
         slot.flag(r.seq);
-        let (cause, cause_shares) = self.verdict(i, r.seq);
+        let (cause, cause_shares, cpu) = self.verdict(i, r.seq, threshold);
         let record = Stall {
             id: self.next_stall_id,
             task: self.task_info(kind, r),
@@ -336,6 +337,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             threshold: Duration::from_nanos(threshold),
             exact_end: false,
             hint: hint_for(layer, &cause),
+            cpu,
             cause,
             cause_shares,
             stack: None,
@@ -432,11 +434,17 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         );
     }
 
-    /// The cause of poll `seq` on slot `i` from the samples so far.
-    fn verdict(&self, i: usize, seq: u64) -> (Cause, Vec<CauseShare>) {
+    /// The cause of poll `seq` on slot `i` from the samples so far, for a layer whose
+    /// threshold is `threshold_ns`; its shares; its CPU time.
+    fn verdict(
+        &self,
+        i: usize,
+        seq: u64,
+        threshold_ns: u64,
+    ) -> (Cause, Vec<CauseShare>, Option<CpuTime>) {
         match &self.states[i].probe {
-            Some(p) if p.seq == seq => p.verdict(),
-            _ => (Cause::Unknown, Vec::new()),
+            Some(p) if p.seq == seq => p.verdict(threshold_ns),
+            _ => (Cause::Unknown, Vec::new(), None),
         }
     }
 
@@ -462,10 +470,12 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
 
     /// Sends the running report, with the cause as sampled up to now.
     fn send_running(&mut self, i: usize, open: &mut Open) {
-        let (cause, shares) = self.verdict(i, open.seq);
+        let threshold = open.record.threshold.as_nanos() as u64;
+        let (cause, shares, cpu) = self.verdict(i, open.seq, threshold);
         open.record.cause = cause;
         open.record.hint = hint_for(open.record.layer, &cause);
         open.record.cause_shares = shares;
+        open.record.cpu = cpu;
         open.running_sent = true;
         let key = StallKey {
             kind: open.kind,
@@ -520,7 +530,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         } else {
             (now, false)
         };
-        let (cause, shares) = self.verdict(i, open.seq);
+        let threshold = open.record.threshold.as_nanos() as u64;
+        let (cause, shares, cpu) = self.verdict(i, open.seq, threshold);
         let mut record = open.record;
         record.state = StallState::Ended;
         record.duration = Duration::from_nanos(end.saturating_sub(open.start_ns));
@@ -528,6 +539,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         record.cause = cause;
         record.hint = hint_for(record.layer, &cause);
         record.cause_shares = shares;
+        record.cpu = cpu;
         self.states[i].probe = None;
         self.shared.in_progress[record.layer as usize].fetch_sub(1, Ordering::Relaxed);
         if self.shared.board.waits_known() {

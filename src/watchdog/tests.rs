@@ -966,3 +966,66 @@ fn a_thread_asleep_in_a_call_gives_its_stack_without_a_signal() {
     assert_eq!(rig.shared.diag.stacks_captured.load(Ordering::Relaxed), 1);
     assert_eq!(rig.shared.diag.stacks_in_syscall.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn a_cpu_hog_on_a_busy_host_is_cpu_and_says_how_much_it_was_stretched() {
+    let mut rig = rig(config(|_| {}));
+    // The thread gets 48% of a CPU: runnable without one the rest of the time.
+    rig.script(TID, Activity::Running, 0.48);
+    let slot = rig.stalled();
+    // At detection it has had 2.4 ms of CPU in 5 ms sampled: under the threshold so far.
+    assert_eq!(rig.one_stall().cause, Cause::Starved);
+    rig.ticks(12, 100, &slot);
+    slot[0].end_exactly(100 * MS);
+    rig.tick(101 * MS, &slot);
+    let s = rig.one_stall();
+    // 43 ms of CPU over the 90 ms sampled (6 to 96 ms: the last reading): past the threshold,
+    // so it would have stalled an idle host too. Not "the host's fault".
+    assert_eq!(s.cause, Cause::Cpu, "{s:#?}");
+    assert_eq!(s.hint, Some(crate::hints::CPU));
+    let cpu = s.cpu.expect("its CPU time");
+    assert_eq!(cpu.sampled, Duration::from_millis(90));
+    assert!(cpu.cpu >= Duration::from_millis(43), "{cpu:?}");
+    assert!(
+        s.to_string().contains("contention stretched it x2.1"),
+        "{s}"
+    );
+    assert_eq!(
+        s.cause_shares[0].cause,
+        Cause::Starved,
+        "the shares still tell both"
+    );
+}
+
+#[test]
+fn a_thread_that_got_less_cpu_than_the_threshold_is_starved() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 0.05);
+    let slot = rig.stalled();
+    rig.stalls();
+    rig.ticks(12, 100, &slot);
+    slot[0].end_exactly(100 * MS);
+    rig.tick(101 * MS, &slot);
+    let s = rig.one_stall();
+    // 4.7 ms of CPU in 94 ms: on an idle host it would not have stalled the worker.
+    assert_eq!(s.cause, Cause::Starved, "{s:#?}");
+    assert_eq!(s.hint, Some(crate::hints::STARVED));
+}
+
+#[test]
+fn a_sleeping_thread_whose_state_cannot_be_read_is_unknown_not_cpu() {
+    let mut rig = rig(config(|_| {}));
+    // No /proc: the CPU clock (nearly flat) but no activity.
+    rig.script(TID, Activity::Unknown, 0.01);
+    let slot = rig.stalled();
+    rig.stalls();
+    rig.ticks(12, 60, &slot);
+    slot[0].end_exactly(60 * MS);
+    rig.tick(61 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.cause, Cause::Unknown, "{s:#?}");
+    assert_eq!(
+        s.hint, None,
+        "no advice to move CPU work for a thread that slept"
+    );
+}

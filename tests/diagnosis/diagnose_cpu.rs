@@ -21,8 +21,9 @@ fn a_hot_loop_is_cpu_with_its_function_on_top() {
         // Long enough for the first symbolization of a debug test binary (its debug info is big).
         crunch_numbers_in_a_hot_loop(Duration::from_millis(600));
     });
+    // Its own CPU time passed the threshold: `cpu`, on an idle host or a busy one.
     assert_eq!(s.cause, Cause::Cpu, "{s:#?}");
-    assert!(s.cause_shares[0].share > 0.5, "{:?}", s.cause_shares);
+    assert!(s.cpu.unwrap().cpu >= Duration::from_millis(10), "{s:#?}");
     assert!(s.hint.unwrap().contains("spawn_blocking"));
     assert_eq!(s.stack_status, StackStatus::Captured, "{s:#?}");
     let frames = common::first_frames(&s, 3);

@@ -1,5 +1,8 @@
-//! A worker pinned to one CPU beside CPU hogs is runnable but not running for most of its
-//! stall: loopwatch reports a `starved` share (the host's fault, not the code's).
+//! A worker pinned to one CPU beside three CPU hogs is runnable but not running for most of its
+//! stall: loopwatch reports a `starved` share of it. Its poll still spun for more CPU time than
+//! the threshold, so it would have stalled an idle host too: the cause is `cpu`, and the report
+//! says how much the host stretched it. (`starved` is for a poll whose own CPU time stayed
+//! under the threshold; the watchdog core's tests pin that rule on scripted readings.)
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 use crate::common;
@@ -53,7 +56,6 @@ fn a_worker_sharing_its_cpu_with_hogs_is_starved() {
         .map_or(0.0, |c| c.share);
     assert!(starved >= 0.4, "starved share {starved}: {s:#?}");
     assert!(s.to_string().contains("starved"), "{s}");
-    if s.cause == Cause::Starved {
-        assert!(s.hint.unwrap().contains("host"));
-    }
+    assert_eq!(s.cause, Cause::Cpu, "{s:#?}");
+    assert!(s.to_string().contains("contention stretched it"), "{s}");
 }

@@ -215,6 +215,13 @@ fn cause_attrs(s: &Stall, attrs: &mut Vec<KeyValue>) {
             .collect();
         attrs.push(KeyValue::new("loopwatch.cause.shares", shares.join(",")));
     }
+    if let Some(c) = s.cpu {
+        attrs.push(KeyValue::new("loopwatch.cpu_ms", c.cpu.as_secs_f64() * 1e3));
+        attrs.push(KeyValue::new(
+            "loopwatch.cpu_sampled_ms",
+            c.sampled.as_secs_f64() * 1e3,
+        ));
+    }
     if let Some(h) = s.hint {
         attrs.push(KeyValue::new("loopwatch.hint", h));
     }
