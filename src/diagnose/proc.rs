@@ -78,6 +78,9 @@ impl Thread {
             std::str::from_utf8(&buf[..n]).ok().map(parse_syscall)
         });
         let activity = match from_file {
+            // Inside a call, but is it asleep there? A thread preempted in a fast call (a
+            // non-blocking `accept4` tokio makes) is runnable, not blocked in it.
+            Some(Activity::Syscall(nr)) => in_call(nr, state_letter(self.tid)),
             Some(a) => a,
             None => {
                 self.syscall = None;
@@ -92,10 +95,25 @@ impl Thread {
     }
 }
 
+/// The state letter of thread `tid`'s `stat` (`R`, `S`, `D`, ...), if it can be read.
+fn state_letter(tid: u64) -> Option<u8> {
+    let mut buf = [0u8; 512];
+    read_small(&format!("/proc/self/task/{tid}/stat"), &mut buf).and_then(parse_state)
+}
+
+/// A thread seen inside system call `nr` whose state letter is `state`: asleep in the call
+/// unless it is runnable (`R`: preempted inside a call that does not block); an unreadable
+/// state keeps the call.
+pub(crate) fn in_call(nr: i64, state: Option<u8>) -> Activity {
+    match state {
+        Some(b'R') => Activity::Running,
+        _ => Activity::Syscall(nr),
+    }
+}
+
 /// The fallback: the state letter of `stat` (no syscall number).
 fn read_stat_activity(tid: u64) -> Activity {
-    let mut buf = [0u8; 512];
-    match read_small(&format!("/proc/self/task/{tid}/stat"), &mut buf).and_then(parse_state) {
+    match state_letter(tid) {
         Some(b'R') => Activity::Running,
         Some(b'S' | b'D') => Activity::Blocked,
         _ => Activity::Unknown,
@@ -150,6 +168,15 @@ mod tests {
             Activity::Syscall(230)
         );
         assert_eq!(parse_syscall(""), Activity::Unknown);
+    }
+
+    #[test]
+    fn a_call_counts_only_while_the_thread_sleeps_in_it() {
+        // accept4 (288 on x86_64), non-blocking under tokio: caught in it while runnable.
+        assert_eq!(in_call(288, Some(b'R')), Activity::Running);
+        assert_eq!(in_call(288, Some(b'S')), Activity::Syscall(288));
+        assert_eq!(in_call(7, Some(b'D')), Activity::Syscall(7));
+        assert_eq!(in_call(7, None), Activity::Syscall(7));
     }
 
     #[test]
