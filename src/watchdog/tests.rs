@@ -297,6 +297,18 @@ impl Rig {
         slot
     }
 
+    /// Ticks `slot` (stalled by [`stalled`](Self::stalled)) on to `end_ms`, where its poll ends
+    /// exactly; the ended report (the running one is dropped).
+    fn run_to_end(&mut self, slot: &[FakeSlot; 1], end_ms: u64) -> Stall {
+        self.ticks(12, end_ms, slot);
+        slot[0].end_exactly(end_ms * MS);
+        self.tick((end_ms + 1) * MS, slot);
+        self.stalls()
+            .into_iter()
+            .rfind(|s| s.state == StallState::Ended)
+            .expect("the ended report")
+    }
+
     fn stalls(&mut self) -> Vec<Stall> {
         self.core
             .out
@@ -975,10 +987,7 @@ fn a_cpu_hog_on_a_busy_host_is_cpu_and_says_how_much_it_was_stretched() {
     let slot = rig.stalled();
     // At detection it has had 2.4 ms of CPU in 5 ms sampled: under the threshold so far.
     assert_eq!(rig.one_stall().cause, Cause::Starved);
-    rig.ticks(12, 100, &slot);
-    slot[0].end_exactly(100 * MS);
-    rig.tick(101 * MS, &slot);
-    let s = rig.one_stall();
+    let s = rig.run_to_end(&slot, 100);
     // 43 ms of CPU over the 90 ms sampled (6 to 96 ms: the last reading): past the threshold,
     // so it would have stalled an idle host too. Not "the host's fault".
     assert_eq!(s.cause, Cause::Cpu, "{s:#?}");
@@ -1003,10 +1012,7 @@ fn a_thread_that_got_less_cpu_than_the_threshold_is_starved() {
     rig.script(TID, Activity::Running, 0.05);
     let slot = rig.stalled();
     rig.stalls();
-    rig.ticks(12, 100, &slot);
-    slot[0].end_exactly(100 * MS);
-    rig.tick(101 * MS, &slot);
-    let s = rig.one_stall();
+    let s = rig.run_to_end(&slot, 100);
     // 4.7 ms of CPU in 94 ms: on an idle host it would not have stalled the worker.
     assert_eq!(s.cause, Cause::Starved, "{s:#?}");
     assert_eq!(s.hint, Some(crate::hints::STARVED));
@@ -1019,10 +1025,7 @@ fn a_sleeping_thread_whose_state_cannot_be_read_is_unknown_not_cpu() {
     rig.script(TID, Activity::Unknown, 0.01);
     let slot = rig.stalled();
     rig.stalls();
-    rig.ticks(12, 60, &slot);
-    slot[0].end_exactly(60 * MS);
-    rig.tick(61 * MS, &slot);
-    let s = rig.one_stall();
+    let s = rig.run_to_end(&slot, 60);
     assert_eq!(s.cause, Cause::Unknown, "{s:#?}");
     assert_eq!(
         s.hint, None,

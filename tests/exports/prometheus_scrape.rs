@@ -30,6 +30,18 @@ fn scrape_until(addr: std::net::SocketAddr, what: &str, pred: impl Fn(&str) -> b
     }
 }
 
+/// A loopwatch with the threshold, a 100 ms export interval and no stacks, and its listener.
+fn scraped() -> (common::Harness, std::net::SocketAddr) {
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(THRESHOLD)
+            .export_interval(Duration::from_millis(100))
+            .stacks(false),
+    );
+    let addr = h.guard.prometheus_addr().expect("listener runs");
+    (h, addr)
+}
+
 /// The hog's samples of metric `name`, summed over the labels other than its layer and kind
 /// (the cause is the diagnosis' business, tested in the watchdog's core; what a scrape must
 /// show is the stall itself). `None` if the hog has no sample.
@@ -45,13 +57,7 @@ fn hog_total(body: &str, name: &str) -> Option<f64> {
 #[test]
 fn a_stalled_runtime_is_still_scraped_and_shows_the_stall_in_progress() {
     let _serial = common::serial();
-    let h = common::harness(
-        loopwatch::builder()
-            .threshold(THRESHOLD)
-            .export_interval(Duration::from_millis(100))
-            .stacks(false),
-    );
-    let addr = h.guard.prometheus_addr().expect("listener runs");
+    let (h, addr) = scraped();
     assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
     // A current-thread runtime: one stall holds its only thread.
     let rt = h.current_thread();
@@ -177,13 +183,7 @@ fn metrics_off_starts_no_listener() {
 #[test]
 fn a_huge_task_name_is_cut_and_the_scrape_stays_small() {
     let _serial = common::serial();
-    let h = common::harness(
-        loopwatch::builder()
-            .threshold(THRESHOLD)
-            .export_interval(Duration::from_millis(100))
-            .stacks(false),
-    );
-    let addr = h.guard.prometheus_addr().expect("listener runs");
+    let (h, addr) = scraped();
     // A 1 MiB name (once made every scrape 47 MB: the name is a label on each series).
     let huge = "n".repeat(1 << 20);
     let rt = h.runtime(1);
