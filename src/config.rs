@@ -198,8 +198,8 @@ pub struct Config {
     /// Fail start-up if the Prometheus listener cannot bind its address. Off by default, and
     /// then a busy *default* address ([`DEFAULT_PROMETHEUS_ADDR`]: a second service on the
     /// host) only turns the listener off, with a WARN and
-    /// [`Snapshot::prometheus_error`](crate::Snapshot::prometheus_error); an address given
-    /// explicitly always fails start-up when it cannot be bound.
+    /// [`Snapshot::prometheus_error`](crate::Snapshot::prometheus_error); any other address
+    /// always fails start-up when it cannot be bound.
     pub prometheus_required: bool,
     /// How often the exporters take loopwatch's figures.
     pub export_interval: Duration,

@@ -33,7 +33,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The Prometheus `/metrics` listener could not bind its address (in use, not local, no
-    /// permission): an address given explicitly, or any with `Builder::require_prometheus`
+    /// permission): an address other than the default, or any with `Builder::require_prometheus`
     /// (a busy default address only turns the listener off). Choose another with
     /// `Builder::prometheus_addr` or `LOOPWATCH_PROMETHEUS_ADDR` (`off` turns the listener off).
     PrometheusListener {
