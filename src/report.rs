@@ -32,6 +32,9 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
     };
     let started = Instant::now();
     let mut startup_pending = true;
+    // Stalls reported running so far: a later running report of one is an update (its stack
+    // came in). Bounded: ids whose ended report was dropped.
+    let mut running: std::collections::HashSet<u64> = std::collections::HashSet::new();
     loop {
         // Start-up notices (a listener that could not bind) wait for the layer to be added to
         // the application's subscriber, so they reach it, for at most a second.
@@ -71,7 +74,19 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
                     Some(plain)
                 });
                 if let Some(stall) = now {
-                    deliver(&stall, false);
+                    let update = match stall.state {
+                        StallState::Running => {
+                            if running.len() >= 4096 {
+                                running.clear();
+                            }
+                            !running.insert(stall.id)
+                        }
+                        _ => {
+                            running.remove(&stall.id);
+                            false
+                        }
+                    };
+                    deliver(&stall, update);
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}

@@ -205,6 +205,9 @@ pub enum StackStatus {
     Failed,
     /// The thread did not answer within 50 ms (its signal blocked?); counted.
     TimedOut,
+    /// Asked for, not in yet: the running report went out at once, and the stack follows in an
+    /// update of the same stall (or its ended report says what became of it).
+    Pending,
     /// Not captured: the thread was asleep in a system call, and the stack signal would have
     /// interrupted it (a `read` with a timeout, `poll` or `nanosleep` would have failed with
     /// `Interrupted`). The cause names the call; counted.
@@ -216,7 +219,7 @@ pub enum StackStatus {
 
 impl StackStatus {
     /// `captured`, `disabled`, `unavailable`, `rate_limited`, `failed`, `timed_out`,
-    /// `in_syscall` or `loading`.
+    /// `in_syscall`, `pending` or `loading`.
     pub fn as_str(self) -> &'static str {
         match self {
             StackStatus::Captured => "captured",
@@ -226,6 +229,7 @@ impl StackStatus {
             StackStatus::Failed => "failed",
             StackStatus::TimedOut => "timed_out",
             StackStatus::InSyscall => "in_syscall",
+            StackStatus::Pending => "pending",
             StackStatus::Loading => "loading",
         }
     }

@@ -380,10 +380,16 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             }
             self.out.push(Report::Notice(Notice::StacksOff { reason }));
         }
+        // The running report never waits for the stack: it goes out now ("pending"), and the
+        // stack follows as an update of the same stall when it comes in.
         match ask {
             Ask::Pending(p) => {
                 open.pending = Some(p);
                 open.retry_until_ns = None;
+                open.record.stack_status = StackStatus::Pending;
+                if !open.running_sent {
+                    self.send_running(i, open);
+                }
             }
             Ask::Busy => {
                 let until = *open.retry_until_ns.get_or_insert(now + STACK_WAIT_NS);
@@ -394,6 +400,11 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                         .fetch_add(1, Ordering::Relaxed);
                     open.retry_until_ns = None;
                     open.record.stack_status = StackStatus::TimedOut;
+                }
+                if !open.running_sent {
+                    if open.retry_until_ns.is_some() {
+                        open.record.stack_status = StackStatus::Pending;
+                    }
                     self.send_running(i, open);
                 }
             }
@@ -401,12 +412,19 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 open.retry_until_ns = None;
                 open.raw_stack = Some(ips.into());
                 open.record.stack_status = StackStatus::Captured;
-                self.send_running(i, open);
+                if open.running_sent {
+                    let update = open.record.clone();
+                    self.send(update, open.raw_stack.clone());
+                } else {
+                    self.send_running(i, open);
+                }
             }
             Ask::Not(status) => {
                 open.retry_until_ns = None;
                 open.record.stack_status = status;
-                self.send_running(i, open);
+                if !open.running_sent {
+                    self.send_running(i, open);
+                }
             }
         }
     }
@@ -448,8 +466,10 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         }
     }
 
-    /// Picks up a pending stack capture; sends the running report once it is in (or too late).
+    /// Picks up a pending stack capture: once it is in, the running stall is reported again
+    /// with it (an update); one that never comes leaves its status for the ended report.
     fn progress(&mut self, i: usize, open: &mut Open, now: u64) {
+        let _ = i;
         let Some(p) = open.pending else { return };
         let Some(got) = self
             .sampler
@@ -462,10 +482,11 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             Ok(ips) => {
                 open.raw_stack = Some(ips.into());
                 open.record.stack_status = StackStatus::Captured;
+                let update = open.record.clone();
+                self.send(update, open.raw_stack.clone());
             }
             Err(status) => open.record.stack_status = status,
         }
-        self.send_running(i, open);
     }
 
     /// Sends the running report, with the cause as sampled up to now.
@@ -497,26 +518,35 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         mut open: Open,
         now: u64,
     ) {
-        if !open.running_sent {
-            // It ended before its stack came in: one last look, then the running report.
-            if let Some(p) = open.pending {
-                let late = Pending {
-                    deadline_ns: now,
-                    ..p
-                };
-                open.pending = Some(late);
-                self.progress(i, &mut open, now);
-            } else {
-                if open.retry_until_ns.take().is_some() {
-                    // It ended while waiting for another stall's capture to finish.
-                    self.shared
-                        .diag
-                        .stacks_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    open.record.stack_status = StackStatus::Failed;
+        // It ended before its stack came in: one last look (the ended report carries it, with
+        // no running update), else the stack's status as it ended.
+        if let Some(p) = open.pending.take() {
+            let last = Pending {
+                deadline_ns: now,
+                ..p
+            };
+            match self
+                .sampler
+                .poll_stack(&mut self.stacks, last, now, &self.shared.diag)
+            {
+                Some(Ok(ips)) => {
+                    open.raw_stack = Some(ips.into());
+                    open.record.stack_status = StackStatus::Captured;
                 }
-                self.send_running(i, &mut open);
+                Some(Err(status)) => open.record.stack_status = status,
+                None => open.record.stack_status = StackStatus::TimedOut,
             }
+        }
+        if open.retry_until_ns.take().is_some() {
+            // It ended while waiting for another stall's capture to finish.
+            self.shared
+                .diag
+                .stacks_failed
+                .fetch_add(1, Ordering::Relaxed);
+            open.record.stack_status = StackStatus::Failed;
+        }
+        if !open.running_sent {
+            self.send_running(i, &mut open);
         }
         let exact = slot.flagged_end_ns();
         let (end, exact_end) = if exact != 0 {

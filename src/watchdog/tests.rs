@@ -795,10 +795,13 @@ fn without_known_waits_the_end_goes_out_at_once_with_no_victims_tracked() {
 const SIG: i32 = 40;
 
 #[test]
-fn the_running_report_waits_for_its_stack_and_carries_it() {
+fn the_running_report_goes_out_at_once_and_its_stack_follows() {
     let mut rig = rig_with(config(|_| {}), Ok(SIG));
     let slot = rig.stalled();
-    assert!(rig.stalls().is_empty(), "waiting for the stack");
+    // Reported the tick it is flagged, without waiting for the handler.
+    let s = rig.one_stall();
+    assert_eq!(s.state, StallState::Running);
+    assert_eq!(s.stack_status, StackStatus::Pending);
     let (tid, ticket) = rig.core.stacks_mut().requests[0];
     assert_eq!(tid, TID);
     rig.core
@@ -806,50 +809,68 @@ fn the_running_report_waits_for_its_stack_and_carries_it() {
         .captured
         .insert(ticket, vec![0x1000, 0x2000]);
     rig.tick(12 * MS, &slot);
+    // The stack comes as an update of the same running stall.
     let reports: Vec<Report> = rig.core.out.drain(..).collect();
     let [Report::Stall { stall, raw_stack }] = &reports[..] else {
         panic!("{reports:#?}");
     };
+    assert_eq!((stall.id, stall.state), (s.id, StallState::Running));
     assert_eq!(stall.stack_status, StackStatus::Captured);
     assert_eq!(raw_stack.as_deref(), Some(&[0x1000, 0x2000][..]));
     assert_eq!(rig.shared.diag.stacks_captured.load(Ordering::Relaxed), 1);
+    // Counted once, however many reports.
+    let counted: u64 = rig.shared.stall_counts.lock().unwrap().values().sum();
+    assert_eq!(counted, 1);
+    // The ended report carries it too.
+    slot[0].end_exactly(20 * MS);
+    rig.tick(21 * MS, &slot);
+    let reports: Vec<Report> = rig.core.out.drain(..).collect();
+    assert!(
+        matches!(&reports[..], [Report::Stall { stall, raw_stack: Some(_) }] if stall.state == StallState::Ended && stall.stack_status == StackStatus::Captured),
+        "{reports:#?}"
+    );
 }
 
 #[test]
 fn a_stack_that_never_comes_times_out_after_fifty_milliseconds() {
     let mut rig = rig_with(config(|_| {}), Ok(SIG));
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 60, &slot);
+    let slot = rig.stalled();
+    assert_eq!(rig.one_stall().stack_status, StackStatus::Pending);
+    rig.ticks(12, 61, &slot);
+    // No update: nothing came.
     assert!(rig.stalls().is_empty());
-    rig.tick(61 * MS, &slot);
-    let s = rig.one_stall();
-    assert_eq!(s.stack_status, StackStatus::TimedOut);
     assert_eq!(rig.core.stacks_mut().cancelled, vec![1]);
     assert_eq!(rig.shared.diag.stacks_failed.load(Ordering::Relaxed), 1);
+    // The ended report says what became of it.
+    let s = rig.run_to_end(&slot, 70);
+    assert_eq!(s.stack_status, StackStatus::TimedOut);
 }
 
 #[test]
 fn a_stall_that_finds_the_capture_busy_asks_again_for_fifty_milliseconds() {
     let mut rig = rig_with(config(|_| {}), Ok(SIG));
     rig.core.stacks_mut().busy = true;
-    let slot = [FakeSlot::new(TID)];
-    slot[0].start(rig.word, 7, MS / 2);
-    rig.ticks(1, 30, &slot);
+    let slot = rig.stalled();
+    // Reported at once all the same.
+    assert_eq!(rig.one_stall().stack_status, StackStatus::Pending);
+    rig.ticks(12, 30, &slot);
     assert!(rig.stalls().is_empty());
     // The other capture finishes: this one's turn.
     rig.core.stacks_mut().busy = false;
     rig.tick(31 * MS, &slot);
     assert_eq!(rig.core.stacks_mut().requests.len(), 1);
-    // And with the slot busy for good, the report goes out after 50 ms without a stack.
+    // And with the slot busy for good, it gives up after 50 ms; the end says so.
     let mut rig = rig_with(config(|_| {}), Ok(SIG));
     rig.core.stacks_mut().busy = true;
-    let slot2 = [FakeSlot::new(TID)];
-    slot2[0].start(rig.word, 9, MS / 2);
-    rig.ticks(1, 60, &slot2);
+    let slot = rig.stalled();
+    assert_eq!(rig.one_stall().stack_status, StackStatus::Pending);
+    rig.ticks(12, 61, &slot);
     assert!(rig.stalls().is_empty());
-    rig.tick(61 * MS, &slot2);
-    assert_eq!(rig.one_stall().stack_status, StackStatus::TimedOut);
+    assert_eq!(rig.shared.diag.stacks_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        rig.run_to_end(&slot, 70).stack_status,
+        StackStatus::TimedOut
+    );
 }
 
 #[test]
@@ -877,11 +898,19 @@ fn stacks_past_the_rate_go_without_and_are_counted() {
         s.start(rig.word, 7, MS / 2);
     }
     rig.ticks(1, 11, &slots);
-    // Two captures asked for; the third stall is reported at once, rate limited.
+    // Two captures asked for; the third stall goes without, rate limited.
     assert_eq!(rig.core.stacks_mut().requests.len(), 2);
-    let s = rig.one_stall();
-    assert_eq!(s.stack_status, StackStatus::RateLimited);
-    assert_eq!(s.worker.tid, Some(TID + 2));
+    let s = rig.stalls();
+    let status: Vec<StackStatus> = s.iter().map(|s| s.stack_status).collect();
+    assert_eq!(
+        status,
+        vec![
+            StackStatus::Pending,
+            StackStatus::Pending,
+            StackStatus::RateLimited
+        ]
+    );
+    assert_eq!(s[2].worker.tid, Some(TID + 2));
     assert_eq!(
         rig.shared.diag.stacks_rate_limited.load(Ordering::Relaxed),
         1
@@ -889,16 +918,16 @@ fn stacks_past_the_rate_go_without_and_are_counted() {
 }
 
 #[test]
-fn a_stall_that_ends_before_its_stack_arrives_still_reports_running_first() {
+fn a_stall_that_ends_before_its_stack_arrives_is_reported_running_then_ended() {
     let mut rig = rig_with(config(|_| {}), Ok(SIG));
     let slot = rig.stalled();
+    assert_eq!(rig.one_stall().state, StallState::Running);
     slot[0].end_exactly(12 * MS);
     rig.tick(13 * MS, &slot);
-    let s = rig.stalls();
-    assert_eq!(s.len(), 2, "{s:#?}");
-    assert_eq!(s[0].state, StallState::Running);
-    assert_eq!(s[0].stack_status, StackStatus::TimedOut);
-    assert_eq!(s[1].state, StallState::Ended);
+    // Never "running" after its end: the ended report alone, with the stack's fate.
+    let s = rig.one_stall();
+    assert_eq!(s.state, StallState::Ended);
+    assert_eq!(s.stack_status, StackStatus::TimedOut);
 }
 
 #[test]
