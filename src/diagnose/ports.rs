@@ -19,6 +19,9 @@ pub(crate) trait Kernel {
     fn read(&mut self, thread: &mut Self::Thread, at_ns: u64) -> Option<Reading>;
 }
 
+/// Frames kept from one capture, at most (signal or not).
+pub(crate) const MAX_FRAMES: usize = 128;
+
 /// Why a stack capture could not be started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RequestError {
@@ -68,12 +71,7 @@ impl Kernel for ProcKernel {
 /// The real stack capture: the signal handler and its single capture slot (Linux: the impl is
 /// in `stack.rs`); elsewhere every request fails (stacks are never set up there, so none is made).
 #[derive(Debug, Default)]
-pub(crate) struct SignalStacks {
-    /// The signal-free unwinder of threads asleep in a call, built at the first one (Linux,
-    /// x86_64); `Some(None)` once building it failed.
-    #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loopwatch_portable)))]
-    pub(crate) asleep: Option<Option<Box<super::unwind::Blocked>>>,
-}
+pub(crate) struct SignalStacks;
 
 #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
 impl StackPort for SignalStacks {

@@ -30,8 +30,7 @@ use super::verdict::Activity;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Frames kept from one capture.
-pub(crate) const MAX_FRAMES: usize = 128;
+use super::ports::MAX_FRAMES;
 
 // The capture slot's word: a ticket (who asked, bits 8..64) and a state (bits 0..8), in one
 // atomic so every transition names the capture it belongs to: a handler late for capture A can
@@ -334,10 +333,14 @@ impl StackPort for SignalStacks {
 
     #[cfg(target_arch = "x86_64")]
     fn unwind_asleep(&mut self, tid: u64) -> Option<Vec<usize>> {
-        let unwinder = self
-            .asleep
-            .get_or_insert_with(|| super::unwind::Blocked::new().map(Box::new));
-        unwinder.as_mut()?.unwind(tid)
+        // One unwinder per process, built at the first thread asleep in a call (`Some(None)`
+        // once building it failed). Never waited for: another watchdog using it means no
+        // stack this time.
+        static ASLEEP: Mutex<Option<Option<super::unwind::Blocked>>> = Mutex::new(None);
+        let mut slot = ASLEEP.try_lock().ok()?;
+        slot.get_or_insert_with(super::unwind::Blocked::new)
+            .as_mut()?
+            .unwind(tid)
     }
 
     #[cfg(not(target_arch = "x86_64"))]

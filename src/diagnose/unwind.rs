@@ -25,7 +25,7 @@ use framehop::{
 /// The most of a thread's stack read, from its stack pointer up.
 const STACK_WINDOW: usize = 256 * 1024;
 /// Frames kept, at most (as many as a signal capture keeps).
-const MAX_FRAMES: usize = super::stack::MAX_FRAMES;
+const MAX_FRAMES: usize = super::ports::MAX_FRAMES;
 
 /// Where a thread sleeps: its syscall number, stack pointer and instruction pointer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

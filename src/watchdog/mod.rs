@@ -45,7 +45,7 @@ impl Watchdog {
             *e = note;
         }
         Watchdog {
-            core: Core::new(shared.clone(), sampler, ProcKernel, SignalStacks::default()),
+            core: Core::new(shared.clone(), sampler, ProcKernel, SignalStacks),
             shared,
             reports,
         }
