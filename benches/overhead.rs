@@ -410,6 +410,10 @@ fn main() {
             otlp_cost(1.0);
             return;
         }
+        Ok("latency") => {
+            detection_latency(1.0);
+            return;
+        }
         Ok(v) if v.starts_with("instructions:") => {
             instructions(&v["instructions:".len()..]);
             return;
@@ -497,6 +501,87 @@ fn main() {
     println!("peak RSS is the process' peak during that run (VmHWM reset before each run)");
     watchdog_cost();
     otlp_cost(scale);
+    detection_latency(scale);
+}
+
+/// How late the *running* report is: from a stall's start to the moment `on_stall` sees it
+/// running, less the threshold, with the defaults (10 ms threshold, 2.5 ms tick, stacks on).
+/// 200 stalls of 30 ms, each after 20 ms of idle (so the idle back-off is in the picture), on
+/// a current-thread runtime. The goal on an idle host: p99 within two ticks of the threshold.
+fn detection_latency(scale: f64) {
+    use std::sync::{Arc, Mutex};
+    let n = ((200.0 * scale) as usize).max(20);
+    let seen: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let seen2 = seen.clone();
+    let (_layer, guard) = loopwatch::builder()
+        .ignore_env()
+        .metrics(loopwatch::MetricsExport::Off)
+        .on_stall(move |s| {
+            if s.state == loopwatch::StallState::Running {
+                seen2.lock().unwrap().push((s.id, Instant::now()));
+            }
+        })
+        .build()
+        .unwrap();
+    let cfg = guard.config().clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let spin = calibrate_3us();
+    let mut starts = Vec::with_capacity(n);
+    rt.block_on(async {
+        for _ in 0..n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let start = Instant::now();
+            guard
+                .watch("latency", async move {
+                    while start.elapsed() < Duration::from_millis(30) {
+                        std::hint::black_box(work(spin));
+                    }
+                })
+                .await;
+            starts.push(start);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut first: Vec<(u64, Instant)> = Vec::new();
+    for &(id, at) in seen.lock().unwrap().iter() {
+        if !first.iter().any(|&(i, _)| i == id) {
+            first.push((id, at));
+        }
+    }
+    first.sort_by_key(|&(id, _)| id);
+    let mut late: Vec<f64> = first
+        .iter()
+        .zip(&starts)
+        .map(|(&(_, at), &start)| {
+            (at.saturating_duration_since(start).as_secs_f64() - cfg.threshold.as_secs_f64()) * 1e3
+        })
+        .collect();
+    late.sort_by(f64::total_cmp);
+    let q = |p: f64| late[((late.len() as f64 - 1.0) * p).round() as usize];
+    println!();
+    println!(
+        "detection latency (stall start to its running report, past the {:?} threshold; tick {:?}): {} of {n} stalls reported",
+        cfg.threshold,
+        cfg.tick,
+        late.len()
+    );
+    if late.is_empty() {
+        return;
+    }
+    let ticks = cfg.tick.as_secs_f64() * 1e3;
+    println!("| p50 ms | p90 ms | p99 ms | max ms | p99 in ticks |");
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        late[late.len() - 1],
+        q(0.99) / ticks
+    );
 }
 
 /// Does a collector that is down, or that accepts and never answers, slow the service? The
