@@ -143,6 +143,45 @@ pub(crate) fn parse_state(text: &str) -> Option<u8> {
     text[close + 1..].trim_start().bytes().next()
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// Where a thread sleeps: its syscall number, stack pointer and instruction pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Asleep {
+    pub(crate) nr: i64,
+    pub(crate) sp: u64,
+    pub(crate) pc: u64,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// Parses `/proc/<pid>/task/<tid>/syscall` of a thread asleep in a call:
+/// `nr arg1 .. arg6 sp pc`, numbers in hex but the first.
+pub(crate) fn parse_asleep(text: &str) -> Option<Asleep> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let [nr, .., sp, pc] = fields.as_slice() else {
+        return None;
+    };
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let nr = nr.parse::<i64>().ok().filter(|&n| n >= 0)?;
+    (fields.len() == 9).then_some(())?;
+    Some(Asleep {
+        nr,
+        sp: hex(sp)?,
+        pc: hex(pc)?,
+    })
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// Reads where thread `tid` of this process sleeps, if it is asleep in a system call.
+pub(crate) fn read_asleep(tid: u64) -> Option<Asleep> {
+    let mut buf = [0u8; 512];
+    parse_asleep(syscall_text(tid, &mut buf)?)
+}
+
+/// Thread `tid`'s `/proc/self/task/<tid>/syscall`, read into `buf`.
+pub(crate) fn syscall_text(tid: u64, buf: &mut [u8; 512]) -> Option<&str> {
+    read_small(&format!("/proc/self/task/{tid}/syscall"), buf)
+}
+
 impl Kernel for ProcKernel {
     type Thread = Thread;
 
@@ -158,6 +197,22 @@ impl Kernel for ProcKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_syscall_file_of_a_sleeping_thread_parses() {
+        let a = parse_asleep("35 0x7ffd1 0x0 0x0 0x0 0x0 0x0 0x7f1234567000 0x7f89abcdef01\n");
+        assert_eq!(
+            a,
+            Some(Asleep {
+                nr: 35,
+                sp: 0x7f12_3456_7000,
+                pc: 0x7f89_abcd_ef01
+            })
+        );
+        assert_eq!(parse_asleep("running\n"), None);
+        assert_eq!(parse_asleep("-1 0x7ffd 0x7f00\n"), None);
+        assert_eq!(parse_asleep(""), None);
+    }
 
     #[test]
     fn syscall_lines_parse() {

@@ -218,18 +218,11 @@ fn ours(sig: i32) -> bool {
 /// `/proc/self/task/<tid>/syscall`; a thread whose state cannot be read counts as asleep (no
 /// signal is the safe side).
 fn running(tid: i32) -> bool {
-    let Ok(mut f) = std::fs::File::open(format!("/proc/self/task/{tid}/syscall")) else {
-        return false;
-    };
-    let mut buf = [0u8; 64];
-    let n = loop {
-        match std::io::Read::read(&mut f, &mut buf) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
-        }
-    };
-    std::str::from_utf8(&buf[..n]).is_ok_and(|t| super::proc::parse_syscall(t) == Activity::Running)
+    let mut buf = [0u8; 512];
+    u64::try_from(tid)
+        .ok()
+        .and_then(|tid| super::proc::syscall_text(tid, &mut buf))
+        .is_some_and(|t| super::proc::parse_syscall(t) == Activity::Running)
 }
 
 /// Arms the slot for thread `tid`; the ticket of the capture.

@@ -17,6 +17,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use super::proc::{read_asleep, Asleep};
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, MayAllocateDuringUnwind, Module, Unwinder,
@@ -26,37 +27,6 @@ use framehop::{
 const STACK_WINDOW: usize = 256 * 1024;
 /// Frames kept, at most (as many as a signal capture keeps).
 const MAX_FRAMES: usize = super::ports::MAX_FRAMES;
-
-/// Where a thread sleeps: its syscall number, stack pointer and instruction pointer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Asleep {
-    pub(crate) nr: i64,
-    pub(crate) sp: u64,
-    pub(crate) pc: u64,
-}
-
-/// Parses `/proc/<pid>/task/<tid>/syscall` of a thread asleep in a call:
-/// `nr arg1 .. arg6 sp pc`, numbers in hex but the first.
-pub(crate) fn parse_asleep(text: &str) -> Option<Asleep> {
-    let fields: Vec<&str> = text.split_whitespace().collect();
-    let [nr, .., sp, pc] = fields.as_slice() else {
-        return None;
-    };
-    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
-    let nr = nr.parse::<i64>().ok().filter(|&n| n >= 0)?;
-    (fields.len() == 9).then_some(())?;
-    Some(Asleep {
-        nr,
-        sp: hex(sp)?,
-        pc: hex(pc)?,
-    })
-}
-
-/// Reads where thread `tid` of this process sleeps, if it is asleep in a system call.
-pub(crate) fn read_asleep(tid: u64) -> Option<Asleep> {
-    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
-    parse_asleep(&text)
-}
 
 /// The unwinder of this process's modules, built once.
 pub(crate) struct Blocked {
@@ -302,22 +272,6 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
-
-    #[test]
-    fn the_syscall_file_of_a_sleeping_thread_parses() {
-        let a = parse_asleep("35 0x7ffd1 0x0 0x0 0x0 0x0 0x0 0x7f1234567000 0x7f89abcdef01\n");
-        assert_eq!(
-            a,
-            Some(Asleep {
-                nr: 35,
-                sp: 0x7f12_3456_7000,
-                pc: 0x7f89_abcd_ef01
-            })
-        );
-        assert_eq!(parse_asleep("running\n"), None);
-        assert_eq!(parse_asleep("-1 0x7ffd 0x7f00\n"), None);
-        assert_eq!(parse_asleep(""), None);
-    }
 
     #[test]
     fn the_header_points_at_eh_frame() {

@@ -200,7 +200,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                     if open.retry_until_ns.is_some() {
                         self.ask_stack(i, slot, &mut open, now);
                     }
-                    self.progress(i, &mut open, now);
+                    self.progress(&mut open, now);
                     self.states[i].open = Some(open);
                 } else {
                     self.end_stall(i, slot, &r, open, now);
@@ -468,8 +468,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
 
     /// Picks up a pending stack capture: once it is in, the running stall is reported again
     /// with it (an update); one that never comes leaves its status for the ended report.
-    fn progress(&mut self, i: usize, open: &mut Open, now: u64) {
-        let _ = i;
+    fn progress(&mut self, open: &mut Open, now: u64) {
         let Some(p) = open.pending else { return };
         let Some(got) = self
             .sampler
