@@ -39,6 +39,9 @@ struct OtlpChoice {
     protocol: Option<crate::OtlpProtocol>,
     timeout: Option<Duration>,
     span_queue: usize,
+    /// `otlp_ca_certificate`: a PEM file of CA certificates.
+    #[cfg_attr(not(feature = "otlp-tls"), allow(dead_code))]
+    ca_certificate: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for Builder {
@@ -64,6 +67,7 @@ impl Default for Builder {
                 protocol: None,
                 timeout: None,
                 span_queue: config::DEFAULT_OTLP_SPAN_QUEUE,
+                ca_certificate: None,
             },
         }
     }
@@ -159,6 +163,17 @@ impl Builder {
     /// down or slow) they are dropped and counted in `loopwatch_export_dropped_total`.
     pub fn otlp_span_queue(mut self, capacity: usize) -> Self {
         self.otlp.span_queue = capacity;
+        self
+    }
+
+    /// Trusts the CA certificates of this PEM file for an `https` OTLP collector, besides the
+    /// built-in roots (Mozilla's, from `webpki-roots`): for a collector whose certificate a
+    /// private CA signed. Wins over `OTEL_EXPORTER_OTLP_CERTIFICATE`. The file is read by
+    /// `build()`; one that cannot be read, or holds no certificate, is a named error.
+    #[cfg(feature = "otlp-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "otlp-tls")))]
+    pub fn otlp_ca_certificate(mut self, pem_file: impl Into<std::path::PathBuf>) -> Self {
+        self.otlp.ca_certificate = Some(pem_file.into());
         self
     }
 
@@ -367,18 +382,27 @@ impl Builder {
                 o.on.unwrap_or(o.endpoint.is_some() || (otel && env.otel.endpoint_set))
             }
         };
-        if otlp_on && o.endpoint.is_none() {
+        if otlp_on && o.endpoint.is_none() && !cfg!(feature = "otlp-tls") {
             if let Some((var, value)) = &env.otel.https_endpoint {
                 // Injected into every pod for the application's own SDK: never a reason for
                 // the service not to start.
                 warnings.push(format!(
-                    "{var}={value}: an https endpoint needs TLS, which loopwatch's OTLP export \
-                     does not have yet; loopwatch's OTLP export is off (the application's own \
-                     OpenTelemetry SDK is not affected)"
+                    "{var}={value}: an https endpoint needs TLS, which this build of loopwatch \
+                     lacks (its `otlp-tls` cargo feature); loopwatch's OTLP export is off (the \
+                     application's own OpenTelemetry SDK is not affected)"
                 ));
                 otlp_on = false;
             }
         }
+        #[cfg(feature = "otlp-tls")]
+        let ca_certificate_pem = if otlp_on {
+            ca_certificate(o.ca_certificate.as_deref(), &env.otel, &mut warnings)?
+        } else {
+            None
+        };
+        // Only https needs it, and this build exports plain http only.
+        #[cfg(not(feature = "otlp-tls"))]
+        let ca_certificate_pem = None;
         let env_protocol = env_value(&env.otel.protocol, otlp_on, &mut warnings);
         let env_timeout = env_value(&env.otel.timeout, otlp_on, &mut warnings).filter(|t| {
             let ok = (Duration::from_millis(100)..=config::MAX_EXPORT_INTERVAL).contains(t);
@@ -403,6 +427,7 @@ impl Builder {
                 .or(env_timeout)
                 .unwrap_or(config::DEFAULT_OTLP_TIMEOUT),
             span_queue: o.span_queue,
+            ca_certificate_pem,
         });
         if let Some(v) = env.max_stacks_per_sec {
             cfg.max_stacks_per_sec = v;
@@ -484,6 +509,38 @@ fn env_value<T: Copy>(
     }
 }
 
+/// The PEM text of the CA certificates to trust for an https collector: from the setter (a
+/// file that cannot be read, or holds no certificate, is an error: the user asked for it),
+/// else from `OTEL_EXPORTER_OTLP_CERTIFICATE` (then a warning: the built-in roots are used).
+#[cfg(feature = "otlp-tls")]
+fn ca_certificate(
+    setter: Option<&std::path::Path>,
+    otel: &config::OtelEnv,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Vec<u8>>, Error> {
+    if let Some(path) = setter {
+        return crate::config::read_ca_pem(path)
+            .map(Some)
+            .map_err(|reason| Error::InvalidConfig {
+                setting: "otlp_ca_certificate",
+                reason,
+            });
+    }
+    let Some(path) = &otel.certificate else {
+        return Ok(None);
+    };
+    match crate::config::read_ca_pem(std::path::Path::new(path)) {
+        Ok(pem) => Ok(Some(pem)),
+        Err(reason) => {
+            warnings.push(format!(
+                "OTEL_EXPORTER_OTLP_CERTIFICATE={path}: {reason}; loopwatch's OTLP export \
+                 trusts only the built-in root certificates"
+            ));
+            Ok(None)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +604,7 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
     }
 
+    #[cfg(not(feature = "otlp-tls"))]
     #[test]
     fn an_https_endpoint_from_the_environment_turns_otlp_off_with_a_warning() {
         let (cfg, warnings) = with_otel(endpoint("https://otlp.example:443"), None).unwrap();
@@ -556,7 +614,51 @@ mod tests {
         }
     }
 
-    #[cfg(feature = "otlp")]
+    #[cfg(feature = "otlp-tls")]
+    #[test]
+    fn with_tls_an_https_endpoint_is_exported_to_and_the_ca_file_read() {
+        let (cfg, warnings) = with_otel(endpoint("https://otlp.example:443"), None).unwrap();
+        assert!(cfg.otlp.is_some(), "{warnings:?}");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // A CA file from the environment that holds no certificate: a warning, OTLP stays on.
+        let not_pem = std::env::temp_dir().join(format!("lw-unit-not-pem-{}", std::process::id()));
+        std::fs::write(
+            &not_pem,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let otel = OtelEnv {
+            certificate: Some(not_pem.display().to_string()),
+            ..endpoint("https://otlp.example:443")
+        };
+        let (cfg, warnings) = with_otel(otel, None).expect("never an error");
+        let otlp = cfg.otlp.expect("still on");
+        assert_eq!(otlp.ca_certificate_pem, None);
+        assert!(
+            warnings[0].contains("OTEL_EXPORTER_OTLP_CERTIFICATE")
+                && warnings[0].contains("no PEM certificate"),
+            "{warnings:?}"
+        );
+        // The same file given to the setter: a named error.
+        let err = Builder::default()
+            .otlp_endpoint("https://otlp.example:443")
+            .otlp_ca_certificate(&not_pem)
+            .resolve(EnvOverrides::default())
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::InvalidConfig {
+                    setting: "otlp_ca_certificate",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let _ = std::fs::remove_file(not_pem);
+    }
+
+    #[cfg(all(feature = "otlp", not(feature = "otlp-tls")))]
     #[test]
     fn an_https_endpoint_given_to_the_setter_is_a_named_error() {
         let err = Builder::default()

@@ -126,6 +126,10 @@ pub struct OtlpConfig {
     pub timeout: Duration,
     /// Stall spans waiting to be sent, at most; beyond it they are dropped and counted.
     pub span_queue: usize,
+    /// With the `otlp-tls` feature: the PEM text of certificates an `https` collector's
+    /// certificate may chain to, besides the built-in roots (read from
+    /// [`Builder::otlp_ca_certificate`](crate::Builder) or `OTEL_EXPORTER_OTLP_CERTIFICATE`).
+    pub ca_certificate_pem: Option<Vec<u8>>,
 }
 
 /// Environment variable: stall threshold, a duration such as `10ms`, `250us`, `1.5s`.
@@ -278,6 +282,9 @@ pub(crate) struct OtelEnv {
     pub(crate) protocol: Option<Result<OtlpProtocol, String>>,
     /// `OTEL_EXPORTER_OTLP_TIMEOUT`, or why its value was not used.
     pub(crate) timeout: Option<Result<Duration, String>>,
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE`: a PEM file of CA certificates (read only with the
+    /// `otlp-tls` feature, and only when OTLP is on).
+    pub(crate) certificate: Option<String>,
 }
 
 impl EnvOverrides {
@@ -376,6 +383,9 @@ impl EnvOverrides {
                     out.otel.https_endpoint = Some((var, v));
                 }
             }
+        }
+        if let Some(v) = get("OTEL_EXPORTER_OTLP_CERTIFICATE")? {
+            out.otel.certificate = Some(v).filter(|v| !v.trim().is_empty());
         }
         if let Some(v) = get("OTEL_SDK_DISABLED")? {
             out.otel.sdk_disabled = v.trim().eq_ignore_ascii_case("true");
@@ -522,11 +532,11 @@ pub(crate) fn validate(
                 reason: "the OTLP export needs loopwatch's `otlp` cargo feature".into(),
             });
         }
-        if o.endpoint.as_deref().is_some_and(is_https) {
+        if !cfg!(feature = "otlp-tls") && o.endpoint.as_deref().is_some_and(is_https) {
             return Err(Error::InvalidConfig {
                 setting: "otlp_endpoint",
-                reason: "an https endpoint needs TLS, which loopwatch's OTLP export does not \
-                         have yet: use an http:// collector (on the host, or a sidecar)"
+                reason: "an https endpoint needs TLS: build loopwatch with its `otlp-tls` cargo \
+                         feature, or use an http:// collector (on the host, or a sidecar)"
                     .into(),
             });
         }
@@ -643,6 +653,48 @@ pub(crate) fn is_https(endpoint: &str) -> bool {
         .trim()
         .get(..8)
         .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
+}
+
+#[cfg(feature = "otlp-tls")]
+/// The largest CA file read (a full system bundle is about 250 KB).
+const MAX_CA_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads a PEM file of CA certificates for an https OTLP collector; the error says what is
+/// wrong with it (never a build machine's path: only the one the user gave).
+#[cfg(feature = "otlp-tls")]
+pub(crate) fn read_ca_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let mut pem = Vec::new();
+    file.take(MAX_CA_FILE_BYTES + 1)
+        .read_to_end(&mut pem)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if pem.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(format!(
+            "{shown} is larger than {} MiB: not a CA file",
+            MAX_CA_FILE_BYTES >> 20
+        ));
+    }
+    match pem_certificates(&pem) {
+        Ok(0) => Err(format!(
+            "{shown} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )),
+        Ok(_) => Ok(pem),
+        Err(e) => Err(format!("{shown} is not valid PEM: {e}")),
+    }
+}
+
+/// How many certificates a PEM text holds.
+#[cfg(feature = "otlp-tls")]
+fn pem_certificates(pem: &[u8]) -> Result<usize, String> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    let mut n = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The longest export interval (and OTLP timeout) accepted.

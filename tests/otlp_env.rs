@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use receiver::{attr, resource_attr, Receiver, Transport};
 
-const VARS: [&str; 7] = [
+const VARS: [&str; 8] = [
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_EXPORTER_OTLP_TIMEOUT",
@@ -74,21 +75,8 @@ fn otel_variables_are_honoured() {
     std::env::remove_var("LOOPWATCH_OTLP");
     std::env::remove_var("OTEL_EXPORTER_OTLP_TIMEOUT");
     // An https endpoint (every hosted backend; often injected into every pod for the
-    // application's own SDK): loopwatch has no TLS yet, so its OTLP is off, and it says so.
-    std::env::set_var(
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "https://otlp.example.com:443",
-    );
-    let (_layer, guard) = loopwatch::builder()
-        .build()
-        .expect("an https endpoint is no error");
-    assert!(guard.config().otlp.is_none());
-    let warnings = guard.snapshot().env_warnings;
-    assert!(
-        warnings.iter().any(|w| w.contains("needs TLS")),
-        "{warnings:?}"
-    );
-    drop(guard);
+    // application's own SDK).
+    https_from_the_environment();
     std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint());
     std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
 
@@ -145,4 +133,71 @@ fn otel_variables_are_honoured() {
         std::env::remove_var(v);
     }
     std::env::remove_var("LOOPWATCH_PROMETHEUS_ADDR");
+}
+
+/// Without the `otlp-tls` feature, loopwatch's OTLP is off, and it says so.
+#[cfg(not(feature = "otlp-tls"))]
+fn https_from_the_environment() {
+    std::env::set_var(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "https://otlp.example.com:443",
+    );
+    let (_layer, guard) = loopwatch::builder()
+        .build()
+        .expect("an https endpoint is no error");
+    assert!(guard.config().otlp.is_none());
+    let warnings = guard.snapshot().env_warnings;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("needs TLS") && w.contains("otlp-tls")),
+        "{warnings:?}"
+    );
+}
+
+/// With it, the export goes over TLS, trusting the CA in `OTEL_EXPORTER_OTLP_CERTIFICATE`; a
+/// certificate file that cannot be read is warned about, never an error.
+#[cfg(feature = "otlp-tls")]
+fn https_from_the_environment() {
+    let ca = receiver::tls::TestCa::new();
+    let rx = Receiver::start(Transport::HttpTls(ca.clone()));
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint());
+    std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
+    std::env::set_var("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem");
+    let cfg = loopwatch::builder()
+        .config()
+        .expect("a bad CA file is no error");
+    assert!(cfg.otlp.is_some_and(|o| o.ca_certificate_pem.is_none()));
+    let (_layer, guard) = loopwatch::builder().build().expect("starts");
+    let warnings = guard.snapshot().env_warnings;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("OTEL_EXPORTER_OTLP_CERTIFICATE") && w.contains("cannot open")),
+        "{warnings:?}"
+    );
+    drop(guard);
+    let ca_file = ca.ca_file("env");
+    std::env::set_var("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca_file);
+    let (_layer, guard) = loopwatch::builder()
+        .threshold(Duration::from_millis(20))
+        .export_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    assert!(guard.snapshot().env_warnings.is_empty());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(guard.watch("https-env-hog", async {
+        common::spin_for(Duration::from_millis(60))
+    }));
+    rx.wait("the stall span over TLS", Duration::from_secs(15), |r| {
+        r.spans.iter().any(|(_, s)| {
+            attr(&s.attributes, "loopwatch.task.kind").as_deref() == Some("https-env-hog")
+        })
+    });
+    drop(guard);
+    std::env::remove_var("OTEL_EXPORTER_OTLP_CERTIFICATE");
+    let _ = std::fs::remove_file(ca_file);
 }

@@ -12,4 +12,5 @@ mod receiver;
 
 mod otlp_collector_down;
 mod otlp_export;
+mod otlp_tls;
 mod prometheus_scrape;

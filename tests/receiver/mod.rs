@@ -33,6 +33,8 @@ pub struct Received {
     pub metrics: Vec<(Option<Resource>, Metric)>,
     pub trace_requests: usize,
     pub metric_requests: usize,
+    /// TLS handshakes that failed (a client that did not trust the certificate).
+    pub tls_refused: usize,
 }
 
 #[derive(Clone, Default)]
@@ -89,12 +91,19 @@ impl MetricsService for Sink {
 pub enum Transport {
     Grpc,
     Http,
+    /// gRPC over TLS, with this certificate.
+    #[cfg(feature = "otlp-tls")]
+    GrpcTls(tls::TestCa),
+    /// HTTP/protobuf over TLS, with this certificate.
+    #[cfg(feature = "otlp-tls")]
+    HttpTls(tls::TestCa),
     /// Accepts connections and never answers (reads nothing, writes nothing).
     BlackHole,
 }
 
 pub struct Receiver {
     pub addr: SocketAddr,
+    scheme: &'static str,
     got: Arc<Mutex<Received>>,
     _rt: tokio::runtime::Runtime,
 }
@@ -116,7 +125,49 @@ impl Receiver {
         let got = sink.0.clone();
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap();
+        #[cfg_attr(not(feature = "otlp-tls"), allow(unused_mut))]
+        let mut scheme = "http";
         match transport {
+            #[cfg(feature = "otlp-tls")]
+            Transport::GrpcTls(ca) => {
+                scheme = "https";
+                let identity = tonic::transport::Identity::from_pem(&ca.leaf_pem, &ca.leaf_key_pem);
+                rt.spawn(async move {
+                    tonic::transport::Server::builder()
+                        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                        .unwrap()
+                        .add_service(TraceServiceServer::new(sink.clone()))
+                        .add_service(MetricsServiceServer::new(sink))
+                        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                        .await
+                        .unwrap();
+                });
+            }
+            #[cfg(feature = "otlp-tls")]
+            Transport::HttpTls(ca) => {
+                scheme = "https";
+                let acceptor = ca.acceptor();
+                let handshakes = got.clone();
+                rt.spawn(async move {
+                    loop {
+                        let Ok((conn, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let (sink, acceptor, handshakes) =
+                            (sink.clone(), acceptor.clone(), handshakes.clone());
+                        tokio::spawn(async move {
+                            match acceptor.accept(conn).await {
+                                Ok(tls) => {
+                                    let _ = serve_http(tls, sink).await;
+                                }
+                                Err(_) => {
+                                    handshakes.lock().unwrap().tls_refused += 1;
+                                }
+                            }
+                        });
+                    }
+                });
+            }
             Transport::Grpc => {
                 rt.spawn(async move {
                     tonic::transport::Server::builder()
@@ -151,11 +202,17 @@ impl Receiver {
                 });
             }
         }
-        Receiver { addr, got, _rt: rt }
+        Receiver {
+            addr,
+            scheme,
+            got,
+            _rt: rt,
+        }
     }
 
+    /// `http://` or `https://` (a TLS transport), then the address.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&Received) -> T) -> T {
@@ -182,7 +239,10 @@ impl Receiver {
 }
 
 /// One HTTP/1.1 connection: requests in a row (keep-alive), each a protobuf body.
-async fn serve_http(mut conn: tokio::net::TcpStream, sink: Sink) -> std::io::Result<()> {
+async fn serve_http(
+    mut conn: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    sink: Sink,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
         let head_end = loop {
@@ -269,4 +329,67 @@ fn value_text(v: &AnyValue) -> Option<String> {
 /// The resource attribute `key`.
 pub fn resource_attr(r: &Option<Resource>, key: &str) -> Option<String> {
     attr(&r.as_ref()?.attributes, key)
+}
+
+/// Certificates made at test time: a CA, and a certificate it signed for 127.0.0.1 and
+/// localhost, for the TLS receivers.
+#[cfg(feature = "otlp-tls")]
+pub mod tls {
+    use std::sync::Arc;
+
+    #[derive(Clone)]
+    pub struct TestCa {
+        /// The CA's certificate, PEM: what a client must trust.
+        pub ca_pem: String,
+        pub leaf_pem: String,
+        pub leaf_key_pem: String,
+    }
+
+    impl TestCa {
+        pub fn new() -> TestCa {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "loopwatch test CA");
+            let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+            let leaf_key = rcgen::KeyPair::generate().unwrap();
+            let leaf_params =
+                rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+                    .unwrap();
+            let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+            TestCa {
+                ca_pem: ca.pem(),
+                leaf_pem: leaf.pem(),
+                leaf_key_pem: leaf_key.serialize_pem(),
+            }
+        }
+
+        /// Writes the CA certificate to a file of its own and returns its path.
+        pub fn ca_file(&self, name: &str) -> std::path::PathBuf {
+            let path = std::env::temp_dir().join(format!(
+                "loopwatch-test-ca-{}-{name}.pem",
+                std::process::id()
+            ));
+            std::fs::write(&path, &self.ca_pem).unwrap();
+            path
+        }
+
+        pub(super) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+            use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+            use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let certs = vec![CertificateDer::from_pem_slice(self.leaf_pem.as_bytes()).unwrap()];
+            let key = PrivateKeyDer::from_pem_slice(self.leaf_key_pem.as_bytes()).unwrap();
+            let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+                tokio_rustls::rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        }
+    }
 }

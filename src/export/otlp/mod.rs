@@ -9,6 +9,8 @@
 
 mod instruments;
 mod spans;
+#[cfg(feature = "otlp-tls")]
+mod tls;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use std::time::Duration;
 
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{MetricExporter, Protocol, SpanExporter, WithExportConfig as _};
+#[cfg(feature = "otlp-tls")]
+use opentelemetry_otlp::{WithHttpConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter as _;
 use opentelemetry_sdk::metrics::reader::MetricReader;
@@ -258,6 +262,20 @@ fn build_exporters(
         reason: format!("the {signal} exporter: {e}"),
     };
     let base = cfg.endpoint.as_deref().map(|e| e.trim_end_matches('/'));
+    // An https endpoint (given here or by the environment) gets TLS settings of its own:
+    // opentelemetry-otlp's default TLS trusts no root at all.
+    #[cfg(feature = "otlp-tls")]
+    let https = |signal_var: &str| {
+        tls::endpoint_of(base, signal_var).is_some_and(|e| crate::config::is_https(&e))
+    };
+    #[cfg(feature = "otlp-tls")]
+    let ca = cfg.ca_certificate_pem.as_deref();
+    #[cfg(feature = "otlp-tls")]
+    let https_client = || {
+        tls::http(ca, cfg.timeout).map_err(|reason| Error::Otlp {
+            reason: format!("the https client: {reason}"),
+        })
+    };
     let spans = match cfg.protocol {
         OtlpProtocol::Grpc => {
             let mut b = SpanExporter::builder()
@@ -265,6 +283,10 @@ fn build_exporters(
                 .with_timeout(cfg.timeout);
             if let Some(e) = base {
                 b = b.with_endpoint(e);
+            }
+            #[cfg(feature = "otlp-tls")]
+            if https("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                b = b.with_tls_config(tls::grpc(ca));
             }
             b.build()
         }
@@ -275,6 +297,10 @@ fn build_exporters(
                 .with_timeout(cfg.timeout);
             if let Some(e) = base {
                 b = b.with_endpoint(format!("{e}/v1/traces"));
+            }
+            #[cfg(feature = "otlp-tls")]
+            if https("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                b = b.with_http_client(https_client()?);
             }
             b.build()
         }
@@ -289,6 +315,10 @@ fn build_exporters(
             if let Some(e) = base {
                 b = b.with_endpoint(e);
             }
+            #[cfg(feature = "otlp-tls")]
+            if https("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+                b = b.with_tls_config(tls::grpc(ca));
+            }
             b.build()
         }
         OtlpProtocol::HttpProtobuf => {
@@ -299,6 +329,10 @@ fn build_exporters(
                 .with_timeout(cfg.timeout);
             if let Some(e) = base {
                 b = b.with_endpoint(format!("{e}/v1/metrics"));
+            }
+            #[cfg(feature = "otlp-tls")]
+            if https("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+                b = b.with_http_client(https_client()?);
             }
             b.build()
         }
