@@ -93,10 +93,15 @@ pub(crate) struct Slot {
     end_coarse_ns: AtomicU64,
     end_ns: AtomicU64,
     slow_polls: AtomicU64,
+    /// Polls found to be phantoms and ended without being counted (see [`Board::enter`]).
+    phantoms: AtomicU64,
     ring_head: AtomicU64,
     ring_dropped: AtomicU64,
     // Written by the watchdog.
     flagged: AtomicU64,
+    /// A poll the watchdog found not running (its thread parked in the runtime): the owner
+    /// ends it, uncounted, at its next enter.
+    phantom: AtomicU64,
     ring_tail: AtomicU64,
     // Claim state and the cold parts.
     claimed: AtomicBool,
@@ -116,9 +121,11 @@ impl Slot {
             end_coarse_ns: AtomicU64::new(0),
             end_ns: AtomicU64::new(0),
             slow_polls: AtomicU64::new(0),
+            phantoms: AtomicU64::new(0),
             ring_head: AtomicU64::new(0),
             ring_dropped: AtomicU64::new(0),
             flagged: AtomicU64::new(0),
+            phantom: AtomicU64::new(0),
             ring_tail: AtomicU64::new(0),
             claimed: AtomicBool::new(false),
             ring: OnceLock::new(),
@@ -165,6 +172,22 @@ impl Slot {
 
     pub(crate) fn slow_polls(&self) -> u64 {
         self.slow_polls.load(Ordering::Relaxed)
+    }
+
+    /// Marks poll `seq` as a phantom: its thread is parked, so it is not running. The owner
+    /// ends it at its next enter (watchdog only).
+    pub(crate) fn mark_phantom(&self, seq: u64) {
+        self.phantom.store(seq, Ordering::Relaxed);
+    }
+
+    /// The poll the watchdog marked a phantom last (its sequence number).
+    pub(crate) fn marked_phantom(&self) -> u64 {
+        self.phantom.load(Ordering::Relaxed)
+    }
+
+    /// Polls the owner ended as phantoms (those the watchdog did not mark first).
+    pub(crate) fn phantoms(&self) -> u64 {
+        self.phantoms.load(Ordering::Relaxed)
     }
 
     pub(crate) fn samples_dropped(&self) -> u64 {
@@ -392,11 +415,20 @@ impl Board {
         self.unwatched_threads.load(Ordering::Relaxed)
     }
 
-    /// A poll (or a nested span) starts on this thread. `task` is called only for the outermost.
-    /// `waited`: how long the task waited from its wake to this poll, or [`Wait::UNKNOWN`].
+    /// A poll (or a nested span) starts on this thread. `id` is what was entered, so that its
+    /// exit can be matched to it: a span's id, or [`PROBE`] for a probe's own poll (poll hooks,
+    /// wrappers, pool jobs: always exited on the thread that entered, in order). `task`: the
+    /// task polled (0: not known). `waited`: how long the task waited from its wake to this
+    /// poll, or [`Wait::UNKNOWN`].
+    ///
+    /// An enter nested in an open poll of *another* task (both ids known), or in a poll the
+    /// watchdog found parked, means that open poll is a phantom: a span entered with
+    /// `span.enter()` and held across an `.await`, whose exit comes later or on another
+    /// thread. The phantom is ended, uncounted, and this enter starts a poll of its own.
     #[inline]
     pub(crate) fn enter(
         self: &Arc<Self>,
+        id: u64,
         word: CulpritWord,
         task: impl FnOnce() -> u64,
         waited: Wait,
@@ -408,10 +440,18 @@ impl Board {
             let Some(slot) = self.slots.get(l.slot.get()) else {
                 return;
             };
-            let depth = l.depth.get();
+            let task = task();
+            let mut depth = l.depth.get();
+            if depth > 0 && is_phantom(slot, task) {
+                self.end_phantom(slot, l);
+                depth = 0;
+            }
+            if let Some(c) = l.ids.get(depth as usize) {
+                c.set(id);
+            }
             l.depth.set(depth + 1);
             if depth == 0 {
-                self.begin(slot, l, word, task(), waited);
+                self.begin(slot, l, word, task, waited);
             } else {
                 // A span nested in the poll: it is the innermost now, and it may name the task.
                 if let Some(s) = l.stack.get(depth as usize) {
@@ -436,9 +476,12 @@ impl Board {
         });
     }
 
-    /// The poll (or nested span) entered last on this thread ends.
+    /// `id` (a span's, or [`PROBE`]) is exited on this thread. It closes what was entered
+    /// last with that id, and everything entered inside it that is still open (spans held
+    /// across an `.await`: their own exits come later, or on another thread, and are then
+    /// ignored). An exit that matches nothing open on this thread is ignored.
     #[inline]
-    pub(crate) fn exit(self: &Arc<Self>) {
+    pub(crate) fn exit(self: &Arc<Self>, id: u64) {
         let _ = LOCAL.try_with(|l| {
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) {
                 return;
@@ -446,37 +489,78 @@ impl Board {
             let Some(slot) = self.slots.get(l.slot.get()) else {
                 return;
             };
-            match l.depth.get() {
-                0 => {}
-                1 => {
-                    l.depth.set(0);
-                    self.end(slot, l);
+            let depth = l.depth.get() as usize;
+            if depth == 0 {
+                return;
+            }
+            // The open entry this exit closes: the innermost with its id. Deeper than the
+            // id stack, the innermost (as before ids were kept).
+            let open = if depth > l.ids.len() {
+                depth - 1
+            } else {
+                match l.ids[..depth].iter().rposition(|c| c.get() == id) {
+                    Some(k) => k,
+                    None => return,
                 }
-                d => {
-                    // Back to the span that encloses the one exited (none nested at depth 1).
-                    let open = d - 1;
-                    let inner = if open == 1 {
-                        0
-                    } else {
-                        l.stack.get(open as usize - 1).map_or(0, Cell::get)
-                    };
-                    slot.inner.store(inner, Ordering::Relaxed);
-                    // Leaving the span that named the task: the spans around it have no name
-                    // (it was the outermost with one).
-                    let exited = l.stack.get(open as usize).map_or(0, Cell::get);
-                    if exited != 0 && slot.named.load(Ordering::Relaxed) == exited {
-                        let outer = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
-                        let named = if outer.is_named() {
-                            outer
-                        } else {
-                            CulpritWord::NONE
-                        };
-                        slot.named.store(named.bits(), Ordering::Relaxed);
-                    }
-                    l.depth.set(open);
-                }
+            };
+            if open == 0 {
+                l.depth.set(0);
+                self.end(slot, l);
+                return;
+            }
+            // Back to the span that encloses the one exited (none nested at depth 1).
+            let inner = if open == 1 {
+                0
+            } else {
+                l.stack.get(open - 1).map_or(0, Cell::get)
+            };
+            slot.inner.store(inner, Ordering::Relaxed);
+            // Leaving the span that named the task (or one inside it): the spans around it
+            // have no name (it was the outermost with one).
+            let named = slot.named.load(Ordering::Relaxed);
+            let closed = l.stack.get(open..depth).unwrap_or(&[]);
+            if named != 0 && closed.iter().any(|c| c.get() == named) {
+                let outer = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
+                let named = if outer.is_named() {
+                    outer
+                } else {
+                    CulpritWord::NONE
+                };
+                slot.named.store(named.bits(), Ordering::Relaxed);
+            }
+            l.depth.set(open as u32);
+        });
+    }
+
+    /// This thread is about to park (the runtime's `on_thread_park`): no poll runs on it, so
+    /// a poll still open here is a phantom, ended now.
+    pub(crate) fn parked(self: &Arc<Self>) {
+        let _ = LOCAL.try_with(|l| {
+            if !ptr::eq(l.board.get(), Arc::as_ptr(self)) || l.depth.get() == 0 {
+                return;
+            }
+            if let Some(slot) = self.slots.get(l.slot.get()) {
+                self.end_phantom(slot, l);
             }
         });
+    }
+
+    /// Ends the open poll on this thread as a phantom: not counted, not timed, its stall (if
+    /// the watchdog flagged it) ended by the watchdog as one.
+    #[cold]
+    fn end_phantom(&self, slot: &Slot, l: &Local) {
+        let s = slot.seq.load(Ordering::Relaxed);
+        // One the watchdog marked (its thread seen parked) is counted there.
+        if slot.phantom.load(Ordering::Relaxed) != s {
+            slot.phantom.store(s, Ordering::Relaxed);
+            slot.phantoms
+                .store(slot.phantoms.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+        slot.end_coarse_ns
+            .store(self.clock_ns.0.load(Ordering::Relaxed), Ordering::Relaxed);
+        slot.seq.store((s | 1) + 1, Ordering::Release);
+        l.sample_start.set(None);
+        l.depth.set(0);
     }
 
     #[inline]
@@ -543,6 +627,8 @@ impl Board {
         let start = slot.start_ns.load(Ordering::Relaxed);
         if coarse != CLOCK_UNKNOWN
             && coarse.saturating_sub(start) >= self.thresholds_ns[word.layer() as usize]
+            // A phantom the watchdog found parked is no slow poll (read on this rare path only).
+            && slot.phantom.load(Ordering::Relaxed) != s
         {
             slot.slow_polls.store(
                 slot.slow_polls.load(Ordering::Relaxed) + 1,
@@ -649,6 +735,19 @@ impl Board {
     }
 }
 
+/// The id a probe enters and exits its own poll with (poll hooks, wrappers, pool jobs): no
+/// span has it (tracing's span ids start at 1).
+pub(crate) const PROBE: u64 = 0;
+
+/// Is the open poll on `slot` a phantom, seen from an enter for `task` nested in it? Another
+/// task's poll cannot nest in it, and one the watchdog found parked is not running.
+#[inline]
+fn is_phantom(slot: &Slot, task: u64) -> bool {
+    let open = slot.task.load(Ordering::Relaxed);
+    (task != 0 && open != 0 && task != open)
+        || slot.phantom.load(Ordering::Relaxed) == slot.seq.load(Ordering::Relaxed)
+}
+
 // --- the thread-locals ---------------------------------------------------------------------
 //
 // Two of them: `LOCAL`, read on every poll, has no destructor, so an access is a plain
@@ -666,6 +765,8 @@ struct Local {
     own: Cell<bool>,
     /// The culprit words of the spans nested in the current poll (`stack[d]` at depth `d`).
     stack: [Cell<u64>; 8],
+    /// What was entered at each depth (`ids[0]`: the poll's outermost), to match exits.
+    ids: [Cell<u64>; 8],
 }
 
 impl Local {
@@ -708,6 +809,7 @@ thread_local! {
             wait_noted: Cell::new(false),
             own: Cell::new(false),
             stack: [const { Cell::new(0) }; 8],
+            ids: [const { Cell::new(0) }; 8],
         }
     };
     static HOLD: Hold = const { Hold(Cell::new(None)) };
@@ -729,4 +831,139 @@ fn os_thread_id() -> Option<u64> {
 #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
 fn os_thread_id() -> Option<u64> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A board, and a runtime context entered on this thread (only threads inside a runtime
+    /// are watched).
+    fn board() -> (Arc<Board>, tokio::runtime::Runtime) {
+        let cfg = Config::default();
+        let board = Arc::new(Board::for_config(&cfg));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        (board, rt)
+    }
+
+    fn word(n: u64) -> CulpritWord {
+        CulpritWord::kind(n as KindId, LayerKind::Async, false)
+    }
+
+    fn read(b: &Board) -> SlotRead {
+        b.slots()[0].read()
+    }
+
+    const TASK_SPAN: u64 = 5;
+    const GUARD_SPAN: u64 = 9;
+
+    #[test]
+    fn a_span_held_across_an_await_inside_a_task_span_ends_with_the_poll() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        b.enter(GUARD_SPAN, word(2), || 1, Wait::UNKNOWN);
+        let poll = read(&b).seq;
+        assert_eq!(poll & 1, 1);
+        // The poll returns Pending with the guard alive: only the task span is exited.
+        b.exit(TASK_SPAN);
+        assert_eq!(read(&b).seq, poll + 1, "the poll ended");
+        // The guard drops later (here, or on another worker): nothing is open to close.
+        b.exit(GUARD_SPAN);
+        assert_eq!(read(&b).seq, poll + 1);
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        assert_eq!(read(&b).seq, poll + 2, "the next poll is a poll of its own");
+    }
+
+    #[test]
+    fn an_exit_that_matches_nothing_open_is_ignored() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        let poll = read(&b).seq;
+        b.exit(GUARD_SPAN);
+        assert_eq!(read(&b).seq, poll, "still in its poll");
+        b.exit(TASK_SPAN);
+        assert_eq!(read(&b).seq, poll + 1);
+    }
+
+    #[test]
+    fn nested_spans_of_the_same_task_stay_in_its_poll() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        let poll = read(&b).seq;
+        b.enter(GUARD_SPAN, word(2), || 1, Wait::UNKNOWN);
+        let r = read(&b);
+        assert_eq!((r.seq, r.inner), (poll, word(2)));
+        b.exit(GUARD_SPAN);
+        assert_eq!((read(&b).seq, read(&b).inner), (poll, CulpritWord::NONE));
+        b.exit(TASK_SPAN);
+        assert_eq!(read(&b).seq, poll + 1);
+        assert_eq!(b.slots()[0].phantoms(), 0);
+    }
+
+    #[test]
+    fn another_tasks_poll_ends_a_phantom_and_starts_its_own() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        // A guard entered outside any probe's poll: it looks like a poll of its own, and
+        // stays "open" after the task's real poll returned.
+        b.enter(GUARD_SPAN, word(2), || 1, Wait::UNKNOWN);
+        let phantom = read(&b).seq;
+        // The worker polls task 2 next.
+        b.enter(TASK_SPAN, word(1), || 2, Wait::UNKNOWN);
+        let r = read(&b);
+        assert_eq!(r.seq, phantom + 2, "the phantom ended, a new poll began");
+        assert_eq!((r.task, r.word), (2, word(1)));
+        assert_eq!(b.slots()[0].phantoms(), 1);
+        assert_eq!(b.slots()[0].marked_phantom(), phantom);
+        b.exit(TASK_SPAN);
+        assert_eq!(read(&b).seq, phantom + 3, "and it ends on its own exit");
+    }
+
+    #[test]
+    fn a_poll_the_watchdog_marked_parked_ends_at_the_next_enter() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.enter(GUARD_SPAN, word(2), || 1, Wait::UNKNOWN);
+        let phantom = read(&b).seq;
+        b.slots()[0].mark_phantom(phantom);
+        // Even the same task's next poll (its id cannot tell): the mark does.
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        assert_eq!(read(&b).seq, phantom + 2);
+        assert_eq!(
+            b.slots()[0].phantoms(),
+            0,
+            "counted by the watchdog, not twice"
+        );
+    }
+
+    #[test]
+    fn a_thread_that_parks_ends_its_phantom() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.enter(GUARD_SPAN, word(2), || 1, Wait::UNKNOWN);
+        let phantom = read(&b).seq;
+        b.parked();
+        assert_eq!(read(&b).seq, phantom + 1);
+        assert_eq!(b.slots()[0].phantoms(), 1);
+        // Parking between polls is the common case: nothing to do.
+        b.parked();
+        assert_eq!(read(&b).seq, phantom + 1);
+        assert_eq!(b.slots()[0].phantoms(), 1);
+    }
+
+    #[test]
+    fn a_probes_exit_closes_the_spans_left_open_in_its_poll() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        b.enter(GUARD_SPAN, word(2), || 1, Wait::UNKNOWN);
+        let poll = read(&b).seq;
+        b.exit(PROBE);
+        assert_eq!(read(&b).seq, poll + 1);
+    }
 }

@@ -318,8 +318,9 @@ impl Guard {
     }
 
     /// [`thread_counter`](Self::thread_counter) installed as the builder's `on_thread_start`
-    /// and `on_thread_stop`, for a runtime that has none of its own (tokio keeps one of each:
-    /// these replace callbacks set before, and are replaced by ones set after).
+    /// and `on_thread_stop`, and [`park_hook`](Self::park_hook) as its `on_thread_park`, for a
+    /// runtime that has none of its own (tokio keeps one of each: these replace callbacks set
+    /// before, and are replaced by ones set after).
     ///
     /// ```
     /// # let guard = loopwatch::builder().ignore_env().metrics(loopwatch::MetricsExport::Off).build().unwrap().1;
@@ -333,7 +334,25 @@ impl Guard {
         builder: &'a mut tokio::runtime::Builder,
         name: &str,
     ) -> &'a mut tokio::runtime::Builder {
-        self.thread_counter(name).install(builder)
+        self.thread_counter(name)
+            .install(builder)
+            .on_thread_park(self.park_hook())
+    }
+
+    /// A callback for the runtime's `on_thread_park` (call it from yours, if you have one;
+    /// [`count_threads`](Self::count_threads) installs it). A worker about to park runs no
+    /// poll, so a poll loopwatch still sees open on it is a phantom (a span entered with
+    /// `span.enter()` and held across an `.await`): it is ended there, never reported as a
+    /// stall. Without it, loopwatch tells such a phantom only where it can read the worker's
+    /// state (Linux): asleep in the I/O driver's `epoll_wait`, or when another task's poll
+    /// starts on that worker.
+    pub fn park_hook(&self) -> impl Fn() + Send + Sync + 'static {
+        let board = self.inner.as_ref().map(|i| i.shared.board.clone());
+        move || {
+            if let Some(b) = &board {
+                b.parked();
+            }
+        }
     }
 
     /// Waits up to `timeout` until loopwatch has loaded the program's symbol tables (it does so

@@ -22,6 +22,11 @@ pub(crate) const CPU_JOBS_TOO_FINE: &str = "batch these: give each job at least 
      costs more than the parallelism gains";
 
 /// Jobs waiting for a thread of a full blocking pool.
+/// A span guard held across an `.await`: loopwatch's phantom notice.
+pub(crate) const SPAN_GUARD_ACROSS_AWAIT: &str = "a span entered with `span.enter()` is held \
+    across an `.await` (tracing's docs warn against it): use `.instrument(span)` on the future, \
+    or `span.in_scope(..)` around code with no `.await`";
+
 pub(crate) const BLOCKING_POOL_FULL: &str = "the blocking pool is full: jobs that wait (sleep, \
      poll, hold locks) occupy its threads; make them async, raise max_blocking_threads, or give \
      long jobs a pool of their own";

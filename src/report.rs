@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::diagnose::symbols::Stacks;
-use crate::hints::{BLOCKING_POOL_FULL, CPU_JOBS_TOO_FINE};
+use crate::hints::{BLOCKING_POOL_FULL, CPU_JOBS_TOO_FINE, SPAN_GUARD_ACROSS_AWAIT};
 use crate::shared::Shared;
 use crate::stall::{Notice, Report, Stall, StallState};
 
@@ -164,6 +164,32 @@ fn notice_event(n: &Notice) {
              ({running} of {max} threads busy, {queued} jobs queued; {since_last} jobs waited \
              like this since the last notice); hint: {BLOCKING_POOL_FULL}"
         ),
+        Notice::Phantom {
+            kind,
+            stall,
+            since_last,
+        } => match stall {
+            Some(id) => tracing::warn!(
+                target: "loopwatch",
+                notice = "phantom_stall",
+                task.kind = kind.as_ref(),
+                stall.id = id,
+                phantoms = since_last,
+                hint = SPAN_GUARD_ACROSS_AWAIT,
+                "stall #{id} ({kind}) was not a stall: its worker was parked or running another \
+                 task, and the poll only looked open; it is dropped ({since_last} such polls \
+                 since the last notice); hint: {SPAN_GUARD_ACROSS_AWAIT}"
+            ),
+            None => tracing::info!(
+                target: "loopwatch",
+                notice = "phantom_poll",
+                task.kind = kind.as_ref(),
+                phantoms = since_last,
+                hint = SPAN_GUARD_ACROSS_AWAIT,
+                "a poll of {kind} looked open while its worker was parked: not a stall, ignored \
+                 ({since_last} such polls since the last notice); hint: {SPAN_GUARD_ACROSS_AWAIT}"
+            ),
+        },
         Notice::EnvIgnored { reason } => tracing::warn!(
             target: "loopwatch",
             notice = "env_ignored",

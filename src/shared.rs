@@ -28,6 +28,10 @@ pub(crate) struct Shared {
     pub(crate) polls_by_layer: [AtomicU64; 3],
     pub(crate) slow_by_layer: [AtomicU64; 3],
     pub(crate) stalls_total: AtomicU64,
+    /// Running stalls found to be phantoms afterwards (dropped, not reported as ended).
+    pub(crate) phantom_stalls: AtomicU64,
+    /// Polls the watchdog found to be phantoms (their threads parked).
+    pub(crate) phantoms_parked: AtomicU64,
     /// Stalls running now, by layer.
     pub(crate) in_progress: [AtomicU64; 3],
     /// Age of the oldest running stall in nanoseconds per layer, 0 when none runs.
@@ -153,6 +157,8 @@ impl Shared {
             polls_by_layer: Default::default(),
             slow_by_layer: Default::default(),
             stalls_total: AtomicU64::new(0),
+            phantom_stalls: AtomicU64::new(0),
+            phantoms_parked: AtomicU64::new(0),
             in_progress: Default::default(),
             oldest_ns: Default::default(),
             dropped_reports: AtomicU64::new(0),
@@ -291,6 +297,9 @@ impl Shared {
                 .each_ref()
                 .map(|a| a.load(Ordering::Relaxed)),
             stalls_total: self.stalls_total.load(Ordering::Relaxed),
+            phantom_polls: self.phantoms_parked.load(Ordering::Relaxed)
+                + slots.iter().map(Slot::phantoms).sum::<u64>(),
+            phantom_stalls: self.phantom_stalls.load(Ordering::Relaxed),
             stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
             dropped_reports: self.dropped_reports.load(Ordering::Relaxed),

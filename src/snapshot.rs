@@ -118,6 +118,13 @@ pub struct Snapshot {
     pub stalls_total: u64,
     /// Stalls running now.
     pub stalls_in_progress: u64,
+    /// Polls found to be phantoms: a span entered with `span.enter()` and held across an
+    /// `.await` kept the poll open on a worker that was parked or running another task. They
+    /// are ended uncounted, never reported as stalls (see README, "What is watched").
+    pub phantom_polls: u64,
+    /// Of the stalls reported running, those found afterwards to be phantoms (dropped: no
+    /// ended report; a notice names them).
+    pub phantom_stalls: u64,
     /// How long the oldest running stall has run, if any runs.
     pub oldest_stall: Option<Duration>,
     /// Stall reports dropped because the report queue was full.

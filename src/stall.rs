@@ -357,6 +357,15 @@ pub(crate) enum Notice {
     ListenerOff { reason: String },
     /// An environment value was not used, and why.
     EnvIgnored { reason: String },
+    /// A poll was a phantom: a span entered with `span.enter()` and held across an `.await`
+    /// kept it open on a worker that was in fact parked, or running another task. `stall`:
+    /// the running stall it had been reported as, if it got that far.
+    Phantom {
+        kind: Arc<str>,
+        stall: Option<u64>,
+        /// Phantoms since the last notice (notices are rate limited), this one included.
+        since_last: u64,
+    },
     /// A CPU pool is fed jobs too small to be worth a dispatch.
     #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
     CpuTooFine {

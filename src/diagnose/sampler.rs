@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ports::{Kernel, RequestError, StackPort};
-use super::verdict::{fold, Reading, Tally};
+use super::verdict::{fold, Activity, Reading, Tally};
 use super::{Cause, CauseShare};
 use crate::config::Config;
 use crate::stall::{CpuTime, StackStatus};
@@ -31,6 +31,9 @@ pub(crate) struct Probe<T> {
     pub(crate) seq: u64,
     tally: Tally,
     last: Option<Reading>,
+    /// A reading found the thread parked in the runtime (see
+    /// [`is_runtime_park`](super::syscalls::is_runtime_park)): the poll is not running.
+    parked: bool,
     /// The thread followed, and what is kept open for it.
     thread: Option<(u64, T)>,
 }
@@ -41,8 +44,14 @@ impl<T> Probe<T> {
             seq,
             tally: Tally::default(),
             last: None,
+            parked: false,
             thread: None,
         }
+    }
+
+    /// Has a reading found the thread parked in the runtime?
+    pub(crate) fn parked(&self) -> bool {
+        self.parked
     }
 
     /// Readings taken so far.
@@ -186,6 +195,9 @@ impl Sampler {
         let Some(reading) = kernel.read(thread, now_ns) else {
             return;
         };
+        if let Activity::Syscall(nr) = reading.activity {
+            p.parked |= super::syscalls::is_runtime_park(nr);
+        }
         match &p.last {
             Some(prev) => fold(&mut p.tally, prev, &reading),
             None => p.tally.set_instant(reading.instant_cause()),

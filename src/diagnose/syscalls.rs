@@ -3,6 +3,15 @@
 //! reported as `syscall(#N)`.
 
 /// The name of syscall `nr` on this architecture, if known.
+/// Is `nr` the call a tokio worker parks in while it holds the I/O driver (mio's
+/// `epoll_wait`)? A thread asleep in it is between polls, whatever its slot says.
+pub(crate) fn is_runtime_park(nr: i64) -> bool {
+    matches!(
+        name(nr),
+        Some("epoll_wait" | "epoll_pwait" | "epoll_pwait2")
+    )
+}
+
 pub(crate) fn name(nr: i64) -> Option<&'static str> {
     TABLE
         .iter()

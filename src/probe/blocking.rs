@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::task::JoinHandle;
 
-use crate::board::Board;
+use crate::board::{Board, PROBE};
 use crate::probe::layer::current_task_id;
 use crate::stall::LayerKind;
 use crate::words::{CulpritWord, Wait};
@@ -40,11 +40,11 @@ where
         struct Done<'a>(&'a Arc<Board>);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.exit();
+                self.0.exit(PROBE);
                 self.0.blocking.finished.fetch_add(1, Ordering::Relaxed);
             }
         }
-        board.enter(word, current_task_id, waited);
+        board.enter(PROBE, word, current_task_id, waited);
         let _done = Done(&board);
         f()
     })

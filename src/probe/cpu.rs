@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::board::Board;
+use crate::board::{Board, PROBE};
 use crate::stall::LayerKind;
 use crate::words::{CulpritWord, Wait};
 
@@ -149,12 +149,12 @@ impl Job {
         struct Done<'a>(&'a Job, &'a Arc<Board>, Instant);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.1.exit();
+                self.1.exit(PROBE);
                 let nanos = u64::try_from(self.2.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 self.0.stats.record(nanos);
             }
         }
-        board.enter(self.word, || 0, Wait::UNKNOWN);
+        board.enter(PROBE, self.word, || 0, Wait::UNKNOWN);
         let _done = Done(&self, board, Instant::now());
         f()
     }

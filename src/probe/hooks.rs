@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::runtime::{Builder, TaskMeta};
 
-use crate::board::Board;
+use crate::board::{Board, PROBE};
 use crate::probe::layer::task_id_u64;
 use crate::words::{CulpritWord, Wait};
 
@@ -33,12 +33,13 @@ pub(crate) fn install<'a>(
         .on_before_task_poll(move |meta: &TaskMeta<'_>| {
             let loc = meta.spawned_at();
             before.enter(
+                PROBE,
                 CulpritWord::location(loc),
                 || task_id_u64(meta.id()),
                 waited(meta),
             );
         })
-        .on_after_task_poll(move |_meta: &TaskMeta<'_>| after.exit())
+        .on_after_task_poll(move |_meta: &TaskMeta<'_>| after.exit(PROBE))
 }
 
 /// How long the task waited from its wake to this poll, if tokio tracks it.

@@ -237,6 +237,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
         if let Some(shared) = &self.shared {
             if let Some((word, task)) = shared.spans.get(id.into_u64()) {
                 shared.board.enter(
+                    id.into_u64(),
                     word,
                     || if task != 0 { task } else { current_task_id() },
                     Wait::UNKNOWN,
@@ -249,7 +250,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
     fn on_exit(&self, id: &Id, _ctx: Context<'_, S>) {
         if let Some(shared) = &self.shared {
             if shared.spans.get(id.into_u64()).is_some() {
-                shared.board.exit();
+                shared.board.exit(id.into_u64());
             }
         }
     }

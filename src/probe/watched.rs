@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use atomic_waker::AtomicWaker;
 
-use crate::board::{Board, CLOCK_UNKNOWN};
+use crate::board::{Board, CLOCK_UNKNOWN, PROBE};
 use crate::probe::layer::current_task_id;
 use crate::stall::LayerKind;
 use crate::words::{CulpritWord, Wait};
@@ -235,7 +235,7 @@ struct ExitOnDrop<'a>(&'a Arc<Board>);
 impl Drop for ExitOnDrop<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.0.exit();
+        self.0.exit(PROBE);
     }
 }
 
@@ -250,14 +250,14 @@ impl<F: Future> Future for Watched<F> {
         };
         let Some((note, waker)) = this.wake else {
             // schedule_delay is off: the poll is timed, the waker left alone.
-            board.enter(*this.word, || task_id(this.task), Wait::UNKNOWN);
+            board.enter(PROBE, *this.word, || task_id(this.task), Wait::UNKNOWN);
             let _exit = ExitOnDrop(board);
             return this.inner.poll(cx);
         };
         let waited = note.take_wait();
         // Registered before the future is polled: a wake during the poll reaches the task.
         note.task.register(cx.waker());
-        board.enter(*this.word, || task_id(this.task), waited);
+        board.enter(PROBE, *this.word, || task_id(this.task), waited);
         note.polling.store(true, Ordering::Relaxed);
         let out = {
             let _exit = ExitOnDrop(board);

@@ -41,6 +41,10 @@ pub(crate) trait SlotPort {
     fn meta(&self) -> Option<ThreadMeta>;
     /// Hands each record pushed since the last drain to `f`.
     fn drain(&self, f: &mut dyn FnMut(Record));
+    /// Marks poll `seq` a phantom: its thread was seen parked (the owner ends it).
+    fn mark_phantom(&self, seq: u64);
+    /// The poll marked a phantom last, by the watchdog or by its owner.
+    fn marked_phantom(&self) -> u64;
 }
 
 impl SlotPort for Slot {
@@ -65,7 +69,16 @@ impl SlotPort for Slot {
     fn drain(&self, f: &mut dyn FnMut(Record)) {
         self.drain_samples(f);
     }
+    fn mark_phantom(&self, seq: u64) {
+        Slot::mark_phantom(self, seq);
+    }
+    fn marked_phantom(&self) -> u64 {
+        Slot::marked_phantom(self)
+    }
 }
+
+/// Phantom polls are said at most this often (with how many since the last notice).
+const PHANTOM_NOTICE_NS: u64 = 10_000_000_000;
 
 /// A stalled thread is read on every tick until it has this many readings, then one tick in
 /// eight, so many long stalls at once stay cheap to watch.
@@ -140,6 +153,9 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     notices: Vec<Notice>,
     next_stall_id: u64,
     ticks: u64,
+    /// Phantom polls not said yet, and when one was last said.
+    phantoms_unsaid: u64,
+    phantom_said_ns: Option<u64>,
     /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
     last_tick_ns: u64,
     /// What to send the reporter, in order; the driver takes it after each tick.
@@ -171,6 +187,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             notices: Vec::new(),
             next_stall_id: 1,
             ticks: 0,
+            phantoms_unsaid: 0,
+            phantom_said_ns: None,
             last_tick_ns: 0,
             out: Vec::new(),
         }
@@ -194,14 +212,22 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
 
             if let Some(mut open) = self.states[i].open.take() {
                 if r.seq == open.seq {
-                    let o = &mut oldest[open.record.layer as usize];
-                    *o = (*o).max(now.saturating_sub(open.start_ns));
                     self.sample(i, slot, &r, now);
-                    if open.retry_until_ns.is_some() {
-                        self.ask_stack(i, slot, &mut open, now);
+                    if self.parked(i, slot, &r) {
+                        self.shared.phantoms_parked.fetch_add(1, Ordering::Relaxed);
+                        self.end_phantom(i, open, now);
+                    } else {
+                        let o = &mut oldest[open.record.layer as usize];
+                        *o = (*o).max(now.saturating_sub(open.start_ns));
+                        if open.retry_until_ns.is_some() {
+                            self.ask_stack(i, slot, &mut open, now);
+                        }
+                        self.progress(&mut open, now);
+                        self.states[i].open = Some(open);
                     }
-                    self.progress(&mut open, now);
-                    self.states[i].open = Some(open);
+                } else if slot.marked_phantom() == open.seq {
+                    // Its owner found it a phantom (another task's poll nested in it).
+                    self.end_phantom(i, open, now);
                 } else {
                     self.end_stall(i, slot, &r, open, now);
                 }
@@ -316,10 +342,18 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             let mid = lo + (first_seen - lo) / 2;
             (now.saturating_sub(first_seen), mid)
         };
+        if slot.marked_phantom() == r.seq {
+            return None;
+        }
         // A suspect (half-way to the threshold): sample its thread, so the cause is known from
         // several samples by the time it becomes a stall.
         if age_lower >= threshold / 2 {
             self.sample(i, slot, r, now);
+            if self.parked(i, slot, r) {
+                self.shared.phantoms_parked.fetch_add(1, Ordering::Relaxed);
+                self.note_phantom(now, kind, None);
+                return None;
+            }
         }
         if age_lower < threshold {
             return None;
@@ -507,6 +541,48 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         }
         let stall = open.record.clone();
         self.send(stall, open.raw_stack.clone());
+    }
+
+    /// Was the thread of poll `r` on slot `i` seen parked in the runtime while the poll was
+    /// still open? Then the poll is not running: a phantom (a span entered with `span.enter()`
+    /// and held across an `.await`, on a worker that then went idle). It is marked, so the
+    /// owner ends it at its next enter. The slot is read again after the reading: a poll that
+    /// ended just before it (its worker then parked) is a real one.
+    fn parked(&mut self, i: usize, slot: &impl SlotPort, r: &SlotRead) -> bool {
+        let parked = matches!(&self.states[i].probe, Some(p) if p.seq == r.seq && p.parked());
+        if parked && slot.read().seq == r.seq {
+            slot.mark_phantom(r.seq);
+            return true;
+        }
+        false
+    }
+
+    /// The stall `open` on slot `i` was a phantom: it is dropped, not reported as ended (its
+    /// running report said what was known then; the notice says what it was).
+    fn end_phantom(&mut self, i: usize, open: Open, now: u64) {
+        self.states[i].probe = None;
+        self.shared.in_progress[open.record.layer as usize].fetch_sub(1, Ordering::Relaxed);
+        self.shared.phantom_stalls.fetch_add(1, Ordering::Relaxed);
+        self.note_phantom(now, open.kind, Some(open.record.id));
+    }
+
+    /// Says (at most every [`PHANTOM_NOTICE_NS`]) that a poll of `kind` was a phantom.
+    fn note_phantom(&mut self, now: u64, kind: KindId, stall: Option<u64>) {
+        self.phantoms_unsaid += 1;
+        if self
+            .phantom_said_ns
+            .is_some_and(|t| now.saturating_sub(t) < PHANTOM_NOTICE_NS)
+            && stall.is_none()
+        {
+            return;
+        }
+        self.phantom_said_ns = Some(now);
+        let label: Arc<str> = self.shared.board.kinds.get(kind).label().into();
+        self.out.push(Report::Notice(Notice::Phantom {
+            kind: label,
+            stall,
+            since_last: std::mem::take(&mut self.phantoms_unsaid),
+        }));
     }
 
     fn end_stall(

@@ -18,7 +18,7 @@ use crate::diagnose::verdict::{Activity, Reading};
 use crate::diagnose::{Cause, Syscall};
 use crate::probe::layer::LayerShared;
 use crate::shared::Shared;
-use crate::stall::{LayerKind, Report, StackStatus, Stall, StallState};
+use crate::stall::{LayerKind, Notice, Report, StackStatus, Stall, StallState};
 use crate::words::{CulpritWord, Measure};
 
 const MS: u64 = 1_000_000;
@@ -34,6 +34,7 @@ struct FakeSlot {
     flagged: Cell<Option<u64>>,
     end_exact: Cell<u64>,
     end_coarse: Cell<u64>,
+    phantom: Cell<u64>,
     tid: u64,
     records: RefCell<Vec<Record>>,
 }
@@ -54,6 +55,7 @@ impl FakeSlot {
             flagged: Cell::new(None),
             end_exact: Cell::new(0),
             end_coarse: Cell::new(0),
+            phantom: Cell::new(0),
             tid,
             records: RefCell::new(Vec::new()),
         }
@@ -130,6 +132,12 @@ impl SlotPort for FakeSlot {
         for r in self.records.borrow_mut().drain(..) {
             f(r);
         }
+    }
+    fn mark_phantom(&self, seq: u64) {
+        self.phantom.set(seq);
+    }
+    fn marked_phantom(&self) -> u64 {
+        self.phantom.get()
     }
 }
 
@@ -1060,4 +1068,127 @@ fn a_sleeping_thread_whose_state_cannot_be_read_is_unknown_not_cpu() {
         s.hint, None,
         "no advice to move CPU work for a thread that slept"
     );
+}
+
+// --- phantoms: a span guard held across an `.await` -----------------------------------------
+
+/// The number of the call tokio's driver parks in (`epoll_wait`, or `epoll_pwait`).
+fn park_nr() -> i64 {
+    (0..512)
+        .find(|&nr| crate::diagnose::syscalls::is_runtime_park(nr))
+        .expect("a park call on this architecture")
+}
+
+fn phantom_notices(rig: &mut Rig) -> Vec<(Option<u64>, u64)> {
+    rig.core
+        .out
+        .iter()
+        .filter_map(|r| match r {
+            Report::Notice(Notice::Phantom {
+                stall, since_last, ..
+            }) => Some((*stall, *since_last)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_poll_whose_thread_is_parked_in_the_driver_is_a_phantom_not_a_stall() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Syscall(park_nr()), 0.0);
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.ticks(1, 40, &slot);
+    assert_eq!(phantom_notices(&mut rig), vec![(None, 1)]);
+    assert!(rig.stalls().is_empty(), "a parked worker is not stalled");
+    assert_eq!(
+        slot[0].marked_phantom(),
+        slot[0].seq(),
+        "marked for its owner"
+    );
+    let snap = rig.shared.snapshot();
+    assert_eq!((snap.phantom_polls, snap.stalls_in_progress), (1, 0));
+    // The owner ends it at its next enter; the next real stall is seen as ever.
+    slot[0].end(41 * MS);
+    rig.script(TID, Activity::Running, 1.0);
+    slot[0].start(rig.word, 8, 42 * MS);
+    rig.ticks(42, 60, &slot);
+    let s = rig.one_stall();
+    assert_eq!((s.task.id, s.cause), (Some(8), Cause::Cpu));
+}
+
+#[test]
+fn a_lock_wait_is_no_phantom() {
+    // futex: a std Mutex held elsewhere, or tokio's parker; without park hooks it cannot be
+    // told apart from a lock wait, so it stays a stall.
+    let futex = (0..512)
+        .find(|&nr| crate::diagnose::syscalls::name(nr) == Some("futex"))
+        .expect("the table names futex");
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Syscall(futex), 0.0);
+    let s = detect(&mut rig);
+    assert_eq!(s.cause, Cause::Syscall(Syscall::from_nr(futex)));
+    assert!(phantom_notices(&mut rig).is_empty());
+}
+
+#[test]
+fn a_running_stall_whose_thread_then_parks_is_dropped_as_a_phantom() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 1.0);
+    let slot = rig.stalled();
+    let running = rig.one_stall();
+    assert_eq!(running.state, StallState::Running);
+    assert_eq!(rig.shared.snapshot().stalls_in_progress, 1);
+    rig.script(TID, Activity::Syscall(park_nr()), 0.0);
+    rig.ticks(12, 30, &slot);
+    assert_eq!(phantom_notices(&mut rig), vec![(Some(running.id), 1)]);
+    assert!(rig.stalls().is_empty(), "no ended report for a phantom");
+    let snap = rig.shared.snapshot();
+    assert_eq!(
+        (
+            snap.stalls_in_progress,
+            snap.phantom_stalls,
+            snap.phantom_polls
+        ),
+        (0, 1, 1)
+    );
+    assert_eq!(snap.oldest_stall, None);
+}
+
+#[test]
+fn a_stall_its_owner_found_a_phantom_gets_no_ended_report() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 1.0);
+    let slot = rig.stalled();
+    let running = rig.one_stall();
+    rig.ticks(12, 20, &slot);
+    assert!(rig.stalls().is_empty());
+    // Another task's poll nested in it: the owner ended it as a phantom (and said so).
+    slot[0].mark_phantom(slot[0].seq());
+    slot[0].end(21 * MS);
+    rig.tick(22 * MS, &slot);
+    assert_eq!(phantom_notices(&mut rig), vec![(Some(running.id), 1)]);
+    assert!(rig.stalls().is_empty());
+    assert_eq!(rig.shared.snapshot().stalls_in_progress, 0);
+}
+
+#[test]
+fn phantom_notices_are_rate_limited_and_count_what_they_did_not_say() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Syscall(park_nr()), 0.0);
+    let slot = [FakeSlot::new(TID)];
+    let mut t = 1;
+    for task in 0..5 {
+        slot[0].start(rig.word, 100 + task, t * MS);
+        rig.ticks(t + 1, t + 30, &slot);
+        slot[0].end((t + 31) * MS);
+        t += 32;
+    }
+    // 5 phantoms within 10 s: one notice for the first; the next says 5 when it is due.
+    assert_eq!(phantom_notices(&mut rig), vec![(None, 1)]);
+    rig.core.out.clear();
+    slot[0].start(rig.word, 200, 11_000 * MS);
+    rig.ticks(11_001, 11_030, &slot);
+    assert_eq!(phantom_notices(&mut rig), vec![(None, 5)]);
+    assert_eq!(rig.shared.snapshot().phantom_polls, 6);
 }

@@ -16,6 +16,7 @@ mod idle_then_stall;
 mod loop_lag;
 mod report_event;
 mod short_polls_not_reported;
+mod span_guard_across_await;
 mod stall_never_returns;
 mod stall_reported_while_running;
 mod task_identity;
