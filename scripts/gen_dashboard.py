@@ -59,7 +59,7 @@ y += 6
 
 row("What stalls, and why")
 panel("timeseries", "Stalls per second by cause", [(f'sum by (cause, syscall) (rate(loopwatch_stalls_total{{{SEL}}}[$__rate_interval]))', "{{cause}} {{syscall}}")], 0, 12, unit="ops",
-      description="cpu: computing on the worker; syscall: blocked in that system call; starved: the host gave the thread no CPU.")
+      description="cpu: computing on the worker; syscall: blocked in that system call; starved: the host gave the thread no CPU; throttled: the container's CPU quota ran out.")
 panel("timeseries", "Time stalled (share of one worker)", [(f'sum by (layer) (rate(loopwatch_stall_duration_seconds_sum{{{SEL}}}[$__rate_interval]))', "{{layer}}")], 12, 12, unit="percentunit",
       description="Seconds of worker time held by stalled polls, per second.")
 y += 8

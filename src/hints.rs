@@ -22,6 +22,11 @@ pub(crate) const CPU_JOBS_TOO_FINE: &str = "batch these: give each job at least 
      costs more than the parallelism gains";
 
 /// Jobs waiting for a thread of a full blocking pool.
+/// Throttled by the cgroup's CPU quota.
+pub(crate) const THROTTLED: &str = "the container's CPU quota (cgroup cpu.max) ran out: every \
+    thread of the process waits for the next period; raise the quota (the pod's CPU limit), or \
+    size the runtime to it (worker_threads, blocking and CPU pools); not this poll's code alone";
+
 /// A span guard held across an `.await`: loopwatch's phantom notice.
 pub(crate) const SPAN_GUARD_ACROSS_AWAIT: &str = "a span entered with `span.enter()` is held \
     across an `.await` (tracing's docs warn against it): use `.instrument(span)` on the future, \

@@ -31,7 +31,7 @@ pub use config::{
     MAX_TASK_KINDS_LIMIT, MAX_THREADS_LIMIT, MAX_THRESHOLD, MIN_THRESHOLD, MIN_TICK,
     PROMETHEUS_MAX_CONNECTIONS, REPORT_QUEUE_LIMIT,
 };
-pub use diagnose::{Cause, CauseShare, Frame, Stack, Syscall};
+pub use diagnose::{Cause, CauseShare, CpuQuota, Frame, Stack, Syscall};
 pub use error::Error;
 pub use export::table::{MetricDef, MetricKind, MetricUnit, DURATION_BUCKETS, METRICS};
 pub use guard::Guard;

@@ -12,6 +12,8 @@
 
 use std::fmt;
 
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+pub(crate) mod cgroup;
 pub(crate) mod ports;
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod proc;
@@ -37,6 +39,10 @@ pub enum Cause {
     Syscall(Syscall),
     /// The thread was runnable but not running: the host is out of CPU. Not the code's fault.
     Starved,
+    /// The thread was runnable but its cgroup's CPU quota was used up (the CFS bandwidth
+    /// limit of a container: `cpu.max`, or v1's `cpu.cfs_quota_us`): the container is out of
+    /// CPU. Not this poll's code alone: all the process's threads share the quota.
+    Throttled(CpuQuota),
     /// Not known (not Linux, the thread's state could not be read, or too few samples).
     Unknown,
 }
@@ -75,6 +81,7 @@ impl Cause {
             Cause::Cpu => "cpu",
             Cause::Syscall(_) => "syscall",
             Cause::Starved => "starved",
+            Cause::Throttled(_) => "throttled",
             Cause::Unknown => "unknown",
         }
     }
@@ -84,6 +91,7 @@ impl Cause {
         match self {
             Cause::Cpu => Some(crate::hints::CPU),
             Cause::Starved => Some(crate::hints::STARVED),
+            Cause::Throttled(_) => Some(crate::hints::THROTTLED),
             Cause::Syscall(s) => Some(crate::hints::syscall(s.name.unwrap_or(""))),
             Cause::Unknown => None,
         }
@@ -94,8 +102,47 @@ impl fmt::Display for Cause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Cause::Syscall(s) => write!(f, "syscall({s})"),
+            Cause::Throttled(q) => write!(f, "throttled({q})"),
             other => f.write_str(other.kind()),
         }
+    }
+}
+
+/// A cgroup's CPU quota: `quota_us` of CPU time per `period_us` of wall time, over all its
+/// threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct CpuQuota {
+    /// CPU time allowed per period, microseconds.
+    pub quota_us: u64,
+    /// The period, microseconds.
+    pub period_us: u64,
+}
+
+impl CpuQuota {
+    pub(crate) fn from_us(quota_us: u64, period_us: u64) -> Option<CpuQuota> {
+        (quota_us > 0 && period_us > 0).then_some(CpuQuota {
+            quota_us,
+            period_us,
+        })
+    }
+
+    /// How many CPUs the quota is worth (`quota / period`).
+    pub fn cpus(&self) -> f64 {
+        self.quota_us as f64 / self.period_us as f64
+    }
+}
+
+impl fmt::Display for CpuQuota {
+    /// `0.50 CPU: 50ms per 100ms`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.2} CPU: {}ms per {}ms",
+            self.cpus(),
+            self.quota_us as f64 / 1e3,
+            self.period_us as f64 / 1e3
+        )
     }
 }
 

@@ -6,6 +6,7 @@
 use std::fmt;
 
 use super::verdict::Reading;
+use super::CpuQuota;
 
 /// Reads a thread's kernel state: its CPU time and what it is doing.
 pub(crate) trait Kernel {
@@ -17,6 +18,9 @@ pub(crate) trait Kernel {
     /// One reading of `thread` at board time `at_ns`; `None` where there is no way to read one
     /// (not Linux).
     fn read(&mut self, thread: &mut Self::Thread, at_ns: u64) -> Option<Reading>;
+    /// How long `thread`'s cgroup has been throttled by its CPU quota so far (nanoseconds,
+    /// summed over CPUs), and that quota; `None` where there is no quota (or no cgroup).
+    fn throttle(&mut self, thread: &mut Self::Thread) -> Option<(u64, CpuQuota)>;
 }
 
 /// Frames kept from one capture, at most (signal or not).
@@ -64,6 +68,10 @@ impl Kernel for ProcKernel {
     fn open(&mut self, _tid: u64) -> Self::Thread {}
 
     fn read(&mut self, _thread: &mut Self::Thread, _at_ns: u64) -> Option<Reading> {
+        None
+    }
+
+    fn throttle(&mut self, _thread: &mut Self::Thread) -> Option<(u64, CpuQuota)> {
         None
     }
 }

@@ -7,8 +7,10 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 
+use super::cgroup::CpuLimit;
 use super::ports::{Kernel, ProcKernel};
 use super::verdict::{Activity, Reading};
+use super::CpuQuota;
 
 /// Reads a small proc file into `buf`, returning the text.
 fn read_small<'a>(path: &str, buf: &'a mut [u8; 512]) -> Option<&'a str> {
@@ -54,6 +56,8 @@ fn thread_cpu_ns(tid: u64) -> Option<u64> {
 pub(crate) struct Thread {
     tid: u64,
     syscall: Option<File>,
+    /// The CPU quota of its cgroup, looked up once (no quota: `None`).
+    limit: Option<CpuLimit>,
 }
 
 impl Thread {
@@ -61,6 +65,7 @@ impl Thread {
         Thread {
             tid,
             syscall: File::open(format!("/proc/self/task/{tid}/syscall")).ok(),
+            limit: CpuLimit::of_thread(tid),
         }
     }
 
@@ -191,6 +196,11 @@ impl Kernel for ProcKernel {
 
     fn read(&mut self, thread: &mut Self::Thread, at_ns: u64) -> Option<Reading> {
         Some(thread.read(at_ns))
+    }
+
+    fn throttle(&mut self, thread: &mut Self::Thread) -> Option<(u64, CpuQuota)> {
+        let limit = thread.limit.as_ref()?;
+        Some((limit.throttled_ns()?, limit.quota))
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::ports::{Kernel, RequestError, StackPort};
 use super::verdict::{fold, Activity, Reading, Tally};
-use super::{Cause, CauseShare};
+use super::{Cause, CauseShare, CpuQuota};
 use crate::config::Config;
 use crate::stall::{CpuTime, StackStatus};
 use std::time::Duration;
@@ -34,6 +34,8 @@ pub(crate) struct Probe<T> {
     /// A reading found the thread parked in the runtime (see
     /// [`is_runtime_park`](super::syscalls::is_runtime_park)): the poll is not running.
     parked: bool,
+    /// The cgroup's throttled time at the first reading and at the last, and its quota.
+    throttle: Option<(u64, u64, CpuQuota)>,
     /// The thread followed, and what is kept open for it.
     thread: Option<(u64, T)>,
 }
@@ -45,6 +47,7 @@ impl<T> Probe<T> {
             tally: Tally::default(),
             last: None,
             parked: false,
+            throttle: None,
             thread: None,
         }
     }
@@ -66,7 +69,28 @@ impl<T> Probe<T> {
             cpu: Duration::from_nanos(cpu),
             sampled: Duration::from_nanos(wall),
         });
-        (self.tally.verdict(threshold_ns), self.tally.shares(), cpu)
+        match self.throttle {
+            Some((first, last, quota)) if last > first => {
+                let mut tally = self.tally.clone();
+                tally.throttled_by(last - first, quota);
+                (tally.verdict(threshold_ns), tally.shares(), cpu)
+            }
+            _ => (self.tally.verdict(threshold_ns), self.tally.shares(), cpu),
+        }
+    }
+
+    /// Reads the cgroup's throttled time again (its kernel adds it when the group may run
+    /// again: up to a period after the throttling), so the verdict sees throttling that ended.
+    fn note_throttle<K: Kernel<Thread = T>>(&mut self, kernel: &mut K) {
+        let Some((_, thread)) = self.thread.as_mut() else {
+            return;
+        };
+        if let Some((ns, quota)) = kernel.throttle(thread) {
+            self.throttle = Some(match self.throttle {
+                Some((first, _, _)) => (first, ns, quota),
+                None => (ns, ns, quota),
+            });
+        }
     }
 }
 
@@ -198,12 +222,21 @@ impl Sampler {
         if let Activity::Syscall(nr) = reading.activity {
             p.parked |= super::syscalls::is_runtime_park(nr);
         }
+        p.note_throttle(kernel);
         match &p.last {
             Some(prev) => fold(&mut p.tally, prev, &reading),
             None => p.tally.set_instant(reading.instant_cause()),
         }
         p.last = Some(reading);
         counters.samples.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The poll sampled by `probe` ended: a last look at its cgroup's throttled time (no
+    /// reading of the thread: it has moved on).
+    pub(crate) fn finish<K: Kernel>(&self, kernel: &mut K, probe: &mut Option<Probe<K::Thread>>) {
+        if let Some(p) = probe.as_mut().filter(|_| self.diagnose) {
+            p.note_throttle(kernel);
+        }
     }
 
     /// Asks for the stack of thread `tid` (once per stall).

@@ -2,7 +2,7 @@
 //! arithmetic on readings (where they come from is `proc.rs` on Linux, or a test's script), so
 //! every rule here runs in unit tests on any host.
 
-use super::{Cause, CauseShare, Syscall};
+use super::{Cause, CauseShare, CpuQuota, Syscall};
 
 /// What a thread was doing at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,9 @@ pub(crate) struct Tally {
     wall_ns: u64,
     /// Sleeping time per syscall number.
     sleep_ns: Vec<(i64, u64)>,
+    /// Of the starved time, what the cgroup's CPU quota explains (see
+    /// [`throttled_by`](Self::throttled_by)), and that quota.
+    throttled: Option<(u64, CpuQuota)>,
     /// The last instantaneous reading, for a verdict with no interval yet.
     last_instant: Option<Cause>,
     pub(crate) samples: u32,
@@ -89,6 +92,18 @@ impl Tally {
         }
     }
 
+    /// The thread's cgroup was throttled `delta_ns` (summed over its CPUs) while these
+    /// intervals were sampled: that much of the starved time, at most, was the quota's doing.
+    /// Applied once, to a tally about to give its verdict.
+    pub(crate) fn throttled_by(&mut self, delta_ns: u64, quota: CpuQuota) {
+        if delta_ns == 0 {
+            return;
+        }
+        let ns = delta_ns.min(self.starved_ns);
+        self.starved_ns -= ns;
+        self.throttled = Some((ns, quota));
+    }
+
     pub(crate) fn set_instant(&mut self, cause: Cause) {
         self.last_instant = Some(cause);
         self.samples += 1;
@@ -101,6 +116,9 @@ impl Tally {
             (Cause::Starved, self.starved_ns),
             (Cause::Unknown, self.unknown_ns),
         ];
+        if let Some((ns, quota)) = self.throttled {
+            v.push((Cause::Throttled(quota), ns));
+        }
         v.extend(
             self.sleep_ns
                 .iter()
@@ -163,6 +181,38 @@ mod tests {
         assert_eq!(s[1].cause, Cause::Cpu);
         assert_eq!(s[2].cause, Cause::Starved);
         assert_eq!(t.samples, 3);
+    }
+
+    #[test]
+    fn starved_time_the_quota_explains_is_throttled() {
+        let quota = CpuQuota::from_us(10_000, 100_000).unwrap();
+        // 12 ms of CPU over 100 ms, runnable the rest; the cgroup was throttled 88 ms.
+        let mut t = Tally::default();
+        for _ in 0..10 {
+            t.add_interval(10_000_000, 1_200_000, Activity::Running);
+        }
+        t.throttled_by(88_000_000, quota);
+        let s = t.shares();
+        assert_eq!(s[0].cause, Cause::Throttled(quota));
+        assert!((s[0].share - 0.88).abs() < 1e-9, "{s:?}");
+        assert_eq!(s[1].cause, Cause::Cpu);
+        assert_eq!(t.verdict(20_000_000), Cause::Throttled(quota));
+        // Throttled more than it starved (the quota's time is summed over CPUs): at most the
+        // starved time is the quota's.
+        let mut t = Tally::default();
+        t.add_interval(100_000_000, 40_000_000, Activity::Running);
+        t.throttled_by(500_000_000, quota);
+        assert_eq!(
+            t.shares().iter().map(|s| s.cause).collect::<Vec<_>>(),
+            vec![Cause::Throttled(quota), Cause::Cpu]
+        );
+        // A poll whose own CPU reached the threshold is cpu, throttled or not.
+        assert_eq!(t.verdict(30_000_000), Cause::Cpu);
+        // No throttling in the window: starved, as before.
+        let mut t = Tally::default();
+        t.add_interval(100_000_000, 10_000_000, Activity::Running);
+        t.throttled_by(0, quota);
+        assert_eq!(t.verdict(20_000_000), Cause::Starved);
     }
 
     #[test]

@@ -636,6 +636,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             (now, false)
         };
         let threshold = open.record.threshold.as_nanos() as u64;
+        self.sampler
+            .finish(&mut self.kernel, &mut self.states[i].probe);
         let (cause, shares, cpu) = self.verdict(i, open.seq, threshold);
         let mut record = open.record;
         record.state = StallState::Ended;

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::diagnose::ports::{Kernel, RequestError, StackPort};
 use crate::diagnose::sampler::Sampler;
 use crate::diagnose::verdict::{Activity, Reading};
-use crate::diagnose::{Cause, Syscall};
+use crate::diagnose::{Cause, CpuQuota, Syscall};
 use crate::probe::layer::LayerShared;
 use crate::shared::Shared;
 use crate::stall::{LayerKind, Notice, Report, StackStatus, Stall, StallState};
@@ -154,6 +154,9 @@ struct ThreadScript {
 #[derive(Default)]
 struct ScriptedKernel {
     scripts: HashMap<u64, ThreadScript>,
+    /// A thread's cgroup: its quota and throttled time so far (set by the test, as the kernel
+    /// adds it: when the group may run again).
+    throttle: HashMap<u64, (CpuQuota, u64)>,
     /// (tid, at_ns) of every reading taken.
     reads: Vec<(u64, u64)>,
     opened: Vec<u64>,
@@ -190,6 +193,10 @@ impl Kernel for ScriptedKernel {
             cpu_ns: Some(t.cpu_ns as u64),
             activity: s.activity,
         })
+    }
+
+    fn throttle(&mut self, t: &mut Followed) -> Option<(u64, CpuQuota)> {
+        self.throttle.get(&t.tid).map(|&(q, ns)| (ns, q))
     }
 }
 
@@ -1191,4 +1198,91 @@ fn phantom_notices_are_rate_limited_and_count_what_they_did_not_say() {
     rig.ticks(11_001, 11_030, &slot);
     assert_eq!(phantom_notices(&mut rig), vec![(None, 5)]);
     assert_eq!(rig.shared.snapshot().phantom_polls, 6);
+}
+
+// --- CPU-quota throttling ---------------------------------------------------------------
+
+#[test]
+fn a_poll_starved_while_its_cgroup_was_throttled_is_throttled() {
+    let quota = CpuQuota::from_us(10_000, 100_000).unwrap();
+    let mut rig = rig(config(|_| {}));
+    // 8 % of a CPU (8 ms in 100: under the threshold): runnable the rest of the time, within
+    // a cgroup allowed 0.1 CPU.
+    rig.script(TID, Activity::Running, 0.08);
+    rig.core
+        .kernel_mut()
+        .throttle
+        .insert(TID, (quota, 5_000_000));
+    let slot = rig.stalled();
+    // The kernel has not accounted this period's throttling yet: starved, for now.
+    let running = rig.one_stall();
+    assert_eq!(running.cause, Cause::Starved);
+    rig.ticks(12, 99, &slot);
+    // The group may run again: the kernel adds the 80 ms it was held.
+    rig.core
+        .kernel_mut()
+        .throttle
+        .insert(TID, (quota, 85_000_000));
+    let ended = end_at(&mut rig, &slot, 100);
+    assert_eq!(ended.cause, Cause::Throttled(quota), "{ended}");
+    assert_eq!(ended.hint, Some(crate::hints::THROTTLED));
+    assert_eq!(ended.cause.kind(), "throttled");
+    assert_eq!(
+        ended.cause.to_string(),
+        "throttled(0.10 CPU: 10ms per 100ms)"
+    );
+    let shares = &ended.cause_shares;
+    assert_eq!(shares[0].cause, Cause::Throttled(quota), "{shares:?}");
+    assert!(shares.iter().any(|s| s.cause == Cause::Cpu));
+}
+
+#[test]
+fn a_poll_whose_cpu_reached_the_threshold_is_cpu_even_when_throttled() {
+    let quota = CpuQuota::from_us(50_000, 100_000).unwrap();
+    let mut rig = rig(config(|_| {}));
+    // Half a CPU for 60 ms: 30 ms of CPU, past the 10 ms threshold.
+    rig.script(TID, Activity::Running, 0.5);
+    rig.core.kernel_mut().throttle.insert(TID, (quota, 0));
+    let slot = rig.stalled();
+    rig.one_stall();
+    rig.ticks(12, 59, &slot);
+    rig.core
+        .kernel_mut()
+        .throttle
+        .insert(TID, (quota, 30_000_000));
+    let ended = end_at(&mut rig, &slot, 60);
+    assert_eq!(ended.cause, Cause::Cpu, "{ended}");
+    assert!(
+        ended
+            .cause_shares
+            .iter()
+            .any(|s| s.cause == Cause::Throttled(quota)),
+        "{ended}"
+    );
+}
+
+/// Ends the stalled poll on `slot` exactly at `end_ms` (ticked up to the tick before) and
+/// returns its ended report.
+fn end_at(rig: &mut Rig, slot: &[FakeSlot; 1], end_ms: u64) -> Stall {
+    slot[0].end_exactly(end_ms * MS);
+    rig.tick((end_ms + 1) * MS, slot);
+    rig.stalls()
+        .into_iter()
+        .rfind(|s| s.state == StallState::Ended)
+        .expect("the ended report")
+}
+
+#[test]
+fn starvation_without_throttling_stays_starved() {
+    let quota = CpuQuota::from_us(50_000, 100_000).unwrap();
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 0.1);
+    rig.core
+        .kernel_mut()
+        .throttle
+        .insert(TID, (quota, 42_000_000));
+    let slot = rig.stalled();
+    rig.one_stall();
+    let ended = rig.run_to_end(&slot, 60);
+    assert_eq!(ended.cause, Cause::Starved, "{ended}");
 }

@@ -40,7 +40,14 @@ fn guards_across_awaits(h: &common::Harness, rt: &tokio::runtime::Runtime) {
         stalls.is_empty(),
         "a span guard across an await is no stall: {stalls:#?}"
     );
-    assert!(snap.phantom_polls >= 1, "{snap:?}");
+    if cfg!(tokio_unstable) {
+        // tokio's own task span is entered around every poll: the guard's span is nested in
+        // it, and the task span's exit closes both. No phantom at all.
+        assert_eq!(snap.phantom_polls, 0, "{snap:?}");
+    } else {
+        // Nothing around the poll: the guard's span looked like the poll, and was a phantom.
+        assert!(snap.phantom_polls >= 1, "{snap:?}");
+    }
 
     // A real stall on the same runtime afterwards is seen, under its own name.
     rt.block_on(async {

@@ -15,5 +15,6 @@ mod diagnose_off;
 mod diagnose_read;
 mod diagnose_sleep;
 mod diagnose_starved;
+mod diagnose_throttled;
 mod diagnose_unsupported;
 mod no_interrupted_calls;
