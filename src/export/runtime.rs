@@ -51,8 +51,9 @@ pub(crate) struct RuntimeProbe {
     steals: u64,
     #[cfg(tokio_unstable)]
     forced_yields: u64,
-    /// Each worker's busy time at the previous frame, and when that was.
+    /// Each worker's busy time and park/unpark count at the previous frame, and when that was.
     busy: Vec<Duration>,
+    parked: Vec<u64>,
     at: Instant,
     heartbeat: Arc<Heartbeat>,
     /// The runtime's threads, counted by its start and stop callbacks (stable tokio's only
@@ -89,6 +90,9 @@ impl RuntimeProbe {
             forced_yields: 0,
             busy: (0..m.num_workers())
                 .map(|w| m.worker_total_busy_duration(w))
+                .collect(),
+            parked: (0..m.num_workers())
+                .map(|w| m.worker_park_unpark_count(w))
                 .collect(),
             at: Instant::now(),
             heartbeat: Arc::default(),
@@ -160,12 +164,6 @@ impl RuntimeProbe {
             rt(),
             Value::Gauge(iv.global_queue_depth as f64),
         );
-        let ratio = iv.busy_ratio();
-        f.push(
-            M::RuntimeBusyRatio,
-            rt(),
-            Value::Gauge(if ratio.is_finite() { ratio } else { 0.0 }),
-        );
         f.push(M::RuntimeParks, rt(), Value::Counter(self.parks));
         // tokio counts its blocking threads itself under tokio_unstable; on stable, the
         // thread callbacks do: every thread it started, less the workers of a multi-thread
@@ -211,17 +209,72 @@ impl RuntimeProbe {
         self.at = now;
         let workers = m.num_workers();
         self.busy.resize(workers, Duration::ZERO);
-        for (w, prev) in self.busy.iter_mut().enumerate() {
+        self.parked.resize(workers, 0);
+        // A multi-thread runtime's workers are always at work or parked; a current-thread
+        // runtime's one "worker" is whoever calls `block_on`, and nobody may.
+        let multi = self.handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+        let mut sum = 0.0;
+        for (w, (prev, prev_parked)) in self.busy.iter_mut().zip(&mut self.parked).enumerate() {
             let total = m.worker_total_busy_duration(w);
+            let parked = m.worker_park_unpark_count(w);
             let delta = total.saturating_sub(*prev).as_secs_f64();
-            *prev = total;
-            let labels = vec![self.name.clone(), SharedString::from(w.to_string())];
-            let ratio = if elapsed > 0.0 {
+            let ratio = if multi {
+                worker_busy_ratio(delta, elapsed, *prev_parked, parked)
+            } else if elapsed > 0.0 {
                 (delta / elapsed).clamp(0.0, 1.0)
             } else {
                 0.0
             };
+            (*prev, *prev_parked) = (total, parked);
+            sum += ratio;
+            let labels = vec![self.name.clone(), SharedString::from(w.to_string())];
             f.push(M::RuntimeWorkerBusyRatio, labels, Value::Gauge(ratio));
         }
+        let mean = if workers > 0 {
+            sum / workers as f64
+        } else {
+            0.0
+        };
+        f.push(M::RuntimeBusyRatio, rt(), Value::Gauge(mean));
+    }
+}
+
+/// One worker's busy share of an interval of `elapsed` seconds in which tokio published
+/// `busy` seconds of busy time for it, and its park/unpark count went from `parked_before` to
+/// `parked_now` (odd: parked). tokio publishes a worker's busy time when it parks (and every
+/// few dozen polls): a worker held by one long poll publishes nothing, and would read idle
+/// exactly while it is stalled. A worker that neither parked nor unparked during the interval
+/// and is not parked was at work all of it: busy, whatever was published (multi-thread
+/// runtimes only: their workers are always at work or parked).
+pub(crate) fn worker_busy_ratio(
+    busy: f64,
+    elapsed: f64,
+    parked_before: u64,
+    parked_now: u64,
+) -> f64 {
+    if elapsed <= 0.0 {
+        return 0.0;
+    }
+    if parked_now == parked_before && parked_now % 2 == 0 {
+        return 1.0;
+    }
+    (busy / elapsed).clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_busy_ratio;
+
+    #[test]
+    fn a_worker_held_by_one_poll_is_busy_though_tokio_published_nothing() {
+        // Never parked in the interval, not parked now: a stall (or a long run of polls).
+        assert_eq!(worker_busy_ratio(0.0, 1.0, 6, 6), 1.0);
+        // Parked the whole interval.
+        assert_eq!(worker_busy_ratio(0.0, 1.0, 7, 7), 0.0);
+        // Parked and woke: what tokio published.
+        assert_eq!(worker_busy_ratio(0.25, 1.0, 7, 9), 0.25);
+        assert_eq!(worker_busy_ratio(0.25, 1.0, 6, 8), 0.25);
+        assert_eq!(worker_busy_ratio(3.0, 1.0, 6, 8), 1.0);
+        assert_eq!(worker_busy_ratio(0.5, 0.0, 6, 6), 0.0);
     }
 }

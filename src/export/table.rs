@@ -141,9 +141,9 @@ metrics! {
     RuntimeGlobalQueueDepth = "loopwatch_runtime_global_queue_depth", Gauge, Count, ["runtime"],
         "Tasks waiting in the runtime's global (injection) queue.";
     RuntimeBusyRatio = "loopwatch_runtime_busy_ratio", Gauge, Ratio, ["runtime"],
-        "Share of the last interval the runtime's workers were busy, summed over workers (tokio-metrics busy_ratio; up to the worker count).";
+        "Share of the last interval the runtime's workers were busy, averaged over workers (0..1; a worker held by a stall counts as busy).";
     RuntimeWorkerBusyRatio = "loopwatch_runtime_worker_busy_ratio", Gauge, Ratio, ["runtime", "worker"],
-        "Share of the last interval one worker was busy (0..1).";
+        "Share of the last interval one worker was busy (0..1; a worker that neither parked nor woke all interval, such as one held by a stall, is busy).";
     RuntimeParks = "loopwatch_runtime_parks_total", Counter, Count, ["runtime"],
         "Times the runtime's workers parked (went idle).";
     RuntimeBlockingThreads = "loopwatch_runtime_blocking_threads", Gauge, Count, ["runtime"],

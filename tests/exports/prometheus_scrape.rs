@@ -334,3 +334,42 @@ fn idle_scrape_clients_cannot_take_the_services_descriptors() {
         .is_some_and(|v| v >= 100.0)
     });
 }
+
+/// tokio publishes a worker's busy time when it parks: a worker frozen in one poll publishes
+/// nothing. Scraped during the stall, that worker must read busy, not idle; the runtime's
+/// ratio is the mean over its workers (0..1).
+#[test]
+fn a_worker_held_by_a_stall_reads_busy() {
+    let _serial = common::serial();
+    let (h, addr) = scraped();
+    let rt = h.runtime(2);
+    h.guard.monitor_runtime(rt.handle(), "pool");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let hog = rt.spawn(h.guard.watch("hog", async move {
+        common::spin_until(&stop2, Duration::from_secs(20));
+    }));
+    scrape_until(addr, "the stall in progress", |b| {
+        common::sample(b, r#"loopwatch_stalls_in_progress{layer="async"}"#) == Some(1.0)
+    });
+    // Two export intervals inside the stall, so a frame covers only stalled time.
+    std::thread::sleep(Duration::from_millis(250));
+    let during = scrape(addr);
+    let workers: Vec<f64> = common::series(&during, "loopwatch_runtime_worker_busy_ratio")
+        .into_iter()
+        .filter(|l| l.contains(r#"runtime="pool""#))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .collect();
+    stop.store(true, Ordering::Release);
+    rt.block_on(hog).unwrap();
+    assert_eq!(workers.len(), 2, "{during}");
+    assert!(
+        workers.iter().any(|&r| r == 1.0),
+        "the stalled worker reads busy: {workers:?}"
+    );
+    let mean = common::sample(&during, r#"loopwatch_runtime_busy_ratio{runtime="pool"}"#)
+        .expect("the runtime's ratio");
+    let expected = workers.iter().sum::<f64>() / 2.0;
+    assert!((mean - expected).abs() < 1e-9, "{mean} vs {workers:?}");
+    assert!((0.5..=1.0).contains(&mean), "{mean}");
+}
