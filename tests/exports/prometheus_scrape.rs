@@ -364,7 +364,7 @@ fn a_worker_held_by_a_stall_reads_busy() {
     rt.block_on(hog).unwrap();
     assert_eq!(workers.len(), 2, "{during}");
     assert!(
-        workers.iter().any(|&r| r == 1.0),
+        workers.contains(&1.0),
         "the stalled worker reads busy: {workers:?}"
     );
     let mean = common::sample(&during, r#"loopwatch_runtime_busy_ratio{runtime="pool"}"#)
