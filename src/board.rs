@@ -40,6 +40,32 @@ use crate::words::{Culprit, CulpritWord, Measure, Wait};
 /// starts then has no start from the clock; one that ends then is not timed as slow.
 pub(crate) const CLOCK_UNKNOWN: u64 = u64::MAX;
 
+/// The lowest bit of a poll's start: set, the start was read from the real clock (exact:
+/// `precise_start`, or a poll that began while the watchdog slept through an idle spell);
+/// clear, it is the watchdog's clock (the poll began at most a tick after it). The watchdog
+/// publishes its clock with this bit clear.
+pub(crate) const EXACT: u64 = 1;
+
+/// Where a poll caught at its end is judged from: its start if exact; else three quarters of a
+/// tick after the clock value it read (it began within the tick after it). Judged so, every
+/// poll of 1.2 thresholds is caught at the default tick (a quarter of the threshold), and none
+/// shorter than the threshold less a quarter tick. Its reported start is half a tick after
+/// the value it read (see the watchdog's `catch`).
+#[inline]
+pub(crate) fn caught_from(start_ns: u64, tick_ns: u64) -> u64 {
+    if is_exact(start_ns) {
+        start_ns
+    } else {
+        start_ns.saturating_add(tick_ns / 4 * 3)
+    }
+}
+
+/// Was a poll's start read from the real clock?
+#[inline]
+pub(crate) fn is_exact(start_ns: u64) -> bool {
+    start_ns != CLOCK_UNKNOWN && start_ns & EXACT != 0
+}
+
 // --- slots -------------------------------------------------------------------------------------
 
 /// One ring entry: a [`Record`] in atomics.
@@ -70,6 +96,20 @@ struct Polled {
     start_ns: u64,
 }
 
+/// A poll that ended past its threshold without the watchdog having flagged it (it ran
+/// between two of its looks, or the watchdog was late): the owner caught it at its end, with
+/// the real clock. `seq` is the poll's (odd) sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Caught {
+    pub(crate) seq: u64,
+    pub(crate) word: CulpritWord,
+    pub(crate) task: u64,
+    /// Its start as it read it (the watchdog's clock, or exact: see [`is_exact`]).
+    pub(crate) start_ns: u64,
+    /// Its end, from the real clock.
+    pub(crate) end_ns: u64,
+}
+
 /// Facts about the thread that owns a slot, set when it claims the slot.
 #[derive(Debug, Clone)]
 pub(crate) struct ThreadMeta {
@@ -95,6 +135,13 @@ pub(crate) struct Slot {
     slow_polls: AtomicU64,
     /// Polls found to be phantoms and ended without being counted (see [`Board::enter`]).
     phantoms: AtomicU64,
+    /// The last poll that ended past its threshold without the watchdog having flagged it
+    /// (caught at its end), a seqlock on `caught_seq`: its sequence number (0: none yet).
+    caught_seq: AtomicU64,
+    caught_word: AtomicU64,
+    caught_task: AtomicU64,
+    caught_start: AtomicU64,
+    caught_end: AtomicU64,
     ring_head: AtomicU64,
     ring_dropped: AtomicU64,
     // Written by the watchdog.
@@ -122,6 +169,11 @@ impl Slot {
             end_ns: AtomicU64::new(0),
             slow_polls: AtomicU64::new(0),
             phantoms: AtomicU64::new(0),
+            caught_seq: AtomicU64::new(0),
+            caught_word: AtomicU64::new(0),
+            caught_task: AtomicU64::new(0),
+            caught_start: AtomicU64::new(0),
+            caught_end: AtomicU64::new(0),
             ring_head: AtomicU64::new(0),
             ring_dropped: AtomicU64::new(0),
             flagged: AtomicU64::new(0),
@@ -183,6 +235,23 @@ impl Slot {
     /// The poll the watchdog marked a phantom last (its sequence number).
     pub(crate) fn marked_phantom(&self) -> u64 {
         self.phantom.load(Ordering::Relaxed)
+    }
+
+    /// The last poll caught at its end (see [`Caught`]), if it was read whole.
+    pub(crate) fn caught(&self) -> Option<Caught> {
+        let seq = self.caught_seq.load(Ordering::Acquire);
+        if seq == 0 {
+            return None;
+        }
+        let c = Caught {
+            seq,
+            word: CulpritWord::from_bits(self.caught_word.load(Ordering::Relaxed)),
+            task: self.caught_task.load(Ordering::Relaxed),
+            start_ns: self.caught_start.load(Ordering::Relaxed),
+            end_ns: self.caught_end.load(Ordering::Relaxed),
+        };
+        fence(Ordering::Acquire);
+        (self.caught_seq.load(Ordering::Relaxed) == seq).then_some(c)
     }
 
     /// Polls the owner ended as phantoms (those the watchdog did not mark first).
@@ -277,6 +346,8 @@ pub(crate) struct Board {
     thresholds_ns: [u64; 3],
     sample_mask: u64,
     precise_start: bool,
+    /// The watchdog's tick: a start read from its clock is at most this much early.
+    tick_ns: u64,
     /// A poll that waited at least this long to start is recorded (a possible victim).
     wait_floor_ns: u64,
     /// A probe that knows schedule delays is installed (victims can be found).
@@ -332,6 +403,7 @@ impl Board {
                 .map(|t| t.map_or(u64::MAX, |d| d.as_nanos().try_into().unwrap_or(u64::MAX))),
             sample_mask: u64::from(sample_every.max(1)) - 1,
             precise_start,
+            tick_ns: 0,
             wait_floor_ns: thresholds[0].map_or(u64::MAX, |t| {
                 u64::try_from(t.as_nanos() / 10).unwrap_or(u64::MAX)
             }),
@@ -347,7 +419,7 @@ impl Board {
 
     /// The board for `cfg`: its layers' thresholds, sampling, start precision and limits.
     pub(crate) fn for_config(cfg: &Config) -> Board {
-        Board::new(
+        let mut board = Board::new(
             [
                 Some(cfg.threshold),
                 Some(cfg.blocking_threshold),
@@ -357,7 +429,14 @@ impl Board {
             cfg.precise_start,
             cfg.max_threads,
             cfg.max_task_kinds,
-        )
+        );
+        board.tick_ns = u64::try_from(cfg.tick.as_nanos()).unwrap_or(u64::MAX);
+        board
+    }
+
+    /// The watchdog's tick, nanoseconds.
+    pub(crate) fn tick_ns(&self) -> u64 {
+        self.tick_ns
     }
 
     /// The watchdog's clock (updated every tick), or [`CLOCK_UNKNOWN`] during an idle spell.
@@ -377,9 +456,15 @@ impl Board {
         self.epoch_system + Duration::from_nanos(ns)
     }
 
-    /// Stores the watchdog's clock (watchdog only).
+    /// Stores the watchdog's clock (watchdog only). Its lowest bit is cleared: a start with it
+    /// set was read from the real clock (see [`EXACT`]).
     pub(crate) fn tick(&self, now_ns: u64) {
-        self.clock_ns.0.store(now_ns, Ordering::Relaxed);
+        let v = if now_ns == CLOCK_UNKNOWN {
+            now_ns
+        } else {
+            now_ns & !EXACT
+        };
+        self.clock_ns.0.store(v, Ordering::Relaxed);
     }
 
     pub(crate) fn threshold_ns(&self, layer: LayerKind) -> u64 {
@@ -577,9 +662,15 @@ impl Board {
         );
         slot.inner.store(0, Ordering::Relaxed);
         let start = if self.precise_start {
-            self.now_ns()
+            self.now_ns() | EXACT
         } else {
-            self.clock_ns.0.load(Ordering::Relaxed)
+            match self.clock_ns.0.load(Ordering::Relaxed) {
+                // The watchdog sleeps through an idle spell: this poll may be the first of a
+                // stall it would otherwise see only when it wakes. Reading the clock here is
+                // off the common path (the runtime was idle), and makes the start exact.
+                CLOCK_UNKNOWN => self.now_ns() | EXACT,
+                coarse => coarse,
+            }
         };
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
@@ -625,15 +716,12 @@ impl Board {
         }
         let word = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
         let start = slot.start_ns.load(Ordering::Relaxed);
+        let threshold = self.thresholds_ns[word.layer() as usize];
+        // Perhaps slow: its start and end on the watchdog's clock are each up to a tick early.
         if coarse != CLOCK_UNKNOWN
-            && coarse.saturating_sub(start) >= self.thresholds_ns[word.layer() as usize]
-            // A phantom the watchdog found parked is no slow poll (read on this rare path only).
-            && slot.phantom.load(Ordering::Relaxed) != s
+            && coarse.saturating_sub(start).saturating_add(self.tick_ns) >= threshold
         {
-            slot.slow_polls.store(
-                slot.slow_polls.load(Ordering::Relaxed) + 1,
-                Ordering::Relaxed,
-            );
+            self.slow_end(slot, s, word, start, threshold);
         }
         slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
         slot.seq.store((s | 1) + 1, Ordering::Release);
@@ -648,6 +736,40 @@ impl Board {
                 task: 0,
             });
         }
+    }
+
+    /// A poll that may have passed its threshold ends (rare: polls of threshold less a tick,
+    /// or longer). A stall the watchdog flagged counts as a slow poll; one it did not see is
+    /// timed with the real clock and, past its threshold, counted and handed to the watchdog
+    /// as caught at its end. A phantom is neither.
+    #[cold]
+    fn slow_end(&self, slot: &Slot, s: u64, word: CulpritWord, start: u64, threshold: u64) {
+        if slot.phantom.load(Ordering::Relaxed) == s {
+            return;
+        }
+        let slow = || {
+            slot.slow_polls.store(
+                slot.slow_polls.load(Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
+        };
+        if slot.flagged.load(Ordering::Relaxed) == s {
+            slow();
+            return;
+        }
+        let end = self.now_ns().max(1);
+        if end.saturating_sub(caught_from(start, self.tick_ns)) < threshold {
+            return;
+        }
+        slow();
+        slot.caught_seq.store(0, Ordering::Relaxed);
+        fence(Ordering::Release);
+        slot.caught_word.store(word.bits(), Ordering::Relaxed);
+        slot.caught_task
+            .store(slot.task.load(Ordering::Relaxed), Ordering::Relaxed);
+        slot.caught_start.store(start, Ordering::Relaxed);
+        slot.caught_end.store(end, Ordering::Relaxed);
+        slot.caught_seq.store(s | 1, Ordering::Release);
     }
 
     /// Slow path: this thread polls under this board for the first time (or came back to it).
@@ -939,6 +1061,60 @@ mod tests {
             0,
             "counted by the watchdog, not twice"
         );
+    }
+
+    #[test]
+    fn a_poll_that_starts_while_the_watchdog_sleeps_reads_the_real_clock() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.tick(4_000_000);
+        b.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        assert_eq!(read(&b).start_ns, 4_000_000, "the watchdog's clock");
+        assert!(!is_exact(read(&b).start_ns));
+        b.exit(PROBE);
+        b.tick(CLOCK_UNKNOWN);
+        b.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        let start = read(&b).start_ns;
+        assert!(is_exact(start), "{start}");
+        assert!(start <= b.now_ns());
+        b.exit(PROBE);
+        // The watchdog's clock never looks exact.
+        b.tick(5_000_001);
+        assert_eq!(b.coarse_ns(), 5_000_000);
+    }
+
+    #[test]
+    fn a_slow_poll_the_watchdog_did_not_flag_is_caught_at_its_end() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        let threshold = b.threshold_ns(LayerKind::Async);
+        // Short: not caught.
+        b.tick(b.now_ns());
+        b.enter(PROBE, word(1), || 5, Wait::UNKNOWN);
+        b.exit(PROBE);
+        assert_eq!(b.slots()[0].caught(), None);
+        // Past the threshold, never flagged (the watchdog's clock stands still here, as if it
+        // had not run): caught, with the real clock at its end.
+        b.tick(b.now_ns());
+        b.enter(PROBE, word(1), || 6, Wait::UNKNOWN);
+        let poll = read(&b);
+        std::thread::sleep(Duration::from_nanos(threshold + b.tick_ns()));
+        b.tick(b.now_ns());
+        b.exit(PROBE);
+        let c = b.slots()[0].caught().expect("caught");
+        assert_eq!((c.seq, c.task, c.word), (poll.seq, 6, word(1)));
+        assert_eq!(c.start_ns, poll.start_ns);
+        assert!(c.end_ns >= poll.start_ns + threshold);
+        assert_eq!(b.slots()[0].slow_polls(), 1);
+        // Flagged: a stall the watchdog follows; counted slow, not caught again.
+        b.enter(PROBE, word(1), || 7, Wait::UNKNOWN);
+        let flagged = read(&b).seq;
+        b.slots()[0].flag(flagged);
+        std::thread::sleep(Duration::from_nanos(threshold + b.tick_ns()));
+        b.tick(b.now_ns());
+        b.exit(PROBE);
+        assert_eq!(b.slots()[0].caught().map(|c| c.seq), Some(poll.seq));
+        assert_eq!(b.slots()[0].slow_polls(), 2);
     }
 
     #[test]

@@ -272,6 +272,7 @@ fn event(s: &Stall, update: bool) {
         duration_ms,
         threshold_ms,
         exact_end = s.exact_end,
+        caught_at_end = s.caught_at_end,
         cause = %s.cause,
         cause.shares = shares.as_str(),
         cpu_ms = s.cpu.map(|c| c.cpu.as_secs_f64() * 1e3),

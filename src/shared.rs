@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) phantom_stalls: AtomicU64,
     /// Polls the watchdog found to be phantoms (their threads parked).
     pub(crate) phantoms_parked: AtomicU64,
+    /// Stalls caught at their end (never seen running past the threshold).
+    pub(crate) stalls_caught: AtomicU64,
     /// Stalls running now, by layer.
     pub(crate) in_progress: [AtomicU64; 3],
     /// Age of the oldest running stall in nanoseconds per layer, 0 when none runs.
@@ -159,6 +161,7 @@ impl Shared {
             stalls_total: AtomicU64::new(0),
             phantom_stalls: AtomicU64::new(0),
             phantoms_parked: AtomicU64::new(0),
+            stalls_caught: AtomicU64::new(0),
             in_progress: Default::default(),
             oldest_ns: Default::default(),
             dropped_reports: AtomicU64::new(0),
@@ -300,6 +303,7 @@ impl Shared {
             phantom_polls: self.phantoms_parked.load(Ordering::Relaxed)
                 + slots.iter().map(Slot::phantoms).sum::<u64>(),
             phantom_stalls: self.phantom_stalls.load(Ordering::Relaxed),
+            stalls_caught_at_end: self.stalls_caught.load(Ordering::Relaxed),
             stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
             dropped_reports: self.dropped_reports.load(Ordering::Relaxed),

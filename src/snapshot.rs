@@ -118,6 +118,9 @@ pub struct Snapshot {
     pub stalls_total: u64,
     /// Stalls running now.
     pub stalls_in_progress: u64,
+    /// Of `stalls_total`, those caught as they ended: polls past the threshold the watchdog
+    /// did not see running past it (see [`Stall::caught_at_end`](crate::Stall::caught_at_end)).
+    pub stalls_caught_at_end: u64,
     /// Polls found to be phantoms: a span entered with `span.enter()` and held across an
     /// `.await` kept the poll open on a worker that was parked or running another task. They
     /// are ended uncounted, never reported as stalls (see README, "What is watched").

@@ -146,6 +146,11 @@ pub struct Stall {
     pub stack_status: StackStatus,
     /// The tasks that waited behind it (in its `Ended` report; empty while it runs).
     pub victims: Victims,
+    /// The watchdog did not see this poll running past its threshold (it ran between two of
+    /// the watchdog's looks, or only a little longer than the threshold): its thread caught it
+    /// as it ended, with the real clock. There is no running report and no stack; the start is
+    /// known to within half a tick (exactly, if the poll read the real clock).
+    pub caught_at_end: bool,
 }
 
 /// The tasks that waited behind a stall on its worker: head-of-line blocking, linked to its
@@ -215,11 +220,14 @@ pub enum StackStatus {
     /// Captured, but loopwatch was still loading the symbol tables (in its first moments, on
     /// its own thread), so the report went out without the frames rather than wait.
     Loading,
+    /// None: the poll ended before the watchdog saw it past its threshold (it was caught at
+    /// its end, see [`Stall::caught_at_end`]).
+    EndedFirst,
 }
 
 impl StackStatus {
     /// `captured`, `disabled`, `unavailable`, `rate_limited`, `failed`, `timed_out`,
-    /// `in_syscall`, `pending` or `loading`.
+    /// `in_syscall`, `pending`, `loading` or `ended_first`.
     pub fn as_str(self) -> &'static str {
         match self {
             StackStatus::Captured => "captured",
@@ -231,6 +239,7 @@ impl StackStatus {
             StackStatus::InSyscall => "in_syscall",
             StackStatus::Pending => "pending",
             StackStatus::Loading => "loading",
+            StackStatus::EndedFirst => "ended_first",
         }
     }
 }
@@ -250,6 +259,7 @@ impl fmt::Display for Stall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
             StallState::Running => "still running",
+            StallState::Ended if self.caught_at_end => "ended (caught as it ended)",
             StallState::Ended => "ended",
         };
         write!(
@@ -408,6 +418,7 @@ pub(crate) mod tests_support {
             stack: None,
             stack_status: StackStatus::Disabled,
             victims: Victims::default(),
+            caught_at_end: false,
         }
     }
 }

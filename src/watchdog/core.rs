@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use super::pools::Pools;
 use super::victims::{hold_window_ns, Held, SlotVictims, VictimAcc, WaitRec};
-use crate::board::{Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
+use crate::board::{
+    caught_from, is_exact, Caught, Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN,
+};
 use crate::diagnose::ports::{Kernel, StackPort};
 use crate::diagnose::sampler::{Ask, Pending, Probe, Sampler, STACK_WAIT_NS};
 use crate::diagnose::{Cause, CauseShare};
@@ -45,6 +47,8 @@ pub(crate) trait SlotPort {
     fn mark_phantom(&self, seq: u64);
     /// The poll marked a phantom last, by the watchdog or by its owner.
     fn marked_phantom(&self) -> u64;
+    /// The last poll its owner caught at its end, past its threshold and never flagged.
+    fn caught(&self) -> Option<Caught>;
 }
 
 impl SlotPort for Slot {
@@ -74,6 +78,9 @@ impl SlotPort for Slot {
     }
     fn marked_phantom(&self) -> u64 {
         Slot::marked_phantom(self)
+    }
+    fn caught(&self) -> Option<Caught> {
+        Slot::caught(self)
     }
 }
 
@@ -117,6 +124,9 @@ struct SlotState<T> {
     probe: Option<Probe<T>>,
     /// The OS thread id of the slot's owner, read when a probe starts.
     tid: Option<u64>,
+    /// The last poll caught at its end that was taken, and the last poll flagged.
+    caught_seq: u64,
+    flagged_seq: u64,
     victims: SlotVictims,
 }
 
@@ -131,6 +141,8 @@ impl<T> Default for SlotState<T> {
             open: None,
             probe: None,
             tid: None,
+            caught_seq: 0,
+            flagged_seq: 0,
             victims: SlotVictims::default(),
         }
     }
@@ -209,6 +221,16 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             let r = slot.read();
             active |= r.in_poll();
             polls += self.count_polls(i, slot, &r);
+            if let Some(c) = slot.caught() {
+                let st = &mut self.states[i];
+                if c.seq != st.caught_seq {
+                    st.caught_seq = c.seq;
+                    // Flagged after all (the two crossed): its own reports cover it.
+                    if c.seq != st.flagged_seq {
+                        self.catch(i, slot, c, now);
+                    }
+                }
+            }
 
             if let Some(mut open) = self.states[i].open.take() {
                 if r.seq == open.seq {
@@ -332,7 +354,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let first_seen = self.states[i].first_seen_ns;
         // The lower bound of the poll's age: with the exact start, the exact age; otherwise the
         // poll began before the tick that first saw it, whatever the watchdog's lateness.
-        let (age_lower, start_ns) = if self.shared.cfg.precise_start {
+        let (age_lower, start_ns) = if self.shared.cfg.precise_start || is_exact(r.start_ns) {
             (now.saturating_sub(r.start_ns), r.start_ns)
         } else {
             // It began after the clock value it read (or the tick before an idle sleep) and
@@ -359,6 +381,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             return None;
         }
         slot.flag(r.seq);
+        self.states[i].flagged_seq = r.seq;
         let (cause, cause_shares, cpu) = self.verdict(i, r.seq, threshold);
         let record = Stall {
             id: self.next_stall_id,
@@ -380,6 +403,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 tracked: self.shared.board.waits_known(),
                 ..Victims::default()
             },
+            caught_at_end: false,
         };
         self.next_stall_id += 1;
         self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
@@ -649,24 +673,117 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         record.cpu = cpu;
         self.states[i].probe = None;
         self.shared.in_progress[record.layer as usize].fetch_sub(1, Ordering::Relaxed);
+        self.deliver_ended(
+            i,
+            open.kind,
+            record,
+            open.raw_stack,
+            open.start_ns,
+            end,
+            now,
+        );
+    }
+
+    /// Sends an ended stall of `kind` on slot `i` (its poll ran from `start_ns` to `end_ns`),
+    /// or holds it a moment for the tasks queued behind it, when victims are tracked: their
+    /// records say how long they waited.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_ended(
+        &mut self,
+        i: usize,
+        kind: KindId,
+        record: Stall,
+        raw_stack: Option<Arc<[usize]>>,
+        start_ns: u64,
+        end_ns: u64,
+        now: u64,
+    ) {
         if self.shared.board.waits_known() {
-            // Wait a moment for the tasks queued behind it to be polled: their records say
-            // how long they waited.
             let window = hold_window_ns(record.threshold.as_nanos() as u64);
             let stalled_task = record.task.id.unwrap_or(0);
             self.states[i].victims.hold(Held {
-                kind: open.kind,
+                kind,
                 record,
-                raw_stack: open.raw_stack,
-                start_ns: open.start_ns,
-                end_ns: end,
-                until_ns: now.max(end) + window,
+                raw_stack,
+                start_ns,
+                end_ns,
+                until_ns: now.max(end_ns) + window,
                 acc: VictimAcc::of(stalled_task),
             });
             return;
         }
-        self.feed_stall(open.kind, &record);
-        self.send(record, open.raw_stack);
+        self.feed_stall(kind, &record);
+        self.send(record, raw_stack);
+    }
+
+    /// A poll that ended past its threshold between two of the watchdog's looks (or whose
+    /// age's lower bound never reached the threshold while it ran): its owner timed its end
+    /// with the real clock. It becomes an ended stall with its identity, its duration (the
+    /// start within half a tick, unless it was exact), and the verdict of whatever was
+    /// sampled of it; no running report, no stack.
+    fn catch(&mut self, i: usize, slot: &impl SlotPort, c: Caught, now: u64) {
+        let (kind, layer) = self.resolve(c.word);
+        let threshold = self.shared.board.threshold_ns(layer);
+        if threshold == u64::MAX {
+            return;
+        }
+        let tick = self.shared.board.tick_ns();
+        if c.end_ns.saturating_sub(caught_from(c.start_ns, tick)) < threshold {
+            return;
+        }
+        // Its likeliest start: the middle of the tick after the clock value it read.
+        let from = if is_exact(c.start_ns) {
+            c.start_ns
+        } else {
+            c.start_ns.saturating_add(tick / 2)
+        }
+        .min(c.end_ns);
+        let duration = c.end_ns - from;
+        self.sampler
+            .finish(&mut self.kernel, &mut self.states[i].probe);
+        let (cause, cause_shares, cpu) = self.verdict(i, c.seq, threshold);
+        let read = SlotRead {
+            seq: c.seq,
+            stable: true,
+            word: c.word,
+            task: c.task,
+            named: CulpritWord::NONE,
+            inner: CulpritWord::NONE,
+            start_ns: c.start_ns,
+        };
+        let record = Stall {
+            id: self.next_stall_id,
+            task: self.task_info(kind, &read),
+            worker: worker_info(i, slot),
+            layer,
+            started_at: self.shared.board.system_time(from),
+            duration: Duration::from_nanos(duration),
+            state: StallState::Ended,
+            threshold: Duration::from_nanos(threshold),
+            exact_end: true,
+            hint: hint_for(layer, &cause),
+            cpu,
+            cause,
+            cause_shares,
+            stack: None,
+            stack_status: StackStatus::EndedFirst,
+            victims: Victims {
+                tracked: self.shared.board.waits_known(),
+                ..Victims::default()
+            },
+            caught_at_end: true,
+        };
+        self.next_stall_id += 1;
+        self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
+        self.shared.stalls_caught.fetch_add(1, Ordering::Relaxed);
+        let key = StallKey { kind, layer, cause };
+        if let Ok(mut m) = self.shared.stall_counts.lock() {
+            *m.entry(key).or_insert(0) += 1;
+        }
+        if matches!(&self.states[i].probe, Some(p) if p.seq == c.seq) {
+            self.states[i].probe = None;
+        }
+        self.deliver_ended(i, kind, record, None, from, c.end_ns, now);
     }
 
     /// Hands `f` the exporters' feed, when something is exported.

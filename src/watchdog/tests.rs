@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::core::{Core, SlotPort};
 use super::pace::{Pacer, Step};
-use crate::board::{Board, Record, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
+use crate::board::{Board, Caught, Record, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
 use crate::config::Config;
 use crate::diagnose::ports::{Kernel, RequestError, StackPort};
 use crate::diagnose::sampler::Sampler;
@@ -35,6 +35,7 @@ struct FakeSlot {
     end_exact: Cell<u64>,
     end_coarse: Cell<u64>,
     phantom: Cell<u64>,
+    caught: Cell<Option<Caught>>,
     tid: u64,
     records: RefCell<Vec<Record>>,
 }
@@ -56,6 +57,7 @@ impl FakeSlot {
             end_exact: Cell::new(0),
             end_coarse: Cell::new(0),
             phantom: Cell::new(0),
+            caught: Cell::new(None),
             tid,
             records: RefCell::new(Vec::new()),
         }
@@ -92,6 +94,25 @@ impl FakeSlot {
 
     fn seq(&self) -> u64 {
         self.read.get().seq
+    }
+
+    /// The poll ends at `end_ns` (real clock) as the board's owner ends it: a poll the
+    /// watchdog did not flag, whose end less its start (judged as the board judges it, for a
+    /// clock of `tick_ns` resolution) reaches `threshold_ns`, is caught.
+    fn end_as_owner(&self, end_ns: u64, tick_ns: u64, threshold_ns: u64) {
+        let r = self.read.get();
+        if self.flagged.get() != Some(r.seq)
+            && end_ns.saturating_sub(crate::board::caught_from(r.start_ns, tick_ns)) >= threshold_ns
+        {
+            self.caught.set(Some(Caught {
+                seq: r.seq,
+                word: r.word,
+                task: r.task,
+                start_ns: r.start_ns,
+                end_ns,
+            }));
+        }
+        self.end(end_ns);
     }
 
     /// The probe hands the watchdog a schedule delay: task `task` of `word` waited `waited_ns`
@@ -138,6 +159,9 @@ impl SlotPort for FakeSlot {
     }
     fn marked_phantom(&self) -> u64 {
         self.phantom.get()
+    }
+    fn caught(&self) -> Option<Caught> {
+        self.caught.get()
     }
 }
 
@@ -480,6 +504,33 @@ fn a_poll_that_started_while_the_watchdog_slept_long_starts_after_the_tick_befor
     let s = rig.one_stall();
     // Start: the middle of [1 ms, 31 ms].
     assert_eq!(s.duration, Duration::from_nanos(41 * MS - 16 * MS));
+}
+
+#[test]
+fn a_poll_that_read_the_real_clock_after_an_idle_spell_is_flagged_on_its_exact_age() {
+    // The first poll after an idle spell reads the real clock (the start's lowest bit says
+    // so): the watchdog, waking 20 ms late, flags it the first tick its exact age reaches the
+    // threshold, not a threshold after it first saw it.
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    rig.tick(MS, &slot);
+    let start = 2 * MS + crate::board::EXACT;
+    slot[0].start(rig.word, 7, start);
+    rig.tick(11 * MS, &slot);
+    assert!(rig.stalls().is_empty(), "9 ms old");
+    rig.tick(12 * MS + 1, &slot);
+    let s = rig.one_stall();
+    assert_eq!(s.duration, Duration::from_nanos(10 * MS));
+    // A coarse start (bit clear) seen for the first time at 11 ms waits for its lower bound.
+    let mut rig2 = self::rig(config(|_| {}));
+    let slot2 = [FakeSlot::new(TID)];
+    rig2.tick(MS, &slot2);
+    slot2[0].start(rig2.word, 7, 2 * MS);
+    rig2.tick(11 * MS, &slot2);
+    rig2.tick(12 * MS + 1, &slot2);
+    assert!(rig2.stalls().is_empty());
+    rig2.tick(21 * MS, &slot2);
+    assert_eq!(rig2.stalls().len(), 1);
 }
 
 #[test]
@@ -1285,4 +1336,137 @@ fn starvation_without_throttling_stays_starved() {
     rig.one_stall();
     let ended = rig.run_to_end(&slot, 60);
     assert_eq!(ended.cause, Cause::Starved, "{ended}");
+}
+
+// --- the end-of-poll catch -----------------------------------------------------------------
+
+#[test]
+fn a_poll_caught_at_its_end_is_an_ended_stall_with_what_was_sampled() {
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 1.0);
+    let slot = [FakeSlot::new(TID)];
+    // Starts at 1.2 ms, having read the clock of the tick at 1 ms; first seen at 3.5 ms; the
+    // lower bound of its age (from 3.5 ms) never reaches 10 ms before it ends at 13.4 ms.
+    // (Ticks here are 1 ms apart on the board's config: judged from 1.75 ms, it is caught.)
+    rig.tick(MS, &slot);
+    slot[0].start(rig.word, 7, MS);
+    for t in [3_500_000, 6_000_000, 8_500_000, 11_000_000] {
+        rig.tick(t, &slot);
+    }
+    assert!(rig.stalls().is_empty());
+    let tick = rig.shared.board.tick_ns();
+    slot[0].end_as_owner(13_400_000, tick, THRESHOLD);
+    rig.tick(13_500_000, &slot);
+    let s = rig.one_stall();
+    assert!(s.caught_at_end);
+    assert_eq!(s.state, StallState::Ended);
+    assert_eq!(s.stack_status, StackStatus::EndedFirst);
+    assert!(s.exact_end);
+    // From half a tick after the clock it read, to its exact end.
+    assert_eq!(s.duration, Duration::from_nanos(13_400_000 - MS - tick / 2));
+    assert_eq!(s.task.id, Some(7));
+    assert_eq!(s.task.name.as_deref(), Some("hog"));
+    assert_eq!(
+        s.cause,
+        Cause::Cpu,
+        "sampled from half the threshold on: {s}"
+    );
+    assert!(s.to_string().contains("ended (caught as it ended)"), "{s}");
+    let snap = rig.shared.snapshot();
+    assert_eq!((snap.stalls_total, snap.stalls_caught_at_end), (1, 1));
+    assert_eq!(snap.stalls_in_progress, 0);
+    // Taken once.
+    rig.tick(16_000_000, &slot);
+    assert!(rig.stalls().is_empty());
+}
+
+#[test]
+fn a_flagged_stall_is_not_caught_again() {
+    let mut rig = rig(config(|_| {}));
+    let slot = rig.stalled();
+    let running = rig.one_stall();
+    // The owner ended it as it was flagged (the two crossed): it published a catch too.
+    let r = slot[0].read.get();
+    slot[0].caught.set(Some(Caught {
+        seq: r.seq,
+        word: r.word,
+        task: r.task,
+        start_ns: r.start_ns,
+        end_ns: 20 * MS,
+    }));
+    let ended = rig.run_to_end(&slot, 20);
+    assert_eq!(ended.id, running.id);
+    assert!(!ended.caught_at_end);
+    assert_eq!(rig.shared.snapshot().stalls_total, 1);
+}
+
+#[test]
+fn recall_at_one_point_two_thresholds_is_complete() {
+    // 1,000 polls of 1.2x the threshold, each after an idle tick, at every phase against the
+    // watchdog's ticks (a quarter of the threshold, the default): each is reported running,
+    // or caught at its end. None twice.
+    let mut rig = rig(config(|c| c.tick = Duration::from_nanos(THRESHOLD / 4)));
+    let tick = rig.shared.board.tick_ns();
+    assert_eq!(tick, 2_500_000);
+    let slot = [FakeSlot::new(TID)];
+    let mut now = 0;
+    let mut next_tick = 0;
+    let mut advance_to = |rig: &mut Rig, t: u64, slot: &[FakeSlot; 1], now: &mut u64| {
+        while next_tick <= t {
+            rig.tick(next_tick, slot);
+            *now = next_tick;
+            next_tick += tick;
+        }
+    };
+    let polls = 1_000u64;
+    let duration = THRESHOLD * 12 / 10;
+    for k in 0..polls {
+        let start = now + tick + (k * 7_919 * 1_000) % tick;
+        advance_to(&mut rig, start, &slot, &mut now);
+        // It read the clock of the last tick.
+        slot[0].start(rig.word, k + 1, now);
+        let end = start + duration;
+        advance_to(&mut rig, end, &slot, &mut now);
+        slot[0].end_as_owner(end, tick, THRESHOLD);
+        advance_to(&mut rig, end + tick, &slot, &mut now);
+    }
+    let stalls = rig.stalls();
+    let mut tasks: Vec<u64> = stalls.iter().filter_map(|s| s.task.id).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    assert_eq!(tasks.len() as u64, polls, "every one seen");
+    let ended = stalls
+        .iter()
+        .filter(|s| s.state == StallState::Ended)
+        .count() as u64;
+    assert_eq!(ended, polls, "each ended once");
+    assert!(stalls
+        .iter()
+        .all(|s| s.duration >= Duration::from_nanos(THRESHOLD)));
+}
+
+#[test]
+fn no_poll_under_the_threshold_less_a_quarter_tick_is_caught() {
+    // Polls of 0.93x the threshold (under it by more than a quarter of a 2.5 ms tick), at
+    // every phase: none is caught, none reported.
+    let mut rig = rig(config(|c| c.tick = Duration::from_nanos(THRESHOLD / 4)));
+    let tick = rig.shared.board.tick_ns();
+    let slot = [FakeSlot::new(TID)];
+    let mut t = 0;
+    rig.tick(t, &slot);
+    for k in 0..500u64 {
+        let start = t + (k * 7_919 * 1_000) % tick;
+        slot[0].start(rig.word, k + 1, t);
+        let end = start + THRESHOLD * 93 / 100;
+        while t + tick <= end {
+            t += tick;
+            rig.tick(t, &slot);
+        }
+        slot[0].end_as_owner(end, tick, THRESHOLD);
+        t += tick;
+        rig.tick(t, &slot);
+        t += tick;
+        rig.tick(t, &slot);
+    }
+    assert!(rig.stalls().is_empty());
 }

@@ -10,6 +10,7 @@ mod common;
 
 mod blocking_pool;
 mod blocking_threads;
+mod caught_at_end;
 mod concurrent_stalls;
 mod cpu_pool;
 mod idle_then_stall;
