@@ -8,6 +8,7 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
+
 use std::time::{Duration, Instant};
 
 use loopwatch::{Cause, StallState};
@@ -78,11 +79,15 @@ fn a_poll_held_by_its_cgroups_quota_is_throttled() {
         }
     };
     let h = common::diagnosing(THRESHOLD);
-    let (dir, parent) = (q.dir.clone(), q.parent.clone());
     let measured = std::sync::Arc::new(std::sync::Mutex::new(None));
     let m = measured.clone();
-    let s = common::stall_of(&h, "quota-bound", async move {
-        Quota::enter(&dir);
+    // A current-thread runtime on this thread, moved into the cgroup before the poll starts
+    // (as a container's threads are from their start): the watchdog finds the thread's cgroup
+    // when it first reads it, at half the threshold.
+    let rt = h.current_thread();
+    let _sub = h.enter();
+    Quota::enter(&q.dir);
+    rt.block_on(h.guard.watch("quota-bound", async move {
         let (c0, t0) = (thread_cpu(), Instant::now());
         // 15 ms of CPU (under the 20 ms threshold) with 2 ms allowed per 50 ms: held back by
         // the quota for six periods or more, whatever the phase it starts in.
@@ -91,8 +96,13 @@ fn a_poll_held_by_its_cgroups_quota_is_throttled() {
             std::hint::spin_loop();
         }
         *m.lock().unwrap() = Some((thread_cpu() - c0, t0.elapsed()));
-        Quota::enter(&parent);
-    });
+    }));
+    Quota::enter(&q.parent);
+    let s = h
+        .wait_for(Duration::from_secs(10), |s| {
+            s.state == StallState::Ended && s.task.name.as_deref() == Some("quota-bound")
+        })
+        .unwrap_or_else(|| panic!("no ended stall: {:#?}", h.seen.lock().unwrap()));
     let (cpu, wall) = measured.lock().unwrap().expect("the poll ran");
     assert_eq!(s.state, StallState::Ended);
     assert!(
