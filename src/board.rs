@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
-use crate::kinds::{KindId, Kinds, OTHER};
+use crate::kinds::{KindId, Kinds, OTHER, OWN};
 use crate::stall::LayerKind;
 use crate::words::{Culprit, CulpritWord, Measure, Wait};
 
@@ -848,6 +848,9 @@ impl Board {
         match word.decode() {
             Culprit::None => (OTHER, LayerKind::Async),
             Culprit::Kind(k, layer) => (k, layer),
+            Culprit::Location(loc) if is_own_site(loc.file(), loc.line(), loc.column()) => {
+                (OWN, LayerKind::Async)
+            }
             Culprit::Location(loc) => (
                 self.kinds
                     .intern(None, Some((loc.file(), loc.line(), loc.column()))),
@@ -855,6 +858,22 @@ impl Board {
             ),
         }
     }
+}
+
+/// Where loopwatch spawns its own task on a watched runtime (the loop-lag heartbeat), once it
+/// has: its polls are never the application's (no stall, no histogram, no victim).
+static OWN_SITE: OnceLock<(&'static str, u32, u32)> = OnceLock::new();
+
+/// Records the site of loopwatch's own task (see [`OWN_SITE`]).
+pub(crate) fn set_own_site(loc: &'static std::panic::Location<'static>) {
+    let _ = OWN_SITE.set((loc.file(), loc.line(), loc.column()));
+}
+
+/// Is `file:line:col` where loopwatch spawns its own task?
+pub(crate) fn is_own_site(file: &str, line: u32, col: u32) -> bool {
+    OWN_SITE
+        .get()
+        .is_some_and(|&(f, l, c)| l == line && c == col && f == file)
 }
 
 /// The id a probe enters and exits its own poll with (poll hooks, wrappers, pool jobs): no

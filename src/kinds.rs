@@ -17,6 +17,10 @@ pub(crate) type KindId = u32;
 /// The kind every task gets once the table is full.
 pub(crate) const OTHER: KindId = 0;
 
+/// loopwatch's own task on a watched runtime (the loop-lag heartbeat): never the
+/// application's, so never a stall, a histogram sample or a victim. Not in the table.
+pub(crate) const OWN: KindId = KindId::MAX;
+
 const EMPTY: u8 = 0;
 const WRITING: u8 = 1;
 const READY: u8 = 2;
@@ -26,8 +30,13 @@ const READY: u8 = 2;
 pub struct TaskKind {
     /// The task's name: `tokio::task::Builder::name`, the span's name, or a watched future's name.
     pub name: Option<Arc<str>>,
-    /// `file:line:column` (or `file:line`) of the spawn site or of the instrumented span.
+    /// `file:line:column` (or `file:line`) of the spawn site or of the instrumented span, with
+    /// the file as loopwatch shows paths: relative to its crate for a dependency
+    /// (`axum-0.8.9/src/serve/mod.rs:389:5`), never an absolute path of the build machine.
     pub site: Option<Arc<str>>,
+    /// The site is in a dependency (a crate from the registry, a git checkout or `vendor/`,
+    /// or the standard library), not in the application's own code.
+    pub dependency: bool,
 }
 
 impl TaskKind {
@@ -43,6 +52,7 @@ impl TaskKind {
         TaskKind {
             name: Some(Arc::from("other")),
             site: None,
+            dependency: false,
         }
     }
 }
@@ -131,6 +141,9 @@ impl Kinds {
     /// A name longer than [`MAX_NAME_BYTES`] is cut (names that differ only past the cut are one
     /// kind).
     pub(crate) fn intern(&self, name: Option<&str>, site: Option<(&str, u32, u32)>) -> KindId {
+        let shown = site.map(|(f, l, c)| (crate::paths::show(f), l, c));
+        let dependency = shown.as_ref().is_some_and(|(s, _, _)| s.dependency);
+        let site = shown.as_ref().map(|(s, l, c)| (s.path.as_ref(), *l, *c));
         let cut;
         let name = match name.filter(|n| !n.is_empty()) {
             Some(n) if n.len() > MAX_NAME_BYTES => {
@@ -182,6 +195,7 @@ impl Kinds {
                         let _ = e.kind.set(TaskKind {
                             name: name.map(Arc::from),
                             site: site.map(|(f, l, c)| Arc::from(format_site(f, l, c))),
+                            dependency,
                         });
                         e.hash.store(hash, Ordering::Relaxed);
                         e.id.store(n as KindId + 1, Ordering::Relaxed);

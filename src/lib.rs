@@ -11,6 +11,7 @@ mod export;
 mod guard;
 mod hints;
 mod kinds;
+mod paths;
 mod probe;
 mod report;
 mod shared;

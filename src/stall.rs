@@ -80,6 +80,9 @@ pub struct TaskInfo {
     /// The innermost instrumented span entered inside the poll, if it differs from the task's
     /// own (for example the `#[instrument]`ed function a tokio task was running).
     pub span: Option<Arc<str>>,
+    /// The site is in a dependency, not the application's code (a server's connection task
+    /// spawned inside axum, say): see [`TaskKind::dependency`](crate::TaskKind::dependency).
+    pub dependency: bool,
 }
 
 /// The thread the stall holds.
@@ -281,6 +284,9 @@ impl fmt::Display for Stall {
         if let (Some(site), Some(_)) = (&self.task.site, &self.task.name) {
             write!(f, " spawned at {site}")?;
         }
+        if self.task.dependency {
+            f.write_str(" (in a dependency)")?;
+        }
         if let Some(span) = &self.task.span {
             write!(f, " in span {span}")?;
         }
@@ -399,6 +405,7 @@ pub(crate) mod tests_support {
                 id: None,
                 site: None,
                 span: None,
+                dependency: false,
             },
             worker: WorkerInfo {
                 index: 0,

@@ -66,7 +66,12 @@ pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
             frames.push(Frame {
                 function: sym.name().map(|n| format!("{n:#}")),
                 location: match (sym.filename(), sym.lineno()) {
-                    (Some(file), Some(line)) => Some(format!("{}:{line}", file.display())),
+                    (Some(file), Some(line)) => {
+                        let file = file.to_string_lossy();
+                        // Debug info holds the build machine's absolute paths: shown as
+                        // loopwatch shows every path (relative to the crate, or `src/…`).
+                        Some(format!("{}:{line}", crate::paths::show(&file).path))
+                    }
                     _ => None,
                 },
                 ip,

@@ -107,7 +107,7 @@ impl RuntimeProbe {
         }
         let hb = self.heartbeat.clone();
         let sent = Instant::now();
-        drop(self.handle.spawn(async move {
+        drop(spawn_own(&self.handle, async move {
             hb.record(sent.elapsed().as_nanos() as u64);
             hb.in_flight.store(false, Ordering::Release);
         }));
@@ -237,6 +237,19 @@ impl RuntimeProbe {
         };
         f.push(M::RuntimeBusyRatio, rt(), Value::Gauge(mean));
     }
+}
+
+/// Spawns loopwatch's own task on a watched runtime, recording its site first: tokio takes
+/// the spawn site from this function's caller (`#[track_caller]`), and the probes leave polls
+/// of a task spawned there out of the application's figures.
+#[track_caller]
+fn spawn_own<F>(handle: &tokio::runtime::Handle, fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    crate::board::set_own_site(std::panic::Location::caller());
+    handle.spawn(fut)
 }
 
 /// One worker's busy share of an interval of `elapsed` seconds in which tokio published

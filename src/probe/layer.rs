@@ -196,6 +196,9 @@ impl LayerShared {
                 return;
             }
             let file = f.file.as_str();
+            if crate::board::is_own_site(file, f.line, f.col) {
+                return; // loopwatch's own task (the loop-lag heartbeat): not the application's
+            }
             let site = (!file.is_empty()).then_some((file, f.line, f.col));
             let layer = if f.kind.as_str() == "blocking" {
                 LayerKind::Blocking

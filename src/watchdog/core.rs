@@ -18,7 +18,7 @@ use crate::board::{
 use crate::diagnose::ports::{Kernel, StackPort};
 use crate::diagnose::sampler::{Ask, Pending, Probe, Sampler, STACK_WAIT_NS};
 use crate::diagnose::{Cause, CauseShare};
-use crate::kinds::KindId;
+use crate::kinds::{KindId, OWN};
 use crate::shared::{record_all, Feed, Shared, StallKey};
 use crate::stall::{
     CpuTime, LayerKind, Notice, Report, StackStatus, Stall, StallState, TaskInfo, Victims,
@@ -348,7 +348,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
     fn check(&mut self, i: usize, slot: &impl SlotPort, r: &SlotRead, now: u64) -> Option<Open> {
         let (kind, layer) = self.resolve(r.word);
         let threshold = self.shared.board.threshold_ns(layer);
-        if threshold == u64::MAX {
+        if threshold == u64::MAX || kind == OWN {
             return None;
         }
         let first_seen = self.states[i].first_seen_ns;
@@ -724,7 +724,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
     fn catch(&mut self, i: usize, slot: &impl SlotPort, c: Caught, now: u64) {
         let (kind, layer) = self.resolve(c.word);
         let threshold = self.shared.board.threshold_ns(layer);
-        if threshold == u64::MAX {
+        if threshold == u64::MAX || kind == OWN {
             return;
         }
         let tick = self.shared.board.tick_ns();
@@ -832,6 +832,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             id: (r.task != 0).then_some(r.task),
             site: k.site.clone(),
             span: None,
+            dependency: k.dependency,
         };
         if info.name.is_none() && !r.named.is_none() {
             let (n, _) = self.resolve(r.named);
@@ -860,6 +861,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         for r in waits.drain(..) {
             let waited = r.measure.nanos();
             let (kind, layer) = self.resolve(r.word);
+            if kind == OWN {
+                continue;
+            }
             if r.measure.is_timed_wait() {
                 timed.push(((kind, layer), waited));
             }
@@ -938,7 +942,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         resolved.extend(
             samples
                 .drain(..)
-                .map(|(word, nanos)| (self.resolve(word), nanos)),
+                .map(|(word, nanos)| (self.resolve(word), nanos))
+                .filter(|((kind, _), _)| *kind != OWN),
         );
         self.samples = samples;
         record_all(&self.shared.hist, &resolved);

@@ -73,3 +73,47 @@ fn loop_lag_grows_under_a_stall_and_stays_low_without() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The heartbeat is loopwatch's own task on the application's runtime: seen by every probe
+/// that sees all tasks (tokio's task spans and the poll hooks, under `tokio_unstable`), but
+/// never counted as one of the application's kinds.
+#[cfg(tokio_unstable)]
+#[test]
+fn the_heartbeat_is_not_one_of_the_applications_tasks() {
+    let _serial = common::serial();
+    // Every poll timed, so a heartbeat's poll would be in the histograms if it counted.
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(Duration::from_millis(20))
+            .sample_every(1),
+    );
+    let mut b = h.builder(1);
+    h.guard.install_poll_hooks(&mut b);
+    let rt = b.build().unwrap();
+    h.guard.monitor_runtime(rt.handle(), "main");
+    let _sub = h.enter();
+    rt.block_on(async {
+        for _ in 0..50 {
+            tokio::spawn(async { tokio::task::yield_now().await })
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let (beats, _) = max_lag(&h);
+    assert!(beats >= 5, "heartbeats ran: {beats}");
+    let snap = h.guard.snapshot();
+    assert!(
+        !snap.poll_durations.is_empty(),
+        "the application's polls were timed"
+    );
+    for k in &snap.poll_durations {
+        let site = k.kind.site.as_deref().unwrap_or("");
+        assert!(
+            !site.contains("export/runtime.rs"),
+            "loopwatch's heartbeat counted as the application's: {:?}",
+            k.kind
+        );
+        assert!(!site.starts_with('/'), "an absolute path: {:?}", k.kind);
+    }
+}
