@@ -103,6 +103,8 @@ struct Polled {
 pub(crate) struct Caught {
     pub(crate) seq: u64,
     pub(crate) word: CulpritWord,
+    /// The outermost named culprit of the poll (a watched future or span inside a task).
+    pub(crate) named: CulpritWord,
     pub(crate) task: u64,
     /// Its start as it read it (the watchdog's clock, or exact: see [`is_exact`]).
     pub(crate) start_ns: u64,
@@ -139,6 +141,7 @@ pub(crate) struct Slot {
     /// (caught at its end), a seqlock on `caught_seq`: its sequence number (0: none yet).
     caught_seq: AtomicU64,
     caught_word: AtomicU64,
+    caught_named: AtomicU64,
     caught_task: AtomicU64,
     caught_start: AtomicU64,
     caught_end: AtomicU64,
@@ -171,6 +174,7 @@ impl Slot {
             phantoms: AtomicU64::new(0),
             caught_seq: AtomicU64::new(0),
             caught_word: AtomicU64::new(0),
+            caught_named: AtomicU64::new(0),
             caught_task: AtomicU64::new(0),
             caught_start: AtomicU64::new(0),
             caught_end: AtomicU64::new(0),
@@ -246,6 +250,7 @@ impl Slot {
         let c = Caught {
             seq,
             word: CulpritWord::from_bits(self.caught_word.load(Ordering::Relaxed)),
+            named: CulpritWord::from_bits(self.caught_named.load(Ordering::Relaxed)),
             task: self.caught_task.load(Ordering::Relaxed),
             start_ns: self.caught_start.load(Ordering::Relaxed),
             end_ns: self.caught_end.load(Ordering::Relaxed),
@@ -545,6 +550,9 @@ impl Board {
                 slot.inner.store(word.bits(), Ordering::Relaxed);
                 if word.is_named() && slot.named.load(Ordering::Relaxed) == 0 {
                     slot.named.store(word.bits(), Ordering::Relaxed);
+                    if l.first_named.get() == 0 {
+                        l.first_named.set(word.bits());
+                    }
                 }
                 if waited.is_known() && !l.wait_noted.get() {
                     // A watched future inside a span's poll: its wake time is the task's.
@@ -656,10 +664,9 @@ impl Board {
         fence(Ordering::Release);
         slot.culprit.store(word.bits(), Ordering::Relaxed);
         slot.task.store(task, Ordering::Relaxed);
-        slot.named.store(
-            if word.is_named() { word.bits() } else { 0 },
-            Ordering::Relaxed,
-        );
+        let named = if word.is_named() { word.bits() } else { 0 };
+        slot.named.store(named, Ordering::Relaxed);
+        l.first_named.set(named);
         slot.inner.store(0, Ordering::Relaxed);
         let start = if self.precise_start {
             self.now_ns() | EXACT
@@ -721,7 +728,7 @@ impl Board {
         if coarse != CLOCK_UNKNOWN
             && coarse.saturating_sub(start).saturating_add(self.tick_ns) >= threshold
         {
-            self.slow_end(slot, s, word, start, threshold);
+            self.slow_end(slot, s, word, start, threshold, l.first_named.get());
         }
         slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
         slot.seq.store((s | 1) + 1, Ordering::Release);
@@ -743,7 +750,15 @@ impl Board {
     /// timed with the real clock and, past its threshold, counted and handed to the watchdog
     /// as caught at its end. A phantom is neither.
     #[cold]
-    fn slow_end(&self, slot: &Slot, s: u64, word: CulpritWord, start: u64, threshold: u64) {
+    fn slow_end(
+        &self,
+        slot: &Slot,
+        s: u64,
+        word: CulpritWord,
+        start: u64,
+        threshold: u64,
+        named: u64,
+    ) {
         if slot.phantom.load(Ordering::Relaxed) == s {
             return;
         }
@@ -765,6 +780,7 @@ impl Board {
         slot.caught_seq.store(0, Ordering::Relaxed);
         fence(Ordering::Release);
         slot.caught_word.store(word.bits(), Ordering::Relaxed);
+        slot.caught_named.store(named, Ordering::Relaxed);
         slot.caught_task
             .store(slot.task.load(Ordering::Relaxed), Ordering::Relaxed);
         slot.caught_start.store(start, Ordering::Relaxed);
@@ -908,6 +924,9 @@ struct Local {
     stack: [Cell<u64>; 8],
     /// What was entered at each depth (`ids[0]`: the poll's outermost), to match exits.
     ids: [Cell<u64>; 8],
+    /// The first named culprit of the current poll, kept when its span is left (`named` on
+    /// the slot follows what is open): the name of a poll caught at its end.
+    first_named: Cell<u64>,
 }
 
 impl Local {
@@ -951,6 +970,7 @@ thread_local! {
             own: Cell::new(false),
             stack: [const { Cell::new(0) }; 8],
             ids: [const { Cell::new(0) }; 8],
+            first_named: Cell::new(0),
         }
     };
     static HOLD: Hold = const { Hold(Cell::new(None)) };

@@ -238,6 +238,17 @@ impl Builder {
         self
     }
 
+    /// Find kinds whose polls, each shorter than the threshold, keep the async workers asleep
+    /// in system calls for a large share of their time ("death by a thousand cuts": a handler
+    /// that calls `std::thread::sleep(5 ms)`). The watchdog reads one worker inside a poll
+    /// every other tick, in turn (at most 200 readings a second at the default tick), and
+    /// reports a kind that kept the workers asleep in one call for 10 % of one worker's time
+    /// over 10 s. Default on (needs `diagnose`; Linux).
+    pub fn thousand_cuts(mut self, on: bool) -> Self {
+        self.cfg.thousand_cuts = on;
+        self
+    }
+
     /// A job on tokio's blocking pool (run with [`spawn_blocking`](crate::spawn_blocking))
     /// that runs this long is reported as a stall of the `blocking` layer. Default
     /// [`DEFAULT_BLOCKING_THRESHOLD`](crate::DEFAULT_BLOCKING_THRESHOLD) (30 s): long jobs are

@@ -182,6 +182,10 @@ pub struct Config {
     pub diagnose: bool,
     /// Capture the stalled thread's stack (needs `diagnose`; Linux).
     pub stacks: bool,
+    /// Sample the workers inside polls to find kinds whose short polls, none a stall, keep the
+    /// async workers asleep in system calls ("death by a thousand cuts"; needs `diagnose`;
+    /// Linux).
+    pub thousand_cuts: bool,
     /// The signal used for stack capture; `None` is `SIGRTMIN+6`.
     pub stack_signal: Option<i32>,
     /// At most this many stack captures per second (bursts of as many).
@@ -224,6 +228,7 @@ impl Default for Config {
             max_task_kinds: DEFAULT_MAX_TASK_KINDS,
             max_live_spans: DEFAULT_MAX_LIVE_SPANS,
             diagnose: true,
+            thousand_cuts: true,
             stacks: true,
             stack_signal: None,
             max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,

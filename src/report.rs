@@ -190,6 +190,30 @@ fn notice_event(n: &Notice) {
                  ({since_last} such polls since the last notice); hint: {SPAN_GUARD_ACROSS_AWAIT}"
             ),
         },
+        Notice::ThousandCuts {
+            kind,
+            layer,
+            syscall,
+            asleep,
+            window,
+            hint,
+        } => {
+            let share = asleep.as_secs_f64() / window.as_secs_f64().max(1e-9) * 100.0;
+            tracing::warn!(
+                target: "loopwatch",
+                notice = "thousand_cuts",
+                layer = layer.as_str(),
+                task.kind = kind.as_ref(),
+                syscall = syscall.as_ref(),
+                asleep_ms = asleep.as_secs_f64() * 1e3,
+                window_ms = window.as_secs_f64() * 1e3,
+                share_of_one_worker = share / 100.0,
+                hint,
+                "{} workers spent {share:.0} % of one worker's time over the last {window:.0?} \
+                 asleep in {syscall} inside polls of {kind}, none of them a stall; hint: {hint}",
+                layer.as_str()
+            )
+        }
         Notice::EnvIgnored { reason } => tracing::warn!(
             target: "loopwatch",
             notice = "env_ignored",

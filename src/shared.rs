@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) phantoms_parked: AtomicU64,
     /// Stalls caught at their end (never seen running past the threshold).
     pub(crate) stalls_caught: AtomicU64,
+    /// Thousand-cuts notices sent.
+    pub(crate) cut_reports: AtomicU64,
     /// Stalls running now, by layer.
     pub(crate) in_progress: [AtomicU64; 3],
     /// Age of the oldest running stall in nanoseconds per layer, 0 when none runs.
@@ -162,6 +164,7 @@ impl Shared {
             phantom_stalls: AtomicU64::new(0),
             phantoms_parked: AtomicU64::new(0),
             stalls_caught: AtomicU64::new(0),
+            cut_reports: AtomicU64::new(0),
             in_progress: Default::default(),
             oldest_ns: Default::default(),
             dropped_reports: AtomicU64::new(0),
@@ -304,6 +307,7 @@ impl Shared {
                 + slots.iter().map(Slot::phantoms).sum::<u64>(),
             phantom_stalls: self.phantom_stalls.load(Ordering::Relaxed),
             stalls_caught_at_end: self.stalls_caught.load(Ordering::Relaxed),
+            thousand_cuts_reports: self.cut_reports.load(Ordering::Relaxed),
             stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
             dropped_reports: self.dropped_reports.load(Ordering::Relaxed),

@@ -121,6 +121,9 @@ pub struct Snapshot {
     /// Of `stalls_total`, those caught as they ended: polls past the threshold the watchdog
     /// did not see running past it (see [`Stall::caught_at_end`](crate::Stall::caught_at_end)).
     pub stalls_caught_at_end: u64,
+    /// "Death by a thousand cuts" notices sent: kinds whose polls, none a stall, kept the
+    /// async workers asleep in a system call for 10 % of one worker's time over 10 s.
+    pub thousand_cuts_reports: u64,
     /// Polls found to be phantoms: a span entered with `span.enter()` and held across an
     /// `.await` kept the poll open on a worker that was parked or running another task. They
     /// are ended uncounted, never reported as stalls (see README, "What is watched").

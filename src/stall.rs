@@ -382,6 +382,16 @@ pub(crate) enum Notice {
         /// Phantoms since the last notice (notices are rate limited), this one included.
         since_last: u64,
     },
+    /// Polls of `kind`, none of them a stall, kept the workers asleep in `syscall` for
+    /// `asleep` of the last `window` (summed over workers; sampled).
+    ThousandCuts {
+        kind: Arc<str>,
+        layer: LayerKind,
+        syscall: Arc<str>,
+        asleep: Duration,
+        window: Duration,
+        hint: &'static str,
+    },
     /// A CPU pool is fed jobs too small to be worth a dispatch.
     #[cfg_attr(not(feature = "rayon"), allow(dead_code))]
     CpuTooFine {

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::cuts::Cuts;
 use super::pools::Pools;
 use super::victims::{hold_window_ns, Held, SlotVictims, VictimAcc, WaitRec};
 use crate::board::{
@@ -162,6 +163,9 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     resolved: Vec<((KindId, LayerKind), u64)>,
     waits: Vec<Record>,
     pools: Pools,
+    cuts: Cuts,
+    /// What the thousand-cuts sampling keeps open for each slot's thread.
+    cut_threads: Vec<Option<(u64, K::Thread)>>,
     notices: Vec<Notice>,
     next_stall_id: u64,
     ticks: u64,
@@ -196,6 +200,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             resolved: Vec::new(),
             waits: Vec::new(),
             pools: Pools::default(),
+            cuts: Cuts::default(),
+            cut_threads: Vec::new(),
             notices: Vec::new(),
             next_stall_id: 1,
             ticks: 0,
@@ -298,11 +304,60 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             a.store(o, Ordering::Relaxed);
         }
         self.fold_samples();
+        if self.shared.cfg.diagnose && self.shared.cfg.thousand_cuts {
+            self.sample_cuts(now, slots);
+        }
         let mut notices = std::mem::take(&mut self.notices);
         self.pools.check_cpu(&self.shared, now, &mut notices);
         self.out.extend(notices.drain(..).map(Report::Notice));
         self.notices = notices;
         active
+    }
+
+    /// Death by a thousand cuts: one worker inside a poll read every other tick, in turn
+    /// (see `cuts.rs`); each window, the kinds that kept the workers asleep in a call.
+    fn sample_cuts<P: SlotPort>(&mut self, now: u64, slots: &[P]) {
+        if let Some(i) = self.cuts.pick(self.ticks, slots.len()) {
+            self.sample_cut(i, &slots[i], now);
+        }
+        let kinds = &self.shared.board.kinds;
+        let label = |k: KindId| -> Arc<str> { kinds.get(k).label().into() };
+        let before = self.notices.len();
+        self.cuts.judge(now, label, &mut self.notices);
+        let said = (self.notices.len() - before) as u64;
+        self.shared.cut_reports.fetch_add(said, Ordering::Relaxed);
+    }
+
+    fn sample_cut(&mut self, i: usize, slot: &impl SlotPort, now: u64) {
+        let r = slot.read();
+        // A stall is reported on its own; a phantom is nobody's; outside a poll, nothing.
+        let counted = r.stable
+            && r.in_poll()
+            && self.states[i].open.is_none()
+            && slot.marked_phantom() != r.seq;
+        let tid = slot.meta().and_then(|m| m.tid);
+        let (kind, layer) = self.resolve(r.word);
+        let (Some(tid), true) = (tid, counted && kind != OWN && layer != LayerKind::Blocking)
+        else {
+            // Blocking jobs are meant to block; loopwatch's own task is not the application's.
+            self.cuts.skip(i, now);
+            return;
+        };
+        if self.cut_threads.len() <= i {
+            self.cut_threads.resize_with(i + 1, || None);
+        }
+        let thread = match &mut self.cut_threads[i] {
+            Some((t, th)) if *t == tid => th,
+            other => &mut other.insert((tid, self.kernel.open(tid))).1,
+        };
+        let reading = self.kernel.read(thread, now);
+        // The same poll still (else the reading may be of the next one, or of none).
+        match reading {
+            Some(reading) if slot.read().seq == r.seq => {
+                self.cuts.add(i, kind, layer, &reading);
+            }
+            _ => self.cuts.skip(i, now),
+        }
     }
 
     /// The kernel port (tests script it).
@@ -747,7 +802,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             stable: true,
             word: c.word,
             task: c.task,
-            named: CulpritWord::NONE,
+            named: c.named,
             inner: CulpritWord::NONE,
             start_ns: c.start_ns,
         };

@@ -9,6 +9,7 @@
 //! into a bounded queue that drops (and counts) when full.
 
 mod core;
+mod cuts;
 mod pace;
 mod pools;
 #[cfg(test)]

@@ -107,6 +107,7 @@ impl FakeSlot {
             self.caught.set(Some(Caught {
                 seq: r.seq,
                 word: r.word,
+                named: r.named,
                 task: r.task,
                 start_ns: r.start_ns,
                 end_ns,
@@ -283,6 +284,8 @@ fn config(f: impl FnOnce(&mut Config)) -> Config {
         .config()
         .expect("a valid config");
     cfg.stacks = false;
+    // The thousand-cuts sampling reads the kernel too: off, except where tested.
+    cfg.thousand_cuts = false;
     f(&mut cfg);
     cfg
 }
@@ -1390,6 +1393,7 @@ fn a_flagged_stall_is_not_caught_again() {
     slot[0].caught.set(Some(Caught {
         seq: r.seq,
         word: r.word,
+        named: r.named,
         task: r.task,
         start_ns: r.start_ns,
         end_ns: 20 * MS,
@@ -1469,4 +1473,72 @@ fn no_poll_under_the_threshold_less_a_quarter_tick_is_caught() {
         rig.tick(t, &slot);
     }
     assert!(rig.stalls().is_empty());
+}
+
+// --- death by a thousand cuts ----------------------------------------------------------------
+
+#[test]
+fn short_polls_asleep_in_a_call_are_reported_as_a_thousand_cuts() {
+    let nanosleep = (0..512)
+        .find(|&nr| crate::diagnose::syscalls::name(nr) == Some("clock_nanosleep"))
+        .unwrap();
+    let mut rig = rig(config(|c| c.thousand_cuts = true));
+    rig.script(TID, Activity::Syscall(nanosleep), 0.0);
+    let slot = [FakeSlot::new(TID)];
+    // 5 ms polls back to back (each under the 10 ms threshold) for 10.5 s.
+    for t in 1..=10_500u64 {
+        if t % 5 == 1 {
+            slot[0].start(rig.word, t, (t - 1) * MS);
+        }
+        rig.tick(t * MS, &slot);
+        if t % 5 == 0 {
+            slot[0].end(t * MS);
+        }
+    }
+    let cuts: Vec<_> = rig
+        .core
+        .out
+        .iter()
+        .filter_map(|r| match r {
+            Report::Notice(Notice::ThousandCuts {
+                kind,
+                syscall,
+                asleep,
+                window,
+                hint,
+                ..
+            }) => Some((kind.clone(), syscall.clone(), *asleep, *window, *hint)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cuts.len(), 1, "one window, one kind: {cuts:?}");
+    let (kind, syscall, asleep, window, hint) = &cuts[0];
+    assert_eq!(
+        (kind.as_ref(), syscall.as_ref()),
+        ("hog", "clock_nanosleep")
+    );
+    assert!(
+        asleep.as_secs_f64() / window.as_secs_f64() > 0.9,
+        "{cuts:?}"
+    );
+    assert!(hint.contains("tokio::time::sleep"));
+    assert!(rig.stalls().is_empty(), "none of them a stall");
+    assert_eq!(rig.shared.snapshot().thousand_cuts_reports, 1);
+}
+
+#[test]
+fn short_polls_that_compute_are_no_thousand_cuts() {
+    let mut rig = rig(config(|c| c.thousand_cuts = true));
+    rig.script(TID, Activity::Running, 1.0);
+    let slot = [FakeSlot::new(TID)];
+    for t in 1..=10_500u64 {
+        if t % 5 == 1 {
+            slot[0].start(rig.word, t, (t - 1) * MS);
+        }
+        rig.tick(t * MS, &slot);
+        if t % 5 == 0 {
+            slot[0].end(t * MS);
+        }
+    }
+    assert_eq!(rig.shared.snapshot().thousand_cuts_reports, 0);
 }

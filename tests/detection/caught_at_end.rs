@@ -19,23 +19,24 @@ fn polls_of_one_point_two_thresholds_are_all_reported() {
     let polls = 40;
     rt.block_on(async {
         for i in 0..polls {
-            h.guard
-                .watch("near", async move {
-                    // Vary the phase against the watchdog's ticks.
-                    std::thread::sleep(Duration::from_micros(137 * (i % 37)));
-                    common::spin_for(THRESHOLD * 12 / 10);
-                })
-                .await;
+            // Each poll a task of its own (so no other work shares its poll).
+            tokio::spawn(h.guard.watch("near", async move {
+                // Vary the phase against the watchdog's ticks.
+                std::thread::sleep(Duration::from_micros(137 * (i % 37)));
+                common::spin_for(THRESHOLD * 12 / 10);
+            }))
+            .await
+            .unwrap();
             // Short polls in between keep the watchdog ticking (never idle), so each start is
             // the watchdog's clock, known to within a tick.
-            h.guard
-                .watch("gap", async {
-                    let t0 = std::time::Instant::now();
-                    while t0.elapsed() < Duration::from_millis(15) {
-                        tokio::task::yield_now().await;
-                    }
-                })
-                .await;
+            tokio::spawn(h.guard.watch("gap", async {
+                let t0 = std::time::Instant::now();
+                while t0.elapsed() < Duration::from_millis(15) {
+                    tokio::task::yield_now().await;
+                }
+            }))
+            .await
+            .unwrap();
         }
     });
     let ended = h.wait_seen(Duration::from_secs(10), |seen| {

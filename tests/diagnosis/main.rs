@@ -18,3 +18,4 @@ mod diagnose_starved;
 mod diagnose_throttled;
 mod diagnose_unsupported;
 mod no_interrupted_calls;
+mod thousand_cuts;
