@@ -337,6 +337,12 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             && slot.marked_phantom() != r.seq;
         let tid = slot.meta().and_then(|m| m.tid);
         let (kind, layer) = self.resolve(r.word);
+        // Named after the poll's named culprit where it has one (the handler's span inside
+        // tokio's task span), as its reports are.
+        let kind = match r.named.is_none() || kind == OWN {
+            true => kind,
+            false => self.resolve(r.named).0,
+        };
         let (Some(tid), true) = (tid, counted && kind != OWN && layer != LayerKind::Blocking)
         else {
             // Blocking jobs are meant to block; loopwatch's own task is not the application's.

@@ -21,16 +21,20 @@ fn load(blocking: bool) -> loopwatch::Snapshot {
         for _ in 0..8 {
             clients.push(tokio::spawn(async move {
                 while Instant::now() < until {
-                    // One "request": a handler that waits 5 ms.
-                    async {
-                        if blocking {
-                            std::thread::sleep(Duration::from_millis(5));
-                        } else {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
+                    // One "request": a handler task that waits 5 ms (as a server spawns one
+                    // per connection: each request is a poll of its own).
+                    tokio::spawn(
+                        async move {
+                            if blocking {
+                                std::thread::sleep(Duration::from_millis(5));
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
                         }
-                    }
-                    .instrument(tracing::info_span!("seed"))
-                    .await;
+                        .instrument(tracing::info_span!("seed")),
+                    )
+                    .await
+                    .unwrap();
                 }
             }));
         }
