@@ -443,14 +443,45 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         }
         slot.flag(r.seq);
         self.states[i].flagged_seq = r.seq;
+        let span = (start_ns, now.saturating_sub(start_ns));
+        let record = self.new_stall(i, slot, kind, layer, r, span, threshold);
+        self.shared.in_progress[layer as usize].fetch_add(1, Ordering::Relaxed);
+        let mut open = Open {
+            kind,
+            seq: r.seq,
+            start_ns,
+            record,
+            pending: None,
+            retry_until_ns: None,
+            running_sent: false,
+            raw_stack: None,
+        };
+        self.ask_stack(i, slot, &mut open, now);
+        Some(open)
+    }
+
+    /// A new stall record (running, no stack yet) for poll `r` of `kind` on slot `i`, which
+    /// began at `span.0` and has lasted `span.1` nanoseconds, with the verdict of what was
+    /// sampled of it; counted in `stalls_total`.
+    #[allow(clippy::too_many_arguments)]
+    fn new_stall(
+        &mut self,
+        i: usize,
+        slot: &impl SlotPort,
+        kind: KindId,
+        layer: LayerKind,
+        r: &SlotRead,
+        span: (u64, u64),
+        threshold: u64,
+    ) -> Stall {
         let (cause, cause_shares, cpu) = self.verdict(i, r.seq, threshold);
         let record = Stall {
             id: self.next_stall_id,
             task: self.task_info(kind, r),
             worker: worker_info(i, slot),
             layer,
-            started_at: self.shared.board.system_time(start_ns),
-            duration: Duration::from_nanos(now.saturating_sub(start_ns)),
+            started_at: self.shared.board.system_time(span.0),
+            duration: Duration::from_nanos(span.1),
             state: StallState::Running,
             threshold: Duration::from_nanos(threshold),
             exact_end: false,
@@ -468,19 +499,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         };
         self.next_stall_id += 1;
         self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
-        self.shared.in_progress[layer as usize].fetch_add(1, Ordering::Relaxed);
-        let mut open = Open {
-            kind,
-            seq: r.seq,
-            start_ns,
-            record,
-            pending: None,
-            retry_until_ns: None,
-            running_sent: false,
-            raw_stack: None,
-        };
-        self.ask_stack(i, slot, &mut open, now);
-        Some(open)
+        record
     }
 
     /// Asks for the stack of the stall `open` on slot `i`; if another capture holds the slot,
@@ -802,7 +821,6 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let duration = c.end_ns - from;
         self.sampler
             .finish(&mut self.kernel, &mut self.states[i].probe);
-        let (cause, cause_shares, cpu) = self.verdict(i, c.seq, threshold);
         let read = SlotRead {
             seq: c.seq,
             stable: true,
@@ -812,30 +830,12 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             inner: CulpritWord::NONE,
             start_ns: c.start_ns,
         };
-        let record = Stall {
-            id: self.next_stall_id,
-            task: self.task_info(kind, &read),
-            worker: worker_info(i, slot),
-            layer,
-            started_at: self.shared.board.system_time(from),
-            duration: Duration::from_nanos(duration),
-            state: StallState::Ended,
-            threshold: Duration::from_nanos(threshold),
-            exact_end: true,
-            hint: hint_for(layer, &cause),
-            cpu,
-            cause,
-            cause_shares,
-            stack: None,
-            stack_status: StackStatus::EndedFirst,
-            victims: Victims {
-                tracked: self.shared.board.waits_known(),
-                ..Victims::default()
-            },
-            caught_at_end: true,
-        };
-        self.next_stall_id += 1;
-        self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
+        let mut record = self.new_stall(i, slot, kind, layer, &read, (from, duration), threshold);
+        record.state = StallState::Ended;
+        record.exact_end = true;
+        record.stack_status = StackStatus::EndedFirst;
+        record.caught_at_end = true;
+        let cause = record.cause;
         self.shared.stalls_caught.fetch_add(1, Ordering::Relaxed);
         let key = StallKey { kind, layer, cause };
         if let Ok(mut m) = self.shared.stall_counts.lock() {
