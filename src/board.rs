@@ -588,13 +588,14 @@ impl Board {
             }
             // The open entry this exit closes: the innermost with its id. Deeper than the
             // id stack, the innermost (as before ids were kept).
-            let open = if depth > l.ids.len() {
-                depth - 1
-            } else {
-                match l.ids[..depth].iter().rposition(|c| c.get() == id) {
+            let open = match l.ids.get(depth - 1) {
+                // The common case: what was entered last.
+                Some(top) if top.get() == id => depth - 1,
+                Some(_) => match l.ids[..depth - 1].iter().rposition(|c| c.get() == id) {
                     Some(k) => k,
                     None => return,
-                }
+                },
+                None => depth - 1,
             };
             if open == 0 {
                 l.depth.set(0);

@@ -728,8 +728,17 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             self.send_running(i, &mut open);
         }
         let exact = slot.flagged_end_ns();
+        // The flag and the end crossed: the owner did not see the flag, but timed the end
+        // itself and published it as caught (the watchdog, descheduled on a busy host, may
+        // have flagged the poll long after the clock it last published).
+        let caught = slot
+            .caught()
+            .filter(|c| c.seq == open.seq)
+            .map(|c| c.end_ns);
         let (end, exact_end) = if exact != 0 {
             (exact, true)
+        } else if let Some(end) = caught {
+            (end.max(open.start_ns), true)
         } else if r.seq == open.seq + 1 {
             // The poll ended in the instant it was flagged: the watchdog's clock at its end.
             match slot.end_coarse_ns() {

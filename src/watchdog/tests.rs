@@ -1405,6 +1405,43 @@ fn a_flagged_stall_is_not_caught_again() {
 }
 
 #[test]
+fn a_flag_that_crossed_the_end_takes_the_owners_exact_end() {
+    // The watchdog, descheduled, flags a poll in the instant it ends: the owner did not see
+    // the flag, so it read no exact end for it, but it timed the end itself (caught). The
+    // coarse clock it read at the end is the watchdog's last, from long before.
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    rig.tick(MS, &slot);
+    slot[0].start(rig.word, 7, MS);
+    rig.tick(2 * MS, &slot);
+    // The watchdog sleeps through 40 ms; the poll ends at 41.5 ms.
+    rig.tick(42 * MS, &slot);
+    let running = rig.one_stall();
+    let r = slot[0].read.get();
+    slot[0].caught.set(Some(Caught {
+        seq: r.seq,
+        word: r.word,
+        named: r.named,
+        task: r.task,
+        start_ns: r.start_ns,
+        end_ns: 41_500_000,
+    }));
+    slot[0].end(2 * MS);
+    rig.tick(43 * MS, &slot);
+    let ended = rig.stalls().pop().expect("the ended report");
+    assert_eq!((ended.id, ended.state), (running.id, StallState::Ended));
+    assert!(ended.exact_end);
+    assert_eq!(
+        ended.duration,
+        Duration::from_nanos(41_500_000)
+            - (running
+                .started_at
+                .duration_since(rig.shared.board.system_time(0))
+                .unwrap())
+    );
+}
+
+#[test]
 fn recall_at_one_point_two_thresholds_is_complete() {
     // 1,000 polls of 1.2x the threshold, each after an idle tick, at every phase against the
     // watchdog's ticks (a quarter of the threshold, the default): each is reported running,
