@@ -16,8 +16,10 @@ use crate::stall::{StackStatus, Stall, StallState};
 /// The longest a running report waits for its stack to be symbolized; past it the report goes
 /// out without frames, and the stall is reported once more when they are ready.
 const SYMBOLIZE_WAIT: Duration = Duration::from_millis(5);
-/// The same for an ended report (less urgent: the stall is over).
-const SYMBOLIZE_WAIT_ENDED: Duration = Duration::from_millis(250);
+/// The same for an ended report. Short too: the reporter waits here, and a running report of
+/// the next stall would wait behind it (the detection-latency bench saw 100–230 ms with 250);
+/// an ended report whose frames are not ready is held back for them instead (`HOLD_ENDED`).
+const SYMBOLIZE_WAIT_ENDED: Duration = Duration::from_millis(5);
 
 /// Symbolizes on a thread of its own (`loopwatch-symbols`), so the reporter never waits more
 /// than [`SYMBOLIZE_WAIT`]: the first stacks of a process can take hundreds of milliseconds
