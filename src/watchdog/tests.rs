@@ -96,6 +96,20 @@ impl FakeSlot {
         self.read.get().seq
     }
 
+    /// The owner publishes the poll in progress as caught, ending at `end_ns` (as if it had
+    /// not seen the flag).
+    fn publish_caught(&self, end_ns: u64) {
+        let r = self.read.get();
+        self.caught.set(Some(Caught {
+            seq: r.seq,
+            word: r.word,
+            named: r.named,
+            task: r.task,
+            start_ns: r.start_ns,
+            end_ns,
+        }));
+    }
+
     /// The poll ends at `end_ns` (real clock) as the board's owner ends it: a poll the
     /// watchdog did not flag, whose end less its start (judged as the board judges it, for a
     /// clock of `tick_ns` resolution) reaches `threshold_ns`, is caught.
@@ -104,14 +118,7 @@ impl FakeSlot {
         if self.flagged.get() != Some(r.seq)
             && end_ns.saturating_sub(crate::board::caught_from(r.start_ns, tick_ns)) >= threshold_ns
         {
-            self.caught.set(Some(Caught {
-                seq: r.seq,
-                word: r.word,
-                named: r.named,
-                task: r.task,
-                start_ns: r.start_ns,
-                end_ns,
-            }));
+            self.publish_caught(end_ns);
         }
         self.end(end_ns);
     }
@@ -370,6 +377,12 @@ impl Rig {
                 cpu_per_wall,
             },
         );
+    }
+
+    /// Thread `tid`'s cgroup has CPU quota `quota` and has been throttled `ns` so far (as the
+    /// kernel adds it: when the group may run again).
+    fn throttled(&mut self, tid: u64, quota: CpuQuota, ns: u64) {
+        self.core.kernel_mut().throttle.insert(tid, (quota, ns));
     }
 
     fn one_stall(&mut self) -> Stall {
@@ -1263,20 +1276,14 @@ fn a_poll_starved_while_its_cgroup_was_throttled_is_throttled() {
     // 8 % of a CPU (8 ms in 100: under the threshold): runnable the rest of the time, within
     // a cgroup allowed 0.1 CPU.
     rig.script(TID, Activity::Running, 0.08);
-    rig.core
-        .kernel_mut()
-        .throttle
-        .insert(TID, (quota, 5_000_000));
+    rig.throttled(TID, quota, 5_000_000);
     let slot = rig.stalled();
     // The kernel has not accounted this period's throttling yet: starved, for now.
     let running = rig.one_stall();
     assert_eq!(running.cause, Cause::Starved);
     rig.ticks(12, 99, &slot);
     // The group may run again: the kernel adds the 80 ms it was held.
-    rig.core
-        .kernel_mut()
-        .throttle
-        .insert(TID, (quota, 85_000_000));
+    rig.throttled(TID, quota, 85_000_000);
     let ended = end_at(&mut rig, &slot, 100);
     assert_eq!(ended.cause, Cause::Throttled(quota), "{ended}");
     assert_eq!(ended.hint, Some(crate::hints::THROTTLED));
@@ -1296,14 +1303,11 @@ fn a_poll_whose_cpu_reached_the_threshold_is_cpu_even_when_throttled() {
     let mut rig = rig(config(|_| {}));
     // Half a CPU for 60 ms: 30 ms of CPU, past the 10 ms threshold.
     rig.script(TID, Activity::Running, 0.5);
-    rig.core.kernel_mut().throttle.insert(TID, (quota, 0));
+    rig.throttled(TID, quota, 0);
     let slot = rig.stalled();
     rig.one_stall();
     rig.ticks(12, 59, &slot);
-    rig.core
-        .kernel_mut()
-        .throttle
-        .insert(TID, (quota, 30_000_000));
+    rig.throttled(TID, quota, 30_000_000);
     let ended = end_at(&mut rig, &slot, 60);
     assert_eq!(ended.cause, Cause::Cpu, "{ended}");
     assert!(
@@ -1331,10 +1335,7 @@ fn starvation_without_throttling_stays_starved() {
     let quota = CpuQuota::from_us(50_000, 100_000).unwrap();
     let mut rig = rig(config(|_| {}));
     rig.script(TID, Activity::Running, 0.1);
-    rig.core
-        .kernel_mut()
-        .throttle
-        .insert(TID, (quota, 42_000_000));
+    rig.throttled(TID, quota, 42_000_000);
     let slot = rig.stalled();
     rig.one_stall();
     let ended = rig.run_to_end(&slot, 60);
@@ -1389,15 +1390,7 @@ fn a_flagged_stall_is_not_caught_again() {
     let slot = rig.stalled();
     let running = rig.one_stall();
     // The owner ended it as it was flagged (the two crossed): it published a catch too.
-    let r = slot[0].read.get();
-    slot[0].caught.set(Some(Caught {
-        seq: r.seq,
-        word: r.word,
-        named: r.named,
-        task: r.task,
-        start_ns: r.start_ns,
-        end_ns: 20 * MS,
-    }));
+    slot[0].publish_caught(20 * MS);
     let ended = rig.run_to_end(&slot, 20);
     assert_eq!(ended.id, running.id);
     assert!(!ended.caught_at_end);
@@ -1417,15 +1410,7 @@ fn a_flag_that_crossed_the_end_takes_the_owners_exact_end() {
     // The watchdog sleeps through 40 ms; the poll ends at 41.5 ms.
     rig.tick(42 * MS, &slot);
     let running = rig.one_stall();
-    let r = slot[0].read.get();
-    slot[0].caught.set(Some(Caught {
-        seq: r.seq,
-        word: r.word,
-        named: r.named,
-        task: r.task,
-        start_ns: r.start_ns,
-        end_ns: 41_500_000,
-    }));
+    slot[0].publish_caught(41_500_000);
     slot[0].end(2 * MS);
     rig.tick(43 * MS, &slot);
     let ended = rig.stalls().pop().expect("the ended report");
