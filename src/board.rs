@@ -440,6 +440,7 @@ impl Board {
     }
 
     /// The watchdog's tick, nanoseconds.
+    #[cfg(test)]
     pub(crate) fn tick_ns(&self) -> u64 {
         self.tick_ns
     }

@@ -296,6 +296,7 @@ fn event(s: &Stall, update: bool) {
         duration_ms,
         threshold_ms,
         exact_end = s.exact_end,
+        uncertainty_ms = s.uncertainty.as_secs_f64() * 1e3,
         caught_at_end = s.caught_at_end,
         cause = %s.cause,
         cause.shares = shares.as_str(),

@@ -120,7 +120,8 @@ pub struct Stall {
     pub worker: WorkerInfo,
     /// The layer the thread belongs to.
     pub layer: LayerKind,
-    /// When the poll started (to within one watchdog tick, unless `precise_start` is on).
+    /// When the poll started: exact with `precise_start`, else the middle of the watchdog tick
+    /// it began in (see [`Stall::uncertainty`]).
     pub started_at: SystemTime,
     /// How long the poll had run when this record was made; its total once it has ended.
     pub duration: Duration,
@@ -131,6 +132,11 @@ pub struct Stall {
     /// Is `duration` exact at its end? `false` when the poll ended in the instant the watchdog
     /// flagged it and the end was taken from the watchdog's clock (off by at most one tick).
     pub exact_end: bool,
+    /// How far `started_at` and `duration` may be from the truth, either way. Zero when the
+    /// start and the end were read from the real clock; half a watchdog tick when the start
+    /// was the watchdog's clock and the watchdog ran on time; more when a busy host held the
+    /// watchdog back, so the tick the poll began in was longer.
+    pub uncertainty: Duration,
     /// Why the poll held its worker, from the samples taken so far (all of them once ended).
     pub cause: Cause,
     /// The share of the sampled time each cause took, largest first (a mixed stall has
@@ -290,10 +296,16 @@ impl fmt::Display for Stall {
         if let Some(span) = &self.task.span {
             write!(f, " in span {span}")?;
         }
+        write!(f, " held the worker for {:.1?}", self.duration)?;
+        // Said only when the host held the watchdog back (more than twice what an on-time
+        // watchdog at the default tick leaves).
+        if self.uncertainty > self.threshold / 4 {
+            write!(f, " (±{:.1?}: the watchdog ran late)", self.uncertainty)?;
+        }
         write!(
             f,
-            " held the worker for {:.1?} (threshold {:?}), {state}; cause: {}",
-            self.duration, self.threshold, self.cause
+            " (threshold {:?}), {state}; cause: {}",
+            self.threshold, self.cause
         )?;
         if self.cause_shares.len() > 1 {
             f.write_str(" (")?;
@@ -428,6 +440,7 @@ pub(crate) mod tests_support {
             state: StallState::Running,
             threshold: Duration::from_millis(10),
             exact_end: false,
+            uncertainty: Duration::ZERO,
             hint: None,
             cpu: None,
             cause: Cause::Unknown,

@@ -60,7 +60,10 @@ fn stalls_are_seen_under_a_global_subscriber_with_task_spans_and_hooks() {
             site.contains(&format!("global_subscriber.rs:{spawn_line}:")),
             "hooks {hooks}: {s}"
         );
-        assert!(s.duration >= Duration::from_millis(80), "{s}");
+        assert!(
+            s.duration + s.uncertainty >= Duration::from_millis(100),
+            "{s}"
+        );
     }
     // No stall of the blocking layer came from the workers' own lifetime spans.
     assert!(guard

@@ -13,9 +13,7 @@ use std::time::Duration;
 use super::cuts::Cuts;
 use super::pools::Pools;
 use super::victims::{hold_window_ns, Held, SlotVictims, VictimAcc, WaitRec};
-use crate::board::{
-    caught_from, is_exact, Caught, Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN,
-};
+use crate::board::{is_exact, Caught, Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
 use crate::diagnose::ports::{Kernel, StackPort};
 use crate::diagnose::sampler::{Ask, Pending, Probe, Sampler, STACK_WAIT_NS};
 use crate::diagnose::{Cause, CauseShare};
@@ -91,6 +89,40 @@ const PHANTOM_NOTICE_NS: u64 = 10_000_000_000;
 /// A stalled thread is read on every tick until it has this many readings, then one tick in
 /// eight, so many long stalls at once stay cheap to watch.
 const DENSE_READINGS: u32 = 16;
+
+/// How many of the clocks it published the watchdog remembers (the ticks a poll's start or
+/// end is bounded by; older ones only widen the bound).
+const PUBLISHED: usize = 8;
+
+/// The times a poll's start (or end) lies between, on the board's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub(crate) lo: u64,
+    pub(crate) hi: u64,
+}
+
+impl Window {
+    /// A point known exactly.
+    fn exact(t: u64) -> Window {
+        Window { lo: t, hi: t }
+    }
+
+    /// The estimate: the middle, off by at most [`Window::error`].
+    pub(crate) fn mid(self) -> u64 {
+        self.lo + (self.hi - self.lo) / 2
+    }
+
+    pub(crate) fn error(self) -> u64 {
+        (self.hi - self.lo) - (self.hi - self.lo) / 2
+    }
+
+    /// The point three quarters of the way through: a caught poll is judged as if it had
+    /// begun here, so one that began later (a late watchdog widens the window) and ran for
+    /// less than its threshold is not taken for a stall.
+    fn late(self) -> u64 {
+        self.lo + (self.hi - self.lo) / 4 * 3
+    }
+}
 
 /// A stall the core follows until its poll ends.
 #[derive(Debug)]
@@ -174,6 +206,10 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     phantom_said_ns: Option<u64>,
     /// When the last tick took place (a poll that read `CLOCK_UNKNOWN` started after it).
     last_tick_ns: u64,
+    /// The clocks the last ticks published (a ring): a poll that read one started before the
+    /// next was published, so the next bounds its start (see [`Core::published_after`]).
+    published: [u64; PUBLISHED],
+    published_at: usize,
     /// What to send the reporter, in order; the driver takes it after each tick.
     pub(crate) out: Vec<Report>,
 }
@@ -208,6 +244,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             phantoms_unsaid: 0,
             phantom_said_ns: None,
             last_tick_ns: 0,
+            published: [0; PUBLISHED],
+            published_at: 0,
             out: Vec::new(),
         }
     }
@@ -217,6 +255,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
     pub(crate) fn tick<P: SlotPort>(&mut self, now: u64, slots: &[P]) -> bool {
         self.ticks = self.ticks.wrapping_add(1);
         let prev_tick = std::mem::replace(&mut self.last_tick_ns, now);
+        self.published[self.published_at % PUBLISHED] = now;
+        self.published_at = self.published_at.wrapping_add(1);
         let mut active = false;
         if self.states.len() < slots.len() {
             self.states.resize_with(slots.len(), SlotState::default);
@@ -405,6 +445,31 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         new
     }
 
+    /// The window of a time read off the watchdog's clock as `read` (a poll's coarse start or
+    /// end): at or after that clock was published, before the next one was (the owner would
+    /// have read that one), and no later than `upper`, a time it is known to have passed by.
+    /// On time, a tick wide; a watchdog that a busy host held back widens it.
+    pub(crate) fn window_after(&self, read: u64, upper: u64) -> Window {
+        let next = self
+            .published
+            .iter()
+            .map(|&t| t & !crate::board::EXACT)
+            .filter(|&t| t > read)
+            .min();
+        let hi = next.map_or(upper, |t| t.min(upper)).max(read);
+        Window { lo: read, hi }
+    }
+
+    /// The clock the tick before this one published (what it read of the slots came after).
+    fn previous_tick(&self) -> u64 {
+        let i = self.published_at.wrapping_sub(2) % PUBLISHED;
+        if self.published_at < 2 {
+            0
+        } else {
+            self.published[i]
+        }
+    }
+
     /// Is the poll `r` on slot `i` a stall? If so, flag it, report it, and follow it.
     fn check(&mut self, i: usize, slot: &impl SlotPort, r: &SlotRead, now: u64) -> Option<Open> {
         let (kind, layer) = self.resolve(r.word);
@@ -415,16 +480,18 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let first_seen = self.states[i].first_seen_ns;
         // The lower bound of the poll's age: with the exact start, the exact age; otherwise the
         // poll began before the tick that first saw it, whatever the watchdog's lateness.
-        let (age_lower, start_ns) = if self.shared.cfg.precise_start || is_exact(r.start_ns) {
-            (now.saturating_sub(r.start_ns), r.start_ns)
+        let (age_lower, start) = if self.shared.cfg.precise_start || is_exact(r.start_ns) {
+            (now.saturating_sub(r.start_ns), Window::exact(r.start_ns))
         } else {
             // It began after the clock value it read (or the tick before an idle sleep) and
-            // before `first_seen`: take the middle of that window as its start (at most half a
-            // tick off when ticks are on time).
+            // before the next was published (at the latest, `first_seen`): its start is the
+            // middle of that window (half a tick off when ticks are on time, more when the
+            // watchdog was held back, and the record says by how much).
             let lo = self.states[i].start_lo_ns.min(first_seen);
-            let mid = lo + (first_seen - lo) / 2;
-            (now.saturating_sub(first_seen), mid)
+            let w = self.window_after(lo, first_seen);
+            (now.saturating_sub(w.hi), w)
         };
+        let start_ns = start.mid();
         if slot.marked_phantom() == r.seq {
             return None;
         }
@@ -444,7 +511,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         slot.flag(r.seq);
         self.states[i].flagged_seq = r.seq;
         let span = (start_ns, now.saturating_sub(start_ns));
-        let record = self.new_stall(i, slot, kind, layer, r, span, threshold);
+        let mut record = self.new_stall(i, slot, kind, layer, r, span, threshold);
+        record.uncertainty = Duration::from_nanos(start.error());
         self.shared.in_progress[layer as usize].fetch_add(1, Ordering::Relaxed);
         let mut open = Open {
             kind,
@@ -485,6 +553,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             state: StallState::Running,
             threshold: Duration::from_nanos(threshold),
             exact_end: false,
+            uncertainty: Duration::ZERO,
             hint: hint_for(layer, &cause),
             cpu,
             cause,
@@ -735,19 +804,32 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             .caught()
             .filter(|c| c.seq == open.seq)
             .map(|c| c.end_ns);
-        let (end, exact_end) = if exact != 0 {
-            (exact, true)
+        let end = if exact != 0 {
+            Window::exact(exact)
         } else if let Some(end) = caught {
-            (end.max(open.start_ns), true)
-        } else if r.seq == open.seq + 1 {
-            // The poll ended in the instant it was flagged: the watchdog's clock at its end.
-            match slot.end_coarse_ns() {
-                CLOCK_UNKNOWN => (now, false),
-                c => (c.max(open.start_ns), false),
-            }
+            Window::exact(end)
         } else {
-            (now, false)
+            // The poll ended in the instant it was flagged (the two crossed) and its owner did
+            // not time it: it ended after the last tick saw it running, and before now or the
+            // clock after the one it read as it ended.
+            let seen = self.previous_tick();
+            match slot.end_coarse_ns() {
+                c if c != CLOCK_UNKNOWN && r.seq == open.seq + 1 => {
+                    let w = self.window_after(c, now);
+                    Window {
+                        lo: w.lo.max(seen).min(w.hi),
+                        hi: w.hi,
+                    }
+                }
+                _ => Window {
+                    lo: seen.min(now),
+                    hi: now,
+                },
+            }
         };
+        let exact_end = end.lo == end.hi;
+        let end_err = end.error();
+        let end = end.mid().max(open.start_ns);
         let threshold = open.record.threshold.as_nanos() as u64;
         self.sampler
             .finish(&mut self.kernel, &mut self.states[i].probe);
@@ -756,6 +838,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         record.state = StallState::Ended;
         record.duration = Duration::from_nanos(end.saturating_sub(open.start_ns));
         record.exact_end = exact_end;
+        record.uncertainty += Duration::from_nanos(end_err);
         record.cause = cause;
         record.hint = hint_for(record.layer, &cause);
         record.cause_shares = shares;
@@ -816,17 +899,29 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         if threshold == u64::MAX || kind == OWN {
             return;
         }
-        let tick = self.shared.board.tick_ns();
-        if c.end_ns.saturating_sub(caught_from(c.start_ns, tick)) < threshold {
+        let start = if is_exact(c.start_ns) {
+            Window::exact(c.start_ns)
+        } else {
+            // It began in the window after the clock it read (a tick wide when the watchdog is
+            // on time); judged as if it began three quarters of the way in, so a short poll
+            // that began late in a window a busy host widened is not taken for a stall.
+            let st = &self.states[i];
+            let upper = if st.seen_seq == c.seq {
+                st.first_seen_ns.min(c.end_ns)
+            } else {
+                c.end_ns
+            };
+            let w = self.window_after(c.start_ns.min(upper), upper);
+            if c.end_ns.saturating_sub(w.late()) < threshold {
+                return;
+            }
+            w
+        };
+        if c.end_ns.saturating_sub(start.lo) < threshold {
             return;
         }
-        // Its likeliest start: the middle of the tick after the clock value it read.
-        let from = if is_exact(c.start_ns) {
-            c.start_ns
-        } else {
-            c.start_ns.saturating_add(tick / 2)
-        }
-        .min(c.end_ns);
+        // Its likeliest start: the middle of that window.
+        let from = start.mid().min(c.end_ns);
         let duration = c.end_ns - from;
         self.sampler
             .finish(&mut self.kernel, &mut self.states[i].probe);
@@ -842,6 +937,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let mut record = self.new_stall(i, slot, kind, layer, &read, (from, duration), threshold);
         record.state = StallState::Ended;
         record.exact_end = true;
+        record.uncertainty = Duration::from_nanos(start.error());
         record.stack_status = StackStatus::EndedFirst;
         record.caught_at_end = true;
         let cause = record.cause;

@@ -484,12 +484,15 @@ fn a_flagged_poll_that_missed_its_flag_ends_at_the_clock_it_read() {
     let mut rig = rig(config(|_| {}));
     let slot = rig.stalled();
     rig.stalls();
-    // It ended in the instant it was flagged: no exact end, the coarse clock at its end.
+    // It ended in the instant it was flagged: no exact end. It read the clock of the tick at
+    // 11 ms, so it ended before the next (12 ms): the middle of that tick.
     slot[0].end(11 * MS);
     rig.tick(12 * MS, &slot);
     let s = rig.one_stall();
     assert!(!s.exact_end);
-    assert_eq!(s.duration, Duration::from_nanos(11 * MS - 750_000));
+    assert_eq!(s.duration, Duration::from_nanos(11 * MS + MS / 2 - 750_000));
+    // Half of the start's tick (0.5 to 1 ms) and half of the end's.
+    assert_eq!(s.uncertainty, Duration::from_nanos(250_000 + MS / 2));
 }
 
 #[test]
@@ -498,12 +501,72 @@ fn a_flagged_poll_followed_by_another_poll_ends_at_the_tick_that_saw_it_gone() {
     let slot = rig.stalled();
     rig.stalls();
     // Its end was not stored (the flag came too late) and a new poll already runs.
+    // It ended after the tick at 11 ms saw it running, and before this one.
     slot[0].end(11 * MS);
     slot[0].start(rig.word, 8, 11 * MS);
     rig.tick(12 * MS, &slot);
     let s = rig.one_stall();
     assert!(!s.exact_end);
-    assert_eq!(s.duration, Duration::from_nanos(12 * MS - 750_000));
+    assert_eq!(s.duration, Duration::from_nanos(11 * MS + MS / 2 - 750_000));
+    assert_eq!(s.uncertainty, Duration::from_nanos(250_000 + MS / 2));
+}
+
+#[test]
+fn a_start_in_a_tick_a_busy_host_stretched_is_the_middle_of_it_and_says_how_far_off() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    rig.tick(MS, &slot);
+    // The poll reads the clock of the tick at 1 ms and runs from 1.1 to 41.1 ms; the host
+    // holds the watchdog back until 15 ms.
+    slot[0].start(rig.word, 7, MS);
+    rig.tick(15 * MS, &slot);
+    for t in 16..=25 {
+        rig.tick(t * MS, &slot);
+    }
+    let running = rig.one_stall();
+    // Began between 1 and 15 ms: taken as 8 ms, off by at most 7.
+    assert_eq!(running.uncertainty, Duration::from_millis(7));
+    assert_eq!(running.duration, Duration::from_millis(25 - 8));
+    slot[0].end_exactly(41 * MS + 100_000);
+    rig.tick(42 * MS, &slot);
+    let ended = rig.one_stall();
+    assert!(ended.exact_end);
+    assert_eq!(ended.duration, Duration::from_nanos(33 * MS + 100_000));
+    assert_eq!(ended.uncertainty, Duration::from_millis(7));
+    // The truth (40 ms) lies within what the record says.
+    let truth = Duration::from_millis(40);
+    assert!(ended.duration.abs_diff(truth) <= ended.uncertainty);
+    assert!(
+        ended
+            .to_string()
+            .contains("33.1ms (±7.0ms: the watchdog ran late)"),
+        "{ended}"
+    );
+    // An on-time watchdog's half tick is not worth saying.
+    let mut rig = self::rig(config(|_| {}));
+    let _slot = rig.stalled();
+    let s = rig.one_stall();
+    assert_eq!(s.uncertainty, Duration::from_nanos(250_000));
+    assert!(!s.to_string().contains('±'), "{s}");
+}
+
+#[test]
+fn a_short_poll_late_in_a_stretched_tick_is_not_caught() {
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    rig.tick(MS, &slot);
+    // It reads the clock of the tick at 1 ms, but runs from 14.9 to 15.9 ms only: the
+    // watchdog, held back, next looks at 16 ms. From the clock it read, its owner cannot
+    // tell it from a 14.9 ms stall and hands it over.
+    slot[0].start(rig.word, 7, MS);
+    let tick = rig.shared.board.tick_ns();
+    slot[0].end_as_owner(15_900_000, tick, THRESHOLD);
+    assert!(slot[0].caught().is_some(), "the owner hands it over");
+    rig.tick(16 * MS, &slot);
+    // The watchdog knows the window it began in (1 to 15.9 ms): judged from three quarters
+    // of the way in, it is no stall.
+    assert!(rig.stalls().is_empty());
+    assert_eq!(rig.shared.snapshot().stalls_total, 0);
 }
 
 #[test]
@@ -1366,8 +1429,10 @@ fn a_poll_caught_at_its_end_is_an_ended_stall_with_what_was_sampled() {
     assert_eq!(s.state, StallState::Ended);
     assert_eq!(s.stack_status, StackStatus::EndedFirst);
     assert!(s.exact_end);
-    // From half a tick after the clock it read, to its exact end.
-    assert_eq!(s.duration, Duration::from_nanos(13_400_000 - MS - tick / 2));
+    // From the middle of the window after the clock it read (to the next tick, at 3.5 ms),
+    // to its exact end.
+    assert_eq!(s.duration, Duration::from_nanos(13_400_000 - 2_250_000));
+    assert_eq!(s.uncertainty, Duration::from_nanos(1_250_000));
     assert_eq!(s.task.id, Some(7));
     assert_eq!(s.task.name.as_deref(), Some("hog"));
     assert_eq!(

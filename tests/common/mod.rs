@@ -19,6 +19,11 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How long a test waits for an ended report: an ended report whose frames are not ready is
+/// held for them up to 10 s (the symbols load at idle priority, which a busy host may not give
+/// for that long), so past that with a margin.
+pub const ENDED_WAIT: Duration = Duration::from_secs(15);
+
 pub struct Harness {
     pub guard: Guard,
     pub dispatch: Dispatch,
@@ -120,7 +125,7 @@ impl Harness {
 
     /// The ended report of a stall at least `min` long, or a panic listing what was seen.
     pub fn ended_stall(&self, min: Duration) -> Stall {
-        self.wait_for(Duration::from_secs(10), |s| {
+        self.wait_for(ENDED_WAIT, |s| {
             s.state == StallState::Ended && s.duration >= min
         })
         .unwrap_or_else(|| {
@@ -199,7 +204,7 @@ where
 {
     let rt = h.runtime(2);
     rt.block_on(rt.spawn(h.guard.watch(name, fut))).unwrap();
-    h.wait_for(Duration::from_secs(10), |s| {
+    h.wait_for(ENDED_WAIT, |s| {
         s.state == StallState::Ended && s.task.name.as_deref() == Some(name)
     })
     .unwrap_or_else(|| panic!("no ended stall for {name}: {:#?}", h.seen.lock().unwrap()))

@@ -36,7 +36,7 @@ fn two_workers_stalled_at_once_are_two_stalls() {
             t.await.unwrap();
         }
     });
-    let seen = h.wait_seen(Duration::from_secs(10), |seen| {
+    let seen = h.wait_seen(common::ENDED_WAIT, |seen| {
         seen.iter().filter(|s| s.state == StallState::Ended).count() >= 2
     });
     // One running report per stall (a stall whose frames came after its first report is
@@ -82,5 +82,5 @@ fn a_stall_on_a_current_thread_runtime_is_seen() {
         .expect("the current_thread stall is reported");
     assert_eq!(s.task.name.as_deref(), Some("single"));
     assert_eq!(s.worker.thread_name.as_deref(), test_thread.as_deref());
-    assert!(h.wait_ended(s.id, Duration::from_secs(5)).is_some());
+    assert!(h.wait_ended(s.id, common::ENDED_WAIT).is_some());
 }

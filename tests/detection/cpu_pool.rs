@@ -77,7 +77,7 @@ fn a_cpu_job_waiting_in_a_syscall_is_named() {
     let p = pool(&h, "waiter");
     p.install(|| std::thread::sleep(Duration::from_millis(400)));
     let s = h
-        .wait_for(Duration::from_secs(5), |s| {
+        .wait_for(common::ENDED_WAIT, |s| {
             s.layer == LayerKind::Cpu && s.state == loopwatch::StallState::Ended
         })
         .expect("a stall on the cpu layer");

@@ -36,14 +36,13 @@ fn idle_spells_neither_invent_slow_polls_nor_hide_stalls() {
     .unwrap();
     let ran = t0.elapsed();
     let s = h
-        .wait_for(Duration::from_secs(5), |s| {
+        .wait_for(common::ENDED_WAIT, |s| {
             s.task.name.as_deref() == Some("after-idle") && s.state == loopwatch::StallState::Ended
         })
         .expect("the stall after an idle spell is reported");
-    assert!(s.started_at + Duration::from_millis(3) >= before, "{s:?}");
-    assert!(
-        s.duration <= ran + Duration::from_millis(3),
-        "{s:?} vs {ran:?}"
-    );
-    assert!(s.duration + THRESHOLD / 2 >= THRESHOLD * 4, "{s:?}");
+    // Right to within what the record says (and a millisecond for the wall clock's reading).
+    let slack = s.uncertainty + Duration::from_millis(1);
+    assert!(s.started_at + slack >= before, "{s:?}");
+    assert!(s.duration <= ran + slack, "{s:?} vs {ran:?}");
+    assert!(s.duration + s.uncertainty >= THRESHOLD * 4, "{s:?}");
 }

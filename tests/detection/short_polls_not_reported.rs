@@ -104,9 +104,7 @@ fn polls_below_the_threshold_are_never_reported() {
             .filter(|s| s.state == loopwatch::StallState::Ended)
             .count() as u64
     };
-    let seen = h.wait_seen(Duration::from_secs(5), |seen| {
-        ended(seen) >= snap.stalls_total
-    });
+    let seen = h.wait_seen(common::ENDED_WAIT, |seen| ended(seen) >= snap.stalls_total);
     let not_host: Vec<_> = seen.iter().filter(|s| !is_host_starvation(s)).collect();
     let longest = Duration::from_micros(LONGEST_US.load(Ordering::Relaxed));
     if PREEMPTED.load(Ordering::Relaxed) || longest > THRESHOLD / 2 {

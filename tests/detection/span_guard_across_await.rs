@@ -62,7 +62,7 @@ fn guards_across_awaits(h: &common::Harness, rt: &tokio::runtime::Runtime) {
         .expect("the real stall is reported");
     assert_eq!(running.task.name.as_deref(), Some("spinner"));
     let ended = h
-        .wait_ended(running.id, Duration::from_secs(5))
+        .wait_ended(running.id, common::ENDED_WAIT)
         .expect("and ends");
     assert_eq!(ended.state, StallState::Ended);
     assert!(ended.duration < 10 * THRESHOLD, "{ended:?}");

@@ -35,7 +35,7 @@ fn a_poll_that_never_returns_is_reported() {
     assert_eq!(snap.stalls_in_progress, 1);
     assert!(snap.oldest_stall.is_some());
     let ended = h
-        .wait_ended(running.id, Duration::from_secs(5))
+        .wait_ended(running.id, common::ENDED_WAIT)
         .expect("ended once let go");
     assert!(ended.duration >= running.duration);
 }

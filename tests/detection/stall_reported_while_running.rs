@@ -52,15 +52,23 @@ fn spinning_poll_is_reported_before_it_ends() {
     assert_eq!(running.layer, LayerKind::Async);
     assert_eq!(running.task.name.as_deref(), Some("spinner"));
     assert!(running.duration >= THRESHOLD, "{running:?}");
-    assert!(running.duration < spin, "{running:?}");
+    assert!(running.duration < spin + running.uncertainty, "{running:?}");
 
     let ended = h
-        .wait_ended(running.id, Duration::from_secs(5))
-        .expect("an ended report");
+        .wait_ended(running.id, common::ENDED_WAIT)
+        .unwrap_or_else(|| {
+            let seen = h.seen.lock().unwrap();
+            let states: Vec<_> = seen.iter().map(|s| (s.id, s.state)).collect();
+            panic!("no ended report of stall {}: {states:?}", running.id)
+        });
     assert!(ended.exact_end, "the worker saw the flag and timed the end");
-    let tick = h.guard.config().tick;
-    assert!(ended.duration + tick >= spin, "{ended:?}");
-    assert!(ended.duration <= ran + tick, "{ended:?} vs {ran:?}");
+    // Right to within what the record says (half a tick, more on a host that held the
+    // watchdog back).
+    assert!(ended.duration + ended.uncertainty >= spin, "{ended:?}");
+    assert!(
+        ended.duration <= ran + ended.uncertainty,
+        "{ended:?} vs {ran:?}"
+    );
 
     let snap = h.guard.snapshot();
     assert_eq!(snap.stalls_total, 1);

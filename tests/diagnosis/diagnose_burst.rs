@@ -44,7 +44,7 @@ fn a_thousand_stalls_are_rate_limited_and_counted() {
     let reports = |snap: &loopwatch::Snapshot| {
         2 * (snap.stalls_total - snap.stalls_caught_at_end) + snap.stalls_caught_at_end
     };
-    let seen = h.wait_seen(Duration::from_secs(10), |seen| {
+    let seen = h.wait_seen(common::ENDED_WAIT, |seen| {
         let snap = h.guard.snapshot();
         distinct(seen) + snap.dropped_reports >= reports(&snap)
     });

@@ -99,7 +99,7 @@ fn a_poll_held_by_its_cgroups_quota_is_throttled() {
     }));
     Quota::enter(&q.parent);
     let s = h
-        .wait_for(Duration::from_secs(10), |s| {
+        .wait_for(common::ENDED_WAIT, |s| {
             s.state == StallState::Ended && s.task.name.as_deref() == Some("quota-bound")
         })
         .unwrap_or_else(|| panic!("no ended stall: {:#?}", h.seen.lock().unwrap()));

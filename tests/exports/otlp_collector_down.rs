@@ -57,7 +57,7 @@ fn a_collector_that_never_answers_costs_drops_not_throughput() {
             .filter(|s| s.state == loopwatch::StallState::Ended)
             .count()
     };
-    let seen = h.wait_seen(Duration::from_secs(10), |s| ended(s) >= 50);
+    let seen = h.wait_seen(common::ENDED_WAIT, |s| ended(s) >= 50);
     assert!(ended(&seen) >= 50, "{}", ended(&seen));
     // The exports hang until their timeout; meanwhile the queue (4) overflows.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -141,6 +141,10 @@ fn stall_attrs(s: &Stall) -> Vec<KeyValue> {
             s.threshold.as_secs_f64() * 1e3,
         ),
         KeyValue::new("loopwatch.stall.exact_end", s.exact_end),
+        KeyValue::new(
+            "loopwatch.stall.uncertainty_ms",
+            s.uncertainty.as_secs_f64() * 1e3,
+        ),
         KeyValue::new("loopwatch.stall.caught_at_end", s.caught_at_end),
         KeyValue::new("loopwatch.task.kind", s.task_label().to_string()),
         KeyValue::new("loopwatch.cause", s.cause.kind()),
