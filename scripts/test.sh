@@ -46,7 +46,7 @@ step "tests (--cfg tokio_unstable)"
 step "macOS, Windows and aarch64 Linux still build (cargo check; the Linux-only diagnosis is compiled out)"
 # Every feature but `otlp-tls`: ring's build script compiles C for the target, and this machine
 # has no C cross-compiler (ring builds natively on each of them).
-cross_features=task-spans,schedule-delay,rayon,prometheus,otlp
+cross_features=task-spans,schedule-delay,rayon,prometheus,otlp,tower,axum
 for target in x86_64-apple-darwin x86_64-pc-windows-gnu aarch64-unknown-linux-gnu; do
   rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
   CARGO_TARGET_DIR=target/cross cargo check --lib --features "$cross_features" --target "$target"
@@ -55,6 +55,9 @@ done
 step "default features (no otlp-tls): an https endpoint from the environment turns OTLP off with a warning"
 cargo test --test otlp_env 2>&1 | tee -a "$log"
 cargo test --lib builder 2>&1 | tee -a "$log"
+
+step "the tower layer without axum (no matched route: named by a given route or the method)"
+cargo test --lib --no-default-features --features tower tower 2>&1 | tee -a "$log"
 
 step "without the otlp feature: the OTEL_* variables are ignored, never an error"
 cargo test --lib --no-default-features --features prometheus 2>&1 | tee -a "$log"

@@ -162,6 +162,12 @@ impl Guard {
         snap
     }
 
+    /// The board this guard watches with (none when it is disabled).
+    #[cfg(feature = "tower")]
+    pub(crate) fn board(&self) -> Option<std::sync::Arc<crate::board::Board>> {
+        self.inner.as_ref().map(|i| i.shared.board.clone())
+    }
+
     /// Watches `future` under `name` with this guard (see [`watch`](crate::watch)).
     #[track_caller]
     pub fn watch<F: Future>(&self, name: &str, future: F) -> Watched<F> {

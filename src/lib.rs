@@ -43,6 +43,9 @@ pub use probe::blocking::spawn_blocking;
 pub use probe::cpu::{CpuPool, FINE_JOB};
 pub use probe::layer::LoopwatchLayer;
 pub use probe::threads::ThreadCounter;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub use probe::tower;
 pub use probe::watched::{spawn, watch, WatchExt, Watched};
 pub use snapshot::{
     Histogram, KindPolls, OtlpStats, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,

@@ -8,4 +8,6 @@ pub(crate) mod hooks;
 pub(crate) mod layer;
 pub(crate) mod spans;
 pub(crate) mod threads;
+#[cfg(feature = "tower")]
+pub mod tower;
 pub(crate) mod watched;

@@ -1,0 +1,8 @@
+//! Real HTTP services: an axum 0.8 server on a stable-tokio runtime (as `#[tokio::main]` makes
+//! it: no hooks, no spans), driven by a hyper client, all on loopback.
+#![cfg(feature = "axum")]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod tower_layer;
