@@ -286,6 +286,7 @@ fn event(s: &Stall, update: bool) {
         stall.id = s.id,
         stall.state = state,
         task.name = s.task.name.as_deref(),
+        task.named_by_stack = s.task.named_by_stack,
         task.id = s.task.id,
         task.site = s.task.site.as_deref(),
         task.span = s.task.span.as_deref(),

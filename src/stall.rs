@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use std::time::{Duration, SystemTime};
 
-use crate::diagnose::{Cause, CauseShare, Stack};
+use crate::diagnose::{Cause, CauseShare, Frame, Stack};
 
 /// The layer of the service a thread belongs to. The seeds of this project insist the two
 /// layers be measured apart: the concurrency layer (async workers, where one long poll delays
@@ -83,6 +83,10 @@ pub struct TaskInfo {
     /// The site is in a dependency, not the application's code (a server's connection task
     /// spawned inside axum, say): see [`TaskKind::dependency`](crate::TaskKind::dependency).
     pub dependency: bool,
+    /// The task had no name, and `name` is the top frame of the application's own code in its
+    /// stack ([`Stack::top_user_frame`](crate::Stack::top_user_frame)): what it was running, not
+    /// a name it was given.
+    pub named_by_stack: bool,
 }
 
 /// The thread the stall holds.
@@ -254,6 +258,20 @@ impl StackStatus {
 }
 
 impl Stall {
+    /// A task with no name is named by the top frame of the application's code in its stack,
+    /// once it has one (a connection task that axum spawned, seen through the poll hooks, is
+    /// then named by the handler that holds the worker).
+    pub(crate) fn name_by_stack(&mut self) {
+        if self.task.name.is_some() {
+            return;
+        }
+        let top = self.stack.as_ref().and_then(|s| s.top_user_frame());
+        if let Some(name) = top.and_then(Frame::function_name) {
+            self.task.name = Some(name.into());
+            self.task.named_by_stack = true;
+        }
+    }
+
     /// The task's label: its name, else its site, else `unknown`.
     pub fn task_label(&self) -> &str {
         self.task
@@ -284,6 +302,9 @@ impl fmt::Display for Stall {
             f.write_str(")")?;
         }
         write!(f, ": task {}", self.task_label())?;
+        if self.task.named_by_stack {
+            f.write_str(" (named by its stack)")?;
+        }
         if let Some(id) = self.task.id {
             write!(f, " id={id}")?;
         }
@@ -428,6 +449,7 @@ pub(crate) mod tests_support {
                 site: None,
                 span: None,
                 dependency: false,
+                named_by_stack: false,
             },
             worker: WorkerInfo {
                 index: 0,
@@ -450,5 +472,59 @@ pub(crate) mod tests_support {
             victims: Victims::default(),
             caught_at_end: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str, dependency: bool) -> Frame {
+        Frame {
+            function: Some(function.into()),
+            location: None,
+            ip: 1,
+            dependency,
+        }
+    }
+
+    fn with_stack(frames: Vec<Frame>) -> Stall {
+        let mut s = tests_support::stall();
+        s.stack = Some(Arc::new(Stack { frames, folded: 3 }));
+        s
+    }
+
+    #[test]
+    fn a_task_with_no_name_is_named_by_the_top_frame_of_the_applications_code() {
+        let mut s = with_stack(vec![
+            frame("serde_json::de::from_str", true),
+            frame("app::handlers::report::{{closure}}::{{closure}}", false),
+            frame("app::main::{{closure}}", false),
+        ]);
+        s.task.site = Some("axum-0.8.9/src/serve/mod.rs:389:5".into());
+        s.name_by_stack();
+        assert_eq!(s.task.name.as_deref(), Some("app::handlers::report"));
+        assert!(s.task.named_by_stack);
+        let text = s.to_string();
+        assert!(
+            text.contains("task app::handlers::report (named by its stack) spawned at axum-0.8.9/src/serve/mod.rs:389:5"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_given_name_is_kept_and_a_stack_of_dependencies_names_nothing() {
+        let mut s = with_stack(vec![frame("app::report", false)]);
+        s.task.name = Some("GET /report".into());
+        s.name_by_stack();
+        assert_eq!(s.task.name.as_deref(), Some("GET /report"));
+        assert!(!s.task.named_by_stack);
+
+        let mut s = with_stack(vec![frame("hyper::proto::h1::dispatch::poll", true)]);
+        s.name_by_stack();
+        assert_eq!(s.task.name, None);
+        let mut s = tests_support::stall();
+        s.name_by_stack();
+        assert_eq!(s.task.name, None);
     }
 }

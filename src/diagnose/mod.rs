@@ -176,6 +176,21 @@ pub struct Frame {
     pub location: Option<String>,
     /// The instruction address.
     pub ip: usize,
+    /// Its source is in a dependency (a registry or git crate, the toolchain's), not the
+    /// application's code; `false` when there is no debug info to tell.
+    pub dependency: bool,
+}
+
+impl Frame {
+    /// The function's name without the `::{{closure}}` suffixes of the async blocks and
+    /// closures inside it (`app::handlers::report::{{closure}}` → `app::handlers::report`).
+    pub fn function_name(&self) -> Option<&str> {
+        let mut n = self.function.as_deref()?;
+        while let Some(s) = n.strip_suffix("::{{closure}}") {
+            n = s;
+        }
+        Some(n)
+    }
 }
 
 impl fmt::Display for Frame {
@@ -188,6 +203,15 @@ impl fmt::Display for Frame {
             write!(f, " at {loc}")?;
         }
         Ok(())
+    }
+}
+
+impl Stack {
+    /// The innermost frame of the application's own code: named, and not in a dependency.
+    pub fn top_user_frame(&self) -> Option<&Frame> {
+        self.frames
+            .iter()
+            .find(|f| f.function.is_some() && !f.dependency)
     }
 }
 

@@ -63,18 +63,21 @@ pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
     for &ip in ips {
         let before = frames.len();
         backtrace::resolve(ip as *mut std::ffi::c_void, |sym| {
+            let (location, dependency) = match (sym.filename(), sym.lineno()) {
+                (Some(file), Some(line)) => {
+                    let file = file.to_string_lossy();
+                    // Debug info holds the build machine's absolute paths: shown as
+                    // loopwatch shows every path (relative to the crate, or `src/…`).
+                    let shown = crate::paths::show(&file);
+                    (Some(format!("{}:{line}", shown.path)), shown.dependency)
+                }
+                _ => (None, false),
+            };
             frames.push(Frame {
                 function: sym.name().map(|n| format!("{n:#}")),
-                location: match (sym.filename(), sym.lineno()) {
-                    (Some(file), Some(line)) => {
-                        let file = file.to_string_lossy();
-                        // Debug info holds the build machine's absolute paths: shown as
-                        // loopwatch shows every path (relative to the crate, or `src/…`).
-                        Some(format!("{}:{line}", crate::paths::show(&file).path))
-                    }
-                    _ => None,
-                },
+                location,
                 ip,
+                dependency,
             });
         });
         if frames.len() == before {
@@ -82,6 +85,7 @@ pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
                 function: None,
                 location: None,
                 ip,
+                dependency: false,
             });
         }
     }
@@ -157,6 +161,7 @@ mod tests {
             function: Some(name.to_string()),
             location: None,
             ip: 1,
+            dependency: false,
         }
     }
 
@@ -169,6 +174,7 @@ mod tests {
                 function: None,
                 location: None,
                 ip: 7,
+                dependency: false,
             },
             f("__GI___clock_nanosleep"),
             f("std::thread::sleep"),

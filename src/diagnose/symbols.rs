@@ -151,7 +151,10 @@ impl Stacks {
             return Some(stall);
         }
         match sym.get(stall.id, sym.patience(stall.state)) {
-            Some(stack) => stall.stack = Some(stack),
+            Some(stack) => {
+                stall.stack = Some(stack);
+                stall.name_by_stack();
+            }
             None => {
                 stall.stack_status = StackStatus::Loading;
                 if stall.state == StallState::Running && self.late.len() < 64 {
@@ -189,6 +192,7 @@ impl Stacks {
                 let mut s = s.clone();
                 s.stack = Some(stack);
                 s.stack_status = StackStatus::Captured;
+                s.name_by_stack();
                 ready.push((s, true));
                 false
             }
@@ -207,6 +211,7 @@ impl Stacks {
             if let Some(stack) = stack {
                 s.stack = Some(stack);
                 s.stack_status = StackStatus::Captured;
+                s.name_by_stack();
             }
             sym.forget(id);
             ready.push((s, false));

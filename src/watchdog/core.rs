@@ -999,6 +999,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             site: k.site.clone(),
             span: None,
             dependency: k.dependency,
+            named_by_stack: false,
         };
         if info.name.is_none() && !r.named.is_none() {
             let (n, _) = self.resolve(r.named);

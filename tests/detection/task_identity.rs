@@ -125,9 +125,24 @@ fn poll_hooks_give_id_and_spawn_site_without_any_span() {
     let s = report(&h);
     let id: u64 = rx.recv().unwrap().parse().unwrap();
     assert_eq!(s.task.id, Some(id));
-    assert_eq!(s.task.name, None);
     let site = s.task.site.as_deref().unwrap();
     assert!(site.starts_with(&format!("{FILE}:{spawn_line}:")), "{site}");
+    // No name was given: none until its frames are in, then the top frame of this code.
+    if s.stack.is_none() {
+        assert_eq!(s.task.name, None, "{s}");
+    }
+    #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+    {
+        let framed = h
+            .wait_for(common::ENDED_WAIT, |s| s.stack.is_some())
+            .expect("a report with its frames");
+        assert!(framed.task.named_by_stack, "{framed}");
+        assert_eq!(
+            framed.task.name.as_deref(),
+            Some("detection::common::spin_for"),
+            "{framed}"
+        );
+    }
 }
 
 /// The span a stall names is the innermost one still open when it is caught, not the last one

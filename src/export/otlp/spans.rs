@@ -158,6 +158,9 @@ fn stall_attrs(s: &Stall) -> Vec<KeyValue> {
 fn task_attrs(s: &Stall, attrs: &mut Vec<KeyValue>) {
     if let Some(n) = &s.task.name {
         attrs.push(KeyValue::new("loopwatch.task.name", n.to_string()));
+        if s.task.named_by_stack {
+            attrs.push(KeyValue::new("loopwatch.task.named_by_stack", true));
+        }
     }
     if let Some(id) = s.task.id {
         attrs.push(KeyValue::new("loopwatch.task.id", id as i64));
