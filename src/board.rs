@@ -985,14 +985,14 @@ pub(crate) fn mark_own_thread() {
 }
 
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-fn os_thread_id() -> Option<u64> {
+pub(crate) fn os_thread_id() -> Option<u64> {
     // SAFETY: gettid has no preconditions and cannot fail.
     let tid = unsafe { libc::gettid() };
     u64::try_from(tid).ok()
 }
 
 #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
-fn os_thread_id() -> Option<u64> {
+pub(crate) fn os_thread_id() -> Option<u64> {
     None
 }
 

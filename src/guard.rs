@@ -287,6 +287,11 @@ impl Guard {
     /// Does nothing when nothing is exported (no export thread runs). A second call with the
     /// same name replaces the first.
     pub fn monitor_runtime(&self, runtime: &tokio::runtime::Handle, name: &str) {
+        if let Some(i) = &self.inner {
+            if i.shared.cfg.diagnose {
+                i.shared.bare.add_runtime(name, runtime.clone());
+            }
+        }
         let Some(e) = &self.exporter else { return };
         let threads = e
             .threads

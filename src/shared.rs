@@ -36,6 +36,11 @@ pub(crate) struct Shared {
     pub(crate) stalls_caught: AtomicU64,
     /// Thousand-cuts notices sent.
     pub(crate) cut_reports: AtomicU64,
+    /// The probe-free path: the runtimes and workers it follows, the stalls it found, and the
+    /// candidates its stack check turned down (not inside a task's poll on a worker).
+    pub(crate) bare: crate::watchdog::BareRegistry,
+    pub(crate) bare_stalls: AtomicU64,
+    pub(crate) bare_rejected: AtomicU64,
     /// Stalls running now, by layer.
     pub(crate) in_progress: [AtomicU64; 3],
     /// Age of the oldest running stall in nanoseconds per layer, 0 when none runs.
@@ -165,6 +170,9 @@ impl Shared {
             phantoms_parked: AtomicU64::new(0),
             stalls_caught: AtomicU64::new(0),
             cut_reports: AtomicU64::new(0),
+            bare: Default::default(),
+            bare_stalls: AtomicU64::new(0),
+            bare_rejected: AtomicU64::new(0),
             in_progress: Default::default(),
             oldest_ns: Default::default(),
             dropped_reports: AtomicU64::new(0),
@@ -308,6 +316,10 @@ impl Shared {
             phantom_stalls: self.phantom_stalls.load(Ordering::Relaxed),
             stalls_caught_at_end: self.stalls_caught.load(Ordering::Relaxed),
             thousand_cuts_reports: self.cut_reports.load(Ordering::Relaxed),
+            probe_free_stalls: self.bare_stalls.load(Ordering::Relaxed),
+            probe_free_rejected: self.bare_rejected.load(Ordering::Relaxed),
+            probe_free_workers: self.bare.learnt_count(),
+            probe_free_error: self.bare.error(),
             stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
             dropped_reports: self.dropped_reports.load(Ordering::Relaxed),

@@ -124,6 +124,19 @@ pub struct Snapshot {
     /// "Death by a thousand cuts" notices sent: kinds whose polls, none a stall, kept the
     /// async workers asleep in a system call for 10 % of one worker's time over 10 s.
     pub thousand_cuts_reports: u64,
+    /// Stalls found with no probe: a monitored runtime's worker asleep in a system call inside
+    /// a task's poll (`Stall::probe_free`; counted in `stalls_total` too).
+    pub probe_free_stalls: u64,
+    /// Probe-free candidates turned down: a learnt thread asleep in a call for a threshold
+    /// whose stack was not inside a task's poll on a worker (a blocking-pool job,
+    /// `block_in_place`, or a stack that could not be read).
+    pub probe_free_rejected: u64,
+    /// The monitored runtimes' worker threads the probe-free path has learnt so far (each
+    /// polled one of loopwatch's learner tasks).
+    pub probe_free_workers: usize,
+    /// Why the probe-free path is off although runtimes are monitored (no symbol table, not
+    /// Linux), once that is known.
+    pub probe_free_error: Option<String>,
     /// Polls found to be phantoms: a span entered with `span.enter()` and held across an
     /// `.await` kept the poll open on a worker that was parked or running another task. They
     /// are ended uncounted, never reported as stalls (see README, "What is watched").

@@ -164,6 +164,10 @@ pub struct Stall {
     /// as it ended, with the real clock. There is no running report and no stack; the start is
     /// known to within half a tick (exactly, if the poll read the real clock).
     pub caught_at_end: bool,
+    /// Seen with no probe: a monitored runtime's worker found asleep in a system call inside a
+    /// task's poll (its stack says so), with nothing of loopwatch's in the task. The task has
+    /// no identity but the frames of its stack.
+    pub probe_free: bool,
 }
 
 /// The tasks that waited behind a stall on its worker: head-of-line blocking, linked to its
@@ -285,6 +289,8 @@ impl Stall {
 impl fmt::Display for Stall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
+            StallState::Running if self.probe_free => "still running (seen with no probe)",
+            StallState::Ended if self.probe_free => "ended (seen with no probe)",
             StallState::Running => "still running",
             StallState::Ended if self.caught_at_end => "ended (caught as it ended)",
             StallState::Ended => "ended",
@@ -318,10 +324,10 @@ impl fmt::Display for Stall {
             write!(f, " in span {span}")?;
         }
         write!(f, " held the worker for {:.1?}", self.duration)?;
-        // Said only when the host held the watchdog back (more than twice what an on-time
-        // watchdog at the default tick leaves).
+        // Said only when it is more than twice what an on-time watchdog at the default tick
+        // leaves (a host that held the watchdog back, or the probe-free path's idle pace).
         if self.uncertainty > self.threshold / 4 {
-            write!(f, " (±{:.1?}: the watchdog ran late)", self.uncertainty)?;
+            write!(f, " (±{:.1?})", self.uncertainty)?;
         }
         write!(
             f,
@@ -471,6 +477,7 @@ pub(crate) mod tests_support {
             stack_status: StackStatus::Disabled,
             victims: Victims::default(),
             caught_at_end: false,
+            probe_free: false,
         }
     }
 }

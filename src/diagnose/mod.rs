@@ -17,6 +17,7 @@ pub(crate) mod cgroup;
 pub(crate) mod ports;
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod proc;
+pub(crate) mod roles;
 pub(crate) mod sampler;
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod stack;

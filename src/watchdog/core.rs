@@ -10,12 +10,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::bare::{decide, BareThread, Step, Verdict};
 use super::cuts::Cuts;
 use super::pools::Pools;
 use super::victims::{hold_window_ns, Held, SlotVictims, VictimAcc, WaitRec};
 use crate::board::{is_exact, Caught, Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
 use crate::diagnose::ports::{Kernel, StackPort};
 use crate::diagnose::sampler::{Ask, Pending, Probe, Sampler, STACK_WAIT_NS};
+use crate::diagnose::verdict::{Activity, Reading};
 use crate::diagnose::{Cause, CauseShare};
 use crate::kinds::{KindId, OWN};
 use crate::shared::{record_all, Feed, Shared, StallKey};
@@ -210,6 +212,13 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     /// next was published, so the next bounds its start (see [`Core::published_after`]).
     published: [u64; PUBLISHED],
     published_at: usize,
+    /// The learnt workers the probe-free path follows (see `bare.rs`), the registry's
+    /// generation they were copied at, when learner tasks may next be sent, and the kind its
+    /// stalls count under.
+    bare: Vec<BareThread<K::Thread>>,
+    bare_gen: u64,
+    bare_learn_ns: u64,
+    bare_kind: Option<KindId>,
     /// What to send the reporter, in order; the driver takes it after each tick.
     pub(crate) out: Vec<Report>,
 }
@@ -246,6 +255,10 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             last_tick_ns: 0,
             published: [0; PUBLISHED],
             published_at: 0,
+            bare: Vec::new(),
+            bare_gen: 0,
+            bare_learn_ns: 0,
+            bare_kind: None,
             out: Vec::new(),
         }
     }
@@ -344,6 +357,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             a.store(o, Ordering::Relaxed);
         }
         self.fold_samples();
+        if self.shared.cfg.diagnose {
+            self.bare_tick(now, slots);
+        }
         if self.shared.cfg.diagnose && self.shared.cfg.thousand_cuts {
             self.sample_cuts(now, slots);
         }
@@ -352,6 +368,222 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         self.out.extend(notices.drain(..).map(Report::Notice));
         self.notices = notices;
         active
+    }
+
+    /// The probe-free path (see `bare.rs`): the learnt workers' kernel state, each tick, unless
+    /// every worker of every followed runtime is parked.
+    fn bare_tick<P: SlotPort>(&mut self, now: u64, slots: &[P]) {
+        let shared = self.shared.clone();
+        let reg = &shared.bare;
+        let generation = reg.generation();
+        if generation != self.bare_gen {
+            self.bare_gen = generation;
+            self.bare_refresh();
+        }
+        if now >= self.bare_learn_ns {
+            // A learner per worker every second: workers come and go (`block_in_place` hands
+            // a core to another thread), and the stack check, not this list, is what makes a
+            // verdict right.
+            self.bare_learn_ns = now.saturating_add(1_000_000_000);
+            let mut runtimes = Vec::new();
+            reg.new_round(&mut runtimes);
+            for (name, handle) in &runtimes {
+                let n = handle.metrics().num_workers();
+                super::bare::send_learners(&shared, name, handle, n);
+            }
+        }
+        if self.bare.is_empty() {
+            return;
+        }
+        let Some(Ok(roles)) = reg.roles() else {
+            return;
+        };
+        let open = self
+            .bare
+            .iter()
+            .any(|t| matches!(&t.asleep, Some(a) if matches!(a.verdict, Verdict::Stall(..))));
+        // Not asleep in a call of a poll at `now`: what began after is bounded by it.
+        let seen_idle = Reading {
+            at_ns: now,
+            cpu_ns: None,
+            activity: Activity::Unknown,
+        };
+        if !open && reg.all_parked() {
+            for t in &mut self.bare {
+                t.last = Some(seen_idle);
+                t.asleep = None;
+            }
+            return;
+        }
+        let threshold = shared.board.threshold_ns(LayerKind::Async);
+        let mut bare = std::mem::take(&mut self.bare);
+        let mut gone = Vec::new();
+        for (i, t) in bare.iter_mut().enumerate() {
+            // A thread inside a probe's poll is the probe path's to judge.
+            let probed = slots
+                .iter()
+                .any(|s| s.read().in_poll() && s.meta().and_then(|m| m.tid) == Some(t.tid));
+            if probed {
+                t.last = Some(seen_idle);
+                if let Some(a) = t.asleep.take() {
+                    self.bare_ended(a, now);
+                }
+                continue;
+            }
+            let Some(r) = self.kernel.read(&mut t.thread, now) else {
+                // Gone (or unreadable): followed no more; a stall on it ends here.
+                gone.push(t.tid);
+                if let Some(a) = t.asleep.take() {
+                    self.bare_ended(a, now);
+                }
+                continue;
+            };
+            match t.step(r, threshold) {
+                Step::Nothing => {}
+                Step::Decide => {
+                    let ips = self.stacks.unwind_asleep(t.tid);
+                    let role = decide(roles, ips.as_deref());
+                    let a = t.asleep.as_mut().expect("a candidate to decide");
+                    if role == crate::diagnose::roles::Role::WorkerPoll {
+                        let stall = self.bare_stall(i, t.tid, t.name.clone(), a, now, threshold);
+                        let raw: Option<Arc<[usize]>> = ips.map(Into::into);
+                        self.send(stall.clone(), raw.clone());
+                        a.verdict = Verdict::Stall(Box::new(stall), raw);
+                    } else {
+                        a.verdict = Verdict::NotAStall;
+                        shared.bare_rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Step::Left(a) => self.bare_ended(a, now),
+            }
+        }
+        self.bare = bare;
+        for tid in gone {
+            reg.forget(tid);
+        }
+    }
+
+    /// Copies the registry's learnt threads, keeping those already followed.
+    fn bare_refresh(&mut self) {
+        let mut threads = Vec::new();
+        self.shared.bare.threads(&mut threads);
+        let mut old = std::mem::take(&mut self.bare);
+        // A thread forgotten while a stall holds it is kept until that stall ends.
+        let (held, mut old): (Vec<_>, Vec<_>) = old.drain(..).partition(|t| {
+            matches!(&t.asleep, Some(a) if matches!(a.verdict, Verdict::Stall(..)))
+                && !threads.iter().any(|&(tid, _)| tid == t.tid)
+        });
+        self.bare.extend(held);
+        for (tid, learnt_ns) in threads {
+            match old.iter().position(|t| t.tid == tid) {
+                Some(k) => self.bare.push(old.swap_remove(k)),
+                None => self.bare.push(BareThread {
+                    tid,
+                    thread: self.kernel.open(tid),
+                    name: thread_name(tid),
+                    // A learner ran on it then: it was in no call of a poll's.
+                    last: Some(Reading {
+                        at_ns: learnt_ns,
+                        cpu_ns: None,
+                        activity: Activity::Unknown,
+                    }),
+                    asleep: None,
+                }),
+            }
+        }
+    }
+
+    /// The kind probe-free stalls count under (no probe named the task).
+    fn bare_kind(&mut self) -> KindId {
+        *self
+            .bare_kind
+            .get_or_insert_with(|| self.shared.board.kinds.intern(Some("(no probe)"), None))
+    }
+
+    /// The running report of learnt worker `i` (thread `tid`), found asleep in `a`'s call
+    /// inside a task's poll for at least `threshold`.
+    fn bare_stall(
+        &mut self,
+        i: usize,
+        tid: u64,
+        name: Option<Arc<str>>,
+        a: &super::bare::Asleep,
+        now: u64,
+        threshold: u64,
+    ) -> Stall {
+        // It began after the reading before the first that saw it in the call.
+        let start = Window {
+            lo: a.before_ns.min(a.first_ns),
+            hi: a.first_ns,
+        };
+        let cause = Cause::Syscall(crate::diagnose::Syscall::from_nr(a.nr));
+        let record = Stall {
+            id: self.next_stall_id,
+            task: TaskInfo {
+                name: None,
+                id: None,
+                site: None,
+                span: None,
+                dependency: false,
+                named_by_stack: false,
+            },
+            worker: WorkerInfo {
+                index: i,
+                thread_name: name,
+                tid: Some(tid),
+            },
+            layer: LayerKind::Async,
+            started_at: self.shared.board.system_time(start.mid()),
+            duration: Duration::from_nanos(now.saturating_sub(start.mid())),
+            state: StallState::Running,
+            threshold: Duration::from_nanos(threshold),
+            exact_end: false,
+            uncertainty: Duration::from_nanos(start.error()),
+            hint: hint_for(LayerKind::Async, &cause),
+            cpu: None,
+            cause,
+            cause_shares: Vec::new(),
+            stack: None,
+            stack_status: StackStatus::Captured,
+            victims: Victims::default(),
+            caught_at_end: false,
+            probe_free: true,
+        };
+        self.next_stall_id += 1;
+        self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
+        self.shared.bare_stalls.fetch_add(1, Ordering::Relaxed);
+        self.shared.in_progress[LayerKind::Async as usize].fetch_add(1, Ordering::Relaxed);
+        let key = StallKey {
+            kind: self.bare_kind(),
+            layer: LayerKind::Async,
+            cause,
+        };
+        if let Ok(mut m) = self.shared.stall_counts.lock() {
+            *m.entry(key).or_insert(0) += 1;
+        }
+        record
+    }
+
+    /// A probe-free stall's call ended: after the last reading that saw it, by `now`.
+    fn bare_ended(&mut self, a: super::bare::Asleep, now: u64) {
+        let Verdict::Stall(mut record, raw) = a.verdict else {
+            return;
+        };
+        let end = Window {
+            lo: a.last_ns.min(now),
+            hi: now,
+        };
+        let start = Window {
+            lo: a.before_ns.min(a.first_ns),
+            hi: a.first_ns,
+        };
+        record.state = StallState::Ended;
+        record.duration = Duration::from_nanos(end.mid().saturating_sub(start.mid()));
+        record.uncertainty = Duration::from_nanos(start.error() + end.error());
+        self.shared.in_progress[LayerKind::Async as usize].fetch_sub(1, Ordering::Relaxed);
+        let kind = self.bare_kind();
+        self.feed_stall(kind, &record);
+        self.send(*record, raw);
     }
 
     /// Death by a thousand cuts: one worker inside a poll read every other tick, in turn
@@ -565,6 +797,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 ..Victims::default()
             },
             caught_at_end: false,
+            probe_free: false,
         };
         self.next_stall_id += 1;
         self.shared.stalls_total.fetch_add(1, Ordering::Relaxed);
@@ -1133,6 +1366,20 @@ fn worker_info(index: usize, slot: &impl SlotPort) -> WorkerInfo {
         index,
         thread_name: meta.as_ref().and_then(|m| m.name.clone()),
         tid: meta.and_then(|m| m.tid),
+    }
+}
+
+/// The name of this process's thread `tid` (`/proc/self/task/<tid>/comm`), where it can be read.
+fn thread_name(tid: u64) -> Option<Arc<str>> {
+    #[cfg(target_os = "linux")]
+    {
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+        Some(comm.trim_end().into())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = tid;
+        None
     }
 }
 

@@ -8,6 +8,7 @@
 //! reporter. It never waits on a watched thread: slot reads are lock-free, and a report goes
 //! into a bounded queue that drops (and counts) when full.
 
+mod bare;
 mod core;
 mod cuts;
 mod pace;
@@ -22,6 +23,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) use self::bare::BareRegistry;
 use self::core::Core;
 use self::pace::Pacer;
 use crate::board::CLOCK_UNKNOWN;

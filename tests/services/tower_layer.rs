@@ -49,7 +49,7 @@ fn serve(rt: &tokio::runtime::Runtime, layer: loopwatch::tower::WatchLayer) -> S
 }
 
 /// GETs `path` from `addr` with a hyper client on a runtime of its own; the body.
-fn get_body(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) fn get_body(addr: SocketAddr, path: &str) -> (u16, String) {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -64,7 +64,7 @@ fn get_body(addr: SocketAddr, path: &str) -> (u16, String) {
     })
 }
 
-fn server_runtime() -> tokio::runtime::Runtime {
+pub(crate) fn server_runtime() -> tokio::runtime::Runtime {
     // As `#[tokio::main]` builds it: no hooks, no subscriber on its threads.
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,0 +1,339 @@
+//! The probe-free path: async workers blocked in a system call, seen with no probe at all
+//! (stable tokio, `#[tokio::main]`, handlers with no span, tasks spawned by a server).
+//!
+//! Which threads are workers is learnt for certain: a task loopwatch spawns on a runtime given
+//! to `Guard::monitor_runtime` (its heartbeat, and a few learner tasks until every worker has
+//! run one) notes the OS thread that polls it, and only a runtime's workers poll its tasks.
+//! Each tick the watchdog reads each learnt worker's kernel state (its kept-open `syscall`
+//! file, one `pread`), unless tokio's own counters say every worker of every such runtime is
+//! parked. A worker asleep in one system call, its CPU clock still, for a threshold, in a call
+//! a tokio worker never parks in (not `epoll_wait`, not `futex`), is a candidate; its stack is
+//! then read without a signal, and it is a stall only if that stack is inside a task's poll on
+//! the worker and not in `block_in_place` or a blocking-pool job (see `diagnose/roles.rs`): a
+//! thread that moved from the workers to the blocking pool is never taken for a worker.
+//!
+//! What it cannot see: a poll that computes (no system call: the poll hooks or a probe see
+//! it), one waiting on a lock (`futex` is also where an idle worker parks), and workers of a
+//! runtime no one gave to `monitor_runtime`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::diagnose::roles::{Role, Roles};
+use crate::diagnose::syscalls;
+use crate::diagnose::verdict::{Activity, Reading};
+
+/// The runtimes whose workers the probe-free path follows, and the threads learnt to be theirs.
+#[derive(Debug, Default)]
+pub(crate) struct BareRegistry {
+    runtimes: Mutex<Vec<BareRuntime>>,
+    /// Moves on at every change, so the watchdog copies the lists only then.
+    generation: AtomicU64,
+    /// The current learner round.
+    round: AtomicU64,
+    /// The executable's role ranges, loaded once on a thread of their own (see
+    /// [`BareRegistry::roles`]).
+    roles: Arc<OnceLock<Result<Roles, String>>>,
+    loading: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct BareRuntime {
+    name: Arc<str>,
+    handle: Option<tokio::runtime::Handle>,
+    /// Its learnt threads, each with the learner round that last saw it, and when a learner
+    /// last ran on it (board time: it was running a task then, not asleep in a call).
+    tids: Vec<(u64, u64, u64)>,
+}
+
+/// Learner rounds (one a second) a thread stays learnt without polling a learner: a worker
+/// that gave its core up (`block_in_place`) joins the blocking pool, and another thread takes
+/// the core; it is then learnt in turn, and the old one forgotten.
+const FORGET_AFTER_ROUNDS: u64 = 10;
+
+/// The most threads learnt per runtime (a runtime's workers; more means some left).
+const MAX_LEARNT: usize = 256;
+
+impl BareRegistry {
+    /// Follows the workers of `handle` under `name` (a second call with the same name replaces
+    /// the first), and starts loading the role ranges.
+    pub(crate) fn add_runtime(&self, name: &str, handle: tokio::runtime::Handle) {
+        if let Ok(mut rts) = self.runtimes.lock() {
+            rts.retain(|r| &*r.name != name);
+            rts.push(BareRuntime {
+                name: name.into(),
+                handle: Some(handle),
+                tids: Vec::new(),
+            });
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+        self.load_roles();
+    }
+
+    /// Thread `tid` polled a task of runtime `name` at board time `at_ns`: it is one of its
+    /// workers.
+    pub(crate) fn learnt(&self, name: &str, tid: u64, at_ns: u64) {
+        let Ok(mut rts) = self.runtimes.lock() else {
+            return;
+        };
+        let rt = match rts.iter_mut().position(|r| &*r.name == name) {
+            Some(i) => &mut rts[i],
+            None => {
+                rts.push(BareRuntime {
+                    name: name.into(),
+                    handle: None,
+                    tids: Vec::new(),
+                });
+                rts.last_mut().expect("just pushed")
+            }
+        };
+        let round = self.round.load(Ordering::Relaxed);
+        let full = rt.tids.len() >= MAX_LEARNT;
+        match rt.tids.iter_mut().find(|(t, _, _)| *t == tid) {
+            Some(seen) => {
+                seen.1 = round;
+                seen.2 = at_ns;
+            }
+            None if !full => {
+                rt.tids.push((tid, round, at_ns));
+                self.generation.fetch_add(1, Ordering::Release);
+            }
+            None => {}
+        }
+    }
+
+    /// Thread `tid` is gone (its kernel state can no longer be read).
+    pub(crate) fn forget(&self, tid: u64) {
+        if let Ok(mut rts) = self.runtimes.lock() {
+            for r in rts.iter_mut() {
+                r.tids.retain(|&(t, _, _)| t != tid);
+            }
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many threads are learnt, over every runtime.
+    pub(crate) fn learnt_count(&self) -> usize {
+        self.runtimes
+            .lock()
+            .map_or(0, |rts| rts.iter().map(|r| r.tids.len()).sum())
+    }
+
+    /// Why there are no role ranges, once that is known.
+    pub(crate) fn error(&self) -> Option<String> {
+        match self.roles.get() {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Every learnt thread, and when a learner last ran on it.
+    pub(crate) fn threads(&self, out: &mut Vec<(u64, u64)>) {
+        out.clear();
+        if let Ok(rts) = self.runtimes.lock() {
+            for r in rts.iter() {
+                out.extend(r.tids.iter().map(|&(t, _, at)| (t, at)));
+            }
+        }
+    }
+
+    /// Does every followed runtime say all its workers are parked (so none is in a poll)?
+    /// `false` when one has no handle to ask (threads learnt by hand, in tests).
+    pub(crate) fn all_parked(&self) -> bool {
+        let Ok(rts) = self.runtimes.lock() else {
+            return false;
+        };
+        rts.iter().all(|r| match &r.handle {
+            Some(h) => {
+                let m = h.metrics();
+                // An odd park/unpark count: parked (tokio publishes it as the worker parks
+                // and right after it unparks).
+                (0..m.num_workers()).all(|w| m.worker_park_unpark_count(w) % 2 == 1)
+            }
+            None => false,
+        })
+    }
+
+    /// Starts a learner round: forgets the threads no learner saw for
+    /// [`FORGET_AFTER_ROUNDS`], and gives every runtime's name and handle, to send learners to.
+    pub(crate) fn new_round(&self, out: &mut Vec<(Arc<str>, tokio::runtime::Handle)>) {
+        out.clear();
+        let round = self.round.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(mut rts) = self.runtimes.lock() {
+            for r in rts.iter_mut() {
+                let before = r.tids.len();
+                r.tids
+                    .retain(|&(_, seen, _)| round.saturating_sub(seen) <= FORGET_AFTER_ROUNDS);
+                if r.tids.len() != before {
+                    self.generation.fetch_add(1, Ordering::Release);
+                }
+                if let Some(h) = &r.handle {
+                    out.push((r.name.clone(), h.clone()));
+                }
+            }
+        }
+    }
+
+    /// The role ranges, once loaded: `None` while loading, `Some(Err)` when there are none.
+    pub(crate) fn roles(&self) -> Option<&Result<Roles, String>> {
+        self.roles.get()
+    }
+
+    /// Sets the role ranges (tests script them; the real ones come from [`load_roles`]).
+    #[cfg(test)]
+    pub(crate) fn set_roles(&self, roles: Roles) {
+        let _ = self.roles.set(Ok(roles));
+    }
+
+    /// Loads the role ranges on a thread of its own, once (reading the executable's symbol
+    /// table takes tens of milliseconds, which a tick must not).
+    fn load_roles(&self) {
+        if self.loading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let roles = self.roles.clone();
+        let spawned = std::thread::Builder::new()
+            .name("loopwatch-roles".into())
+            .spawn(move || {
+                crate::board::mark_own_thread();
+                let loaded = std::panic::catch_unwind(crate::diagnose::roles::load)
+                    .unwrap_or_else(|_| Err("reading the symbol table panicked".into()));
+                let _ = roles.set(loaded);
+            });
+        if spawned.is_err() {
+            let _ = self
+                .roles
+                .set(Err("no thread to read the symbol table".into()));
+        }
+    }
+}
+
+/// One learnt worker followed by the watchdog.
+#[derive(Debug)]
+pub(crate) struct BareThread<T> {
+    pub(crate) tid: u64,
+    pub(crate) thread: T,
+    pub(crate) name: Option<Arc<str>>,
+    /// The last reading, and the call it is asleep in since when.
+    pub(crate) last: Option<Reading>,
+    pub(crate) asleep: Option<Asleep>,
+}
+
+/// A worker asleep in one call.
+#[derive(Debug, Clone)]
+pub(crate) struct Asleep {
+    pub(crate) nr: i64,
+    /// The reading before the first one that saw it asleep in the call (it began after it).
+    pub(crate) before_ns: u64,
+    /// The first reading that saw it asleep in the call, and its CPU time then.
+    pub(crate) first_ns: u64,
+    pub(crate) cpu_ns: Option<u64>,
+    /// The latest reading that saw it still there.
+    pub(crate) last_ns: u64,
+    /// What was decided: not yet, a stall (its id and record), or not a worker's poll.
+    pub(crate) verdict: Verdict,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Verdict {
+    Undecided,
+    /// Found a stall: its running record, and its stack (for the ended report's frames).
+    Stall(Box<crate::stall::Stall>, Option<Arc<[usize]>>),
+    NotAStall,
+}
+
+/// What one reading of a learnt worker says.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Nothing to do.
+    Nothing,
+    /// It has been asleep in the call for `threshold`: read its stack and decide.
+    Decide,
+    /// It left the call (or ran) after it was found a stall: that stall ended (after the
+    /// candidate's `last_ns`, by this reading).
+    Left(Asleep),
+}
+
+/// Is `activity` a call an idle tokio worker never sleeps in?
+fn counts(activity: Activity) -> Option<i64> {
+    match activity {
+        Activity::Syscall(nr)
+            if !syscalls::is_runtime_park(nr) && syscalls::name(nr) != Some("futex") =>
+        {
+            Some(nr)
+        }
+        _ => None,
+    }
+}
+
+impl<T> BareThread<T> {
+    /// Folds reading `r` in; `threshold` is the async layer's.
+    pub(crate) fn step(&mut self, r: Reading, threshold: u64) -> Step {
+        let prev = self.last.replace(r);
+        let nr = counts(r.activity);
+        if let (Some(a), Some(nr)) = (self.asleep.as_mut(), nr) {
+            // The same call, and no CPU time since it was first seen there: the same sleep.
+            if nr == a.nr && (a.cpu_ns.is_none() || r.cpu_ns == a.cpu_ns) {
+                a.last_ns = r.at_ns;
+                let due = r.at_ns.saturating_sub(a.first_ns) >= threshold;
+                return if due && matches!(a.verdict, Verdict::Undecided) {
+                    Step::Decide
+                } else {
+                    Step::Nothing
+                };
+            }
+        }
+        let old = self.asleep.take();
+        // A call is followed from a reading that saw the thread elsewhere: one already asleep
+        // when first read began at an unknown time, and is left until it is seen out of it.
+        let elsewhere =
+            |p: &Reading| counts(p.activity) != nr || p.cpu_ns.is_none() || p.cpu_ns != r.cpu_ns;
+        let prev = prev.filter(elsewhere);
+        self.asleep = nr.zip(prev).map(|(nr, prev)| Asleep {
+            nr,
+            before_ns: prev.at_ns,
+            first_ns: r.at_ns,
+            cpu_ns: r.cpu_ns,
+            last_ns: r.at_ns,
+            verdict: Verdict::Undecided,
+        });
+        match old {
+            Some(a) if matches!(a.verdict, Verdict::Stall(..)) => Step::Left(a),
+            _ => Step::Nothing,
+        }
+    }
+}
+
+/// Sends `n` learner tasks to runtime `name`'s `handle`: each notes the worker that polls it
+/// (spawned from outside the runtime, they go to its shared queue, and parked workers are woken
+/// for them, so they spread). loopwatch's own tasks: never counted as the application's.
+#[track_caller]
+pub(crate) fn send_learners(
+    shared: &Arc<crate::shared::Shared>,
+    name: &Arc<str>,
+    handle: &tokio::runtime::Handle,
+    n: usize,
+) {
+    crate::board::set_own_site(std::panic::Location::caller());
+    for _ in 0..n {
+        let shared = Arc::downgrade(shared);
+        let name = name.clone();
+        drop(handle.spawn(async move {
+            if let (Some(s), Some(tid)) = (shared.upgrade(), crate::board::os_thread_id()) {
+                s.bare.learnt(&name, tid, s.board.now_ns());
+            }
+        }));
+    }
+}
+
+/// What the stack of a candidate says: a stall only inside a task's poll on the worker.
+pub(crate) fn decide(roles: &Roles, ips: Option<&[usize]>) -> Role {
+    match ips {
+        Some(ips) => roles.classify(ips),
+        None => Role::Unknown,
+    }
+}
