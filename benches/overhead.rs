@@ -769,6 +769,83 @@ fn watchdog_cost() {
         }
     });
     drop(rt);
+    drop(guard);
+    probe_free_cost(workers);
+}
+
+/// The CPU time so far of this process's thread named `name` (Linux), from its schedstat.
+fn thread_cpu(name: &str) -> Option<Duration> {
+    for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name || (name.len() > 15 && comm.trim_end() == &name[..15]) {
+            let st = std::fs::read_to_string(e.path().join("schedstat")).ok()?;
+            let ns: u64 = st.split_whitespace().next()?.parse().ok()?;
+            return Some(Duration::from_nanos(ns));
+        }
+    }
+    None
+}
+
+/// The probe-free path's cost: `workers` workers of a monitored runtime, learnt, and one kept
+/// busy (so tokio never says all are parked and every learnt worker is read each tick); the
+/// watchdog thread's own CPU time, with the path and without (`monitor_runtime` not called).
+fn probe_free_cost(workers: usize) {
+    let mut pct = [0.0f64; 2];
+    for (i, monitored) in [false, true].into_iter().enumerate() {
+        let (_layer, guard) = loopwatch::builder()
+            .ignore_env()
+            .metrics(loopwatch::MetricsExport::Off)
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .unwrap();
+        if monitored {
+            guard.monitor_runtime(rt.handle(), "bench");
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        // Short polls (0.2 ms of CPU each, then a yield): never a stall, never parked.
+        let busy = rt.spawn(async move {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(200) {
+                    std::hint::spin_loop();
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        // Learn the workers (a learner per worker each second).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while monitored
+            && guard.snapshot().probe_free_workers < workers
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let snap = guard.snapshot();
+        let (learnt, followed) = (snap.probe_free_workers, snap.probe_free_followed);
+        let (c0, t0) = (thread_cpu("loopwatch-watchdog"), Instant::now());
+        std::thread::sleep(Duration::from_secs(3));
+        let (c1, wall) = (thread_cpu("loopwatch-watchdog"), t0.elapsed());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        rt.block_on(busy).unwrap();
+        if let (Some(c0), Some(c1)) = (c0, c1) {
+            pct[i] = (c1 - c0).as_secs_f64() / wall.as_secs_f64() * 100.0;
+        }
+        println!(
+            "watchdog thread, {workers} workers, one busy with short polls, probe-free path {}: {:.2}% of one core{}",
+            if monitored { "on" } else { "off" },
+            pct[i],
+            if monitored {
+                format!(" ({learnt} workers learnt, {followed} threads followed)")
+            } else {
+                String::new()
+            }
+        );
+    }
 }
 
 /// One probe on a current_thread runtime, 1M tiny polls, for counting instructions under

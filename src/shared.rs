@@ -319,6 +319,7 @@ impl Shared {
             probe_free_stalls: self.bare_stalls.load(Ordering::Relaxed),
             probe_free_rejected: self.bare_rejected.load(Ordering::Relaxed),
             probe_free_workers: self.bare.learnt_count(),
+            probe_free_followed: self.bare.followed_count(),
             probe_free_error: self.bare.error(),
             stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),

@@ -134,6 +134,10 @@ pub struct Snapshot {
     /// The monitored runtimes' worker threads the probe-free path has learnt so far (each
     /// polled one of loopwatch's learner tasks).
     pub probe_free_workers: usize,
+    /// Threads the probe-free path follows: the learnt workers, and the threads named like
+    /// them (workers no learner reached yet, and blocking-pool threads, which the stack check
+    /// turns down).
+    pub probe_free_followed: usize,
     /// Why the probe-free path is off although runtimes are monitored (no symbol table, not
     /// Linux), once that is known.
     pub probe_free_error: Option<String>,

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use super::verdict::Reading;
+use super::verdict::{Activity, Reading};
 use super::CpuQuota;
 
 /// Reads a thread's kernel state: its CPU time and what it is doing.
@@ -21,6 +21,11 @@ pub(crate) trait Kernel {
     /// How long `thread`'s cgroup has been throttled by its CPU quota so far (nanoseconds,
     /// summed over CPUs), and that quota; `None` where there is no quota (or no cgroup).
     fn throttle(&mut self, thread: &mut Self::Thread) -> Option<(u64, CpuQuota)>;
+    /// What `thread` is doing, from its `syscall` file alone (one `pread`): the system call it
+    /// is in, with no check that it sleeps there. The cheap first look of the probe-free path.
+    fn peek(&mut self, thread: &mut Self::Thread) -> Option<Activity>;
+    /// The threads of this process whose name is one of `names`.
+    fn threads_named(&mut self, names: &[std::sync::Arc<str>]) -> Vec<u64>;
 }
 
 /// Frames kept from one capture, at most (signal or not).
@@ -73,6 +78,14 @@ impl Kernel for ProcKernel {
 
     fn throttle(&mut self, _thread: &mut Self::Thread) -> Option<(u64, CpuQuota)> {
         None
+    }
+
+    fn peek(&mut self, _thread: &mut Self::Thread) -> Option<Activity> {
+        None
+    }
+
+    fn threads_named(&mut self, _names: &[std::sync::Arc<str>]) -> Vec<u64> {
+        Vec::new()
     }
 }
 

@@ -69,6 +69,20 @@ impl Thread {
         }
     }
 
+    /// The system call the thread is in, from its `syscall` file alone.
+    pub(crate) fn peek(&mut self) -> Option<Activity> {
+        let mut buf = [0u8; 512];
+        let f = self.syscall.as_ref()?;
+        let n = loop {
+            match f.read_at(&mut buf, 0) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return None,
+            }
+        };
+        std::str::from_utf8(&buf[..n]).ok().map(parse_syscall)
+    }
+
     /// Takes a reading.
     pub(crate) fn read(&mut self, at_ns: u64) -> Reading {
         let mut buf = [0u8; 512];
@@ -201,6 +215,29 @@ impl Kernel for ProcKernel {
     fn throttle(&mut self, thread: &mut Self::Thread) -> Option<(u64, CpuQuota)> {
         let limit = thread.limit.as_ref()?;
         Some((limit.throttled_ns()?, limit.quota))
+    }
+
+    fn peek(&mut self, thread: &mut Self::Thread) -> Option<Activity> {
+        thread.peek()
+    }
+
+    fn threads_named(&mut self, names: &[std::sync::Arc<str>]) -> Vec<u64> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+            return out;
+        };
+        let mut buf = [0u8; 512];
+        for e in dir.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
+                continue;
+            };
+            if let Some(comm) = read_small(&format!("/proc/self/task/{tid}/comm"), &mut buf) {
+                if names.iter().any(|n| **n == *comm.trim_end()) {
+                    out.push(tid);
+                }
+            }
+        }
+        out
     }
 }
 

@@ -31,6 +31,9 @@ pub(crate) struct BareRegistry {
     generation: AtomicU64,
     /// The current learner round.
     round: AtomicU64,
+    /// Threads named like a learnt worker, found at the last round (workers no learner reached
+    /// yet, and blocking-pool threads: the stack check tells them apart).
+    named: Mutex<Vec<u64>>,
     /// The executable's role ranges, loaded once on a thread of their own (see
     /// [`BareRegistry::roles`]).
     roles: Arc<OnceLock<Result<Roles, String>>>,
@@ -119,6 +122,13 @@ impl BareRegistry {
             .map_or(0, |rts| rts.iter().map(|r| r.tids.len()).sum())
     }
 
+    /// How many threads are followed: the learnt ones and those named like them.
+    pub(crate) fn followed_count(&self) -> usize {
+        let mut all = Vec::new();
+        self.threads(&mut all);
+        all.len()
+    }
+
     /// Why there are no role ranges, once that is known.
     pub(crate) fn error(&self) -> Option<String> {
         match self.roles.get() {
@@ -131,12 +141,32 @@ impl BareRegistry {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Every learnt thread, and when a learner last ran on it.
-    pub(crate) fn threads(&self, out: &mut Vec<(u64, u64)>) {
+    /// Every thread to follow: the learnt ones with when a learner last ran on them, then
+    /// those only named like them.
+    pub(crate) fn threads(&self, out: &mut Vec<(u64, Option<u64>)>) {
         out.clear();
         if let Ok(rts) = self.runtimes.lock() {
             for r in rts.iter() {
-                out.extend(r.tids.iter().map(|&(t, _, at)| (t, at)));
+                out.extend(r.tids.iter().map(|&(t, _, at)| (t, Some(at))));
+            }
+        }
+        if let Ok(named) = self.named.lock() {
+            for &t in named.iter() {
+                if !out.iter().any(|&(o, _)| o == t) {
+                    out.push((t, None));
+                }
+            }
+        }
+    }
+
+    /// The threads found named like a learnt worker this round.
+    pub(crate) fn set_named(&self, mut tids: Vec<u64>) {
+        tids.sort_unstable();
+        tids.truncate(MAX_LEARNT);
+        if let Ok(mut named) = self.named.lock() {
+            if *named != tids {
+                *named = tids;
+                self.generation.fetch_add(1, Ordering::Release);
             }
         }
     }
@@ -216,6 +246,8 @@ impl BareRegistry {
 #[derive(Debug)]
 pub(crate) struct BareThread<T> {
     pub(crate) tid: u64,
+    /// A learner ran on it (else it is only named like a learnt worker).
+    pub(crate) learnt: bool,
     pub(crate) thread: T,
     pub(crate) name: Option<Arc<str>>,
     /// The last reading, and the call it is asleep in since when.
@@ -259,7 +291,7 @@ pub(crate) enum Step {
 }
 
 /// Is `activity` a call an idle tokio worker never sleeps in?
-fn counts(activity: Activity) -> Option<i64> {
+pub(crate) fn counts(activity: Activity) -> Option<i64> {
     match activity {
         Activity::Syscall(nr)
             if !syscalls::is_runtime_park(nr) && syscalls::name(nr) != Some("futex") =>

@@ -391,6 +391,20 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 let n = handle.metrics().num_workers();
                 super::bare::send_learners(&shared, name, handle, n);
             }
+            // Learners land where tokio puts them, often on the same few workers: threads that
+            // bear a learnt worker's name are followed too (the stack check, not the name,
+            // decides).
+            let mut names: Vec<Arc<str>> = Vec::new();
+            for t in self.bare.iter().filter(|t| t.learnt) {
+                if let Some(n) = &t.name {
+                    if !names.contains(n) {
+                        names.push(n.clone());
+                    }
+                }
+            }
+            if !names.is_empty() {
+                reg.set_named(self.kernel.threads_named(&names));
+            }
         }
         if self.bare.is_empty() {
             return;
@@ -430,7 +444,23 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 }
                 continue;
             }
-            let Some(r) = self.kernel.read(&mut t.thread, now) else {
+            // A thread with no candidate is looked at every other tick (half the reads; a
+            // stall is still seen within a threshold and two ticks).
+            if t.asleep.is_none() && (self.ticks as usize + i) % 2 == 1 {
+                continue;
+            }
+            // First the call alone (one `pread`): an idle worker's park, or a running thread,
+            // needs no more.
+            let peek = self.kernel.peek(&mut t.thread);
+            let r = match peek {
+                Some(a) if super::bare::counts(a).is_none() => Some(Reading {
+                    at_ns: now,
+                    cpu_ns: None,
+                    activity: a,
+                }),
+                _ => self.kernel.read(&mut t.thread, now),
+            };
+            let Some(r) = r else {
                 // Gone (or unreadable): followed no more; a stall on it ends here.
                 gone.push(t.tid);
                 if let Some(a) = t.asleep.take() {
@@ -474,16 +504,21 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 && !threads.iter().any(|&(tid, _)| tid == t.tid)
         });
         self.bare.extend(held);
-        for (tid, learnt_ns) in threads {
+        for (tid, learnt) in threads {
             match old.iter().position(|t| t.tid == tid) {
-                Some(k) => self.bare.push(old.swap_remove(k)),
+                Some(k) => {
+                    let mut t = old.swap_remove(k);
+                    t.learnt = learnt.is_some();
+                    self.bare.push(t);
+                }
                 None => self.bare.push(BareThread {
                     tid,
                     thread: self.kernel.open(tid),
                     name: thread_name(tid),
+                    learnt: learnt.is_some(),
                     // A learner ran on it then: it was in no call of a poll's.
-                    last: Some(Reading {
-                        at_ns: learnt_ns,
+                    last: learnt.map(|at_ns| Reading {
+                        at_ns,
                         cpu_ns: None,
                         activity: Activity::Unknown,
                     }),

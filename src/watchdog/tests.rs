@@ -189,8 +189,9 @@ struct ScriptedKernel {
     /// A thread's cgroup: its quota and throttled time so far (set by the test, as the kernel
     /// adds it: when the group may run again).
     throttle: HashMap<u64, (CpuQuota, u64)>,
-    /// (tid, at_ns) of every reading taken.
+    /// (tid, at_ns) of every reading taken, and the threads of every peek.
     reads: Vec<(u64, u64)>,
+    peeks: Vec<u64>,
     opened: Vec<u64>,
 }
 
@@ -229,6 +230,15 @@ impl Kernel for ScriptedKernel {
 
     fn throttle(&mut self, t: &mut Followed) -> Option<(u64, CpuQuota)> {
         self.throttle.get(&t.tid).map(|&(q, ns)| (ns, q))
+    }
+
+    fn peek(&mut self, t: &mut Followed) -> Option<Activity> {
+        self.peeks.push(t.tid);
+        self.scripts.get(&t.tid).map(|s| s.activity)
+    }
+
+    fn threads_named(&mut self, _names: &[Arc<str>]) -> Vec<u64> {
+        Vec::new()
     }
 }
 
@@ -1666,28 +1676,36 @@ fn a_learnt_worker_asleep_in_a_call_inside_a_poll_is_a_stall_with_no_probe() {
     let none: [FakeSlot; 0] = [];
     rig.tick(MS, &none);
     rig.tick(2 * MS, &none);
-    // Parked in the driver: nothing.
+    // Parked in the driver: nothing, for one look (every other tick; one `pread`, no CPU
+    // clock, no `stat`).
     assert!(rig.stalls().is_empty());
-    // The handler sleeps from between 2 and 3 ms.
+    assert_eq!(rig.core.kernel_mut().peeks, vec![WORKER]);
+    assert!(rig.core.kernel_mut().reads.is_empty());
+    // The handler sleeps from between 2 and 3 ms. With no candidate the thread is read every
+    // other tick (the even ones here): first seen asleep at 4 ms.
     rig.script(WORKER, Activity::Syscall(sleep), 0.0);
-    for t in 3..=12 {
+    for t in 3..=13 {
         rig.tick(t * MS, &none);
     }
-    assert!(rig.stalls().is_empty(), "9 ms asleep: under the threshold");
-    rig.tick(13 * MS, &none);
+    assert!(
+        rig.stalls().is_empty(),
+        "9 ms since it was first seen: under the threshold"
+    );
+    rig.tick(14 * MS, &none);
     let s = rig.one_stall();
     assert!(s.probe_free);
     assert_eq!(s.state, StallState::Running);
     assert_eq!(s.cause, Cause::Syscall(Syscall::from_nr(sleep)));
     assert_eq!(s.worker.tid, Some(WORKER));
     assert_eq!(s.layer, LayerKind::Async);
-    // Began between 2 and 3 ms: 2.5, off by half a millisecond.
-    assert_eq!(s.duration, Duration::from_nanos(13 * MS - 2_500_000));
-    assert_eq!(s.uncertainty, Duration::from_nanos(MS / 2));
+    // Began between the readings at 2 and 4 ms: 3, off by one millisecond.
+    assert_eq!(s.duration, Duration::from_millis(11));
+    assert_eq!(s.uncertainty, Duration::from_millis(1));
     assert!(s.to_string().contains("(seen with no probe)"), "{s}");
     assert_eq!(rig.shared.stalls_in_progress(), 1);
     // It wakes between 20 and 21 ms (its CPU clock moves).
-    for t in 14..=20 {
+    // A candidate is read every tick.
+    for t in 15..=20 {
         rig.tick(t * MS, &none);
     }
     rig.script(WORKER, Activity::Running, 1.0);
@@ -1695,8 +1713,11 @@ fn a_learnt_worker_asleep_in_a_call_inside_a_poll_is_a_stall_with_no_probe() {
     let ended = rig.one_stall();
     assert_eq!(ended.state, StallState::Ended);
     assert_eq!(ended.id, s.id);
-    assert_eq!(ended.duration, Duration::from_millis(18));
-    assert_eq!(ended.uncertainty, Duration::from_millis(1));
+    assert_eq!(
+        ended.duration,
+        Duration::from_nanos(20 * MS + MS / 2 - 3 * MS)
+    );
+    assert_eq!(ended.uncertainty, Duration::from_nanos(MS + MS / 2));
     assert_eq!(rig.shared.stalls_in_progress(), 0);
     let snap = rig.shared.snapshot();
     assert_eq!((snap.stalls_total, snap.probe_free_stalls), (1, 1));
@@ -1770,7 +1791,8 @@ fn idle_calls_new_calls_and_probed_polls_are_left_alone() {
 
 #[test]
 fn a_newly_learnt_thread_is_bounded_by_its_learner() {
-    // A learner ran on it at 0: a call it is asleep in at the first reading began after.
+    // A learner ran on it at 0: a call it is asleep in at its first reading (2 ms: every
+    // other tick) began after.
     let mut rig = bare_rig();
     rig.core.stacks_mut().asleep_stack = Some(vec![1050]);
     let sleep = nr_of("clock_nanosleep");
@@ -1779,9 +1801,11 @@ fn a_newly_learnt_thread_is_bounded_by_its_learner() {
     for t in 1..=11 {
         rig.tick(t * MS, &none);
     }
+    assert!(rig.stalls().is_empty());
+    rig.tick(12 * MS, &none);
     let s = rig.one_stall();
-    assert_eq!(s.duration, Duration::from_nanos(11 * MS - MS / 2));
-    assert_eq!(s.uncertainty, Duration::from_nanos(MS / 2));
+    assert_eq!(s.duration, Duration::from_millis(11));
+    assert_eq!(s.uncertainty, Duration::from_millis(1));
 }
 
 #[test]

@@ -182,7 +182,14 @@ fn an_uninstrumented_handler_blocking_its_worker_is_reported_with_no_probe() {
     std::thread::sleep(THRESHOLD * 2);
     let snap = h.guard.snapshot();
     assert_eq!(snap.probe_free_stalls, 2, "{:#?}", h.seen.lock().unwrap());
-    assert_eq!(snap.probe_free_rejected, 1, "{snap:?}");
+    // The worker in `block_in_place` is learnt: turned down once, always. The blocking-pool
+    // thread is turned down too if it was already followed (by its name, found once a
+    // second), which depends on when the pool started it.
+    assert!(
+        (1..=2).contains(&snap.probe_free_rejected),
+        "{}",
+        snap.probe_free_rejected
+    );
     assert_eq!(snap.stalls_in_progress, 0);
     rt.shutdown_timeout(Duration::from_secs(1));
 }
