@@ -19,6 +19,7 @@ mod snapshot;
 mod stall;
 mod watchdog;
 mod words;
+mod workers;
 
 pub use builder::Builder;
 pub use config::{

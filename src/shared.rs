@@ -38,7 +38,7 @@ pub(crate) struct Shared {
     pub(crate) cut_reports: AtomicU64,
     /// The probe-free path: the runtimes and workers it follows, the stalls it found, and the
     /// candidates its stack check turned down (not inside a task's poll on a worker).
-    pub(crate) bare: crate::watchdog::BareRegistry,
+    pub(crate) bare: crate::workers::BareRegistry,
     pub(crate) bare_stalls: AtomicU64,
     pub(crate) bare_rejected: AtomicU64,
     /// Stalls running now, by layer.

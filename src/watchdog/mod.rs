@@ -23,7 +23,6 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) use self::bare::BareRegistry;
 use self::core::Core;
 use self::pace::Pacer;
 use crate::board::CLOCK_UNKNOWN;
