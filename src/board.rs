@@ -878,20 +878,33 @@ impl Board {
     }
 }
 
-/// Where loopwatch spawns its own task on a watched runtime (the loop-lag heartbeat), once it
-/// has: its polls are never the application's (no stall, no histogram, no victim).
-static OWN_SITE: OnceLock<(&'static str, u32, u32)> = OnceLock::new();
+/// Where loopwatch spawns tasks of its own on a watched runtime (the loop-lag heartbeat, the
+/// probe-free path's learners): their polls are never the application's (no stall, no histogram,
+/// no victim).
+static OWN_SITES: [OnceLock<(&'static str, u32, u32)>; 4] = [
+    OnceLock::new(),
+    OnceLock::new(),
+    OnceLock::new(),
+    OnceLock::new(),
+];
 
-/// Records the site of loopwatch's own task (see [`OWN_SITE`]).
+/// Records a site where loopwatch spawns tasks of its own (see [`OWN_SITES`]): the heartbeat,
+/// the probe-free path's learners.
 pub(crate) fn set_own_site(loc: &'static std::panic::Location<'static>) {
-    let _ = OWN_SITE.set((loc.file(), loc.line(), loc.column()));
+    let site = (loc.file(), loc.line(), loc.column());
+    for slot in &OWN_SITES {
+        if slot.get() == Some(&site) || slot.set(site).is_ok() || slot.get() == Some(&site) {
+            return;
+        }
+    }
 }
 
-/// Is `file:line:col` where loopwatch spawns its own task?
+/// Is `file:line:col` where loopwatch spawns a task of its own?
 pub(crate) fn is_own_site(file: &str, line: u32, col: u32) -> bool {
-    OWN_SITE
-        .get()
-        .is_some_and(|&(f, l, c)| l == line && c == col && f == file)
+    OWN_SITES.iter().any(|s| {
+        s.get()
+            .is_some_and(|&(f, l, c)| l == line && c == col && f == file)
+    })
 }
 
 /// The id a probe enters and exits its own poll with (poll hooks, wrappers, pool jobs): no

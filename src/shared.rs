@@ -321,6 +321,7 @@ impl Shared {
             probe_free_workers: self.bare.learnt_count(),
             probe_free_followed: self.bare.followed_count(),
             probe_free_error: self.bare.error(),
+            probe_free_ready: self.bare.ready(),
             stalls_in_progress: self.stalls_in_progress(),
             oldest_stall: (oldest > 0).then(|| Duration::from_nanos(oldest)),
             dropped_reports: self.dropped_reports.load(Ordering::Relaxed),

@@ -141,6 +141,10 @@ pub struct Snapshot {
     /// Why the probe-free path is off although runtimes are monitored (no symbol table, not
     /// Linux), once that is known.
     pub probe_free_error: Option<String>,
+    /// The probe-free path is on: tokio's function ranges are loaded (read from the
+    /// executable's symbol table on a thread of their own, after the first `monitor_runtime`)
+    /// and at least one worker is learnt.
+    pub probe_free_ready: bool,
     /// Polls found to be phantoms: a span entered with `span.enter()` and held across an
     /// `.await` kept the poll open on a worker that was parked or running another task. They
     /// are ended uncounted, never reported as stalls (see README, "What is watched").

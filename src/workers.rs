@@ -114,6 +114,11 @@ impl BareRegistry {
         all.len()
     }
 
+    /// Are the role ranges loaded, and a worker learnt?
+    pub(crate) fn ready(&self) -> bool {
+        matches!(self.roles.get(), Some(Ok(_))) && self.learnt_count() > 0
+    }
+
     /// Why there are no role ranges, once that is known.
     pub(crate) fn error(&self) -> Option<String> {
         match self.roles.get() {

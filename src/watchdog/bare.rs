@@ -22,12 +22,19 @@ use crate::diagnose::roles::{Role, Roles};
 use crate::diagnose::syscalls;
 use crate::diagnose::verdict::{Activity, Reading};
 
+/// Candidates turned down before a thread only named like a worker is left alone.
+pub(crate) const MAX_TURNED_DOWN: u32 = 3;
+
 /// One learnt worker followed by the watchdog.
 #[derive(Debug)]
 pub(crate) struct BareThread<T> {
     pub(crate) tid: u64,
     /// A learner ran on it (else it is only named like a learnt worker).
     pub(crate) learnt: bool,
+    /// Candidates of its that the stack check turned down: a thread only named like a worker
+    /// is no longer read after [`MAX_TURNED_DOWN`] (a helper thread the application spawned
+    /// from a worker, which inherits its name), until a learner reaches it.
+    pub(crate) turned_down: u32,
     pub(crate) thread: T,
     pub(crate) name: Option<Arc<str>>,
     /// The last reading, and the call it is asleep in since when.

@@ -376,9 +376,12 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let shared = self.shared.clone();
         let reg = &shared.bare;
         let generation = reg.generation();
+        let mut scan = false;
         if generation != self.bare_gen {
             self.bare_gen = generation;
-            self.bare_refresh();
+            // A newly learnt worker: look for the threads named like it now, not at the next
+            // round.
+            scan = self.bare_refresh();
         }
         if now >= self.bare_learn_ns {
             // A learner per worker every second: workers come and go (`block_in_place` hands
@@ -391,6 +394,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 let n = handle.metrics().num_workers();
                 super::bare::send_learners(&shared, name, handle, n);
             }
+            scan = true;
+        }
+        if scan {
             // Learners land where tokio puts them, often on the same few workers: threads that
             // bear a learnt worker's name are followed too (the stack check, not the name,
             // decides).
@@ -444,6 +450,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 }
                 continue;
             }
+            if !t.learnt && t.turned_down >= super::bare::MAX_TURNED_DOWN {
+                continue;
+            }
             // A thread with no candidate is looked at every other tick (half the reads; a
             // stall is still seen within a threshold and two ticks).
             if t.asleep.is_none() && (self.ticks as usize + i) % 2 == 1 {
@@ -481,6 +490,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                         a.verdict = Verdict::Stall(Box::new(stall), raw);
                     } else {
                         a.verdict = Verdict::NotAStall;
+                        t.turned_down = t.turned_down.saturating_add(1);
                         shared.bare_rejected.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -493,8 +503,10 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         }
     }
 
-    /// Copies the registry's learnt threads, keeping those already followed.
-    fn bare_refresh(&mut self) {
+    /// Copies the registry's learnt threads, keeping those already followed; whether a
+    /// thread was learnt that was not before.
+    fn bare_refresh(&mut self) -> bool {
+        let mut new_learnt = false;
         let mut threads = Vec::new();
         self.shared.bare.threads(&mut threads);
         let mut old = std::mem::take(&mut self.bare);
@@ -508,24 +520,33 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             match old.iter().position(|t| t.tid == tid) {
                 Some(k) => {
                     let mut t = old.swap_remove(k);
+                    if learnt.is_some() && !t.learnt {
+                        t.turned_down = 0;
+                        new_learnt = true;
+                    }
                     t.learnt = learnt.is_some();
                     self.bare.push(t);
                 }
-                None => self.bare.push(BareThread {
-                    tid,
-                    thread: self.kernel.open(tid),
-                    name: thread_name(tid),
-                    learnt: learnt.is_some(),
-                    // A learner ran on it then: it was in no call of a poll's.
-                    last: learnt.map(|at_ns| Reading {
-                        at_ns,
-                        cpu_ns: None,
-                        activity: Activity::Unknown,
-                    }),
-                    asleep: None,
-                }),
+                None => {
+                    new_learnt |= learnt.is_some();
+                    self.bare.push(BareThread {
+                        tid,
+                        thread: self.kernel.open(tid),
+                        name: thread_name(tid),
+                        learnt: learnt.is_some(),
+                        turned_down: 0,
+                        // A learner ran on it then: it was in no call of a poll's.
+                        last: learnt.map(|at_ns| Reading {
+                            at_ns,
+                            cpu_ns: None,
+                            activity: Activity::Unknown,
+                        }),
+                        asleep: None,
+                    });
+                }
             }
         }
+        new_learnt
     }
 
     /// The kind probe-free stalls count under (no probe named the task).

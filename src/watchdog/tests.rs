@@ -1826,3 +1826,42 @@ fn without_role_ranges_the_probe_free_path_stays_off() {
         "no reading without ranges"
     );
 }
+
+#[test]
+fn a_thread_only_named_like_a_worker_is_left_alone_once_turned_down_three_times() {
+    // A helper thread spawned from a worker inherits its name: followed, then left alone.
+    let mut rig = bare_rig();
+    const HELPER: u64 = 888;
+    rig.shared.bare.set_named(vec![HELPER]);
+    rig.core.stacks_mut().asleep_stack = Some(vec![50, 60]);
+    rig.script(WORKER, Activity::Syscall(nr_of("epoll_wait")), 0.0);
+    let none: [FakeSlot; 0] = [];
+    let sleep = nr_of("clock_nanosleep");
+    let mut t = 1;
+    for _ in 0..5 {
+        rig.script(HELPER, Activity::Running, 1.0);
+        rig.tick(t * MS, &none);
+        rig.tick((t + 1) * MS, &none);
+        rig.script(HELPER, Activity::Syscall(sleep), 0.0);
+        for k in 2..=20 {
+            rig.tick((t + k) * MS, &none);
+        }
+        t += 21;
+    }
+    let snap = rig.shared.snapshot();
+    assert_eq!(snap.probe_free_rejected, 3);
+    assert_eq!(snap.stalls_total, 0);
+    assert_eq!(snap.probe_free_followed, 2);
+    assert_eq!(snap.probe_free_workers, 1);
+    // Its last reading was in the third cycle.
+    let last = rig
+        .core
+        .kernel_mut()
+        .reads
+        .iter()
+        .rev()
+        .find(|r| r.0 == HELPER)
+        .unwrap()
+        .1;
+    assert!(last < 3 * 21 * MS, "{last}");
+}

@@ -116,12 +116,14 @@ fn an_uninstrumented_handler_blocking_its_worker_is_reported_with_no_probe() {
 
     // loopwatch learns both workers (its learner tasks run on them).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while h.guard.snapshot().probe_free_workers < 2 && Instant::now() < deadline {
+    let ready = |s: &loopwatch::Snapshot| s.probe_free_workers >= 2 && s.probe_free_ready;
+    while !ready(&h.guard.snapshot()) && Instant::now() < deadline {
         assert_eq!(get_body(addr, "/fast").0, 200);
         std::thread::sleep(Duration::from_millis(20));
     }
     let snap = h.guard.snapshot();
     assert_eq!(snap.probe_free_workers, 2, "{snap:?}");
+    assert!(snap.probe_free_ready, "{snap:?}");
     assert_eq!(snap.probe_free_error, None);
     assert_eq!(
         snap.polls, 0,
@@ -192,4 +194,55 @@ fn an_uninstrumented_handler_blocking_its_worker_is_reported_with_no_probe() {
     );
     assert_eq!(snap.stalls_in_progress, 0);
     rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+#[test]
+fn on_a_current_thread_runtime_the_thread_in_block_on_is_the_worker() {
+    // `#[tokio::main(flavor = "current_thread")]`: the thread that blocks on the main future
+    // runs every task.
+    let _serial = common::serial();
+    let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    h.guard.monitor_runtime(rt.handle(), "main");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new()
+        .route("/sleepy", get(sleepy))
+        .route("/fast", get(|| async { "fast" }));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        rt.block_on(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap()
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.guard.snapshot().probe_free_ready && Instant::now() < deadline {
+        assert_eq!(get_body(addr, "/fast").0, 200);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let snap = h.guard.snapshot();
+    assert!(
+        snap.probe_free_ready && snap.probe_free_workers == 1,
+        "{snap:?}"
+    );
+    assert_eq!(get_body(addr, "/sleepy"), (200, "slept".into()));
+    let s = ended_probe_free(&h, |_| true);
+    eprintln!("{s}");
+    assert!(
+        matches!(s.cause, Cause::Syscall(sc) if matches!(sc.name, Some("nanosleep" | "clock_nanosleep"))),
+        "{s}"
+    );
+    assert!(s.duration + s.uncertainty >= HOLD, "{s}");
+    stop_tx.send(()).unwrap();
+    server.join().unwrap();
 }
