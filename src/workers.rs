@@ -41,6 +41,10 @@ const FORGET_AFTER_ROUNDS: u64 = 10;
 
 /// The most threads learnt per runtime (a runtime's workers; more means some left).
 const MAX_LEARNT: usize = 256;
+/// The most threads followed for their name only. Each followed thread keeps one file open
+/// (its `syscall` file): a blocking pool of hundreds of threads named like the workers must
+/// not take that many descriptors from the service.
+const MAX_NAMED: usize = 32;
 
 impl BareRegistry {
     /// Follows the workers of `handle` under `name` (a second call with the same name replaces
@@ -149,10 +153,10 @@ impl BareRegistry {
         }
     }
 
-    /// The threads found named like a learnt worker this round.
+    /// The threads found named like a learnt worker this round (at most [`MAX_NAMED`]).
     pub(crate) fn set_named(&self, mut tids: Vec<u64>) {
         tids.sort_unstable();
-        tids.truncate(MAX_LEARNT);
+        tids.truncate(MAX_NAMED);
         if let Ok(mut named) = self.named.lock() {
             if *named != tids {
                 *named = tids;
