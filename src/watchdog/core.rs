@@ -219,6 +219,8 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     bare_gen: u64,
     bare_learn_ns: u64,
     bare_kind: Option<KindId>,
+    /// A buffer kept across ticks: the threads inside a probe's poll.
+    bare_probed: Vec<u64>,
     /// What to send the reporter, in order; the driver takes it after each tick.
     pub(crate) out: Vec<Report>,
 }
@@ -259,6 +261,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             bare_gen: 0,
             bare_learn_ns: 0,
             bare_kind: None,
+            bare_probed: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -436,13 +439,19 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             return;
         }
         let threshold = shared.board.threshold_ns(LayerKind::Async);
+        // The threads inside a probe's poll now: the probe path's to judge.
+        let mut probed_tids = std::mem::take(&mut self.bare_probed);
+        probed_tids.clear();
+        probed_tids.extend(slots.iter().filter_map(|s| {
+            if !s.read().in_poll() {
+                return None;
+            }
+            s.meta()?.tid
+        }));
         let mut bare = std::mem::take(&mut self.bare);
         let mut gone = Vec::new();
         for (i, t) in bare.iter_mut().enumerate() {
-            // A thread inside a probe's poll is the probe path's to judge.
-            let probed = slots
-                .iter()
-                .any(|s| s.read().in_poll() && s.meta().and_then(|m| m.tid) == Some(t.tid));
+            let probed = probed_tids.contains(&t.tid);
             if probed {
                 t.last = Some(seen_idle);
                 if let Some(a) = t.asleep.take() {
@@ -498,6 +507,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             }
         }
         self.bare = bare;
+        self.bare_probed = probed_tids;
         for tid in gone {
             reg.forget(tid);
         }
