@@ -348,6 +348,7 @@ impl Guard {
         self.thread_counter(name)
             .install(builder)
             .on_thread_park(self.park_hook())
+            .on_thread_unpark(self.unpark_hook())
     }
 
     /// A callback for the runtime's `on_thread_park` (call it from yours, if you have one;
@@ -357,11 +358,29 @@ impl Guard {
     /// stall. Without it, loopwatch tells such a phantom only where it can read the worker's
     /// state (Linux): asleep in the I/O driver's `epoll_wait`, or when another task's poll
     /// starts on that worker.
+    ///
+    /// With [`unpark_hook`](Self::unpark_hook) too, the probe-free path (see
+    /// [`monitor_runtime`](Self::monitor_runtime)) knows when a worker is not parked, and then
+    /// counts one asleep in `futex` (a `std::sync::Mutex`, a condition variable) as blocked.
     pub fn park_hook(&self) -> impl Fn() + Send + Sync + 'static {
-        let board = self.inner.as_ref().map(|i| i.shared.board.clone());
+        let shared = self.inner.as_ref().map(|i| i.shared.clone());
         move || {
-            if let Some(b) = &board {
-                b.parked();
+            if let Some(s) = &shared {
+                s.board.parked();
+                s.bare.set_parked(true);
+            }
+        }
+    }
+
+    /// A callback for the runtime's `on_thread_unpark` (call it from yours, if you have one;
+    /// [`count_threads`](Self::count_threads) installs it): with
+    /// [`park_hook`](Self::park_hook), it tells the probe-free path a worker is at work, so a
+    /// worker asleep in `futex` then (a lock held elsewhere) is a stall it reports.
+    pub fn unpark_hook(&self) -> impl Fn() + Send + Sync + 'static {
+        let shared = self.inner.as_ref().map(|i| i.shared.clone());
+        move || {
+            if let Some(s) = &shared {
+                s.bare.set_parked(false);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! polled one of loopwatch's learner tasks on it, the threads named like them, and the
 //! executable's role ranges (`diagnose/roles.rs`), loaded once on a thread of their own.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::diagnose::roles::Roles;
@@ -23,6 +23,20 @@ pub(crate) struct BareRegistry {
     /// [`BareRegistry::roles`]).
     roles: Arc<OnceLock<Result<Roles, String>>>,
     loading: std::sync::atomic::AtomicBool,
+    /// Workers' park state, where the runtime's `on_thread_park` / `on_thread_unpark` run
+    /// loopwatch's hooks (`Guard::count_threads`): by thread, parked or not.
+    park_states: Mutex<Vec<(u64, Arc<AtomicBool>)>>,
+}
+
+/// A worker's park state as its hooks said last.
+#[derive(Debug)]
+pub(crate) struct ParkState(Arc<AtomicBool>);
+
+impl ParkState {
+    /// Is the worker parked (between its `on_thread_park` and `on_thread_unpark`)?
+    pub(crate) fn parked(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Debug)]
@@ -102,6 +116,47 @@ impl BareRegistry {
             }
         }
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The calling thread (a worker, from its park or unpark hook) parks (`true`) or unparks.
+    /// The first call from a thread registers it; later ones are one store.
+    pub(crate) fn set_parked(&self, parked: bool) {
+        thread_local! {
+            static STATE: std::cell::RefCell<Option<(usize, Arc<AtomicBool>)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let me = self as *const BareRegistry as usize;
+        let _ = STATE.try_with(|st| {
+            let mut st = st.borrow_mut();
+            if let Some((reg, flag)) = st.as_ref() {
+                if *reg == me {
+                    flag.store(parked, Ordering::Release);
+                    return;
+                }
+            }
+            let Some(tid) = crate::board::os_thread_id() else {
+                return;
+            };
+            let flag = Arc::new(AtomicBool::new(parked));
+            if let Ok(mut states) = self.park_states.lock() {
+                states.retain(|(t, _)| *t != tid);
+                if states.len() < 4 * MAX_LEARNT {
+                    states.push((tid, flag.clone()));
+                }
+            }
+            // The watchdog picks it up at its next look at the lists.
+            self.generation.fetch_add(1, Ordering::Release);
+            *st = Some((me, flag));
+        });
+    }
+
+    /// Thread `tid`'s park state, if its hooks have run.
+    pub(crate) fn park_state(&self, tid: u64) -> Option<ParkState> {
+        let states = self.park_states.lock().ok()?;
+        states
+            .iter()
+            .find(|(t, _)| *t == tid)
+            .map(|(_, f)| ParkState(f.clone()))
     }
 
     /// How many threads are learnt, over every runtime.

@@ -19,7 +19,11 @@ use std::{fs::File, os::unix::fs::FileExt};
 /// What a stack says of its thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
-    /// Inside a task's poll on an async worker (and not in a blocking section).
+    /// Inside a task's poll on an async worker (`run_task`, and not in a blocking section).
+    TaskPoll,
+    /// In an async worker's loop (`Context::run`, or the current-thread `CoreGuard::block_on`,
+    /// which also polls the future blocked on), in no task's poll that the stack shows: a
+    /// task's poll where an optimized build inlined `run_task`, or the worker's own park.
     WorkerPoll,
     /// Inside a blocking-pool job or `block_in_place`: not holding an async worker.
     NotWorker,
@@ -30,6 +34,7 @@ pub(crate) enum Role {
 /// The address ranges (runtime addresses) of the functions that tell a thread's role.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Roles {
+    task_poll: Vec<Range<usize>>,
     worker_poll: Vec<Range<usize>>,
     not_worker: Vec<Range<usize>>,
 }
@@ -44,6 +49,9 @@ impl Roles {
             if in_any(&self.not_worker, pc) {
                 return Role::NotWorker;
             }
+            if in_any(&self.task_poll, pc) {
+                return Role::TaskPoll;
+            }
             if in_any(&self.worker_poll, pc) {
                 return Role::WorkerPoll;
             }
@@ -53,7 +61,7 @@ impl Roles {
 
     /// Were the functions that tell a worker's poll found at all?
     pub(crate) fn known(&self) -> bool {
-        !self.worker_poll.is_empty()
+        !self.worker_poll.is_empty() || !self.task_poll.is_empty()
     }
 
     /// Ranges built from symbols (`name`, start, size) given at their runtime addresses.
@@ -67,12 +75,14 @@ impl Roles {
             }
             let range = start..start.saturating_add(size);
             match role_of(name) {
+                Some(Role::TaskPoll) => roles.task_poll.push(range),
                 Some(Role::WorkerPoll) => roles.worker_poll.push(range),
                 Some(Role::NotWorker) => roles.not_worker.push(range),
                 _ => {}
             }
         }
         roles.worker_poll.sort_by_key(|r| r.start);
+        roles.task_poll.sort_by_key(|r| r.start);
         roles.not_worker.sort_by_key(|r| r.start);
         roles
     }
@@ -94,11 +104,15 @@ pub(crate) fn role_of(demangled: &str) -> Option<Role> {
     {
         return Some(Role::NotWorker);
     }
-    // `Context::run` (the worker's loop) as well as `run_task`, which an optimized build may
-    // inline into it: a worker outside a task's poll never sleeps but to park, in calls the
-    // probe-free path leaves alone.
-    if demangled.starts_with("tokio::runtime::scheduler::multi_thread::worker::Context::run")
+    if demangled.starts_with("tokio::runtime::scheduler::multi_thread::worker::Context::run_task")
         || demangled.starts_with("tokio::runtime::scheduler::current_thread::Context::run_task")
+    {
+        return Some(Role::TaskPoll);
+    }
+    // The worker's loop, where an optimized build may have inlined `run_task`: a worker
+    // outside a task's poll sleeps only to park (in `epoll_wait`, or `futex`, which is why a
+    // `futex` candidate needs `run_task` itself).
+    if demangled.starts_with("tokio::runtime::scheduler::multi_thread::worker::Context::run")
         || demangled.starts_with("tokio::runtime::scheduler::current_thread::CoreGuard::block_on")
     {
         return Some(Role::WorkerPoll);
@@ -264,6 +278,10 @@ mod tests {
     fn tokio_functions_mark_the_role_they_run() {
         assert_eq!(
             role_of("tokio::runtime::scheduler::multi_thread::worker::Context::run_task"),
+            Some(Role::TaskPoll)
+        );
+        assert_eq!(
+            role_of("tokio::runtime::scheduler::multi_thread::worker::Context::run"),
             Some(Role::WorkerPoll)
         );
         assert_eq!(
@@ -293,11 +311,11 @@ mod tests {
             ("tokio::task::blocking::block_in_place::<F, R>", 2000, 50),
         ]);
         // Return addresses, innermost first: user code, then the marker's.
-        assert_eq!(roles.classify(&[50, 1050, 9000]), Role::WorkerPoll);
+        assert_eq!(roles.classify(&[50, 1050, 9000]), Role::TaskPoll);
         assert_eq!(roles.classify(&[50, 2010, 1050]), Role::NotWorker);
         assert_eq!(roles.classify(&[50, 60]), Role::Unknown);
         // A return address one past the end of a function is still its call.
-        assert_eq!(roles.classify(&[1100]), Role::WorkerPoll);
+        assert_eq!(roles.classify(&[1100]), Role::TaskPoll);
         assert_eq!(roles.classify(&[1101]), Role::Unknown);
     }
 

@@ -31,6 +31,9 @@ pub(crate) struct BareThread<T> {
     pub(crate) tid: u64,
     /// A learner ran on it (else it is only named like a learnt worker).
     pub(crate) learnt: bool,
+    /// Its park state, where the runtime runs loopwatch's park hooks: then `futex` counts
+    /// while it is not parked.
+    pub(crate) park: Option<crate::workers::ParkState>,
     /// Candidates of its that the stack check turned down: a thread only named like a worker
     /// is no longer read after [`MAX_TURNED_DOWN`] (a helper thread the application spawned
     /// from a worker, which inherits its name), until a learner reaches it.
@@ -77,23 +80,29 @@ pub(crate) enum Step {
     Left(Asleep),
 }
 
-/// Is `activity` a call an idle tokio worker never sleeps in?
-pub(crate) fn counts(activity: Activity) -> Option<i64> {
+/// Is `activity` a call an idle tokio worker never sleeps in? `futex` is where a worker parks
+/// on its condition variable, and also every lock: it counts only when the worker's hooks say
+/// it is not parked (`unparked`).
+pub(crate) fn counts(activity: Activity, unparked: bool) -> Option<i64> {
     match activity {
-        Activity::Syscall(nr)
-            if !syscalls::is_runtime_park(nr) && syscalls::name(nr) != Some("futex") =>
-        {
-            Some(nr)
-        }
+        Activity::Syscall(nr) if syscalls::is_runtime_park(nr) => None,
+        Activity::Syscall(nr) if syscalls::name(nr) == Some("futex") => unparked.then_some(nr),
+        Activity::Syscall(nr) => Some(nr),
         _ => None,
     }
 }
 
 impl<T> BareThread<T> {
+    /// Do its hooks say it is at work (not parked)?
+    pub(crate) fn unparked(&self) -> bool {
+        self.park.as_ref().is_some_and(|p| !p.parked())
+    }
+
     /// Folds reading `r` in; `threshold` is the async layer's.
     pub(crate) fn step(&mut self, r: Reading, threshold: u64) -> Step {
         let prev = self.last.replace(r);
-        let nr = counts(r.activity);
+        let unparked = self.unparked();
+        let nr = counts(r.activity, unparked);
         if let (Some(a), Some(nr)) = (self.asleep.as_mut(), nr) {
             // The same call, and no CPU time since it was first seen there: the same sleep.
             if nr == a.nr && (a.cpu_ns.is_none() || r.cpu_ns == a.cpu_ns) {
@@ -109,8 +118,9 @@ impl<T> BareThread<T> {
         let old = self.asleep.take();
         // A call is followed from a reading that saw the thread elsewhere: one already asleep
         // when first read began at an unknown time, and is left until it is seen out of it.
-        let elsewhere =
-            |p: &Reading| counts(p.activity) != nr || p.cpu_ns.is_none() || p.cpu_ns != r.cpu_ns;
+        let elsewhere = |p: &Reading| {
+            counts(p.activity, unparked) != nr || p.cpu_ns.is_none() || p.cpu_ns != r.cpu_ns
+        };
         let prev = prev.filter(elsewhere);
         self.asleep = nr.zip(prev).map(|(nr, prev)| Asleep {
             nr,

@@ -16,6 +16,7 @@ use super::pools::Pools;
 use super::victims::{hold_window_ns, Held, SlotVictims, VictimAcc, WaitRec};
 use crate::board::{is_exact, Caught, Record, Slot, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
 use crate::diagnose::ports::{Kernel, StackPort};
+use crate::diagnose::roles::Role;
 use crate::diagnose::sampler::{Ask, Pending, Probe, Sampler, STACK_WAIT_NS};
 use crate::diagnose::verdict::{Activity, Reading};
 use crate::diagnose::{Cause, CauseShare};
@@ -471,7 +472,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             // needs no more.
             let peek = self.kernel.peek(&mut t.thread);
             let r = match peek {
-                Some(a) if super::bare::counts(a).is_none() => Some(Reading {
+                Some(a) if super::bare::counts(a, t.unparked()).is_none() => Some(Reading {
                     at_ns: now,
                     cpu_ns: None,
                     activity: a,
@@ -492,7 +493,10 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                     let ips = self.stacks.unwind_asleep(t.tid);
                     let role = decide(roles, ips.as_deref());
                     let a = t.asleep.as_mut().expect("a candidate to decide");
-                    if role == crate::diagnose::roles::Role::WorkerPoll {
+                    // In a task's poll; or in the worker's loop (`run_task` inlined) for any
+                    // call but `futex`, which is also where the loop parks.
+                    let futex = crate::diagnose::syscalls::name(a.nr) == Some("futex");
+                    if role == Role::TaskPoll || (role == Role::WorkerPoll && !futex) {
                         let stall = self.bare_stall(i, t.tid, t.name.clone(), a, now, threshold);
                         let raw: Option<Arc<[usize]>> = ips.map(Into::into);
                         self.send(stall.clone(), raw.clone());
@@ -530,6 +534,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             match old.iter().position(|t| t.tid == tid) {
                 Some(k) => {
                     let mut t = old.swap_remove(k);
+                    if t.park.is_none() {
+                        t.park = self.shared.bare.park_state(tid);
+                    }
                     if learnt.is_some() && !t.learnt {
                         t.turned_down = 0;
                         new_learnt = true;
@@ -544,6 +551,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                         thread: self.kernel.open(tid),
                         name: thread_name(tid),
                         learnt: learnt.is_some(),
+                        park: self.shared.bare.park_state(tid),
                         turned_down: 0,
                         // A learner ran on it then: it was in no call of a poll's.
                         last: learnt.map(|at_ns| Reading {

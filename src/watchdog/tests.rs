@@ -1663,6 +1663,11 @@ fn bare_rig() -> Rig {
                 100,
             ),
             ("tokio::task::blocking::block_in_place::<F, R>", 2000, 50),
+            (
+                "tokio::runtime::scheduler::multi_thread::worker::Context::run",
+                3000,
+                100,
+            ),
         ]));
     rig
 }
@@ -1864,4 +1869,84 @@ fn a_thread_only_named_like_a_worker_is_left_alone_once_turned_down_three_times(
         .unwrap()
         .1;
     assert!(last < 3 * 21 * MS, "{last}");
+}
+
+#[test]
+fn futex_counts_only_while_the_workers_hooks_say_it_is_not_parked() {
+    let futex = nr_of("futex");
+    let none: [FakeSlot; 0] = [];
+    for parked in [true, false] {
+        let mut rig = bare_rig();
+        rig.core.stacks_mut().asleep_stack = Some(vec![1050]);
+        // The worker's park hooks ran (from this thread: the registry keys them by thread).
+        let shared = rig.shared.clone();
+        let tid = std::thread::spawn(move || {
+            shared.bare.set_parked(parked);
+            crate::board::os_thread_id()
+        })
+        .join()
+        .unwrap();
+        let Some(tid) = tid else { return };
+        rig.shared.bare.learnt("rt", tid, 0);
+        rig.script(tid, Activity::Running, 1.0);
+        rig.tick(MS, &none);
+        rig.tick(2 * MS, &none);
+        // A std Mutex held elsewhere: asleep in futex.
+        rig.script(tid, Activity::Syscall(futex), 0.0);
+        for t in 3..=30 {
+            rig.tick(t * MS, &none);
+        }
+        let stalls = rig.stalls();
+        if parked {
+            assert!(stalls.is_empty(), "a parked worker's futex is its park");
+        } else {
+            assert_eq!(stalls.len(), 1, "{stalls:#?}");
+            assert_eq!(stalls[0].cause, Cause::Syscall(Syscall::from_nr(futex)));
+        }
+    }
+}
+
+#[test]
+fn without_park_hooks_futex_never_counts() {
+    let mut rig = bare_rig();
+    rig.core.stacks_mut().asleep_stack = Some(vec![1050]);
+    let none: [FakeSlot; 0] = [];
+    rig.script(WORKER, Activity::Running, 1.0);
+    rig.tick(MS, &none);
+    rig.tick(2 * MS, &none);
+    rig.script(WORKER, Activity::Syscall(nr_of("futex")), 0.0);
+    for t in 3..=30 {
+        rig.tick(t * MS, &none);
+    }
+    assert!(rig.stalls().is_empty());
+}
+
+#[test]
+fn in_the_workers_loop_alone_futex_is_its_park_and_other_calls_still_count() {
+    // A stack that shows the worker's loop but no `run_task` (an optimized build inlines it):
+    // asleep in `futex` there may be the worker parking, so no stall even with the hooks
+    // saying unparked; asleep in `clock_nanosleep` is a task's poll.
+    let none: [FakeSlot; 0] = [];
+    for (call, stalls) in [("futex", 0), ("clock_nanosleep", 1)] {
+        let mut rig = bare_rig();
+        rig.core.stacks_mut().asleep_stack = Some(vec![50, 3050]);
+        let shared = rig.shared.clone();
+        let Some(tid) = std::thread::spawn(move || {
+            shared.bare.set_parked(false);
+            crate::board::os_thread_id()
+        })
+        .join()
+        .unwrap() else {
+            return;
+        };
+        rig.shared.bare.learnt("rt", tid, 0);
+        rig.script(tid, Activity::Running, 1.0);
+        rig.tick(MS, &none);
+        rig.tick(2 * MS, &none);
+        rig.script(tid, Activity::Syscall(nr_of(call)), 0.0);
+        for t in 3..=30 {
+            rig.tick(t * MS, &none);
+        }
+        assert_eq!(rig.stalls().len(), stalls, "{call}");
+    }
 }
