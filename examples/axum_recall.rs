@@ -84,6 +84,7 @@ async fn lock() -> &'static str {
 #[derive(Clone, Copy, PartialEq)]
 enum Install {
     ProbeFree,
+    ProbeFreeHooks,
     Tower,
     Both,
     #[cfg(tokio_unstable)]
@@ -94,6 +95,7 @@ impl Install {
     fn name(self) -> &'static str {
         match self {
             Install::ProbeFree => "monitor_runtime only (probe-free)",
+            Install::ProbeFreeHooks => "monitor_runtime + count_threads (park hooks)",
             Install::Tower => "tower layer",
             Install::Both => "tower layer + monitor_runtime",
             #[cfg(tokio_unstable)]
@@ -146,8 +148,14 @@ fn measure(install: Install) -> [usize; 4] {
     if install == Install::Hooks {
         guard.install_poll_hooks(&mut b);
     }
+    if install == Install::ProbeFreeHooks {
+        guard.count_threads(&mut b, "server");
+    }
     let rt = b.build().unwrap();
-    if matches!(install, Install::ProbeFree | Install::Both) {
+    if matches!(
+        install,
+        Install::ProbeFree | Install::ProbeFreeHooks | Install::Both
+    ) {
         guard.monitor_runtime(rt.handle(), "server");
     }
     let mut app = Router::new()
@@ -165,7 +173,10 @@ fn measure(install: Install) -> [usize; 4] {
     rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
     // Let the probe-free path learn the workers.
     let t = Instant::now();
-    let watching = matches!(install, Install::ProbeFree | Install::Both);
+    let watching = matches!(
+        install,
+        Install::ProbeFree | Install::ProbeFreeHooks | Install::Both
+    );
     let ready = |s: &loopwatch::Snapshot| s.probe_free_ready && s.probe_free_followed >= 2;
     while watching && !ready(&guard.snapshot()) && t.elapsed() < Duration::from_secs(10) {
         let _ = fetch(addr, "/nowhere");
@@ -219,6 +230,7 @@ fn fetch(addr: SocketAddr, path: &str) -> String {
 fn main() {
     let installs = [
         Install::ProbeFree,
+        Install::ProbeFreeHooks,
         Install::Tower,
         Install::Both,
         #[cfg(tokio_unstable)]
