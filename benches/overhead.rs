@@ -700,17 +700,7 @@ fn watchdog_cost() {
     std::thread::sleep(Duration::from_secs(3));
     let timer_pct = (cpu_time() - tc0).as_secs_f64() / tt0.elapsed().as_secs_f64() * 100.0;
     timer.join().unwrap();
-    // Metrics export off: this measures the watchdog thread alone.
-    let (_layer, guard) = loopwatch::builder()
-        .ignore_env()
-        .metrics(loopwatch::MetricsExport::Off)
-        .build()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (guard, rt) = watchdog_setup(workers);
     // One watched poll on each worker at once (a barrier inside the poll), so every worker
     // has a slot for the watchdog to read.
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(workers));
@@ -773,6 +763,22 @@ fn watchdog_cost() {
     probe_free_cost(workers);
 }
 
+/// A loopwatch at defaults with metrics export off (so a measure is the watchdog's alone), and
+/// a multi-thread runtime of `workers` workers.
+fn watchdog_setup(workers: usize) -> (loopwatch::Guard, tokio::runtime::Runtime) {
+    let (_layer, guard) = loopwatch::builder()
+        .ignore_env()
+        .metrics(loopwatch::MetricsExport::Off)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    (guard, rt)
+}
+
 /// The CPU time so far of this process's thread named `name` (Linux), from its schedstat.
 fn thread_cpu(name: &str) -> Option<Duration> {
     for e in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
@@ -792,16 +798,7 @@ fn thread_cpu(name: &str) -> Option<Duration> {
 fn probe_free_cost(workers: usize) {
     let mut pct = [0.0f64; 2];
     for (i, monitored) in [false, true].into_iter().enumerate() {
-        let (_layer, guard) = loopwatch::builder()
-            .ignore_env()
-            .metrics(loopwatch::MetricsExport::Off)
-            .build()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-            .unwrap();
+        let (guard, rt) = watchdog_setup(workers);
         if monitored {
             guard.monitor_runtime(rt.handle(), "bench");
         }

@@ -85,18 +85,7 @@ impl Thread {
 
     /// Takes a reading.
     pub(crate) fn read(&mut self, at_ns: u64) -> Reading {
-        let mut buf = [0u8; 512];
-        let from_file = self.syscall.as_ref().and_then(|f| {
-            let n = loop {
-                match f.read_at(&mut buf, 0) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => return None,
-                }
-            };
-            std::str::from_utf8(&buf[..n]).ok().map(parse_syscall)
-        });
-        let activity = match from_file {
+        let activity = match self.peek() {
             // Inside a call, but is it asleep there? A thread preempted in a fast call (a
             // non-blocking `accept4` tokio makes) is runnable, not blocked in it.
             Some(Activity::Syscall(nr)) => in_call(nr, state_letter(self.tid)),
