@@ -69,6 +69,12 @@ panel("timeseries", "Stall duration p50 / p99", [
     (f'histogram_quantile(0.5, sum by (le) (rate(loopwatch_stall_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p50"),
     (f'histogram_quantile(0.99, sum by (le) (rate(loopwatch_stall_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p99")], 12, 12, unit="s")
 y += 8
+panel("timeseries", "Short polls: time asleep in calls (thousand cuts)", [
+    (f'topk(10, sum by (kind, syscall) (rate(loopwatch_blocked_seconds_total{{{SEL}, layer="async"}}[$__rate_interval])))', "{{kind}} asleep in {{syscall}}"),
+    (f'topk(5, sum by (kind) (rate(loopwatch_running_seconds_total{{{SEL}, layer="async"}}[$__rate_interval])))', "{{kind}} running")], 0, 24, unit="percentunit",
+      description="Share of one async worker that polls under the threshold spent asleep in each system call (and running), sampled. "
+                  "Many short blocking calls (std::thread::sleep, std::net, a std Mutex) cut throughput with no stall: a kind above 10 % asleep is the LoopwatchThousandCuts alert.")
+y += 8
 
 row("Polls")
 panel("timeseries", "Poll duration p99 by layer", [(f'histogram_quantile(0.99, sum by (layer, le) (rate(loopwatch_poll_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p99 {{layer}}")], 0, 12, unit="s",

@@ -6,6 +6,28 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
 
+# `capture CMD...`: runs CMD, keeps what it printed (colour codes stripped) in $out; if CMD
+# fails, prints the end of that output and stops, so a failed run says why.
+capture() {
+  local rc=0
+  out=$("$@" 2>&1) || rc=$?
+  out=$(sed 's/\x1b\[[0-9;]*m//g' <<<"$out")
+  if [ "$rc" -ne 0 ]; then
+    tail -n 80 <<<"$out" >&2
+    echo "failed (exit $rc): $*" >&2
+    exit "$rc"
+  fi
+}
+# `example [CARGO-ENV...] -- ARGS...`: builds an example first (a slow build must not count
+# against the run's timeout), then runs it under `timeout`, output in $out.
+example() {
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  capture "${envs[@]}" cargo build -q "$@"
+  capture "${envs[@]}" timeout 120 cargo run -q "$@"
+}
+
 if ! command -v cargo >/dev/null; then
   echo "cargo is required (https://rustup.rs)" >&2
   exit 1
@@ -68,7 +90,7 @@ RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portabl
   2>&1 | tee -a "$log"
 
 step "demo (it must report its stalls, with victims on stable tokio, and end by itself)"
-out=$(timeout 120 cargo run -q --example demo 2>&1)
+example env -- --example demo
 tail -n 8 <<<"$out"
 # (here-strings, not `echo | grep -q`: grep -q exits at the first match, and with pipefail the
 # echo's SIGPIPE would fail the step)
@@ -79,24 +101,24 @@ for want in "stall detected" "in span render_report" "in span fetch_legacy_confi
 done
 
 step "demo with --cfg tokio_unstable: task spans and poll hooks under the global subscriber, victims"
-out=$("${unstable_env[@]}" timeout 120 cargo run -q --example demo 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+example "${unstable_env[@]}" -- --example demo
 tail -n 4 <<<"$out"
 for want in "stall detected" "cause: cpu" "waited behind it"; do
   grep -qF "$want" <<<"$out" || { echo "the unstable demo's output lacks: $want" >&2; exit 1; }
 done
 
 step "mismatch examples print the report a user would see"
-out=$(timeout 120 cargo run -q --example cpu_on_async 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+example env -- --example cpu_on_async
 tail -n 6 <<<"$out"
 for want in "in span render_report" "cause: cpu" "hint: CPU-bound poll"; do
   grep -qF "$want" <<<"$out" || { echo "cpu_on_async lacks: $want" >&2; exit 1; }
 done
-out=$(timeout 120 cargo run -q --example blocking_pool_saturated 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+example env -- --example blocking_pool_saturated
 tail -n 8 <<<"$out"
 for want in "blocking pool saturated" "waiting for a thread" "jobs waited longer than the stall threshold"; do
   grep -qF "$want" <<<"$out" || { echo "blocking_pool_saturated lacks: $want" >&2; exit 1; }
 done
-out=$(timeout 120 cargo run -q --features rayon --example fine_grained_parallel 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+example env -- --features rayon --example fine_grained_parallel
 tail -n 5 <<<"$out"
 for want in "jobs too fine" "hint: batch these" "too-fine reports: 1"; do
   grep -qF "$want" <<<"$out" || { echo "fine_grained_parallel lacks: $want" >&2; exit 1; }
@@ -127,7 +149,8 @@ cargo build -q --example demo
 timeout 300 python3 scripts/prometheus_e2e.py target/debug/examples/demo
 
 step "release demo, no debug info: stack frames still name the user's functions"
-out=$(timeout 300 cargo run -q --release --example demo 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+capture cargo build -q --release --example demo
+capture timeout 300 cargo run -q --release --example demo
 grep -qF 'stack="  0: demo::' <<<"$out" || { echo "no named user frame in a release stack" >&2; exit 1; }
 grep -F 'stack="  0: demo::' <<<"$out" | head -n 1 | sed 's/.*stack=/stack=/' || true
 

@@ -49,7 +49,7 @@ pub use probe::threads::ThreadCounter;
 pub use probe::tower;
 pub use probe::watched::{spawn, watch, WatchExt, Watched};
 pub use snapshot::{
-    Histogram, KindPolls, OtlpStats, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,
+    Histogram, KindPolls, OtlpStats, PollTime, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,
 };
 pub use stall::{
     CpuTime, LayerKind, StackStatus, Stall, StallState, TaskInfo, Victim, Victims, WorkerInfo,

@@ -13,7 +13,7 @@ use crate::diagnose::sampler::DiagCounters;
 use crate::diagnose::Cause;
 use crate::kinds::KindId;
 use crate::probe::layer::LayerShared;
-use crate::snapshot::{Histogram, KindPolls, OtlpStats, Snapshot, StallCount};
+use crate::snapshot::{Histogram, KindPolls, OtlpStats, PollTime, Snapshot, StallCount};
 use crate::stall::{LayerKind, Notice};
 
 /// What the watchdog, the reporter and the guard share.
@@ -67,6 +67,9 @@ pub(crate) struct Shared {
     pub(crate) hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
     /// Stalls detected, by kind, layer and the cause known at detection.
     pub(crate) stall_counts: Mutex<HashMap<StallKey, u64>>,
+    /// Sampled time inside polls under the threshold (the thousand-cuts sampling), in
+    /// nanoseconds, by kind, layer and what the worker did.
+    pub(crate) poll_time: Mutex<HashMap<PollTimeKey, u64>>,
     /// Schedule delays of timed polls (poll hooks with schedule latency only).
     pub(crate) sched_hist: Mutex<HashMap<(KindId, LayerKind), Histogram>>,
     /// Tasks that waited behind stalls, by the stall's layer and cause.
@@ -99,6 +102,15 @@ pub(crate) struct StallKey {
     pub(crate) kind: KindId,
     pub(crate) layer: LayerKind,
     pub(crate) cause: Cause,
+}
+
+/// What sampled time inside polls is put down to: a task kind on a layer, asleep in one
+/// system call (by number) or running (`syscall: None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PollTimeKey {
+    pub(crate) kind: KindId,
+    pub(crate) layer: LayerKind,
+    pub(crate) syscall: Option<i64>,
 }
 
 /// Exact values the exporters record into their histograms, gathered by the watchdog between
@@ -188,6 +200,7 @@ impl Shared {
             env_warnings: Mutex::new(Vec::new()),
             hist: Mutex::new(HashMap::new()),
             stall_counts: Mutex::new(HashMap::new()),
+            poll_time: Mutex::new(HashMap::new()),
             sched_hist: Mutex::new(HashMap::new()),
             victim_counts: Mutex::new(HashMap::new()),
             feed: export.then(|| Mutex::new(Feed::default())),
@@ -294,6 +307,26 @@ impl Shared {
                 })
                 .unwrap_or_default()
         };
+        let time_in_polls = if !tables {
+            Vec::new()
+        } else {
+            self.poll_time
+                .lock()
+                .map(|m| {
+                    let mut v: Vec<PollTime> = m
+                        .iter()
+                        .map(|(k, &ns)| PollTime {
+                            kind: self.board.kinds.get(k.kind).clone(),
+                            layer: k.layer,
+                            syscall: k.syscall.map(syscall_name),
+                            time: Duration::from_nanos(ns),
+                        })
+                        .collect();
+                    v.sort_by_key(|t| std::cmp::Reverse(t.time));
+                    v
+                })
+                .unwrap_or_default()
+        };
         let poll_durations = if tables {
             self.kind_polls(&self.hist)
         } else {
@@ -346,6 +379,7 @@ impl Shared {
             sample_every: self.board.sample_every(),
             poll_durations,
             stalls_by,
+            time_in_polls,
             otlp: OtlpStats {
                 spans_exported: self.export.spans_exported.load(Ordering::Relaxed),
                 spans_dropped: self.export.spans_dropped.load(Ordering::Relaxed),
@@ -363,5 +397,13 @@ impl Shared {
             blocking_slow_starts: self.blocking_slow_starts.load(Ordering::Relaxed),
             cpu_too_fine_reports: self.too_fine_reports.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A system call's name for labels and snapshots (`#<number>` where the table has none).
+pub(crate) fn syscall_name(nr: i64) -> std::borrow::Cow<'static, str> {
+    match crate::diagnose::syscalls::name(nr) {
+        Some(n) => n.into(),
+        None => format!("#{nr}").into(),
     }
 }

@@ -198,6 +198,11 @@ pub struct Snapshot {
     /// Stalls detected, by task kind, layer and the cause known when each was detected
     /// (the most frequent first).
     pub stalls_by: Vec<StallCount>,
+    /// Where the async workers' time inside polls under the threshold went, sampled (the
+    /// thousand-cuts sampling, on Linux with `diagnose` and `thousand_cuts` on): by task kind,
+    /// asleep in each system call or running (the most first). The same figures as
+    /// `loopwatch_blocked_seconds_total` and `loopwatch_running_seconds_total`.
+    pub time_in_polls: Vec<PollTime>,
     /// What the OTLP exporter sent and dropped (all zero when it is off).
     pub otlp: OtlpStats,
     /// Loop lag of each runtime given to
@@ -262,6 +267,27 @@ pub struct StallCount {
     pub cause: Cause,
     /// How many.
     pub count: u64,
+}
+
+/// Sampled time the polls of one task kind spent asleep in one system call, or running,
+/// without any of them reaching the threshold ([`Snapshot::time_in_polls`]).
+///
+/// Each time the watchdog samples a worker inside a poll (one worker every other tick, in
+/// turn), the time since that worker's last sample goes to what the worker is doing then.
+/// It is an estimate: good over seconds, noisy over one tick.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PollTime {
+    /// The task kind (name and site).
+    pub kind: TaskKind,
+    /// The layer (async: the thousand-cuts sampling reads async workers only).
+    pub layer: LayerKind,
+    /// The system call the worker slept in (`clock_nanosleep`, `read`, ...; `#<number>` for
+    /// one without a name here), or `None` for time spent running (on a CPU, or runnable and
+    /// waiting for one).
+    pub syscall: Option<std::borrow::Cow<'static, str>>,
+    /// How long, in all since start.
+    pub time: Duration,
 }
 
 impl Snapshot {

@@ -18,6 +18,8 @@ pub(crate) struct Point {
 pub(crate) enum Value {
     /// A counter's total so far.
     Counter(u64),
+    /// A counter of seconds' total so far ([`MetricDef::is_float_counter`](super::table::MetricDef::is_float_counter)).
+    Seconds(f64),
     Gauge(f64),
     /// Values (seconds) recorded since the previous frame.
     Samples(Vec<f64>),

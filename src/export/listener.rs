@@ -127,7 +127,7 @@ async fn answer(mut conn: TcpStream, handle: &PrometheusHandle) -> std::io::Resu
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let response = match head {
         Head::Get(path) if path == "/metrics" || path.starts_with("/metrics?") => {
-            let body = handle.render();
+            let body = render(handle);
             response("200 OK", "text/plain; version=0.0.4; charset=utf-8", &body)
         }
         Head::Get(_) => response("404 Not Found", "text/plain", "not found: try /metrics\n"),
@@ -184,6 +184,25 @@ fn response(status: &str, content_type: &str, body: &str) -> String {
          connection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// The Prometheus text of loopwatch's own recorder, each counter of seconds typed `counter`
+/// (recorded as gauges: see [`MetricKind::Counter`](super::table::MetricKind::Counter)).
+pub(crate) fn render(handle: &metrics_exporter_prometheus::PrometheusHandle) -> String {
+    let mut text = handle.render();
+    for m in super::table::METRICS
+        .iter()
+        .filter(|m| m.is_float_counter())
+    {
+        let gauge = format!("# TYPE {} gauge\n", m.name);
+        if let Some(at) = text.find(&gauge) {
+            text.replace_range(
+                at..at + gauge.len(),
+                &format!("# TYPE {} counter\n", m.name),
+            );
+        }
+    }
+    text
 }
 
 #[cfg(test)]

@@ -130,6 +130,24 @@ impl Collector {
             }
         }
 
+        if let Ok(times) = sh.poll_time.lock() {
+            for (key, &ns) in times.iter() {
+                let layer = SharedString::from(key.layer.as_str());
+                let (metric, labels) = match key.syscall {
+                    Some(nr) => (
+                        M::Blocked,
+                        vec![
+                            layer,
+                            kind_label(key.kind),
+                            crate::shared::syscall_name(nr).into(),
+                        ],
+                    ),
+                    None => (M::Running, vec![layer, kind_label(key.kind)]),
+                };
+                f.push(metric, labels, Value::Seconds(ns as f64 / 1e9));
+            }
+        }
+
         push_samples(&mut f, M::PollDuration, feed.polls, |(kind, layer)| {
             vec![layer.as_str().into(), kind_label(kind)]
         });

@@ -82,6 +82,10 @@ impl MetricsSink {
                 };
                 let name = m.name;
                 match m.kind {
+                    // No fractions in the facade's counters (see `MetricKind::Counter`).
+                    MetricKind::Counter if m.is_float_counter() => metrics::with_recorder(|r| {
+                        r.describe_gauge(name.into(), unit, m.help.into())
+                    }),
                     MetricKind::Counter => metrics::with_recorder(|r| {
                         r.describe_counter(name.into(), unit, m.help.into())
                     }),
@@ -105,6 +109,9 @@ impl MetricsSink {
                     .map(|(k, v)| Label::new(*k, v.clone()))
                     .collect();
                 match def.kind {
+                    MetricKind::Counter if def.is_float_counter() => {
+                        Handle::Gauge(metrics::gauge!(def.name, labels))
+                    }
                     MetricKind::Counter => Handle::Counter(metrics::counter!(def.name, labels)),
                     MetricKind::Gauge => Handle::Gauge(metrics::gauge!(def.name, labels)),
                     MetricKind::Histogram => {
@@ -114,7 +121,7 @@ impl MetricsSink {
             });
             match (handle, &p.value) {
                 (Handle::Counter(c), Value::Counter(v)) => c.absolute(*v),
-                (Handle::Gauge(g), Value::Gauge(v)) => g.set(*v),
+                (Handle::Gauge(g), Value::Gauge(v) | Value::Seconds(v)) => g.set(*v),
                 (Handle::Histogram(h), Value::Samples(vs)) => {
                     for &v in vs {
                         h.record(v);

@@ -6,7 +6,9 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum MetricKind {
-    /// Only goes up (`_total`).
+    /// Only goes up (`_total`). A counter in seconds counts fractions of a second: the
+    /// `metrics` facade's counters are whole numbers, so it is recorded there as a gauge that
+    /// only goes up (loopwatch's own `/metrics` still types it `counter`).
     Counter,
     /// A value that goes up and down.
     Gauge,
@@ -100,6 +102,10 @@ metrics! {
         "Tasks that waited behind a stall on its worker (head-of-line victims), by the stall's layer and cause.";
     VictimWait = "loopwatch_victim_wait_seconds", Histogram, Seconds, ["layer", "cause"],
         "How long each victim waited behind its stall, by the stall's layer and cause.";
+    Blocked = "loopwatch_blocked_seconds_total", Counter, Seconds, ["layer", "kind", "syscall"],
+        "Sampled time async workers slept in a system call inside polls under the stall threshold, by task kind and call (death by a thousand cuts; the runtime's own park excluded).";
+    Running = "loopwatch_running_seconds_total", Counter, Seconds, ["layer", "kind"],
+        "Sampled time async workers ran (on a CPU, or runnable) inside polls under the stall threshold, by task kind.";
     BlockingRunning = "loopwatch_blocking_jobs_running", Gauge, Count, [],
         "Jobs of loopwatch::spawn_blocking running on tokio's blocking pool.";
     BlockingQueued = "loopwatch_blocking_jobs_queued", Gauge, Count, [],
@@ -164,6 +170,13 @@ impl M {
     /// This metric's row in [`METRICS`].
     pub(crate) fn def(self) -> &'static MetricDef {
         &METRICS[self as usize]
+    }
+}
+
+impl MetricDef {
+    /// A counter of seconds: its value has fractions ([`MetricKind::Counter`]).
+    pub fn is_float_counter(&self) -> bool {
+        self.kind == MetricKind::Counter && self.unit == MetricUnit::Seconds
     }
 }
 

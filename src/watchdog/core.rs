@@ -237,6 +237,7 @@ impl<K: Kernel, S: StackPort> std::fmt::Debug for Core<K, S> {
 
 impl<K: Kernel, S: StackPort> Core<K, S> {
     pub(crate) fn new(shared: Arc<Shared>, sampler: Sampler, kernel: K, stacks: S) -> Self {
+        let cuts = Cuts::new(u64::try_from(shared.cfg.tick.as_nanos()).unwrap_or(u64::MAX));
         Core {
             shared,
             sampler,
@@ -248,7 +249,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             resolved: Vec::new(),
             waits: Vec::new(),
             pools: Pools::default(),
-            cuts: Cuts::default(),
+            cuts,
             cut_threads: Vec::new(),
             notices: Vec::new(),
             next_stall_id: 1,
@@ -660,10 +661,10 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         self.send(*record, raw);
     }
 
-    /// Death by a thousand cuts: one worker inside a poll read every other tick, in turn
+    /// Death by a thousand cuts: one worker inside a poll read every `cuts::SAMPLE_EVERY` ticks, in turn
     /// (see `cuts.rs`); each window, the kinds that kept the workers asleep in a call.
     fn sample_cuts<P: SlotPort>(&mut self, now: u64, slots: &[P]) {
-        if let Some(i) = self.cuts.pick(self.ticks, slots.len()) {
+        if let Some(i) = self.cuts.pick(self.ticks, slots.len(), now) {
             self.sample_cut(i, &slots[i], now);
         }
         let kinds = &self.shared.board.kinds;
@@ -702,11 +703,23 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             Some((t, th)) if *t == tid => th,
             other => &mut other.insert((tid, self.kernel.open(tid))).1,
         };
-        let reading = self.kernel.read(thread, now);
+        // The syscall file alone (one `pread`): the kernel shows a call's number only while
+        // the thread sleeps (a runnable thread reads `running`), and a sample needs no CPU
+        // clock. (Full readings, which open and read `stat` too, cost +1.4 % of a core at
+        // every other tick in the watchdog bench: see `cuts::SAMPLE_EVERY`.)
+        let reading = self.kernel.peek(thread).map(|activity| Reading {
+            at_ns: now,
+            cpu_ns: None,
+            activity,
+        });
         // The same poll still (else the reading may be of the next one, or of none).
         match reading {
             Some(reading) if slot.read().seq == r.seq => {
-                self.cuts.add(i, kind, layer, &reading);
+                if let Some((key, ns)) = self.cuts.add(i, kind, layer, &reading) {
+                    if let Ok(mut m) = self.shared.poll_time.lock() {
+                        *m.entry(key).or_insert(0) += ns;
+                    }
+                }
             }
             _ => self.cuts.skip(i, now),
         }

@@ -2,7 +2,8 @@
 //! `tokio::time::sleep`. No poll reaches the 10 ms threshold, yet the async workers spend
 //! nearly all their time asleep: loopwatch reports the kind and the call. The same load with
 //! `tokio::time::sleep` is reported for nothing. (Both at once, each with its own loopwatch:
-//! one 10 s window.)
+//! one 10 s window.) The sampled time is in the snapshot and in the scrape, under the kind and
+//! the call.
 #![cfg(all(target_os = "linux", not(loopwatch_portable)))]
 
 use crate::common;
@@ -11,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-fn load(blocking: bool) -> loopwatch::Snapshot {
-    let h = common::harness(loopwatch::builder().stacks(false));
+fn load(blocking: bool) -> (loopwatch::Snapshot, String) {
+    let h = common::harness(
+        loopwatch::builder()
+            .stacks(false)
+            .export_interval(Duration::from_millis(100)),
+    );
     let rt = h.runtime(2);
     let _sub = h.enter();
     let until = Instant::now() + Duration::from_millis(10_800);
@@ -42,17 +47,31 @@ fn load(blocking: bool) -> loopwatch::Snapshot {
             c.await.unwrap();
         }
     });
+    // Two export intervals: the scrape holds what the snapshot holds.
+    std::thread::sleep(Duration::from_millis(300));
     let snap = h.guard.snapshot();
+    let addr = h.guard.prometheus_addr().expect("listener runs");
+    let (status, scrape) = common::http_get(addr, "/metrics").expect("scrape answers");
+    assert_eq!(status, 200);
     drop(rt);
-    snap
+    (snap, scrape)
+}
+
+/// The sampled seconds the seed handlers spent asleep in `clock_nanosleep`, from the snapshot.
+fn asleep_in_nanosleep(snap: &loopwatch::Snapshot) -> f64 {
+    snap.time_in_polls
+        .iter()
+        .filter(|t| t.kind.label() == "seed" && t.syscall.as_deref() == Some("clock_nanosleep"))
+        .map(|t| t.time.as_secs_f64())
+        .sum()
 }
 
 #[test]
 fn many_short_blocking_polls_are_reported_and_their_async_twin_is_not() {
     let _serial = common::serial();
     let twin = std::thread::spawn(|| load(false));
-    let blocking = load(true);
-    let twin = twin.join().unwrap();
+    let (blocking, scrape) = load(true);
+    let (twin, twin_scrape) = twin.join().unwrap();
     assert!(
         blocking.thousand_cuts_reports >= 1,
         "no thousand-cuts report: {blocking:#?}"
@@ -62,4 +81,26 @@ fn many_short_blocking_polls_are_reported_and_their_async_twin_is_not() {
         "tokio::time::sleep blocks nothing: {twin:#?}"
     );
     assert_eq!(twin.stalls_total, 0);
+
+    // Two workers asleep nearly all of 10.8 s: at least half of one worker's time, sampled.
+    let asleep = asleep_in_nanosleep(&blocking);
+    assert!(asleep >= 5.0, "{asleep} s: {:#?}", blocking.time_in_polls);
+    assert_eq!(asleep_in_nanosleep(&twin), 0.0, "{:#?}", twin.time_in_polls);
+    // The scrape: a counter of seconds, by kind and call, as in the snapshot.
+    assert!(
+        scrape.contains("# TYPE loopwatch_blocked_seconds_total counter"),
+        "{scrape}"
+    );
+    let series =
+        r#"loopwatch_blocked_seconds_total{layer="async",kind="seed",syscall="clock_nanosleep"}"#;
+    let scraped =
+        common::sample(&scrape, series).unwrap_or_else(|| panic!("no {series}:\n{scrape}"));
+    assert!(
+        scraped >= 5.0 && scraped <= asleep + 1e-9,
+        "{scraped} s scraped, {asleep} s in the snapshot"
+    );
+    assert!(
+        common::sample(&twin_scrape, series).is_none(),
+        "{twin_scrape}"
+    );
 }

@@ -153,6 +153,67 @@ fn http_protobuf_receives_stall_spans_and_metrics() {
     stall_is_exported(Transport::Http, loopwatch::OtlpProtocol::HttpProtobuf);
 }
 
+/// Short polls asleep in `clock_nanosleep` (none a stall): their sampled time arrives as a
+/// monotonic sum of doubles in seconds, by kind and call.
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+#[test]
+fn sampled_time_in_short_polls_is_a_sum_of_seconds() {
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value;
+    let _serial = common::serial();
+    let rx = Receiver::start(Transport::Grpc);
+    let h = common::harness(
+        loopwatch::builder()
+            .threshold(THRESHOLD)
+            .stacks(false)
+            .metrics(loopwatch::MetricsExport::Off)
+            .export_interval(Duration::from_millis(200))
+            .otlp_endpoint(rx.endpoint()),
+    );
+    let rt = h.runtime(1);
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        for _ in 0..200 {
+            h.guard
+                .watch("napper", async {
+                    std::thread::sleep(Duration::from_millis(5));
+                })
+                .await;
+        }
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let asleep = |m: &opentelemetry_proto::tonic::metrics::v1::Metric| -> Option<(f64, bool)> {
+        let Some(Data::Sum(sum)) = &m.data else {
+            return None;
+        };
+        let p = sum.data_points.iter().find(|p| {
+            attr(&p.attributes, "kind").as_deref() == Some("napper")
+                && attr(&p.attributes, "syscall").as_deref() == Some("clock_nanosleep")
+        })?;
+        match p.value {
+            Some(Value::AsDouble(v)) => Some((v, sum.is_monotonic)),
+            _ => panic!("not a double: {p:?}"),
+        }
+    };
+    let total = h.guard.snapshot().time_in_polls;
+    rx.wait("the blocked seconds", Duration::from_secs(15), |r| {
+        r.metrics
+            .iter()
+            .any(|(_, m)| m.name == "loopwatch_blocked_seconds_total" && asleep(m).is_some())
+    });
+    rx.with(|r| {
+        let (_, m) = r
+            .metrics
+            .iter()
+            .rev()
+            .find(|(_, m)| m.name == "loopwatch_blocked_seconds_total")
+            .unwrap();
+        assert_eq!(m.unit, "s");
+        let (v, monotonic) = asleep(m).expect("a point for the napper");
+        assert!(monotonic);
+        assert!(v > 0.0 && v <= elapsed, "{v} s of {elapsed} s: {total:#?}");
+    });
+}
+
 #[test]
 fn a_bad_endpoint_is_a_named_error() {
     let _serial = common::serial();

@@ -43,6 +43,8 @@ impl MetricReader for SharedReader {
 
 enum Instrument {
     Counter(Counter<u64>),
+    /// A counter of seconds.
+    Seconds(Counter<f64>),
     Gauge(Gauge<f64>),
     Histogram(Histogram<f64>),
 }
@@ -55,6 +57,8 @@ pub(crate) struct OtlpMetrics {
     instruments: HashMap<M, Instrument>,
     /// Counter totals already added (frames carry totals; OTel counters take increments).
     totals: HashMap<(M, Vec<SharedString>), u64>,
+    /// The same for counters of seconds.
+    seconds: HashMap<(M, Vec<SharedString>), f64>,
 }
 
 impl OtlpMetrics {
@@ -75,6 +79,7 @@ impl OtlpMetrics {
             meter,
             instruments: HashMap::new(),
             totals: HashMap::new(),
+            seconds: HashMap::new(),
         }
     }
 
@@ -87,6 +92,13 @@ impl OtlpMetrics {
             let inst = self.instruments.entry(p.metric).or_insert_with(|| {
                 let unit = def.unit.ucum();
                 match def.kind {
+                    MetricKind::Counter if def.is_float_counter() => Instrument::Seconds(
+                        meter
+                            .f64_counter(def.name)
+                            .with_unit(unit)
+                            .with_description(def.help)
+                            .build(),
+                    ),
                     MetricKind::Counter => Instrument::Counter(
                         meter
                             .u64_counter(def.name)
@@ -124,6 +136,17 @@ impl OtlpMetrics {
                     let delta = total.saturating_sub(*seen);
                     *seen = (*seen).max(*total);
                     if delta > 0 || *total == 0 {
+                        c.add(delta, &attrs);
+                    }
+                }
+                (Instrument::Seconds(c), Value::Seconds(total)) => {
+                    let seen = self
+                        .seconds
+                        .entry((p.metric, p.labels.clone()))
+                        .or_insert(0.0);
+                    let delta = (total - *seen).max(0.0);
+                    *seen = seen.max(*total);
+                    if delta > 0.0 || *total == 0.0 {
                         c.add(delta, &attrs);
                     }
                 }
