@@ -761,7 +761,8 @@ fn watchdog_cost() {
     drop(rt);
     drop(guard);
     probe_free_cost(workers);
-    cuts_cost(workers);
+    cuts_cost(workers, true);
+    cuts_cost(workers, false);
 }
 
 /// A loopwatch at defaults with metrics export off (so a measure is the watchdog's alone), and
@@ -857,27 +858,46 @@ fn probe_free_cost(workers: usize) {
 /// the time (1 ms asleep in `std::thread::sleep` per poll, under the threshold: the seeds'
 /// shape, with no CPU for the workers to take from the watchdog), the watchdog thread's own
 /// CPU time with the sampling on (the default) and off, alternately, three times each (the
-/// median of each is compared: one 3 s reading varies by ±0.2 % of a core here).
-fn cuts_cost(workers: usize) {
+/// median of each is compared: one 3 s reading varies by ±0.2 % of a core here). `watched`:
+/// the polls are `loopwatch::watch`ed; else plain tasks on a monitored runtime (the
+/// probe-free path, whose samples also read the worker's stack).
+fn cuts_cost(workers: usize, watched: bool) {
+    let how = if watched {
+        "watched"
+    } else {
+        "unwatched, probe-free path"
+    };
     let mut pct: [Vec<f64>; 2] = Default::default();
     for _round in 0..3 {
         for (i, on) in [false, true].into_iter().enumerate() {
             let (guard, rt) = watchdog_setup_with(workers, loopwatch::builder().thousand_cuts(on));
+            if !watched {
+                guard.monitor_runtime(rt.handle(), "bench");
+            }
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let tasks: Vec<_> = (0..workers)
                 .map(|_| {
                     let s = stop.clone();
                     rt.spawn(async move {
                         while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                            loopwatch::watch("cut", async {
+                            let cut = async {
                                 std::thread::sleep(Duration::from_millis(1));
-                            })
-                            .await;
+                            };
+                            if watched {
+                                loopwatch::watch("cut", cut).await;
+                            } else {
+                                cut.await;
+                            }
                             tokio::task::yield_now().await;
                         }
                     })
                 })
                 .collect();
+            // The probe-free path learns the workers first (a learner each a second).
+            let deadline = Instant::now() + Duration::from_secs(if watched { 0 } else { 10 });
+            while guard.snapshot().probe_free_workers < workers && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             std::thread::sleep(Duration::from_millis(300));
             let (c0, t0) = (thread_cpu("loopwatch-watchdog"), Instant::now());
             std::thread::sleep(Duration::from_secs(3));
@@ -901,9 +921,10 @@ fn cuts_cost(workers: usize) {
                 .filter(|t| t.syscall.is_some())
                 .fold(0.0, |a, t| a + t.time.as_secs_f64());
             println!(
-                "watchdog thread, {workers} workers in 1 ms blocking polls, thousand-cuts sampling {}: {p:.2}% of one core ({asleep:.1} s asleep sampled, {} stalls)",
+                "watchdog thread, {workers} workers in 1 ms blocking polls ({how}), thousand-cuts sampling {}: {p:.2}% of one core ({asleep:.1} s asleep sampled, {} stalls, {} workers learnt)",
                 if on { "on" } else { "off" },
-                snap.stalls_total
+                snap.stalls_total,
+                snap.probe_free_workers
             );
         }
     }
@@ -913,7 +934,7 @@ fn cuts_cost(workers: usize) {
     };
     let (off, on) = (median(&mut pct[0]), median(&mut pct[1]));
     println!(
-        "thousand-cuts sampling, medians of 3: off {off:.2}%, on {on:.2}%: +{:.2}% of one core for {workers} workers",
+        "thousand-cuts sampling ({how}), medians of 3: off {off:.2}%, on {on:.2}%: +{:.2}% of one core for {workers} workers",
         on - off
     );
 }

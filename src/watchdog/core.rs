@@ -199,6 +199,8 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     waits: Vec<Record>,
     pools: Pools,
     cuts: Cuts,
+    /// The same for the probe-free path's followed threads (by their index in `bare`).
+    bare_cuts: Cuts,
     /// What the thousand-cuts sampling keeps open for each slot's thread.
     cut_threads: Vec<Option<(u64, K::Thread)>>,
     notices: Vec<Notice>,
@@ -237,7 +239,11 @@ impl<K: Kernel, S: StackPort> std::fmt::Debug for Core<K, S> {
 
 impl<K: Kernel, S: StackPort> Core<K, S> {
     pub(crate) fn new(shared: Arc<Shared>, sampler: Sampler, kernel: K, stacks: S) -> Self {
-        let cuts = Cuts::new(u64::try_from(shared.cfg.tick.as_nanos()).unwrap_or(u64::MAX));
+        let tick_ns = u64::try_from(shared.cfg.tick.as_nanos()).unwrap_or(u64::MAX);
+        let (cuts, bare_cuts) = (
+            Cuts::new(tick_ns, 0x9e37_79b9),
+            Cuts::new(tick_ns, 0x85eb_ca6b),
+        );
         Core {
             shared,
             sampler,
@@ -250,6 +256,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             waits: Vec::new(),
             pools: Pools::default(),
             cuts,
+            bare_cuts,
             cut_threads: Vec::new(),
             notices: Vec::new(),
             next_stall_id: 1,
@@ -438,6 +445,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 t.last = Some(seen_idle);
                 t.asleep = None;
             }
+            self.bare_cuts.skip_all(now);
             return;
         }
         let threshold = shared.board.threshold_ns(LayerKind::Async);
@@ -513,14 +521,64 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         }
         self.bare = bare;
         self.bare_probed = probed_tids;
+        if shared.cfg.thousand_cuts {
+            self.sample_bare_cut(now, roles);
+        }
         for tid in gone {
             reg.forget(tid);
+        }
+    }
+
+    /// Death by a thousand cuts on the probe-free path: one followed worker in turn, one tick
+    /// in each `cuts::SAMPLE_EVERY`. Time it spends
+    /// asleep in a call that counts, inside a task's poll (its stack, read without a signal,
+    /// says so), goes to the kind `(no probe)` and the call; time running cannot be told from
+    /// the worker's own loop with no probe, and counts for nobody.
+    fn sample_bare_cut(&mut self, now: u64, roles: &crate::diagnose::roles::Roles) {
+        let Some(i) = self.bare_cuts.pick(self.ticks, self.bare.len(), now) else {
+            return;
+        };
+        let t = &mut self.bare[i];
+        let judged = matches!(&t.asleep, Some(a) if !matches!(a.verdict, Verdict::Undecided));
+        // Inside a probe's poll (the probes' sample has it), a stall (reported on its own) or
+        // a call already turned down: nobody's.
+        if !t.learnt || judged || self.bare_probed.contains(&t.tid) {
+            self.bare_cuts.skip(i, now);
+            return;
+        }
+        let nr = self
+            .kernel
+            .peek(&mut t.thread)
+            .and_then(|a| super::bare::counts(a, t.unparked()));
+        let Some(nr) = nr else {
+            self.bare_cuts.skip(i, now);
+            return;
+        };
+        let tid = t.tid;
+        let role = decide(roles, self.stacks.unwind_asleep(tid).as_deref());
+        let futex = crate::diagnose::syscalls::name(nr) == Some("futex");
+        if !(role == Role::TaskPoll || (role == Role::WorkerPoll && !futex)) {
+            self.bare_cuts.skip(i, now);
+            return;
+        }
+        let kind = self.bare_kind();
+        let reading = Reading {
+            at_ns: now,
+            cpu_ns: None,
+            activity: Activity::Syscall(nr),
+        };
+        if let Some((key, ns)) = self.bare_cuts.add(i, kind, LayerKind::Async, &reading) {
+            if let Ok(mut m) = self.shared.poll_time.lock() {
+                *m.entry(key).or_insert(0) += ns;
+            }
         }
     }
 
     /// Copies the registry's learnt threads, keeping those already followed; whether a
     /// thread was learnt that was not before.
     fn bare_refresh(&mut self) -> bool {
+        // The list is rebuilt: the thousand-cuts sampling's indexes into it start afresh.
+        self.bare_cuts.forget_all();
         let mut new_learnt = false;
         let mut threads = Vec::new();
         self.shared.bare.threads(&mut threads);
@@ -671,6 +729,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let label = |k: KindId| -> Arc<str> { kinds.get(k).label().into() };
         let before = self.notices.len();
         self.cuts.judge(now, label, &mut self.notices);
+        self.bare_cuts.judge(now, label, &mut self.notices);
         let said = (self.notices.len() - before) as u64;
         self.shared.cut_reports.fetch_add(said, Ordering::Relaxed);
     }

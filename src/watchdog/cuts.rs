@@ -49,6 +49,12 @@ pub(crate) struct Cuts {
     /// Picks further apart than this reset every slot (see [`MAX_GAP_PERIODS`]).
     max_gap_ns: u64,
     last_pick_ns: Option<u64>,
+    /// The sampling period the current phase is for, the tick in it that samples, and the
+    /// generator that draws it (xorshift: a fixed tick in each period would alias with work
+    /// that repeats at a divisor of the period, and see it always asleep or never).
+    period: Option<u64>,
+    phase: u64,
+    rng: u64,
     /// The slot sampled next (round robin).
     next: usize,
     /// When each slot was last sampled (or seen out of a poll); `None`: not since a gap.
@@ -58,11 +64,14 @@ pub(crate) struct Cuts {
 }
 
 impl Cuts {
-    /// An accumulator for a watchdog that ticks every `tick_ns`.
-    pub(crate) fn new(tick_ns: u64) -> Cuts {
+    /// An accumulator for a watchdog that ticks every `tick_ns`; `seed` draws its phases.
+    pub(crate) fn new(tick_ns: u64, seed: u64) -> Cuts {
         Cuts {
             max_gap_ns: tick_ns.max(1) * SAMPLE_EVERY * MAX_GAP_PERIODS,
             last_pick_ns: None,
+            period: None,
+            phase: 0,
+            rng: seed | 1,
             next: 0,
             last_ns: Vec::new(),
             window_start_ns: None,
@@ -70,10 +79,18 @@ impl Cuts {
         }
     }
 
-    /// Which slot to sample at this tick (of `slots`) at `now`, if any: every
-    /// [`SAMPLE_EVERY`] ticks, in turn.
+    /// Which slot to sample at this tick (of `slots`) at `now`, if any: one tick in each
+    /// period of [`SAMPLE_EVERY`], drawn at random, and the slots in turn.
     pub(crate) fn pick(&mut self, tick: u64, slots: usize, now: u64) -> Option<usize> {
-        if slots == 0 || tick % SAMPLE_EVERY != 0 {
+        let period = tick / SAMPLE_EVERY;
+        if self.period != Some(period) {
+            self.period = Some(period);
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.phase = self.rng % SAMPLE_EVERY;
+        }
+        if slots == 0 || tick % SAMPLE_EVERY != self.phase {
             return None;
         }
         if self.last_ns.len() < slots {
@@ -83,7 +100,7 @@ impl Cuts {
             .last_pick_ns
             .is_some_and(|t| now.saturating_sub(t) > self.max_gap_ns)
         {
-            self.last_ns.iter_mut().for_each(|t| *t = None);
+            self.forget_all();
         }
         self.last_pick_ns = Some(now);
         let i = self.next % slots;
@@ -97,6 +114,16 @@ impl Cuts {
         if let Some(t) = self.last_ns.get_mut(i) {
             *t = Some(now);
         }
+    }
+
+    /// Every slot was seen at `now` doing nothing worth counting (every worker parked).
+    pub(crate) fn skip_all(&mut self, now: u64) {
+        self.last_ns.iter_mut().for_each(|t| *t = Some(now));
+    }
+
+    /// The slots were renumbered: each counts again from its next look.
+    pub(crate) fn forget_all(&mut self) {
+        self.last_ns.iter_mut().for_each(|t| *t = None);
     }
 
     /// Slot `i`, inside a poll of `kind` on `layer`, read as `reading`: the time since it was
@@ -197,10 +224,21 @@ mod tests {
     }
 
     const MS: u64 = 1_000_000;
+    /// The scripted watchdog's tick: picks come every 5 ms on average.
+    const TICK: u64 = 5 * MS / SAMPLE_EVERY;
 
-    /// An accumulator whose picks come every 5 ms (a 1.25 ms tick).
     fn cuts() -> Cuts {
-        Cuts::new(5 * MS / SAMPLE_EVERY)
+        Cuts::new(TICK, 0x5eed)
+    }
+
+    /// Ticks on from `tick` (each [`TICK`] long) to the next pick: its slot and time.
+    fn next(c: &mut Cuts, tick: &mut u64, slots: usize) -> (usize, u64) {
+        loop {
+            *tick += 1;
+            if let Some(i) = c.pick(*tick, slots, *tick * TICK) {
+                return (i, *tick * TICK);
+            }
+        }
     }
 
     fn nanosleep() -> i64 {
@@ -213,18 +251,21 @@ mod tests {
     fn a_kind_that_keeps_a_worker_asleep_is_reported_once_a_window() {
         let mut c = cuts();
         let mut out = Vec::new();
-        let ms = 1_000_000;
-        // One worker, sampled every 5 ms for 10 s: asleep in clock_nanosleep 3 samples in 4.
+        let mut tick = 0;
+        // One worker, sampled every 5 ms or so for 10 s: asleep in clock_nanosleep 3 samples
+        // in 4.
         for k in 0..2_001u64 {
-            let i = c.pick(SAMPLE_EVERY * k, 1, k * 5 * ms).unwrap();
+            let (i, at) = next(&mut c, &mut tick, 1);
             let activity = if k % 4 == 3 {
                 Activity::Running
             } else {
                 Activity::Syscall(nanosleep())
             };
-            c.add(i, 7, LayerKind::Async, &reading(k * 5 * ms, activity));
+            c.add(i, 7, LayerKind::Async, &reading(at, activity));
         }
-        c.judge(10_000 * ms, |_| "seed".into(), &mut out);
+        let end = tick * TICK;
+        assert!(end >= WINDOW_NS, "{end}");
+        c.judge(end, |_| "seed".into(), &mut out);
         assert_eq!(out.len(), 1, "{out:?}");
         let Notice::ThousandCuts {
             kind,
@@ -241,9 +282,9 @@ mod tests {
             ("seed", "clock_nanosleep")
         );
         let share = asleep.as_secs_f64() / window.as_secs_f64();
-        assert!((share - 0.75).abs() < 0.01, "{share}");
+        assert!((share - 0.75).abs() < 0.03, "{share}");
         // A new window: nothing until it is full again.
-        c.judge(10_001 * ms, |_| "seed".into(), &mut out);
+        c.judge(end + MS, |_| "seed".into(), &mut out);
         assert_eq!(out.len(), 1);
     }
 
@@ -251,37 +292,44 @@ mod tests {
     fn polls_that_mostly_run_or_park_are_not_reported() {
         let mut c = cuts();
         let mut out = Vec::new();
-        let ms = 1_000_000;
+        let mut tick = 0;
         let park = (0..512).find(|&n| syscalls::is_runtime_park(n)).unwrap();
         for k in 0..2_001u64 {
-            let i = c.pick(SAMPLE_EVERY * k, 1, k * 5 * ms).unwrap();
+            let (i, at) = next(&mut c, &mut tick, 1);
             let activity = match k % 20 {
                 0 => Activity::Syscall(nanosleep()), // 5 %: under the bar
                 1..=9 => Activity::Syscall(park),    // the driver: never the poll's
                 _ => Activity::Running,
             };
-            c.add(i, 7, LayerKind::Async, &reading(k * 5 * ms, activity));
+            c.add(i, 7, LayerKind::Async, &reading(at, activity));
         }
-        c.judge(10_000 * ms, |_| "k".into(), &mut out);
+        c.judge(tick * TICK, |_| "k".into(), &mut out);
         assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
     fn each_sample_is_returned_for_the_running_totals_but_the_park() {
         let mut c = cuts();
-        let ms = 1_000_000;
+        let mut tick = 0;
         let park = (0..512).find(|&n| syscalls::is_runtime_park(n)).unwrap();
         let mut totals: HashMap<PollTimeKey, u64> = HashMap::new();
-        // Two slots, each sampled every 10 ms for 1 s: slot 0 asleep in clock_nanosleep,
-        // slot 1 running 9 samples in 10, parked the 10th.
+        // Two slots for about 1 s: slot 0 asleep in clock_nanosleep, slot 1 running 9 samples
+        // in 10, parked the 10th. What each sample should stand for: the time since its
+        // slot's previous sample (nothing for the first).
+        let (mut last, mut want_asleep, mut want_running) = ([None::<u64>; 2], 0, 0);
         for k in 0..200u64 {
-            let at = (k + 1) * 5 * ms;
-            let i = c.pick(SAMPLE_EVERY * k, 2, at).unwrap();
+            let (i, at) = next(&mut c, &mut tick, 2);
             let activity = match (i, k % 20) {
                 (0, _) => Activity::Syscall(nanosleep()),
                 (_, 1) => Activity::Syscall(park),
                 _ => Activity::Running,
             };
+            let since = last[i].replace(at).map_or(0, |t| at - t);
+            match activity {
+                Activity::Running => want_running += since,
+                Activity::Syscall(nr) if nr != park => want_asleep += since,
+                _ => {}
+            }
             let kind = if i == 0 { 3 } else { 4 };
             if let Some((key, ns)) = c.add(i, kind, LayerKind::Async, &reading(at, activity)) {
                 *totals.entry(key).or_default() += ns;
@@ -292,45 +340,45 @@ mod tests {
             layer: LayerKind::Async,
             syscall,
         };
-        // Each slot's first sample stands for nothing (nothing before it to measure from).
         assert_eq!(totals.len(), 2, "{totals:?}");
-        assert_eq!(totals[&key(3, Some(nanosleep()))], 99 * 10 * ms);
-        assert_eq!(totals[&key(4, None)], 90 * 10 * ms);
+        assert_eq!(totals[&key(3, Some(nanosleep()))], want_asleep);
+        assert_eq!(totals[&key(4, None)], want_running);
+        assert!(want_asleep > 900 * MS && want_running > 800 * MS);
     }
 
     #[test]
     fn time_the_watchdog_slept_through_counts_for_nobody() {
         let mut c = cuts();
+        let mut tick = 0;
         let mut asleep = 0;
-        let mut sample = |c: &mut Cuts, k: u64, at: u64| {
-            let i = c.pick(SAMPLE_EVERY * k, 1, at).unwrap();
-            if let Some((_, ns)) = c.add(
-                i,
-                7,
-                LayerKind::Async,
-                &reading(at, Activity::Syscall(nanosleep())),
-            ) {
-                asleep += ns;
+        let mut spans = Vec::new();
+        // Sampled for about 100 ms, then no tick for a second (the idle back-off), then for
+        // about 100 ms again.
+        for run in 0..2 {
+            if run == 1 {
+                tick += 1_000 * MS / TICK;
             }
-        };
-        // Sampled every 5 ms for 100 ms, then no pick for a second (the idle back-off), then
-        // every 5 ms again for 100 ms.
-        for k in 0..=20 {
-            sample(&mut c, k, k * 5 * MS);
+            let mut first = None;
+            let mut at = 0;
+            for _ in 0..20 {
+                let (i, t) = next(&mut c, &mut tick, 1);
+                at = t;
+                first.get_or_insert(t);
+                let r = reading(t, Activity::Syscall(nanosleep()));
+                asleep += c.add(i, 7, LayerKind::Async, &r).map_or(0, |(_, ns)| ns);
+            }
+            spans.push(at - first.unwrap());
         }
-        for k in 21..=41 {
-            sample(&mut c, k, 1_000 * MS + k * 5 * MS);
-        }
-        // 20 + 20 intervals of 5 ms; the second (and a bit) in between is no one's.
-        assert_eq!(asleep, 40 * 5 * MS);
+        // The two runs' spans; the second (and a bit) in between is no one's.
+        assert_eq!(asleep, spans[0] + spans[1]);
     }
 
     #[test]
     fn many_workers_sampled_in_turn_count_all_their_time() {
-        // 16 workers asleep in polls for 2 s, a 2.5 ms tick: each is looked at every 320 ms,
-        // and each look stands for all of that (a cap on it once lost 40 % of the time).
+        // 16 workers asleep in polls for 2 s, a 2.5 ms tick: each is looked at every 320 ms
+        // or so, and each look stands for all of that (a cap on it once lost 40 % of the time).
         let tick = 2_500_000;
-        let mut c = Cuts::new(tick);
+        let mut c = Cuts::new(tick, 7);
         let (mut asleep, mut first, mut last) = (0, [None; 16], [0; 16]);
         for t in 1..=800u64 {
             let Some(i) = c.pick(t, 16, t * tick) else {
@@ -343,19 +391,34 @@ mod tests {
         }
         let seen: u64 = (0..16).map(|i| last[i] - first[i].unwrap()).sum();
         assert_eq!(asleep, seen);
-        assert!(seen > 16 * 1_500 * MS, "{seen}");
+        assert!(seen > 16 * 1_400 * MS, "{seen}");
     }
 
     #[test]
-    fn one_slot_in_turn_is_sampled_every_eighth_tick() {
+    fn one_tick_in_each_period_at_random_samples_the_slots_in_turn() {
         let mut c = cuts();
-        let picks: Vec<_> = (1..=32).map(|t| c.pick(t, 3, t * MS)).collect();
-        let mut want = vec![None; 32];
-        want[7] = Some(0);
-        want[15] = Some(1);
-        want[23] = Some(2);
-        want[31] = Some(0);
-        assert_eq!(picks, want);
-        assert_eq!(c.pick(20, 0, 20 * MS), None);
+        let mut phases = Vec::new();
+        let mut turn = Vec::new();
+        for period in 0..64u64 {
+            let picks: Vec<_> = (0..SAMPLE_EVERY)
+                .filter_map(|k| {
+                    let t = period * SAMPLE_EVERY + k;
+                    c.pick(t, 3, t * TICK).map(|i| (k, i))
+                })
+                .collect();
+            assert_eq!(picks.len(), 1, "period {period}: {picks:?}");
+            phases.push(picks[0].0);
+            turn.push(picks[0].1);
+        }
+        assert!(
+            turn.iter().enumerate().all(|(n, &i)| i == n % 3),
+            "{turn:?}"
+        );
+        // Every tick of the period gets its turn, none always.
+        for k in 0..SAMPLE_EVERY {
+            let n = phases.iter().filter(|&&p| p == k).count();
+            assert!((1..=20).contains(&n), "phase {k}: {n} of 64: {phases:?}");
+        }
+        assert_eq!(c.pick(20, 0, 20 * TICK), None);
     }
 }

@@ -1652,7 +1652,12 @@ const WORKER: u64 = 777;
 /// with the role ranges of a scheduler whose `run_task` is at 1000..1100 and whose
 /// `block_in_place` is at 2000..2050.
 fn bare_rig() -> Rig {
-    let rig = rig(config(|_| {}));
+    bare_rig_with(|_| {})
+}
+
+/// [`bare_rig`] with a config of its own.
+fn bare_rig_with(f: impl FnOnce(&mut Config)) -> Rig {
+    let rig = rig(config(f));
     rig.shared.bare.learnt("rt", WORKER, 0);
     rig.shared
         .bare
@@ -1949,4 +1954,74 @@ fn in_the_workers_loop_alone_futex_is_its_park_and_other_calls_still_count() {
         }
         assert_eq!(rig.stalls().len(), stalls, "{call}");
     }
+}
+
+/// A learnt worker, no probe: 5 ms asleep in `call` inside a task's poll (its stack: `stack`),
+/// then 1 ms parked in the driver, for 10.5 s of 1 ms ticks, thousand-cuts sampling on. The
+/// notices, and the sampled time put down to `(no probe)` and the call.
+fn bare_cuts_run(call: &str, stack: Vec<usize>) -> (Vec<Notice>, Duration, Vec<Stall>) {
+    let mut rig = bare_rig_with(|c| c.thousand_cuts = true);
+    rig.core.stacks_mut().asleep_stack = Some(stack);
+    let none: [FakeSlot; 0] = [];
+    for t in 1..=10_500u64 {
+        let a = match t % 6 {
+            0 => Activity::Syscall(nr_of("epoll_wait")),
+            _ => Activity::Syscall(nr_of(call)),
+        };
+        rig.script(WORKER, a, 0.0);
+        rig.tick(t * MS, &none);
+    }
+    let notices = rig
+        .core
+        .out
+        .iter()
+        .filter_map(|r| match r {
+            Report::Notice(n @ Notice::ThousandCuts { .. }) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    let asleep = rig
+        .shared
+        .snapshot()
+        .time_in_polls
+        .iter()
+        .filter(|t| t.kind.label() == "(no probe)" && t.syscall.as_deref() == Some(call))
+        .map(|t| t.time)
+        .sum();
+    (notices, asleep, rig.stalls())
+}
+
+#[test]
+fn short_blocking_polls_with_no_probe_are_a_thousand_cuts() {
+    // Inside `run_task`: 5 ms in 6 asleep in clock_nanosleep, none a stall.
+    let (notices, asleep, stalls) = bare_cuts_run("clock_nanosleep", vec![50, 1050, 9000]);
+    assert!(stalls.is_empty(), "{stalls:#?}");
+    assert_eq!(notices.len(), 1, "{notices:#?}");
+    let Notice::ThousandCuts { kind, syscall, .. } = &notices[0] else {
+        unreachable!()
+    };
+    assert_eq!(
+        (kind.as_ref(), syscall.as_ref()),
+        ("(no probe)", "clock_nanosleep")
+    );
+    // 5/6 of 10.5 s is 8.75 s; sampled every 8 ms in turn.
+    let s = asleep.as_secs_f64();
+    assert!((7.5..=10.0).contains(&s), "{s} s");
+}
+
+#[test]
+fn with_no_probe_only_a_tasks_poll_is_a_thousand_cut() {
+    // `block_in_place` inside the poll (the core went to another thread), or no scheduler
+    // frame at all (a blocking-pool job): meant to block.
+    for stack in [vec![50, 2010, 1050], vec![50, 60, 70]] {
+        let (notices, asleep, _) = bare_cuts_run("clock_nanosleep", stack.clone());
+        assert!(notices.is_empty(), "{stack:?}: {notices:#?}");
+        assert_eq!(asleep, Duration::ZERO, "{stack:?}");
+    }
+    // In the worker's loop with no `run_task` frame: futex may be its park (no hooks here).
+    let (notices, asleep, _) = bare_cuts_run("futex", vec![50, 3050]);
+    assert!(
+        notices.is_empty() && asleep == Duration::ZERO,
+        "{notices:#?}"
+    );
 }

@@ -246,3 +246,66 @@ fn on_a_current_thread_runtime_the_thread_in_block_on_is_the_worker() {
     stop_tx.send(()).unwrap();
     server.join().unwrap();
 }
+
+/// The seeds' shape with no code change: an uninstrumented axum handler that waits 5 ms with
+/// `std::thread::sleep`, under load from 8 clients, none of its polls a stall. With only
+/// `monitor_runtime`, the followed workers' time asleep in the call inside a task's poll is
+/// sampled and, over a 10 s window, reported as a thousand cuts under `(no probe)`.
+#[test]
+fn many_short_blocking_handlers_with_no_probe_are_a_thousand_cuts() {
+    let _serial = common::serial();
+    let h = common::harness(loopwatch::builder().stacks(false));
+    let rt = server_runtime();
+    h.guard.monitor_runtime(rt.handle(), "server");
+    let app = Router::new()
+        .route(
+            "/seed",
+            get(|| async {
+                std::thread::sleep(Duration::from_millis(5));
+                "seed"
+            }),
+        )
+        .route("/fast", get(|| async { "fast" }));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.guard.snapshot().probe_free_workers < 2 && Instant::now() < deadline {
+        assert_eq!(common::http_get(addr, "/fast").unwrap().0, 200);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(h.guard.snapshot().probe_free_workers, 2);
+
+    let until = Instant::now() + Duration::from_millis(10_800);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                while Instant::now() < until {
+                    assert_eq!(common::http_get(addr, "/seed").unwrap().0, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let snap = h.guard.snapshot();
+    let asleep: f64 = snap
+        .time_in_polls
+        .iter()
+        .filter(|t| {
+            t.kind.label() == "(no probe)"
+                && matches!(t.syscall.as_deref(), Some("clock_nanosleep" | "nanosleep"))
+        })
+        .fold(0.0, |a, t| a + t.time.as_secs_f64());
+    // Two workers asleep most of 10.8 s: at least half of one worker's time, sampled.
+    assert!(asleep >= 5.0, "{asleep} s: {:#?}", snap.time_in_polls);
+    assert!(
+        snap.thousand_cuts_reports >= 1,
+        "no thousand-cuts report: {snap:#?}"
+    );
+    assert_eq!(snap.polls, 0, "no probe in the application's tasks");
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
