@@ -6,4 +6,5 @@
 mod common;
 
 mod probe_free;
+mod tonic_server;
 mod tower_layer;
