@@ -26,6 +26,8 @@ pub(crate) struct BareRegistry {
     /// Workers' park state, where the runtime's `on_thread_park` / `on_thread_unpark` run
     /// loopwatch's hooks (`Guard::count_threads`): by thread, parked or not.
     park_states: Mutex<Vec<(u64, Arc<AtomicBool>)>>,
+    /// Some thread ran the park hooks.
+    hooks: AtomicBool,
 }
 
 /// A worker's park state as its hooks said last.
@@ -138,6 +140,7 @@ impl BareRegistry {
                 return;
             };
             let flag = Arc::new(AtomicBool::new(parked));
+            self.hooks.store(true, Ordering::Release);
             if let Ok(mut states) = self.park_states.lock() {
                 states.retain(|(t, _)| *t != tid);
                 if states.len() < 4 * MAX_LEARNT {
@@ -148,6 +151,11 @@ impl BareRegistry {
             self.generation.fetch_add(1, Ordering::Release);
             *st = Some((me, flag));
         });
+    }
+
+    /// Whether any thread has run loopwatch's park hooks.
+    pub(crate) fn hooks_seen(&self) -> bool {
+        self.hooks.load(Ordering::Acquire)
     }
 
     /// Thread `tid`'s park state, if its hooks have run.

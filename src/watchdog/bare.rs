@@ -34,6 +34,8 @@ pub(crate) struct BareThread<T> {
     /// Its park state, where the runtime runs loopwatch's park hooks: then `futex` counts
     /// while it is not parked.
     pub(crate) park: Option<crate::workers::ParkState>,
+    /// Some thread of the process runs loopwatch's park hooks (set each tick).
+    pub(crate) hooks: bool,
     /// Candidates of its that the stack check turned down: a thread only named like a worker
     /// is no longer read after [`MAX_TURNED_DOWN`] (a helper thread the application spawned
     /// from a worker, which inherits its name), until a learner reaches it.
@@ -93,9 +95,15 @@ pub(crate) fn counts(activity: Activity, unparked: bool) -> Option<i64> {
 }
 
 impl<T> BareThread<T> {
-    /// Do its hooks say it is at work (not parked)?
+    /// Do its hooks say it is at work (not parked)? A learnt worker whose hooks have not run
+    /// yet, where the hooks run, has not parked since it started: at work since a learner ran
+    /// on it. (Once missed: a worker kept busy from its start never registered, so `futex`
+    /// never counted on it.)
     pub(crate) fn unparked(&self) -> bool {
-        self.park.as_ref().is_some_and(|p| !p.parked())
+        match &self.park {
+            Some(p) => !p.parked(),
+            None => self.hooks && self.learnt,
+        }
     }
 
     /// Folds reading `r` in; `threshold` is the async layer's.

@@ -460,7 +460,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         }));
         let mut bare = std::mem::take(&mut self.bare);
         let mut gone = Vec::new();
+        let hooks = reg.hooks_seen();
         for (i, t) in bare.iter_mut().enumerate() {
+            t.hooks = hooks;
             let probed = probed_tids.contains(&t.tid);
             if probed {
                 t.last = Some(seen_idle);
@@ -611,6 +613,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                         name: thread_name(tid),
                         learnt: learnt.is_some(),
                         park: self.shared.bare.park_state(tid),
+                        hooks: self.shared.bare.hooks_seen(),
                         turned_down: 0,
                         // A learner ran on it then: it was in no call of a poll's.
                         last: learnt.map(|at_ns| Reading {

@@ -1912,6 +1912,46 @@ fn futex_counts_only_while_the_workers_hooks_say_it_is_not_parked() {
 }
 
 #[test]
+fn a_learnt_worker_whose_hooks_never_ran_is_at_work_where_the_hooks_run() {
+    // The hooks run in this process (another worker parked once), but WORKER was kept busy
+    // from its start: it never parked, so never registered. A learner ran on it: at work.
+    let futex = nr_of("futex");
+    let none: [FakeSlot; 0] = [];
+    for learnt in [true, false] {
+        let mut rig = bare_rig();
+        let shared = rig.shared.clone();
+        std::thread::spawn(move || shared.bare.set_parked(true))
+            .join()
+            .unwrap();
+        let tid = if learnt {
+            WORKER
+        } else {
+            // Only named like a worker (followed, never reached by a learner).
+            rig.shared.bare.set_named(vec![WORKER + 1]);
+            WORKER + 1
+        };
+        rig.core.stacks_mut().asleep_stack = Some(vec![1050]);
+        rig.script(tid, Activity::Running, 1.0);
+        rig.tick(MS, &none);
+        rig.tick(2 * MS, &none);
+        rig.script(tid, Activity::Syscall(futex), 0.0);
+        for t in 3..=30 {
+            rig.tick(t * MS, &none);
+        }
+        let stalls: Vec<_> = rig
+            .stalls()
+            .into_iter()
+            .filter(|s| s.worker.tid == Some(tid))
+            .collect();
+        assert_eq!(
+            stalls.len(),
+            usize::from(learnt),
+            "learnt {learnt}: {stalls:#?}"
+        );
+    }
+}
+
+#[test]
 fn without_park_hooks_futex_never_counts() {
     let mut rig = bare_rig();
     rig.core.stacks_mut().asleep_stack = Some(vec![1050]);

@@ -309,3 +309,58 @@ fn many_short_blocking_handlers_with_no_probe_are_a_thousand_cuts() {
     assert_eq!(snap.polls, 0, "no probe in the application's tasks");
     rt.shutdown_timeout(Duration::from_secs(1));
 }
+
+static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits on a `std::sync::Mutex` another thread holds: asleep in `futex` on its worker.
+async fn locked() -> &'static str {
+    drop(LOCK.lock().unwrap());
+    "locked"
+}
+
+/// With the runtime's park hooks (`count_threads`), a worker asleep in `futex` while at work
+/// (a std Mutex held elsewhere) is a stall too; without them `futex` is where an idle worker
+/// parks, and never counts.
+#[test]
+fn with_the_park_hooks_a_handler_waiting_on_a_std_mutex_is_reported() {
+    let _serial = common::serial();
+    let h = common::harness(loopwatch::builder().threshold(THRESHOLD));
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(2).enable_all();
+    h.guard.count_threads(&mut b, "server");
+    let rt = b.build().unwrap();
+    h.guard.monitor_runtime(rt.handle(), "server");
+    let app = Router::new()
+        .route("/locked", get(locked))
+        .route("/fast", get(|| async { "fast" }));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = |s: &loopwatch::Snapshot| s.probe_free_workers >= 2 && s.probe_free_ready;
+    while !ready(&h.guard.snapshot()) && Instant::now() < deadline {
+        assert_eq!(get_body(addr, "/fast").0, 200);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ready(&h.guard.snapshot()), "{:?}", h.guard.snapshot());
+
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let _g = LOCK.lock().unwrap();
+        held_tx.send(()).unwrap();
+        std::thread::sleep(HOLD * 2);
+    });
+    held_rx.recv().unwrap();
+    assert_eq!(get_body(addr, "/locked"), (200, "locked".into()));
+    holder.join().unwrap();
+    let s = ended_probe_free(&h, |_| true);
+    eprintln!("{s}");
+    assert!(
+        matches!(s.cause, Cause::Syscall(sc) if sc.name == Some("futex")),
+        "{s}"
+    );
+    assert!(s.duration + s.uncertainty >= HOLD, "{s}");
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
