@@ -30,6 +30,11 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
             }
         }
     };
+    let say = |n: &Notice| {
+        if catch_unwind(AssertUnwindSafe(|| emit_notice(&shared, n))).is_err() {
+            shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     let started = Instant::now();
     let mut startup_pending = true;
     // Stalls reported running so far: a later running report of one is an update (its stack
@@ -59,8 +64,14 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
         };
         match reports.recv_timeout(wait) {
             Ok(Report::Notice(n)) => {
-                if catch_unwind(AssertUnwindSafe(|| emit_notice(&shared, &n))).is_err() {
-                    shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                // A sampled stack names the code by its top frame: held for its frames.
+                let now = catch_unwind(AssertUnwindSafe(|| stacks.hold_notice(n.clone())))
+                    .unwrap_or_else(|_| {
+                        shared.caught_panics.fetch_add(1, Ordering::Relaxed);
+                        Some(n)
+                    });
+                if let Some(n) = now {
+                    say(&n);
                 }
             }
             Ok(Report::Stall { stall, raw_stack }) => {
@@ -95,9 +106,15 @@ pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec
         for (stall, update) in stacks.ready_late() {
             deliver(&stall, update);
         }
+        for n in stacks.ready_notices(false) {
+            say(&n);
+        }
     }
     for stall in stacks.release_held() {
         deliver(&stall, false);
+    }
+    for n in stacks.ready_notices(true) {
+        say(&n);
     }
 }
 
@@ -197,8 +214,15 @@ fn notice_event(n: &Notice) {
             asleep,
             window,
             hint,
+            top_frame,
+            ..
         } => {
             let share = asleep.as_secs_f64() / window.as_secs_f64().max(1e-9) * 100.0;
+            let frame = top_frame.as_deref().unwrap_or("");
+            let in_frame = match top_frame {
+                Some(f) => format!(" (in {f})"),
+                None => String::new(),
+            };
             tracing::warn!(
                 target: "loopwatch",
                 notice = "thousand_cuts",
@@ -208,9 +232,11 @@ fn notice_event(n: &Notice) {
                 asleep_ms = asleep.as_secs_f64() * 1e3,
                 window_ms = window.as_secs_f64() * 1e3,
                 share_of_one_worker = share / 100.0,
+                stack.top_frame = frame,
                 hint,
                 "{} workers spent {share:.0} % of one worker's time over the last {window:.0?} \
-                 asleep in {syscall} inside polls of {kind}, none of them a stall; hint: {hint}",
+                 asleep in {syscall} inside polls of {kind}{in_frame}, none of them a stall; \
+                 hint: {hint}",
                 layer.as_str()
             )
         }

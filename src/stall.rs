@@ -430,6 +430,11 @@ pub(crate) enum Notice {
         asleep: Duration,
         window: Duration,
         hint: &'static str,
+        /// One sampled stack of a worker asleep in the call (the probe-free path's samples,
+        /// which read it), for the reporter to name the code by its top frame.
+        stack: Option<Arc<[usize]>>,
+        /// That frame's function, once the reporter symbolized `stack`.
+        top_frame: Option<Arc<str>>,
     },
     /// A CPU pool is fed jobs too small to be worth a dispatch.
     #[cfg_attr(not(feature = "rayon"), allow(dead_code))]

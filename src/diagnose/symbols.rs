@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Stack;
-use crate::stall::{StackStatus, Stall, StallState};
+use crate::stall::{Notice, StackStatus, Stall, StallState};
 
 /// The longest a running report waits for its stack to be symbolized; past it the report goes
 /// out without frames, and the stall is reported once more when they are ready.
@@ -106,6 +106,10 @@ impl Symbolizer {
     }
 }
 
+/// How long a notice is held for its sampled stack's frames (the first stacks of a process
+/// can take hundreds of milliseconds; a notice sums 10 s, and is worth a second's wait).
+const NOTICE_WAIT: Duration = Duration::from_secs(2);
+
 /// The longest an ended report whose frames are not ready is held back for them. The symbolizer
 /// runs at a lowered priority, so on a loaded host the first stacks of a process can take
 /// seconds; an ended report is history, and is worth more late with its frames than on time
@@ -121,6 +125,10 @@ pub(crate) struct Stacks {
     submitted: HashSet<u64>,
     late: Vec<Stall>,
     held: Vec<(Stall, Instant)>,
+    /// The id the last notice's stack was symbolized under (counting down from the top).
+    next_notice_id: u64,
+    /// Notices waiting for their stack's frames: id, notice, until when.
+    held_notices: Vec<(u64, Notice, Instant)>,
 }
 
 impl Stacks {
@@ -132,6 +140,8 @@ impl Stacks {
             submitted: HashSet::new(),
             late: Vec::new(),
             held: Vec::new(),
+            next_notice_id: u64::MAX,
+            held_notices: Vec::new(),
         }
     }
 
@@ -174,9 +184,62 @@ impl Stacks {
         Some(stall)
     }
 
-    /// Is an ended report held back for its frames?
+    /// A thousand-cuts notice with a sampled stack: held until its frames are ready (to name
+    /// the code by its top frame) for [`NOTICE_WAIT`] at most; `Some` if it goes out now
+    /// (no symbolizer, or its queue is full).
+    pub(crate) fn hold_notice(&mut self, n: Notice) -> Option<Notice> {
+        let Notice::ThousandCuts {
+            stack: Some(raw), ..
+        } = &n
+        else {
+            return Some(n);
+        };
+        let Some(sym) = &self.symbolizer else {
+            return Some(n);
+        };
+        if self.held_notices.len() >= MAX_HELD {
+            return Some(n);
+        }
+        // Ids from the top down: stall ids count up from 1 and never get there.
+        self.next_notice_id = self.next_notice_id.wrapping_sub(1).max(u64::MAX / 2);
+        let id = self.next_notice_id;
+        if !sym.submit(id, raw.clone()) {
+            return Some(n);
+        }
+        self.held_notices
+            .push((id, n, Instant::now() + NOTICE_WAIT));
+        None
+    }
+
+    /// Held notices whose frames are ready (named by the top frame of the application's own
+    /// code), or that waited [`NOTICE_WAIT`] (unnamed); all of them when `all`.
+    pub(crate) fn ready_notices(&mut self, all: bool) -> Vec<Notice> {
+        let Some(sym) = &self.symbolizer else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        self.held_notices.retain_mut(|(id, n, deadline)| {
+            let stack = sym.get(*id, Duration::ZERO);
+            if stack.is_none() && !all && now < *deadline {
+                return true;
+            }
+            sym.forget(*id);
+            if let Notice::ThousandCuts { top_frame, .. } = n {
+                *top_frame = stack.as_deref().and_then(|s| {
+                    let name = s.top_user_frame()?.function_name()?;
+                    Some(name.into())
+                });
+            }
+            ready.push(n.clone());
+            false
+        });
+        ready
+    }
+
+    /// Is an ended report (or a notice) held back for its frames?
     pub(crate) fn holding(&self) -> bool {
-        !self.held.is_empty()
+        !self.held.is_empty() || !self.held_notices.is_empty()
     }
 
     /// Reports whose frames are now ready, with `true` for a running report reported once

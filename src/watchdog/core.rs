@@ -557,13 +557,18 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             return;
         };
         let tid = t.tid;
-        let role = decide(roles, self.stacks.unwind_asleep(tid).as_deref());
+        let ips = self.stacks.unwind_asleep(tid);
+        let role = decide(roles, ips.as_deref());
         let futex = crate::diagnose::syscalls::name(nr) == Some("futex");
         if !(role == Role::TaskPoll || (role == Role::WorkerPoll && !futex)) {
             self.bare_cuts.skip(i, now);
             return;
         }
         let kind = self.bare_kind();
+        if let Some(ips) = ips {
+            self.bare_cuts
+                .note_stack(kind, LayerKind::Async, nr, ips.into());
+        }
         let reading = Reading {
             at_ns: now,
             cpu_ns: None,

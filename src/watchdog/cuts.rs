@@ -41,6 +41,8 @@ struct KindTime {
     /// Asleep in each system call (by number), nanoseconds.
     asleep: Vec<(i64, u64)>,
     running_ns: u64,
+    /// The latest stack sampled asleep in each call (by number), where one was read.
+    stacks: Vec<(i64, Arc<[usize]>)>,
 }
 
 /// The accumulator.
@@ -113,6 +115,22 @@ impl Cuts {
     pub(crate) fn skip(&mut self, i: usize, now: u64) {
         if let Some(t) = self.last_ns.get_mut(i) {
             *t = Some(now);
+        }
+    }
+
+    /// A worker sampled asleep in call `nr` inside a poll of `kind` on `layer` had stack
+    /// `ips`: the notice for that kind and call carries the latest one.
+    pub(crate) fn note_stack(
+        &mut self,
+        kind: KindId,
+        layer: LayerKind,
+        nr: i64,
+        ips: Arc<[usize]>,
+    ) {
+        let t = self.window.entry((kind, layer)).or_default();
+        match t.stacks.iter_mut().find(|(n, _)| *n == nr) {
+            Some((_, s)) => *s = ips,
+            None => t.stacks.push((nr, ips)),
         }
     }
 
@@ -191,11 +209,16 @@ impl Cuts {
             .filter_map(|(&(kind, layer), t)| {
                 let &(nr, ns) = t.asleep.iter().max_by_key(|(_, ns)| *ns)?;
                 let share = ns as f64 / span as f64;
-                (share >= REPORT_SHARE).then_some((kind, layer, nr, ns))
+                let stack = t
+                    .stacks
+                    .iter()
+                    .find(|(n, _)| *n == nr)
+                    .map(|(_, s)| s.clone());
+                (share >= REPORT_SHARE).then_some((kind, layer, nr, ns, stack))
             })
             .collect();
-        found.sort_by_key(|&(kind, _, nr, ns)| (std::cmp::Reverse(ns), kind, nr));
-        for (kind, layer, nr, ns) in found {
+        found.sort_by_key(|&(kind, _, nr, ns, _)| (std::cmp::Reverse(ns), kind, nr));
+        for (kind, layer, nr, ns, stack) in found {
             let name = syscalls::name(nr);
             out.push(Notice::ThousandCuts {
                 kind: label(kind),
@@ -204,6 +227,8 @@ impl Cuts {
                 asleep: std::time::Duration::from_nanos(ns),
                 window: std::time::Duration::from_nanos(span),
                 hint: crate::hints::syscall(name.unwrap_or("")),
+                stack,
+                top_frame: None,
             });
         }
         self.window.clear();

@@ -2037,13 +2037,21 @@ fn short_blocking_polls_with_no_probe_are_a_thousand_cuts() {
     let (notices, asleep, stalls) = bare_cuts_run("clock_nanosleep", vec![50, 1050, 9000]);
     assert!(stalls.is_empty(), "{stalls:#?}");
     assert_eq!(notices.len(), 1, "{notices:#?}");
-    let Notice::ThousandCuts { kind, syscall, .. } = &notices[0] else {
+    let Notice::ThousandCuts {
+        kind,
+        syscall,
+        stack,
+        ..
+    } = &notices[0]
+    else {
         unreachable!()
     };
     assert_eq!(
         (kind.as_ref(), syscall.as_ref()),
         ("(no probe)", "clock_nanosleep")
     );
+    // A sampled stack, for the reporter to name the code by.
+    assert_eq!(stack.as_deref(), Some(&[50, 1050, 9000][..]));
     // 5/6 of 10.5 s is 8.75 s; sampled every 8 ms in turn.
     let s = asleep.as_secs_f64();
     assert!((7.5..=10.0).contains(&s), "{s} s");

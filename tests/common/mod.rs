@@ -30,6 +30,8 @@ pub struct Harness {
     pub stalls: Receiver<Stall>,
     /// Every report received so far, in order.
     pub seen: Arc<Mutex<Vec<Stall>>>,
+    /// loopwatch's events (stall reports and notices) as its subscriber got them.
+    pub events: Captured,
 }
 
 /// Builds `builder` (environment ignored) with a callback that forwards every stall report.
@@ -51,12 +53,18 @@ pub fn harness(mut builder: Builder) -> Harness {
         })
         .build()
         .expect("loopwatch builds");
-    let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
+    let events = Captured::default();
+    let dispatch = Dispatch::new(
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(events.clone()),
+    );
     Harness {
         guard,
         dispatch,
         stalls: rx,
         seen,
+        events,
     }
 }
 
@@ -286,4 +294,46 @@ pub fn series<'a>(exposition: &'a str, name: &str) -> Vec<&'a str> {
                 .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
         })
         .collect()
+}
+
+/// One event of loopwatch's (target `loopwatch`): its level, target and fields.
+pub type Seen = (
+    tracing::Level,
+    String,
+    std::collections::BTreeMap<String, String>,
+);
+
+#[derive(Default, Clone)]
+pub struct Captured(pub Arc<Mutex<Vec<Seen>>>);
+
+struct Fields(std::collections::BTreeMap<String, String>);
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Captured {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        // loopwatch's events only: tokio's own (its waker traces under tokio_unstable, enabled
+        // once any subscriber in the process wanted them) are not what this test is about.
+        if event.metadata().target() != "loopwatch" {
+            return;
+        }
+        let mut f = Fields(std::collections::BTreeMap::new());
+        event.record(&mut f);
+        self.0.lock().unwrap().push((
+            *event.metadata().level(),
+            event.metadata().target().to_string(),
+            f.0,
+        ));
+    }
 }

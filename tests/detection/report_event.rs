@@ -3,48 +3,11 @@
 
 use crate::common;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::field::{Field, Visit};
-use tracing::{Dispatch, Event, Level, Subscriber};
-use tracing_subscriber::layer::Context;
+use common::Captured;
+use tracing::{Dispatch, Level};
 use tracing_subscriber::prelude::*;
-
-/// One event: its level, target and fields.
-type Seen = (Level, String, BTreeMap<String, String>);
-
-#[derive(Default, Clone)]
-struct Captured(Arc<Mutex<Vec<Seen>>>);
-
-struct Fields(BTreeMap<String, String>);
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_string(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_string(), value.to_string());
-    }
-}
-
-impl<S: Subscriber> tracing_subscriber::Layer<S> for Captured {
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        // loopwatch's events only: tokio's own (its waker traces under tokio_unstable, enabled
-        // once any subscriber in the process wanted them) are not what this test is about.
-        if event.metadata().target() != "loopwatch" {
-            return;
-        }
-        let mut f = Fields(BTreeMap::new());
-        event.record(&mut f);
-        self.0.lock().unwrap().push((
-            *event.metadata().level(),
-            event.metadata().target().to_string(),
-            f.0,
-        ));
-    }
-}
 
 #[test]
 fn stalls_become_warn_events_with_every_field() {

@@ -247,6 +247,12 @@ fn on_a_current_thread_runtime_the_thread_in_block_on_is_the_worker() {
     server.join().unwrap();
 }
 
+/// The seeds' handler: 5 ms of `std::thread::sleep` on its worker.
+async fn seed() -> &'static str {
+    std::thread::sleep(Duration::from_millis(5));
+    "seed"
+}
+
 /// The seeds' shape with no code change: an uninstrumented axum handler that waits 5 ms with
 /// `std::thread::sleep`, under load from 8 clients, none of its polls a stall. With only
 /// `monitor_runtime`, the followed workers' time asleep in the call inside a task's poll is
@@ -254,17 +260,13 @@ fn on_a_current_thread_runtime_the_thread_in_block_on_is_the_worker() {
 #[test]
 fn many_short_blocking_handlers_with_no_probe_are_a_thousand_cuts() {
     let _serial = common::serial();
-    let h = common::harness(loopwatch::builder().stacks(false));
+    let h = common::harness(loopwatch::builder());
+    // The notice names the code by a sampled stack's top frame once the symbols are in.
+    h.guard.wait_for_symbols(Duration::from_secs(300));
     let rt = server_runtime();
     h.guard.monitor_runtime(rt.handle(), "server");
     let app = Router::new()
-        .route(
-            "/seed",
-            get(|| async {
-                std::thread::sleep(Duration::from_millis(5));
-                "seed"
-            }),
-        )
+        .route("/seed", get(seed))
         .route("/fast", get(|| async { "fast" }));
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
@@ -307,6 +309,35 @@ fn many_short_blocking_handlers_with_no_probe_are_a_thousand_cuts() {
         "no thousand-cuts report: {snap:#?}"
     );
     assert_eq!(snap.polls, 0, "no probe in the application's tasks");
+    // The notice as the application's subscriber got it: the kind, the call and, where the
+    // symbolizer answered within its patience, the handler by name.
+    // (Held up to 2 s for its frames.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let cut = loop {
+        let events = h.events.0.lock().unwrap().clone();
+        let cut = events
+            .iter()
+            .find(|(_, _, f)| f.get("notice").map(String::as_str) == Some("thousand_cuts"));
+        if let Some((_, _, f)) = cut {
+            break f.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no thousand-cuts event: {events:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(cut["task.kind"], "(no probe)", "{cut:#?}");
+    assert!(
+        matches!(cut["syscall"].as_str(), "clock_nanosleep" | "nanosleep"),
+        "{cut:#?}"
+    );
+    let frame = &cut["stack.top_frame"];
+    eprintln!("{}", cut["message"]);
+    if !frame.is_empty() {
+        assert_eq!(frame, "services::probe_free::seed", "{cut:#?}");
+        assert!(cut["message"].contains("(in services::probe_free::seed)"));
+    }
     rt.shutdown_timeout(Duration::from_secs(1));
 }
 
