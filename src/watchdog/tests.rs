@@ -1876,10 +1876,23 @@ fn a_thread_only_named_like_a_worker_is_left_alone_once_turned_down_three_times(
     assert!(last < 3 * 21 * MS, "{last}");
 }
 
+/// Thread `tid` runs for 2 ms, then sleeps in `futex` (a std Mutex held elsewhere) for 28;
+/// the reports.
+fn asleep_in_futex(rig: &mut Rig, tid: u64) -> Vec<Stall> {
+    let none: [FakeSlot; 0] = [];
+    rig.script(tid, Activity::Running, 1.0);
+    rig.tick(MS, &none);
+    rig.tick(2 * MS, &none);
+    rig.script(tid, Activity::Syscall(nr_of("futex")), 0.0);
+    for t in 3..=30 {
+        rig.tick(t * MS, &none);
+    }
+    rig.stalls()
+}
+
 #[test]
 fn futex_counts_only_while_the_workers_hooks_say_it_is_not_parked() {
     let futex = nr_of("futex");
-    let none: [FakeSlot; 0] = [];
     for parked in [true, false] {
         let mut rig = bare_rig();
         rig.core.stacks_mut().asleep_stack = Some(vec![1050]);
@@ -1893,15 +1906,7 @@ fn futex_counts_only_while_the_workers_hooks_say_it_is_not_parked() {
         .unwrap();
         let Some(tid) = tid else { return };
         rig.shared.bare.learnt("rt", tid, 0);
-        rig.script(tid, Activity::Running, 1.0);
-        rig.tick(MS, &none);
-        rig.tick(2 * MS, &none);
-        // A std Mutex held elsewhere: asleep in futex.
-        rig.script(tid, Activity::Syscall(futex), 0.0);
-        for t in 3..=30 {
-            rig.tick(t * MS, &none);
-        }
-        let stalls = rig.stalls();
+        let stalls = asleep_in_futex(&mut rig, tid);
         if parked {
             assert!(stalls.is_empty(), "a parked worker's futex is its park");
         } else {
@@ -1915,8 +1920,6 @@ fn futex_counts_only_while_the_workers_hooks_say_it_is_not_parked() {
 fn a_learnt_worker_whose_hooks_never_ran_is_at_work_where_the_hooks_run() {
     // The hooks run in this process (another worker parked once), but WORKER was kept busy
     // from its start: it never parked, so never registered. A learner ran on it: at work.
-    let futex = nr_of("futex");
-    let none: [FakeSlot; 0] = [];
     for learnt in [true, false] {
         let mut rig = bare_rig();
         let shared = rig.shared.clone();
@@ -1931,15 +1934,7 @@ fn a_learnt_worker_whose_hooks_never_ran_is_at_work_where_the_hooks_run() {
             WORKER + 1
         };
         rig.core.stacks_mut().asleep_stack = Some(vec![1050]);
-        rig.script(tid, Activity::Running, 1.0);
-        rig.tick(MS, &none);
-        rig.tick(2 * MS, &none);
-        rig.script(tid, Activity::Syscall(futex), 0.0);
-        for t in 3..=30 {
-            rig.tick(t * MS, &none);
-        }
-        let stalls: Vec<_> = rig
-            .stalls()
+        let stalls: Vec<_> = asleep_in_futex(&mut rig, tid)
             .into_iter()
             .filter(|s| s.worker.tid == Some(tid))
             .collect();
@@ -1955,15 +1950,7 @@ fn a_learnt_worker_whose_hooks_never_ran_is_at_work_where_the_hooks_run() {
 fn without_park_hooks_futex_never_counts() {
     let mut rig = bare_rig();
     rig.core.stacks_mut().asleep_stack = Some(vec![1050]);
-    let none: [FakeSlot; 0] = [];
-    rig.script(WORKER, Activity::Running, 1.0);
-    rig.tick(MS, &none);
-    rig.tick(2 * MS, &none);
-    rig.script(WORKER, Activity::Syscall(nr_of("futex")), 0.0);
-    for t in 3..=30 {
-        rig.tick(t * MS, &none);
-    }
-    assert!(rig.stalls().is_empty());
+    assert!(asleep_in_futex(&mut rig, WORKER).is_empty());
 }
 
 #[test]

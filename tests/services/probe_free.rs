@@ -95,6 +95,26 @@ fn ended_probe_free(
     })
 }
 
+/// Serves `app` on `rt` (loopback, any port), sends `/fast` until loopwatch has learnt both
+/// workers (its learner tasks run on them) and loaded the role ranges; the address.
+fn serve_learnt(h: &common::Harness, rt: &tokio::runtime::Runtime, app: Router) -> SocketAddr {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = |s: &loopwatch::Snapshot| s.probe_free_workers >= 2 && s.probe_free_ready;
+    while !ready(&h.guard.snapshot()) && Instant::now() < deadline {
+        assert_eq!(get_body(addr, "/fast").0, 200);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let snap = h.guard.snapshot();
+    assert_eq!(snap.probe_free_workers, 2, "{snap:?}");
+    assert!(snap.probe_free_ready, "{snap:?}");
+    addr
+}
+
 #[test]
 fn an_uninstrumented_handler_blocking_its_worker_is_reported_with_no_probe() {
     let _serial = common::serial();
@@ -108,22 +128,8 @@ fn an_uninstrumented_handler_blocking_its_worker_is_reported_with_no_probe() {
         .route("/offloaded", get(offloaded))
         .route("/spin", get(spin))
         .route("/fast", get(|| async { "fast" }));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-    // loopwatch learns both workers (its learner tasks run on them).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ready = |s: &loopwatch::Snapshot| s.probe_free_workers >= 2 && s.probe_free_ready;
-    while !ready(&h.guard.snapshot()) && Instant::now() < deadline {
-        assert_eq!(get_body(addr, "/fast").0, 200);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let addr = serve_learnt(&h, &rt, app);
     let snap = h.guard.snapshot();
-    assert_eq!(snap.probe_free_workers, 2, "{snap:?}");
-    assert!(snap.probe_free_ready, "{snap:?}");
     assert_eq!(snap.probe_free_error, None);
     assert_eq!(
         snap.polls, 0,
@@ -268,17 +274,7 @@ fn many_short_blocking_handlers_with_no_probe_are_a_thousand_cuts() {
     let app = Router::new()
         .route("/seed", get(seed))
         .route("/fast", get(|| async { "fast" }));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.guard.snapshot().probe_free_workers < 2 && Instant::now() < deadline {
-        assert_eq!(common::http_get(addr, "/fast").unwrap().0, 200);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(h.guard.snapshot().probe_free_workers, 2);
+    let addr = serve_learnt(&h, &rt, app);
 
     let until = Instant::now() + Duration::from_millis(10_800);
     let clients: Vec<_> = (0..8)
@@ -364,18 +360,7 @@ fn with_the_park_hooks_a_handler_waiting_on_a_std_mutex_is_reported() {
     let app = Router::new()
         .route("/locked", get(locked))
         .route("/fast", get(|| async { "fast" }));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ready = |s: &loopwatch::Snapshot| s.probe_free_workers >= 2 && s.probe_free_ready;
-    while !ready(&h.guard.snapshot()) && Instant::now() < deadline {
-        assert_eq!(get_body(addr, "/fast").0, 200);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(ready(&h.guard.snapshot()), "{:?}", h.guard.snapshot());
+    let addr = serve_learnt(&h, &rt, app);
 
     let (held_tx, held_rx) = std::sync::mpsc::channel();
     let holder = std::thread::spawn(move || {
