@@ -6,12 +6,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
 
-# `capture CMD...`: runs CMD, keeps what it printed (colour codes stripped) in $out; if CMD
+# `capture CMD...`: runs CMD, keeps what it printed in $raw_out, colour codes stripped in $out; if CMD
 # fails, prints the end of that output and stops, so a failed run says why.
 capture() {
   local rc=0
-  out=$("$@" 2>&1) || rc=$?
-  out=$(sed 's/\x1b\[[0-9;]*m//g' <<<"$out")
+  raw_out=$("$@" 2>&1) || rc=$?
+  out=$(sed 's/\x1b\[[0-9;]*m//g' <<<"$raw_out")
   if [ "$rc" -ne 0 ]; then
     tail -n 80 <<<"$out" >&2
     echo "failed (exit $rc): $*" >&2
@@ -46,6 +46,13 @@ unstable_env=(env RUSTFLAGS="--cfg tokio_unstable" RUSTDOCFLAGS="--cfg tokio_uns
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "the package: rust-version covers the locked dependencies; contributor files not shipped"
+python3 scripts/msrv.py
+if cargo package --list --allow-dirty --offline | grep -E '^(\.ci|scripts)/'; then
+  echo "the package ships contributor files" >&2
+  exit 1
+fi
 
 step "no two files in src/ depend on each other (ARCHITECTURE.md, code map)"
 python3 scripts/module_cycles.py
@@ -92,6 +99,8 @@ RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portabl
 step "demo (it must report its stalls, with victims on stable tokio, and end by itself)"
 example env -- --example demo
 tail -n 8 <<<"$out"
+# Its log goes to a pipe here: `init()` colours a terminal only.
+if grep -q $'\x1b\[' <<<"$raw_out"; then echo "escape codes in a redirected log" >&2; exit 1; fi
 # (here-strings, not `echo | grep -q`: grep -q exits at the first match, and with pipefail the
 # echo's SIGPIPE would fail the step)
 for want in "stall detected" "in span render_report" "in span fetch_legacy_config" \

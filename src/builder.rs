@@ -467,7 +467,9 @@ impl Builder {
     }
 
     /// Builds loopwatch and sets, as the global default subscriber, a registry with its layer
-    /// and a `fmt` layer that prints to stderr (filtered by `RUST_LOG`, default `info`).
+    /// and a `fmt` layer that prints to stderr (filtered by `RUST_LOG`, default `info`), in
+    /// colour only when stderr is a terminal and `NO_COLOR` is not set (a redirected log gets
+    /// no escape codes).
     ///
     /// # Errors
     /// As [`build`](Builder::build), and [`Error::SetGlobalDefault`] if a global subscriber was
@@ -481,6 +483,10 @@ impl Builder {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
+                    .with_ansi(colour(
+                        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                        std::env::var_os("NO_COLOR"),
+                    ))
                     .with_filter(filter),
             )
             .try_init()
@@ -552,10 +558,27 @@ fn ca_certificate(
     }
 }
 
+/// Whether `init`'s log lines get colour: on a terminal, unless `NO_COLOR` is set to anything
+/// but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::OtelEnv;
+
+    #[test]
+    fn init_colours_a_terminal_only_and_never_under_no_color() {
+        assert!(colour(true, None));
+        assert!(
+            !colour(false, None),
+            "a redirected log gets no escape codes"
+        );
+        assert!(!colour(true, Some("1".into())));
+        assert!(colour(true, Some("".into())), "an empty NO_COLOR is unset");
+    }
 
     fn with_otel(
         otel: OtelEnv,

@@ -268,7 +268,7 @@ pub(crate) fn worker_busy_ratio(
     if elapsed <= 0.0 {
         return 0.0;
     }
-    if parked_now == parked_before && parked_now % 2 == 0 {
+    if parked_now == parked_before && parked_now.is_multiple_of(2) {
         return 1.0;
     }
     (busy / elapsed).clamp(0.0, 1.0)

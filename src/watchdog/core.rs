@@ -1030,7 +1030,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             Some(p) if p.seq == r.seq => {
                 // A long stall: after the first readings (enough for a verdict), read it one
                 // tick in eight.
-                if p.readings() >= DENSE_READINGS && self.ticks % 8 != 0 {
+                if p.readings() >= DENSE_READINGS && !self.ticks.is_multiple_of(8) {
                     return;
                 }
             }
