@@ -24,6 +24,9 @@ pub(crate) trait Kernel {
     /// What `thread` is doing, from its `syscall` file alone (one `pread`): the system call it
     /// is in, with no check that it sleeps there. The cheap first look of the probe-free path.
     fn peek(&mut self, thread: &mut Self::Thread) -> Option<Activity>;
+    /// Where `thread` sleeps, if it is asleep in a system call: the call's number, its stack
+    /// pointer and program counter (one `pread` of the same file).
+    fn asleep_at(&mut self, thread: &mut Self::Thread) -> Option<(i64, u64, u64)>;
     /// The threads of this process whose name is one of `names`.
     fn threads_named(&mut self, names: &[std::sync::Arc<str>]) -> Vec<u64>;
 }
@@ -81,6 +84,10 @@ impl Kernel for ProcKernel {
     }
 
     fn peek(&mut self, _thread: &mut Self::Thread) -> Option<Activity> {
+        None
+    }
+
+    fn asleep_at(&mut self, _thread: &mut Self::Thread) -> Option<(i64, u64, u64)> {
         None
     }
 

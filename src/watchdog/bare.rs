@@ -36,6 +36,10 @@ pub(crate) struct BareThread<T> {
     pub(crate) park: Option<crate::workers::ParkState>,
     /// Some thread of the process runs loopwatch's park hooks (set each tick).
     pub(crate) hooks: bool,
+    /// The thousand-cuts sampling's last stack read: where it slept (call, stack pointer,
+    /// program counter), what the stack said, and the stack. A sample asleep at the same
+    /// place (the same code at the same depth: a handler's every request) reuses it.
+    pub(crate) cut_place: Option<CutPlace>,
     /// Candidates of its that the stack check turned down: a thread only named like a worker
     /// is no longer read after [`MAX_TURNED_DOWN`] (a helper thread the application spawned
     /// from a worker, which inherits its name), until a learner reaches it.
@@ -45,6 +49,14 @@ pub(crate) struct BareThread<T> {
     /// The last reading, and the call it is asleep in since when.
     pub(crate) last: Option<Reading>,
     pub(crate) asleep: Option<Asleep>,
+}
+
+/// Where a followed thread slept at a thousand-cuts sample, and what its stack said.
+#[derive(Debug, Clone)]
+pub(crate) struct CutPlace {
+    pub(crate) at: (i64, u64, u64),
+    pub(crate) role: crate::diagnose::roles::Role,
+    pub(crate) ips: Option<Arc<[usize]>>,
 }
 
 /// A worker asleep in one call.

@@ -540,6 +540,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         let Some(i) = self.bare_cuts.pick(self.ticks, self.bare.len(), now) else {
             return;
         };
+        let kind = self.bare_kind();
         let t = &mut self.bare[i];
         let judged = matches!(&t.asleep, Some(a) if !matches!(a.verdict, Verdict::Undecided));
         // Inside a probe's poll (the probes' sample has it), a stall (reported on its own) or
@@ -548,26 +549,38 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             self.bare_cuts.skip(i, now);
             return;
         }
-        let nr = self
-            .kernel
-            .peek(&mut t.thread)
-            .and_then(|a| super::bare::counts(a, t.unparked()));
-        let Some(nr) = nr else {
+        let at = self.kernel.asleep_at(&mut t.thread);
+        let Some(at @ (nr, _, _)) = at.filter(|&(nr, _, _)| {
+            super::bare::counts(Activity::Syscall(nr), t.unparked()).is_some()
+        }) else {
             self.bare_cuts.skip(i, now);
             return;
         };
-        let tid = t.tid;
-        let ips = self.stacks.unwind_asleep(tid);
-        let role = decide(roles, ips.as_deref());
+        // Asleep where the last stack read found it: the same answer, with no second read.
+        // Only a stack that was read is kept (a read fails when the thread wakes meanwhile,
+        // or another watchdog holds the unwinder: that is no answer for the next sample).
+        let place = match &t.cut_place {
+            Some(p) if p.at == at => p.clone(),
+            _ => {
+                let ips: Option<Arc<[usize]>> = self.stacks.unwind_asleep(t.tid).map(Into::into);
+                let p = super::bare::CutPlace {
+                    at,
+                    role: decide(roles, ips.as_deref()),
+                    ips,
+                };
+                if p.ips.is_some() {
+                    t.cut_place = Some(p.clone());
+                }
+                p
+            }
+        };
         let futex = crate::diagnose::syscalls::name(nr) == Some("futex");
-        if !(role == Role::TaskPoll || (role == Role::WorkerPoll && !futex)) {
+        if !(place.role == Role::TaskPoll || (place.role == Role::WorkerPoll && !futex)) {
             self.bare_cuts.skip(i, now);
             return;
         }
-        let kind = self.bare_kind();
-        if let Some(ips) = ips {
-            self.bare_cuts
-                .note_stack(kind, LayerKind::Async, nr, ips.into());
+        if let Some(ips) = place.ips {
+            self.bare_cuts.note_stack(kind, LayerKind::Async, nr, ips);
         }
         let reading = Reading {
             at_ns: now,
@@ -619,6 +632,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                         learnt: learnt.is_some(),
                         park: self.shared.bare.park_state(tid),
                         hooks: self.shared.bare.hooks_seen(),
+                        cut_place: None,
                         turned_down: 0,
                         // A learner ran on it then: it was in no call of a poll's.
                         last: learnt.map(|at_ns| Reading {

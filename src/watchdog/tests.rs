@@ -237,6 +237,15 @@ impl Kernel for ScriptedKernel {
         self.scripts.get(&t.tid).map(|s| s.activity)
     }
 
+    fn asleep_at(&mut self, t: &mut Followed) -> Option<(i64, u64, u64)> {
+        self.peeks.push(t.tid);
+        match self.scripts.get(&t.tid)?.activity {
+            // One place per call: the same code sleeping at the same depth.
+            Activity::Syscall(nr) => Some((nr, 0x7000 + nr as u64, 0x4000)),
+            _ => None,
+        }
+    }
+
     fn threads_named(&mut self, _names: &[Arc<str>]) -> Vec<u64> {
         Vec::new()
     }
@@ -253,6 +262,8 @@ struct ScriptedStacks {
     asleep: bool,
     /// Its stack read without a signal, if that works.
     asleep_stack: Option<Vec<usize>>,
+    /// Stacks read without a signal so far.
+    unwinds: usize,
     next_ticket: u64,
     /// Tickets asked for, by thread.
     requests: Vec<(u64, u64)>,
@@ -286,6 +297,7 @@ impl StackPort for ScriptedStacks {
         self.cancelled.push(ticket);
     }
     fn unwind_asleep(&mut self, _tid: u64) -> Option<Vec<usize>> {
+        self.unwinds += 1;
         self.asleep_stack.clone()
     }
 }
@@ -1987,8 +1999,25 @@ fn in_the_workers_loop_alone_futex_is_its_park_and_other_calls_still_count() {
 /// then 1 ms parked in the driver, for 10.5 s of 1 ms ticks, thousand-cuts sampling on. The
 /// notices, and the sampled time put down to `(no probe)` and the call.
 fn bare_cuts_run(call: &str, stack: Vec<usize>) -> (Vec<Notice>, Duration, Vec<Stall>) {
+    let (notices, asleep, stalls, _) = bare_cuts_run_counted(call, stack);
+    (notices, asleep, stalls)
+}
+
+/// [`bare_cuts_run`], with how many stacks were read.
+fn bare_cuts_run_counted(
+    call: &str,
+    stack: Vec<usize>,
+) -> (Vec<Notice>, Duration, Vec<Stall>, usize) {
+    bare_cuts_run_counted_with(call, Some(stack))
+}
+
+/// [`bare_cuts_run_counted`] with a stack read that may fail (`None`).
+fn bare_cuts_run_counted_with(
+    call: &str,
+    stack: Option<Vec<usize>>,
+) -> (Vec<Notice>, Duration, Vec<Stall>, usize) {
     let mut rig = bare_rig_with(|c| c.thousand_cuts = true);
-    rig.core.stacks_mut().asleep_stack = Some(stack);
+    rig.core.stacks_mut().asleep_stack = stack;
     let none: [FakeSlot; 0] = [];
     for t in 1..=10_500u64 {
         let a = match t % 6 {
@@ -2015,7 +2044,8 @@ fn bare_cuts_run(call: &str, stack: Vec<usize>) -> (Vec<Notice>, Duration, Vec<S
         .filter(|t| t.kind.label() == "(no probe)" && t.syscall.as_deref() == Some(call))
         .map(|t| t.time)
         .sum();
-    (notices, asleep, rig.stalls())
+    let unwinds = rig.core.stacks_mut().unwinds;
+    (notices, asleep, rig.stalls(), unwinds)
 }
 
 #[test]
@@ -2042,6 +2072,23 @@ fn short_blocking_polls_with_no_probe_are_a_thousand_cuts() {
     // 5/6 of 10.5 s is 8.75 s; sampled every 8 ms in turn.
     let s = asleep.as_secs_f64();
     assert!((7.5..=10.0).contains(&s), "{s} s");
+}
+
+#[test]
+fn a_worker_asleep_where_its_stack_was_read_is_not_read_again() {
+    // Every sample finds it asleep at the same place (the same handler, the same depth): one
+    // stack read for 10.5 s of samples.
+    let (notices, _, _, unwinds) = bare_cuts_run_counted("clock_nanosleep", vec![50, 1050]);
+    assert_eq!(notices.len(), 1);
+    assert_eq!(unwinds, 1);
+}
+
+#[test]
+fn a_stack_that_could_not_be_read_is_read_again_at_the_next_sample() {
+    // No stack (the thread woke while it was read): no answer to keep.
+    let (notices, asleep, _, unwinds) = bare_cuts_run_counted_with("clock_nanosleep", None);
+    assert!(notices.is_empty() && asleep.is_zero());
+    assert!(unwinds > 100, "{unwinds}");
 }
 
 #[test]
