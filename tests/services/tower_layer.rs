@@ -157,3 +157,54 @@ fn without_a_running_loopwatch_requests_only_pass_through() {
     assert_eq!(get_body(addr, "/users/7"), (200, "user".into()));
     rt.shutdown_timeout(Duration::from_secs(1));
 }
+
+/// No `kind` label in a scrape is a path of the build machine: the routes the layer names,
+/// and (with `--cfg tokio_unstable`, under the poll hooks) the connection tasks axum spawns,
+/// whose spawn site is in axum's source (shown relative to the crate, `axum-0.8.x/src/…`).
+#[test]
+fn no_kind_in_a_scrape_is_an_absolute_path() {
+    let _serial = common::serial();
+    let h = common::harness(loopwatch::builder().sample_every(1));
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(2).enable_all();
+    #[cfg(tokio_unstable)]
+    h.guard.install_poll_hooks(&mut b);
+    let rt = b.build().unwrap();
+    let addr = serve(&rt, loopwatch::tower::WatchLayer::new());
+    for path in ["/fast", "/users/7", "/report"] {
+        assert_eq!(get_body(addr, path).0, 200);
+    }
+    let metrics = h.guard.prometheus_addr().expect("listener runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = common::http_get(metrics, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        // `/report` holds its worker: its stall is counted under some kind.
+        if body.contains("loopwatch_stalls_total{") {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "no stall: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let kinds: Vec<&str> = body
+        .match_indices("kind=\"")
+        .map(|(i, m)| {
+            let v = &body[i + m.len()..];
+            &v[..v.find('"').unwrap_or(v.len())]
+        })
+        .collect();
+    assert!(!kinds.is_empty());
+    for k in &kinds {
+        assert!(!k.starts_with('/'), "an absolute path as a kind: {k}");
+        assert!(
+            !k.contains("/registry/src/"),
+            "a machine path inside a kind: {k}"
+        );
+    }
+    #[cfg(tokio_unstable)]
+    assert!(
+        kinds.iter().any(|k| k.contains("axum-0.8")),
+        "axum's connection tasks, by their spawn site in axum: {kinds:?}"
+    );
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
