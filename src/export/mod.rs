@@ -86,6 +86,11 @@ impl Collector {
                 Value::Counter(snap.slow_polls_by_layer[i]),
             );
         }
+        f.push(
+            M::BuildInfo,
+            vec![env!("CARGO_PKG_VERSION").into()],
+            Value::Gauge(1.0),
+        );
         f.counter(M::DroppedReports, snap.dropped_reports);
         f.counter(M::DroppedSamples, snap.dropped_samples + self.feed_dropped);
         f.counter(M::DroppedSpans, snap.dropped_spans);

@@ -140,6 +140,8 @@ metrics! {
         "Export attempts that failed or timed out (otlp: traces, metrics); for the /metrics listener (prometheus), accept errors and dropped scrape clients.";
     LoopLag = "loopwatch_loop_lag_seconds", Histogram, Seconds, ["runtime"],
         "Loop lag: from a heartbeat task's spawn (from loopwatch's thread, every 25 ms) to its first poll; it grows when the workers are stalled.";
+    BuildInfo = "loopwatch_build_info", Gauge, Count, ["version"],
+        "Always 1: the version of loopwatch the service runs, as a label (join it to other series to tell deployments apart).";
     RuntimeWorkers = "loopwatch_runtime_workers", Gauge, Count, ["runtime"],
         "Worker threads of the runtime (tokio-metrics workers_count).";
     RuntimeAliveTasks = "loopwatch_runtime_alive_tasks", Gauge, Count, ["runtime"],

@@ -100,6 +100,12 @@ fn a_stalled_runtime_is_still_scraped_and_shows_the_stall_in_progress() {
         Some(0.0)
     );
     assert!(during.contains("# TYPE loopwatch_stalls_in_progress gauge"));
+    let version = concat!(
+        r#"loopwatch_build_info{version=""#,
+        env!("CARGO_PKG_VERSION"),
+        r#""}"#
+    );
+    assert_eq!(common::sample(&during, version), Some(1.0), "{during}");
     assert!(during.contains("# HELP loopwatch_stalls_total "));
     assert_eq!(
         common::sample(&during, r#"loopwatch_runtime_workers{runtime="main"}"#),
