@@ -765,12 +765,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             && slot.marked_phantom() != r.seq;
         let tid = slot.meta().and_then(|m| m.tid);
         let (kind, layer) = self.resolve(r.word);
-        // Named after the poll's named culprit where it has one (the handler's span inside
-        // tokio's task span), as its reports are.
-        let kind = match r.named.is_none() || kind == OWN {
-            true => kind,
-            false => self.resolve(r.named).0,
-        };
+        // Named after the poll's named culprit where the task has no name of its own (the
+        // handler's span inside tokio's task span), as its reports are.
+        let kind = self.label_kind(kind, r.named);
         let (Some(tid), true) = (tid, counted && kind != OWN && layer != LayerKind::Blocking)
         else {
             // Blocking jobs are meant to block; loopwatch's own task is not the application's.
@@ -915,7 +912,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         record.uncertainty = Duration::from_nanos(start.error());
         self.shared.in_progress[layer as usize].fetch_add(1, Ordering::Relaxed);
         let mut open = Open {
-            kind,
+            kind: self.label_kind(kind, r.named),
             seq: r.seq,
             start_ns,
             record,
@@ -1343,6 +1340,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         record.caught_at_end = true;
         let cause = record.cause;
         self.shared.stalls_caught.fetch_add(1, Ordering::Relaxed);
+        let kind = self.label_kind(kind, c.named);
         let key = StallKey { kind, layer, cause };
         if let Ok(mut m) = self.shared.stall_counts.lock() {
             *m.entry(key).or_insert(0) += 1;
@@ -1373,6 +1371,16 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
 
     fn send(&mut self, stall: Stall, raw_stack: Option<Arc<[usize]>>) {
         self.out.push(Report::Stall { stall, raw_stack });
+    }
+
+    /// The kind a poll of `kind` is counted under in the metrics: its named culprit (`named`:
+    /// a route the tower layer names inside a task with no name, such as axum's connection
+    /// task under the poll hooks) where the task itself has no name, as its report names it.
+    fn label_kind(&mut self, kind: KindId, named: CulpritWord) -> KindId {
+        if named.is_none() || kind == OWN || self.shared.board.kinds.get(kind).name.is_some() {
+            return kind;
+        }
+        self.resolve(named).0
     }
 
     fn resolve(&mut self, word: CulpritWord) -> (KindId, LayerKind) {

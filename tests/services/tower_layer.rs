@@ -201,6 +201,12 @@ fn no_kind_in_a_scrape_is_an_absolute_path() {
             "a machine path inside a kind: {k}"
         );
     }
+    // The stall is counted under its route, as its report names it (under the poll hooks
+    // too, where the task polled is axum's connection task).
+    assert!(
+        body.contains(r#"loopwatch_stalls_total{layer="async",kind="GET /report""#),
+        "{body}"
+    );
     #[cfg(tokio_unstable)]
     assert!(
         kinds.iter().any(|k| k.contains("axum-0.8")),
