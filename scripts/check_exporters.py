@@ -68,5 +68,26 @@ def recorded_names(text):
     return set(re.findall(r"record:\s*(loopwatch_[a-z0-9_]+)", text))
 
 
+def check_alerts():
+    """Every alert has a severity, a summary, a description and a runbook, and a promtool test
+    (its name in the test file's alert_rule_test)."""
+    path = f"{ROOT}/exporters/prometheus/loopwatch-alerts.yml"
+    tests = yaml.safe_load(open(f"{ROOT}/exporters/prometheus/tests/loopwatch.test.yml"))
+    tested = {
+        t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", [])
+    }
+    for group in yaml.safe_load(open(path))["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("alert")
+            if not name:
+                continue
+            assert rule.get("labels", {}).get("severity") in ("critical", "warning", "info"), name
+            for a in ("summary", "description", "runbook"):
+                assert rule.get("annotations", {}).get(a), f"{path}: {name} has no {a}"
+            assert name in tested, f"{path}: {name} has no promtool test"
+    print(f"{path}: every alert has a severity, a runbook and a test")
+
+
 check_collector()
 check_references()
+check_alerts()
