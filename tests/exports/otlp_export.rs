@@ -51,10 +51,21 @@ fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol) {
     assert!(attr(a, "loopwatch.cause").is_some());
     assert!(attr(a, "loopwatch.worker.index").is_some());
     assert!(attr(a, "thread.name").is_some());
+    // Where it was spawned, apart from the code that stalled.
     assert!(
-        attr(a, "code.file.path").is_some_and(|f| f.ends_with("otlp_export.rs")),
+        attr(a, "loopwatch.task.site").is_some_and(|f| f.contains("otlp_export.rs:")),
         "{a:#?}"
     );
+    // The code that stalled (where its frames came in): the top frame of this crate's code,
+    // all three `code.*` attributes from it.
+    if let Some(f) = attr(a, "code.function.name") {
+        assert_eq!(f, "exports::common::spin_for", "{a:#?}");
+        assert!(
+            attr(a, "code.file.path").is_some_and(|p| p.ends_with("common/mod.rs")),
+            "{a:#?}"
+        );
+        assert!(attr(a, "code.line.number").is_some(), "{a:#?}");
+    }
     assert!(attr(a, "loopwatch.stack.status").is_some());
     // Timing: the span covers the poll (start within a tick or so of when it began).
     let (start, end) = (span.start_time_unix_nano, span.end_time_unix_nano);

@@ -153,8 +153,8 @@ fn stall_attrs(s: &Stall) -> Vec<KeyValue> {
     ]
 }
 
-/// The task: name, id, site (also as `code.file.path` / `code.line.number` /
-/// `code.column.number`), and the innermost span.
+/// The task: name, id, site (`loopwatch.task.site`: where it was spawned, which is not the
+/// code that stalled), and the innermost span.
 fn task_attrs(s: &Stall, attrs: &mut Vec<KeyValue>) {
     if let Some(n) = &s.task.name {
         attrs.push(KeyValue::new("loopwatch.task.name", n.to_string()));
@@ -167,36 +167,9 @@ fn task_attrs(s: &Stall, attrs: &mut Vec<KeyValue>) {
     }
     if let Some(site) = &s.task.site {
         attrs.push(KeyValue::new("loopwatch.task.site", site.to_string()));
-        site_attrs(site, attrs);
     }
     if let Some(span) = &s.task.span {
         attrs.push(KeyValue::new("loopwatch.task.span", span.to_string()));
-    }
-}
-
-/// Semantic conventions for where the task was spawned: `file:line:column` (a spawn site) or
-/// `file:line` (a span's declaration site).
-fn site_attrs(site: &str, attrs: &mut Vec<KeyValue>) {
-    let mut parts = site.rsplitn(3, ':');
-    let (c, l, f) = (parts.next(), parts.next(), parts.next());
-    match (
-        f,
-        l.and_then(|l| l.parse::<i64>().ok()),
-        c.and_then(|c| c.parse::<i64>().ok()),
-    ) {
-        (Some(f), Some(l), Some(c)) => {
-            attrs.push(KeyValue::new("code.file.path", f.to_string()));
-            attrs.push(KeyValue::new("code.line.number", l));
-            attrs.push(KeyValue::new("code.column.number", c));
-        }
-        _ => {
-            if let Some((f, l)) = site.rsplit_once(':') {
-                if let Ok(l) = l.parse::<i64>() {
-                    attrs.push(KeyValue::new("code.file.path", f.to_string()));
-                    attrs.push(KeyValue::new("code.line.number", l));
-                }
-            }
-        }
     }
 }
 
@@ -235,12 +208,27 @@ fn cause_attrs(s: &Stall, attrs: &mut Vec<KeyValue>) {
     }
 }
 
-/// The stack: `code.stacktrace`, and its first named frame as `code.function.name`.
+/// The stack: `code.stacktrace`; and the code that stalled, by OpenTelemetry's conventions
+/// (`code.function.name`, `code.file.path`, `code.line.number`), all three from one frame: the
+/// top frame of the application's own code (else the top named one).
 fn stack_attrs(s: &Stall, attrs: &mut Vec<KeyValue>) {
-    if let Some(stack) = &s.stack {
-        attrs.push(KeyValue::new("code.stacktrace", stack.to_string()));
-        if let Some(f) = stack.frames.iter().find_map(|f| f.function.clone()) {
-            attrs.push(KeyValue::new("code.function.name", f));
+    let Some(stack) = &s.stack else {
+        return;
+    };
+    attrs.push(KeyValue::new("code.stacktrace", stack.to_string()));
+    let top = stack
+        .top_user_frame()
+        .or_else(|| stack.frames.iter().find(|f| f.function.is_some()));
+    let Some(frame) = top else {
+        return;
+    };
+    if let Some(f) = frame.function_name() {
+        attrs.push(KeyValue::new("code.function.name", f.to_string()));
+    }
+    if let Some((file, line)) = frame.location.as_deref().and_then(|l| l.rsplit_once(':')) {
+        if let Ok(line) = line.parse::<i64>() {
+            attrs.push(KeyValue::new("code.file.path", file.to_string()));
+            attrs.push(KeyValue::new("code.line.number", line));
         }
     }
 }
@@ -313,10 +301,11 @@ mod tests {
         assert_eq!(span.end_time, span.start_time + Duration::from_millis(80));
         assert_eq!(span.events.events.len(), 1);
         assert_eq!(
-            attr(span, "code.file.path").map(|v| v.as_str().into_owned()),
-            Some("src/main.rs".to_string())
+            attr(span, "loopwatch.task.site").map(|v| v.as_str().into_owned()),
+            Some("src/main.rs:12:5".to_string())
         );
-        assert!(attr(span, "code.column.number").is_some());
+        // No stack: no `code.*` (the spawn site is not the code that stalled).
+        assert!(attr(span, "code.file.path").is_none());
         assert!(
             attr(span, "loopwatch.victims.count").is_none(),
             "not tracked"
@@ -324,13 +313,40 @@ mod tests {
     }
 
     #[test]
-    fn a_span_site_has_a_file_and_line_only() {
+    fn code_attributes_are_all_from_the_top_frame_of_the_applications_code() {
+        let frame = |f: &str, loc: &str, dependency| crate::diagnose::Frame {
+            function: Some(f.into()),
+            location: Some(loc.into()),
+            ip: 0,
+            dependency,
+        };
+        let mut s = crate::stall::tests_support::stall();
+        s.task.site = Some("axum-0.8.9/src/serve/mod.rs:389:5".into());
+        s.stack = Some(std::sync::Arc::new(crate::diagnose::Stack {
+            frames: vec![
+                frame("std::thread::sleep", "std/src/thread/mod.rs:50", true),
+                frame(
+                    "app::handlers::seed::{{closure}}",
+                    "src/handlers.rs:88",
+                    false,
+                ),
+                frame("app::main", "src/main.rs:10", false),
+            ],
+            ..Default::default()
+        }));
         let mut attrs = Vec::new();
-        site_attrs("src/lib.rs:40", &mut attrs);
-        let keys: Vec<&str> = attrs.iter().map(|kv| kv.key.as_str()).collect();
-        assert_eq!(keys, vec!["code.file.path", "code.line.number"]);
-        let mut attrs = Vec::new();
-        site_attrs("no site", &mut attrs);
-        assert!(attrs.is_empty());
+        stack_attrs(&s, &mut attrs);
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(
+            get("code.function.name").as_deref(),
+            Some("app::handlers::seed")
+        );
+        assert_eq!(get("code.file.path").as_deref(), Some("src/handlers.rs"));
+        assert_eq!(get("code.line.number").as_deref(), Some("88"));
     }
 }
