@@ -51,8 +51,10 @@ def check_collector():
 
 def check_references():
     names = table_names()
-    files = glob.glob(f"{ROOT}/exporters/**/*.yml", recursive=True) + glob.glob(
-        f"{ROOT}/dashboards/*.json"
+    files = (
+        glob.glob(f"{ROOT}/exporters/**/*.yml", recursive=True)
+        + glob.glob(f"{ROOT}/exporters/**/*.yaml", recursive=True)
+        + glob.glob(f"{ROOT}/dashboards/*.json")
     )
     for f in files:
         text = open(f).read()
