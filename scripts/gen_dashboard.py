@@ -2,8 +2,10 @@
 """Writes dashboards/loopwatch.json, loopwatch's Grafana dashboard (edit here, then run it).
 
 Rows: the stall right now (in progress, age); what stalls and why (rate by cause, by task
-kind, time stalled); poll durations per layer; the runtime (busy ratio per worker, queue
-depth); loopwatch's own health (drops, overflow). Every query uses the metric table's names,
+kind, time stalled, duration quantiles per layer, short polls' time asleep); who waited
+(victims, loop lag, schedule delay); the blocking pool and CPU pools; poll durations per
+layer; the runtime (busy ratio per worker, queue depth); loopwatch's own health (drops,
+overflow). Every query uses the metric table's names,
 so it works on loopwatch's own /metrics and through the OTel Collector's Prometheus exporter.
 """
 
@@ -65,15 +67,41 @@ panel("timeseries", "Time stalled (share of one worker)", [(f'sum by (layer) (ra
 y += 8
 panel("table", "Top stalling task kinds (last hour)", [(f'topk(10, sum by (kind, cause) (increase(loopwatch_stalls_total{{{SEL}}}[1h])))', "")], 0, 12,
       description="The task (its name or spawn site) whose polls stalled most, and why.")
-panel("timeseries", "Stall duration p50 / p99", [
-    (f'histogram_quantile(0.5, sum by (le) (rate(loopwatch_stall_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p50"),
-    (f'histogram_quantile(0.99, sum by (le) (rate(loopwatch_stall_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p99")], 12, 12, unit="s")
+panel("timeseries", "Stall duration p50 / p99 by layer", [
+    (f'histogram_quantile(0.5, sum by (layer, le) (rate(loopwatch_stall_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p50 {{layer}}"),
+    (f'histogram_quantile(0.99, sum by (layer, le) (rate(loopwatch_stall_duration_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p99 {{layer}}")], 12, 12, unit="s",
+      description="Per layer: the async, blocking and CPU thresholds differ by orders of magnitude, so one quantile over all of them would mean nothing.")
 y += 8
 panel("timeseries", "Short polls: time asleep in calls (thousand cuts)", [
     (f'topk(10, sum by (kind, syscall) (rate(loopwatch_blocked_seconds_total{{{SEL}, layer="async"}}[$__rate_interval])))', "{{kind}} asleep in {{syscall}}"),
     (f'topk(5, sum by (kind) (rate(loopwatch_running_seconds_total{{{SEL}, layer="async"}}[$__rate_interval])))', "{{kind}} running")], 0, 24, unit="percentunit",
       description="Share of one async worker that polls under the threshold spent asleep in each system call (and running), sampled. "
                   "Many short blocking calls (std::thread::sleep, std::net, a std Mutex) cut throughput with no stall: a kind above 10 % asleep is the LoopwatchThousandCuts alert.")
+y += 8
+
+row("Who waited")
+panel("timeseries", "Victims per second", [(f'sum by (layer, cause) (rate(loopwatch_victims_total{{{SEL}}}[$__rate_interval]))', "{{layer}} {{cause}}")], 0, 12, unit="ops",
+      description="Tasks that waited behind a stall on its worker (head-of-line victims), by the stall's cause (poll hooks under tokio_unstable, or watched futures).")
+panel("timeseries", "Victim wait p99", [(f'histogram_quantile(0.99, sum by (layer, le) (rate(loopwatch_victim_wait_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p99 {{layer}}")], 12, 12, unit="s",
+      description="How long a victim waited behind its stall.")
+y += 8
+panel("timeseries", "Loop lag p99 by runtime", [(f'histogram_quantile(0.99, sum by (runtime, le) (rate(loopwatch_loop_lag_seconds_bucket{{{SEL}}}[$__rate_interval])))', "p99 {{runtime}}")], 0, 12, unit="s",
+      description="A heartbeat task's wait from spawn to first poll (every 25 ms, runtimes given to monitor_runtime): what a task woken now waits for a worker. Stays near 0 while one is free.")
+panel("timeseries", "Schedule delay p99, top kinds", [(f'topk(5, histogram_quantile(0.99, sum by (kind, le) (rate(loopwatch_schedule_delay_seconds_bucket{{{SEL}}}[$__rate_interval]))))', "p99 {{kind}}")], 12, 12, unit="s",
+      description="Wake to poll, for timed polls (tokio_unstable poll hooks with schedule latency, or watched futures).")
+y += 8
+
+row("Blocking pool and CPU pools")
+panel("timeseries", "Blocking pool", [
+    (f'max(loopwatch_blocking_pool_saturation{{{SEL}}})', "saturation"),
+    (f'sum(loopwatch_blocking_jobs_running{{{SEL}}})', "running"),
+    (f'sum(loopwatch_blocking_jobs_queued{{{SEL}}})', "queued")], 0, 12,
+      description="loopwatch::spawn_blocking jobs: running, waiting for a thread, and the pool's saturation (1 = every thread busy). Queued with saturation 1 is the LoopwatchBlockingPoolSaturated alert.")
+panel("timeseries", "Blocking slow starts and CPU-pool jobs", [
+    (f'sum(rate(loopwatch_blocking_slow_starts_total{{{SEL}}}[$__rate_interval]))', "blocking jobs that waited past the threshold"),
+    (f'sum by (pool) (rate(loopwatch_cpu_jobs_total{{{SEL}}}[$__rate_interval]))', "{{pool}} jobs"),
+    (f'sum by (pool) (rate(loopwatch_cpu_jobs_too_fine_total{{{SEL}}}[$__rate_interval]))', "{{pool}} jobs under 50 µs")], 12, 12, unit="ops",
+      description="CPU pools made with Guard::cpu_pool (feature rayon): jobs under 50 µs cost more to dispatch than they gain.")
 y += 8
 
 row("Polls")
@@ -86,7 +114,7 @@ y += 8
 
 row("Runtime")
 panel("timeseries", "Worker busy ratio", [(f'loopwatch_runtime_worker_busy_ratio{{{SEL}}}', "{{runtime}} worker {{worker}}")], 0, 12, unit="percentunit",
-      description="One worker pinned at 100 % while the others idle is a stall's signature.")
+      description="Share of the last export interval each worker was busy (0..1; a worker held by a stall, which neither parks nor wakes, reads 1). One worker pinned at 100 % while the others idle is a stall's signature; all of them near 100 % is load.")
 panel("timeseries", "Queues", [
     (f'sum by (runtime) (loopwatch_runtime_global_queue_depth{{{SEL}}})', "global {{runtime}}"),
     (f'sum by (runtime) (loopwatch_runtime_local_queue_depth{{{SEL}}})', "local {{runtime}}"),

@@ -203,6 +203,9 @@ def main():
             "Poll duration p99 by layer",
             "Worker busy ratio",
             "Oldest running stall",
+            "Loop lag p99 by runtime",
+            "Blocking pool",
+            "Stall duration p50 / p99 by layer",
         }
         for title, q in dashboard_queries():
             result = query(prom, q)
