@@ -1,6 +1,49 @@
-#![doc = include_str!("../README.md")]
+//! Finds the code that stalls a tokio service.
+//!
+//! tokio is cooperative: a task that computes or blocks inside `poll` holds its worker, and
+//! every task queued behind it waits. loopwatch's probes mark each poll's start and end in a
+//! few nanoseconds; a watchdog thread of its own sees a poll that holds a worker past the
+//! threshold *while it runs*, says why (CPU, which blocking system call, starved or throttled
+//! by the host), takes its stack, names the task and the tasks that waited behind it, and
+//! exports it all to Prometheus and OTLP.
+//!
+//! ```rust,no_run
+//! // In `main`, before the runtime: keep the guard alive for as long as the service runs.
+//! let _guard = loopwatch::init(); // and a fmt subscriber on stderr
+//! ```
+//!
+//! ```text
+//! WARN loopwatch: stall detected: stall #1 on async worker 0 (tokio-rt-worker, tid 29571): task GET /report … held the worker for 60.0ms (threshold 10ms) …; cause: cpu; hint: CPU-bound poll: move the work to tokio::task::spawn_blocking …
+//! ```
+//!
+//! # Where to start
+//! - [`init`] / [`try_init`] (one line), or [`builder`] for a [`Builder`] whose
+//!   [`LoopwatchLayer`] goes into your own `tracing` subscriber; the [`Guard`] it returns owns
+//!   the watchdog.
+//! - What is watched: tasks with a span (the layer), futures wrapped in [`watch`] or started
+//!   with [`spawn`], every request through `tower::WatchLayer` (feature `tower`), every task
+//!   under `--cfg tokio_unstable` with `Guard::install_poll_hooks`, and with no probe at all
+//!   a runtime's workers asleep in a system call ([`Guard::monitor_runtime`], Linux x86_64).
+//! - What comes out: [`Stall`] reports (a WARN event per stall, [`Builder::on_stall`]
+//!   callbacks, OTLP spans), the metrics in [`METRICS`] (Prometheus on
+//!   [`DEFAULT_PROMETHEUS_ADDR`], or the application's own `metrics` recorder, or OTLP), and
+//!   [`Guard::snapshot`] ([`Snapshot`]) in process.
+//! - The other layers: [`spawn_blocking`] for tokio's blocking pool and, with feature
+//!   `rayon`, `Guard::cpu_pool` for CPU pools (`CpuPool`).
+//! - Every setting, with its `LOOPWATCH_*` variable: [`Builder`] and [`Config`].
+//!
+//! The README (in the package, and on the project's front page) has the rest: what each build
+//! sees and the recall it reaches, the report's fields, the metrics table, alert rules and a
+//! Grafana dashboard, the OTLP attributes, and what loopwatch costs.
+
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn)]
+
+/// The README's examples, compiled and run as doctests (the crate's front page is the short
+/// one above).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 mod board;
 mod builder;
