@@ -287,46 +287,28 @@ impl Shared {
             .lock()
             .map(|m| m.values().sum())
             .unwrap_or(0);
-        let stalls_by = if !tables {
-            Vec::new()
+        let mut stalls_by = if tables {
+            rows(&self.stall_counts, |k, &count| StallCount {
+                kind: self.board.kinds.get(k.kind).clone(),
+                layer: k.layer,
+                cause: k.cause,
+                count,
+            })
         } else {
-            self.stall_counts
-                .lock()
-                .map(|m| {
-                    let mut v: Vec<StallCount> = m
-                        .iter()
-                        .map(|(k, &count)| StallCount {
-                            kind: self.board.kinds.get(k.kind).clone(),
-                            layer: k.layer,
-                            cause: k.cause,
-                            count,
-                        })
-                        .collect();
-                    v.sort_by_key(|c| std::cmp::Reverse(c.count));
-                    v
-                })
-                .unwrap_or_default()
-        };
-        let time_in_polls = if !tables {
             Vec::new()
-        } else {
-            self.poll_time
-                .lock()
-                .map(|m| {
-                    let mut v: Vec<PollTime> = m
-                        .iter()
-                        .map(|(k, &ns)| PollTime {
-                            kind: self.board.kinds.get(k.kind).clone(),
-                            layer: k.layer,
-                            syscall: k.syscall.map(syscall_name),
-                            time: Duration::from_nanos(ns),
-                        })
-                        .collect();
-                    v.sort_by_key(|t| std::cmp::Reverse(t.time));
-                    v
-                })
-                .unwrap_or_default()
         };
+        let mut time_in_polls = if tables {
+            rows(&self.poll_time, |k, &ns| PollTime {
+                kind: self.board.kinds.get(k.kind).clone(),
+                layer: k.layer,
+                syscall: k.syscall.map(syscall_name),
+                time: Duration::from_nanos(ns),
+            })
+        } else {
+            Vec::new()
+        };
+        stalls_by.sort_by_key(|c| std::cmp::Reverse(c.count));
+        time_in_polls.sort_by_key(|t| std::cmp::Reverse(t.time));
         let poll_durations = if tables {
             self.kind_polls(&self.hist)
         } else {
@@ -398,6 +380,13 @@ impl Shared {
             cpu_too_fine_reports: self.too_fine_reports.load(Ordering::Relaxed),
         }
     }
+}
+
+/// One row per entry of the table behind `m` (empty if its lock was poisoned).
+fn rows<K, V, T>(m: &Mutex<HashMap<K, V>>, row: impl Fn(&K, &V) -> T) -> Vec<T> {
+    m.lock()
+        .map(|m| m.iter().map(|(k, v)| row(k, v)).collect())
+        .unwrap_or_default()
 }
 
 /// A system call's name for labels and snapshots (`#<number>` where the table has none).
