@@ -549,7 +549,10 @@ impl Board {
                     s.set(word.bits());
                 }
                 slot.inner.store(word.bits(), Ordering::Relaxed);
-                if word.is_named() && slot.named.load(Ordering::Relaxed) == 0 {
+                if word.is_named()
+                    && (l.named_left.get() || slot.named.load(Ordering::Relaxed) == 0)
+                {
+                    l.named_left.set(false);
                     slot.named.store(word.bits(), Ordering::Relaxed);
                     if l.first_named.get() == 0 {
                         l.first_named.set(word.bits());
@@ -611,17 +614,19 @@ impl Board {
             };
             slot.inner.store(inner, Ordering::Relaxed);
             // Leaving the span that named the task (or one inside it): the spans around it
-            // have no name (it was the outermost with one).
+            // have no name (it was the outermost with one). The name stays until another
+            // named culprit is entered in this poll, or the poll ends: the task's poll goes on
+            // a moment after the future inside it returned (tokio stores its output, wakes
+            // its joiner), and a stall flagged then is still that future's.
             let named = slot.named.load(Ordering::Relaxed);
             let closed = l.stack.get(open..depth).unwrap_or(&[]);
             if named != 0 && closed.iter().any(|c| c.get() == named) {
                 let outer = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
-                let named = if outer.is_named() {
-                    outer
+                if outer.is_named() {
+                    slot.named.store(outer.bits(), Ordering::Relaxed);
                 } else {
-                    CulpritWord::NONE
-                };
-                slot.named.store(named.bits(), Ordering::Relaxed);
+                    l.named_left.set(true);
+                }
             }
             l.depth.set(open as u32);
         });
@@ -669,6 +674,7 @@ impl Board {
         let named = if word.is_named() { word.bits() } else { 0 };
         slot.named.store(named, Ordering::Relaxed);
         l.first_named.set(named);
+        l.named_left.set(false);
         slot.inner.store(0, Ordering::Relaxed);
         let start = if self.precise_start {
             self.now_ns() | EXACT
@@ -942,6 +948,9 @@ struct Local {
     /// The first named culprit of the current poll, kept when its span is left (`named` on
     /// the slot follows what is open): the name of a poll caught at its end.
     first_named: Cell<u64>,
+    /// The culprit that named the poll (`named` on the slot) was left: the next named one
+    /// entered takes its place.
+    named_left: Cell<bool>,
 }
 
 impl Local {
@@ -986,6 +995,7 @@ thread_local! {
             stack: [const { Cell::new(0) }; 8],
             ids: [const { Cell::new(0) }; 8],
             first_named: Cell::new(0),
+            named_left: Cell::new(false),
         }
     };
     static HOLD: Hold = const { Hold(Cell::new(None)) };
@@ -1051,6 +1061,29 @@ mod tests {
         assert_eq!(read(&b).seq, poll + 1);
         b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
         assert_eq!(read(&b).seq, poll + 2, "the next poll is a poll of its own");
+    }
+
+    #[test]
+    fn a_named_future_left_inside_an_unnamed_task_keeps_naming_its_poll_until_another() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        let named = |n| CulpritWord::kind(n, LayerKind::Async, true);
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        b.enter(GUARD_SPAN, named(2), || 1, Wait::UNKNOWN);
+        assert_eq!(read(&b).named, named(2));
+        // The future returned; the task's poll goes on a moment (tokio stores its output):
+        // a stall flagged now is still the future's.
+        b.exit(GUARD_SPAN);
+        assert_eq!(read(&b).named, named(2));
+        // Another named future in the same poll takes over.
+        b.enter(17, named(3), || 1, Wait::UNKNOWN);
+        assert_eq!(read(&b).named, named(3));
+        b.exit(17);
+        b.exit(TASK_SPAN);
+        // The next poll starts with no name of its own.
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        assert_eq!(read(&b).named, CulpritWord::NONE);
+        b.exit(TASK_SPAN);
     }
 
     #[test]
