@@ -587,11 +587,8 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             cpu_ns: None,
             activity: Activity::Syscall(nr),
         };
-        if let Some((key, ns)) = self.bare_cuts.add(i, kind, LayerKind::Async, &reading) {
-            if let Ok(mut m) = self.shared.poll_time.lock() {
-                *m.entry(key).or_insert(0) += ns;
-            }
-        }
+        let sample = self.bare_cuts.add(i, kind, LayerKind::Async, &reading);
+        self.count_poll_time(sample);
     }
 
     /// Copies the registry's learnt threads, keeping those already followed; whether a
@@ -793,13 +790,21 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         // The same poll still (else the reading may be of the next one, or of none).
         match reading {
             Some(reading) if slot.read().seq == r.seq => {
-                if let Some((key, ns)) = self.cuts.add(i, kind, layer, &reading) {
-                    if let Ok(mut m) = self.shared.poll_time.lock() {
-                        *m.entry(key).or_insert(0) += ns;
-                    }
-                }
+                let sample = self.cuts.add(i, kind, layer, &reading);
+                self.count_poll_time(sample);
             }
             _ => self.cuts.skip(i, now),
+        }
+    }
+
+    /// Adds what a thousand-cuts sample stood for to the running totals
+    /// (`loopwatch_blocked_seconds_total`, `loopwatch_running_seconds_total`).
+    fn count_poll_time(&self, sample: Option<(crate::shared::PollTimeKey, u64)>) {
+        let Some((key, ns)) = sample else {
+            return;
+        };
+        if let Ok(mut m) = self.shared.poll_time.lock() {
+            *m.entry(key).or_insert(0) += ns;
         }
     }
 

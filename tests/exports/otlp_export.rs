@@ -15,6 +15,15 @@ use receiver::{attr, resource_attr, Receiver, Transport};
 const THRESHOLD: Duration = Duration::from_millis(20);
 const STALL: Duration = Duration::from_millis(150);
 
+/// The threshold, no stacks, no Prometheus listener, OTLP to `rx`.
+fn otlp_only(rx: &Receiver) -> loopwatch::Builder {
+    loopwatch::builder()
+        .threshold(THRESHOLD)
+        .stacks(false)
+        .metrics(loopwatch::MetricsExport::Off)
+        .otlp_endpoint(rx.endpoint())
+}
+
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
@@ -172,14 +181,7 @@ fn sampled_time_in_short_polls_is_a_sum_of_seconds() {
     use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value;
     let _serial = common::serial();
     let rx = Receiver::start(Transport::Grpc);
-    let h = common::harness(
-        loopwatch::builder()
-            .threshold(THRESHOLD)
-            .stacks(false)
-            .metrics(loopwatch::MetricsExport::Off)
-            .export_interval(Duration::from_millis(200))
-            .otlp_endpoint(rx.endpoint()),
-    );
+    let h = common::harness(otlp_only(&rx).export_interval(Duration::from_millis(200)));
     let rt = h.runtime(1);
     let started = std::time::Instant::now();
     rt.block_on(async {
@@ -243,13 +245,7 @@ fn a_bad_endpoint_is_a_named_error() {
 fn a_stall_still_running_at_shutdown_goes_out_as_running() {
     let _serial = common::serial();
     let rx = Receiver::start(Transport::Grpc);
-    let h = common::harness(
-        loopwatch::builder()
-            .threshold(THRESHOLD)
-            .stacks(false)
-            .metrics(loopwatch::MetricsExport::Off)
-            .otlp_endpoint(rx.endpoint()),
-    );
+    let h = common::harness(otlp_only(&rx));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
     let rt = h.runtime(1);
