@@ -400,6 +400,12 @@ struct Measure {
     peak_rss: u64,
 }
 
+/// Without the `otlp` feature there is no export to measure.
+#[cfg(not(feature = "otlp"))]
+fn otlp_cost(_scale: f64) {
+    println!("OTLP export cost: not measured (run with --features otlp)");
+}
+
 fn main() {
     match std::env::var("LOOPWATCH_BENCH_ONLY").as_deref() {
         Ok("watchdog") => {
@@ -588,6 +594,7 @@ fn detection_latency(scale: f64) {
 /// same workload (short polls of ~3 µs on 2 workers, with a 15 ms stall every 20 ms so stall
 /// spans keep coming) with loopwatch's OTLP export off, to a port with nothing behind it, and
 /// to a black hole; wall time per variant, best of `ROUNDS`.
+#[cfg(feature = "otlp")]
 fn otlp_cost(scale: f64) {
     use std::net::TcpListener;
     let hole = TcpListener::bind("127.0.0.1:0").unwrap();

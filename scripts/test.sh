@@ -81,15 +81,18 @@ for target in x86_64-apple-darwin x86_64-pc-windows-gnu aarch64-unknown-linux-gn
   CARGO_TARGET_DIR=target/cross cargo check --lib --features "$cross_features" --target "$target"
 done
 
-step "default features (no otlp-tls): an https endpoint from the environment turns OTLP off with a warning"
-cargo test --test otlp_env 2>&1 | tee -a "$log"
-cargo test --lib builder 2>&1 | tee -a "$log"
+step "otlp without otlp-tls: an https endpoint from the environment turns OTLP off with a warning"
+cargo test --features otlp --test otlp_env 2>&1 | tee -a "$log"
+cargo test --features otlp --lib builder 2>&1 | tee -a "$log"
 
 step "the tower layer without axum (no matched route: named by a given route or the method)"
 cargo test --lib --no-default-features --features tower tower 2>&1 | tee -a "$log"
 
-step "without the otlp feature: the OTEL_* variables are ignored, never an error"
-cargo test --lib --no-default-features --features prometheus 2>&1 | tee -a "$log"
+step "default features (no otlp): the OTEL_* variables are ignored, never an error"
+cargo test --lib 2>&1 | tee -a "$log"
+
+step "no default features (no fmt, no prometheus): the library and its layer still build and run"
+cargo test --lib --no-default-features 2>&1 | tee -a "$log"
 
 step "the non-Linux code path (Linux-only diagnosis compiled out with --cfg loopwatch_portable)"
 RUSTFLAGS="--cfg loopwatch_portable -D warnings" CARGO_TARGET_DIR=target/portable \
@@ -164,7 +167,7 @@ grep -qF 'stack="  0: demo::' <<<"$out" || { echo "no named user frame in a rele
 grep -F 'stack="  0: demo::' <<<"$out" | head -n 1 | sed 's/.*stack=/stack=/' || true
 
 step "bench smoke run (numbers at this scale mean nothing; docs/PERFORMANCE.md has the real ones)"
-LOOPWATCH_BENCH_SCALE=0.01 timeout 600 cargo bench --bench overhead
+LOOPWATCH_BENCH_SCALE=0.01 timeout 600 cargo bench --features otlp --bench overhead
 
 echo
 echo "all checks passed"

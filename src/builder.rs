@@ -6,9 +6,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::Layer as _;
+#[cfg(feature = "fmt")]
+use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _, Layer as _};
 
 use crate::config::{self, Config, EnvOverrides, Source};
 use crate::guard::Guard;
@@ -474,6 +473,8 @@ impl Builder {
     /// # Errors
     /// As [`build`](Builder::build), and [`Error::SetGlobalDefault`] if a global subscriber was
     /// already set.
+    #[cfg(feature = "fmt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fmt")))]
     pub fn try_init(self) -> Result<Guard, Error> {
         let (layer, guard) = self.build()?;
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -499,6 +500,8 @@ impl Builder {
     /// # Panics
     /// If a setting or `LOOPWATCH_*` variable is invalid, a thread cannot start, or a global
     /// subscriber is already set. The panic message is the [`Error`]'s.
+    #[cfg(feature = "fmt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "fmt")))]
     pub fn init(self) -> Guard {
         match self.try_init() {
             Ok(g) => g,
@@ -560,6 +563,7 @@ fn ca_certificate(
 
 /// Whether `init`'s log lines get colour: on a terminal, unless `NO_COLOR` is set to anything
 /// but the empty string (<https://no-color.org>).
+#[cfg(feature = "fmt")]
 fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
     terminal && no_color.is_none_or(|v| v.is_empty())
 }
@@ -569,6 +573,7 @@ mod tests {
     use super::*;
     use crate::config::OtelEnv;
 
+    #[cfg(feature = "fmt")]
     #[test]
     fn init_colours_a_terminal_only_and_never_under_no_color() {
         assert!(colour(true, None));

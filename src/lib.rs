@@ -109,6 +109,8 @@ pub fn builder() -> Builder {
 /// # Panics
 /// If a `LOOPWATCH_*` variable is invalid, a thread cannot start, or a global subscriber is
 /// already set: see [`try_init`] for the non-panicking form.
+#[cfg(feature = "fmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fmt")))]
 pub fn init() -> Guard {
     builder().init()
 }
@@ -118,6 +120,8 @@ pub fn init() -> Guard {
 /// # Errors
 /// [`Error::InvalidEnv`] for a bad `LOOPWATCH_*` variable, [`Error::SpawnThread`] if a thread
 /// cannot start, [`Error::SetGlobalDefault`] if a global subscriber is already set.
+#[cfg(feature = "fmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fmt")))]
 pub fn try_init() -> Result<Guard, Error> {
     builder().try_init()
 }

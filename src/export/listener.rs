@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::poll_fn;
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -134,8 +137,8 @@ async fn answer(mut conn: TcpStream, handle: &PrometheusHandle) -> std::io::Resu
         Head::Other => response("405 Method Not Allowed", "text/plain", "GET /metrics\n"),
     };
     tokio::time::timeout(CLIENT_TIMEOUT, async {
-        conn.write_all(response.as_bytes()).await?;
-        conn.shutdown().await
+        write_all(&mut conn, response.as_bytes()).await?;
+        poll_fn(|cx| Pin::new(&mut conn).poll_shutdown(cx)).await
     })
     .await
     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
@@ -158,12 +161,31 @@ async fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<H
         if buf.len() >= MAX_REQUEST {
             return Err(std::io::Error::from(std::io::ErrorKind::InvalidData));
         }
-        let n = conn.read(&mut chunk).await?;
+        let n = read(conn, &mut chunk).await?;
         if n == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// One read into `chunk` (tokio's core traits: the `io-util` extensions would add a crate).
+async fn read(conn: &mut TcpStream, chunk: &mut [u8]) -> std::io::Result<usize> {
+    let mut buf = ReadBuf::new(chunk);
+    poll_fn(|cx| Pin::new(&mut *conn).poll_read(cx, &mut buf)).await?;
+    Ok(buf.filled().len())
+}
+
+/// Writes all of `bytes` to `conn`.
+async fn write_all(conn: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *conn).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
 }
 
 /// The request in `buf`, once its head is complete.
