@@ -466,7 +466,10 @@ impl Builder {
     }
 
     /// Builds loopwatch and sets, as the global default subscriber, a registry with its layer
-    /// and a `fmt` layer that prints to stderr (filtered by `RUST_LOG`, default `info`), in
+    /// and a `fmt` layer that prints to stderr, filtered by `RUST_LOG` (a list of `level` and
+    /// `target=level`, e.g. `warn,my_app=debug`; default `info`; a value it cannot read is
+    /// warned about and `info` used: for span and field filters, build your own subscriber
+    /// with tracing-subscriber's `EnvFilter` and [`build`](Builder::build)'s layer), in
     /// colour only when stderr is a terminal and `NO_COLOR` is not set (a redirected log gets
     /// no escape codes).
     ///
@@ -477,8 +480,7 @@ impl Builder {
     #[cfg_attr(docsrs, doc(cfg(feature = "fmt")))]
     pub fn try_init(self) -> Result<Guard, Error> {
         let (layer, guard) = self.build()?;
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let (filter, rust_log_error) = log_filter(std::env::var("RUST_LOG").ok());
         tracing_subscriber::registry()
             .with(layer)
             .with(
@@ -492,6 +494,9 @@ impl Builder {
             )
             .try_init()
             .map_err(Error::SetGlobalDefault)?;
+        if let Some(why) = rust_log_error {
+            tracing::warn!(target: "loopwatch", "{why}");
+        }
         Ok(guard)
     }
 
@@ -563,6 +568,28 @@ fn ca_certificate(
 
 /// Whether `init`'s log lines get colour: on a terminal, unless `NO_COLOR` is set to anything
 /// but the empty string (<https://no-color.org>).
+/// `init`'s filter from `RUST_LOG`: its `level,target=level` list, or `info` where it is unset,
+/// empty or unreadable (then with the words of a warning).
+#[cfg(feature = "fmt")]
+fn log_filter(rust_log: Option<String>) -> (tracing_subscriber::filter::Targets, Option<String>) {
+    use tracing_subscriber::filter::Targets;
+    let info = || Targets::new().with_default(tracing::Level::INFO);
+    match rust_log.as_deref().map(str::trim) {
+        None | Some("") => (info(), None),
+        Some(v) => match v.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (
+                info(),
+                Some(format!(
+                    "RUST_LOG={v:?} is not a list of `level` and `target=level` ({e}): logging at \
+                     info; for span or field filters, set up your own subscriber with \
+                     tracing-subscriber's EnvFilter and loopwatch::builder().build()'s layer"
+                )),
+            ),
+        },
+    }
+}
+
 #[cfg(feature = "fmt")]
 fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
     terminal && no_color.is_none_or(|v| v.is_empty())
@@ -572,6 +599,30 @@ fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
 mod tests {
     use super::*;
     use crate::config::OtelEnv;
+
+    #[cfg(feature = "fmt")]
+    #[test]
+    fn init_reads_rust_log_as_a_target_list_and_warns_of_what_it_cannot_read() {
+        use tracing::Level;
+        let (f, why) = log_filter(None);
+        assert!(why.is_none());
+        assert!(f.would_enable("anything", &Level::INFO));
+        assert!(!f.would_enable("anything", &Level::DEBUG));
+        let (f, why) = log_filter(Some("warn,my_app=debug".into()));
+        assert!(why.is_none());
+        assert!(f.would_enable("my_app::db", &Level::DEBUG));
+        assert!(!f.would_enable("loopwatch", &Level::INFO));
+        assert!(f.would_enable("loopwatch", &Level::WARN));
+        let (f, why) = log_filter(Some("my_app[request{id=7}]=debug".into()));
+        assert!(f.would_enable("x", &Level::INFO), "falls back to info");
+        let why = why.expect("a warning");
+        assert!(
+            why.contains("RUST_LOG=") && why.contains("EnvFilter"),
+            "{why}"
+        );
+        let (_, why) = log_filter(Some("  ".into()));
+        assert!(why.is_none(), "blank is unset");
+    }
 
     #[cfg(feature = "fmt")]
     #[test]

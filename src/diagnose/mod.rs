@@ -14,6 +14,8 @@ use std::fmt;
 
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod cgroup;
+#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+pub(crate) mod elf;
 pub(crate) mod ports;
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) mod proc;

@@ -5,7 +5,7 @@
 //! that handed its core over, is never taken for a stalled async worker.
 //!
 //! The address ranges come from the executable's own symbol table (`.symtab`, read once from
-//! `/proc/self/exe` and dropped; tokio is linked into it statically): every function of tokio's
+//! `/proc/self/exe`; tokio is linked into it statically): every function of tokio's
 //! that runs a task on a worker (`multi_thread::worker::Context::run_task`, and the
 //! current-thread scheduler's `Context::run_task` and `CoreGuard::block_on`), and every one
 //! that marks the thread as not an async worker (`BlockingTask`'s poll, `block_in_place`). A
@@ -13,8 +13,6 @@
 //! off (said once).
 
 use std::ops::Range;
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-use std::{fs::File, os::unix::fs::FileExt};
 
 /// What a stack says of its thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,16 +122,21 @@ pub(crate) fn role_of(demangled: &str) -> Option<Role> {
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
 pub(crate) fn load() -> Result<Roles, String> {
     let bias = main_bias().ok_or("the executable's load address is unknown")?;
-    let file = File::open("/proc/self/exe").map_err(|e| format!("/proc/self/exe: {e}"))?;
+    // The map is the symbolizer's too (`elf::map` maps each file once and keeps it).
+    let file = super::elf::Elf::parse(super::elf::map("/proc/self/exe")?)?;
     let mut symbols = Vec::new();
-    read_symbols(&file, &mut |name, value, size| {
-        if name.contains("tokio") {
-            let demangled = format!("{:#}", rustc_demangle::demangle(name));
+    let full = file.functions(&mut |name, value, size| {
+        if name.windows(5).any(|w| w == b"tokio") {
+            let name = String::from_utf8_lossy(name);
+            let demangled = format!("{:#}", rustc_demangle::demangle(&name));
             if role_of(&demangled).is_some() {
                 symbols.push((demangled, value as usize + bias, size as usize));
             }
         }
-    })?;
+    });
+    if !full {
+        return Err("the executable has no symbol table (stripped)".into());
+    }
     let roles = Roles::from_symbols(symbols.iter().map(|(n, s, z)| (n.as_str(), *s, *z)));
     if roles.known() {
         Ok(roles)
@@ -172,102 +175,6 @@ fn main_bias() -> Option<usize> {
         libc::dl_iterate_phdr(Some(first), (&mut bias as *mut Option<usize>).cast());
     }
     bias
-}
-
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-const SHT_SYMTAB: u32 = 2;
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-const STT_FUNC: u8 = 2;
-/// The largest string table read (a 100 MB debug binary's is about 30 MB).
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-const MAX_STRTAB: u64 = 256 << 20;
-
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-fn read_at(file: &File, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-    let len = usize::try_from(len).map_err(|_| "section too large")?;
-    let mut buf = vec![0; len];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|e| format!("reading the executable: {e}"))?;
-    Ok(buf)
-}
-
-#[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-/// Calls `each(name, value, size)` for every function in the ELF64 little-endian `file`'s
-/// `.symtab`. Reads the section headers, then the symbol and string tables, in one piece each.
-pub(crate) fn read_symbols(
-    file: &File,
-    each: &mut dyn FnMut(&str, u64, u64),
-) -> Result<(), String> {
-    let bad = || "not an ELF64 little-endian executable".to_string();
-    let header = read_at(file, 0, 64)?;
-    if header.get(..4) != Some(b"\x7fELF".as_slice()) || header[4] != 2 || header[5] != 1 {
-        return Err(bad());
-    }
-    let shoff = u64_at(&header, 0x28).ok_or_else(bad)?;
-    let shentsize = u64::from(u16_at(&header, 0x3a).ok_or_else(bad)?);
-    let shnum = u64::from(u16_at(&header, 0x3c).ok_or_else(bad)?);
-    if shentsize < 64 || shnum == 0 {
-        return Err(bad());
-    }
-    let sections = read_at(file, shoff, shentsize * shnum)?;
-    let section = |i: u64| -> Option<(u32, u64, u64, u32, u64)> {
-        let at = usize::try_from(i * shentsize).ok()?;
-        Some((
-            u32_at(&sections, at + 4)?,  // type
-            u64_at(&sections, at + 24)?, // offset
-            u64_at(&sections, at + 32)?, // size
-            u32_at(&sections, at + 40)?, // link
-            u64_at(&sections, at + 56)?, // entry size
-        ))
-    };
-    let symtab = (0..shnum)
-        .filter_map(section)
-        .find(|s| s.0 == SHT_SYMTAB)
-        .ok_or("the executable has no symbol table (stripped)")?;
-    let (_, sym_off, sym_size, link, entsize) = symtab;
-    if entsize < 24 {
-        return Err(bad());
-    }
-    let (_, str_off, str_size, _, _) = section(u64::from(link)).ok_or_else(bad)?;
-    if str_size > MAX_STRTAB {
-        return Err("the symbol table's strings are too large".into());
-    }
-    let strings = read_at(file, str_off, str_size)?;
-    let syms = read_at(file, sym_off, sym_size)?;
-    let entsize = entsize as usize;
-    for sym in syms.chunks_exact(entsize) {
-        if sym[4] & 0xf != STT_FUNC {
-            continue;
-        }
-        let (Some(name_at), Some(value), Some(size)) =
-            (u32_at(sym, 0), u64_at(sym, 8), u64_at(sym, 16))
-        else {
-            continue;
-        };
-        let Some(rest) = strings.get(name_at as usize..) else {
-            continue;
-        };
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        if let Ok(name) = std::str::from_utf8(&rest[..end]) {
-            each(name, value, size);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 //! the addresses up on a later tick (it never waits for the handler), and the reporter thread
 //! symbolizes them.
 //!
-//! The walk uses the platform unwinder (`_Unwind_Backtrace`) through `backtrace`'s unsynchronized
-//! tracer, the approach of `pprof-rs`'s signal handler. It allocates nothing; glibc's
+//! The walk calls the platform unwinder (`_Unwind_Backtrace`, which std links) directly, the
+//! approach of `pprof-rs`'s signal handler. It allocates nothing; glibc's
 //! `dl_iterate_phdr` lock it may take is recursive, so a thread interrupted while holding it does
 //! not deadlock.
 //!
@@ -145,23 +145,44 @@ extern "C" fn handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut
     let me = unsafe { libc::gettid() };
     let armed = CAPTURE.word.load(Ordering::Acquire);
     if let Some(claimed) = claim(armed, me) {
-        let mut n = 0;
-        // SAFETY: tracing this thread's own stack; the callback only stores into atomics.
+        let mut n = 0usize;
+        // SAFETY: unwinding this thread's own stack; the callback only stores into atomics
+        // and the counter passed as its argument.
         unsafe {
-            backtrace::trace_unsynchronized(|frame| {
-                if n < MAX_FRAMES {
-                    CAPTURE.ips[n].store(frame.ip() as usize, Ordering::Relaxed);
-                    n += 1;
-                    true
-                } else {
-                    false
-                }
-            });
+            _Unwind_Backtrace(store_frame, (&mut n as *mut usize).cast());
         }
         finish(claimed, n);
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
+}
+
+// The unwinder of the C runtime (libgcc_s, or libunwind on musl), which std links on Linux:
+// `_Unwind_Backtrace` walks the calling thread's stack with the DWARF CFI and calls back once
+// per frame; `_Unwind_GetIP` reads a frame's instruction pointer.
+extern "C" {
+    fn _Unwind_Backtrace(
+        trace: extern "C" fn(*mut libc::c_void, *mut libc::c_void) -> libc::c_int,
+        arg: *mut libc::c_void,
+    ) -> libc::c_int;
+    fn _Unwind_GetIP(ctx: *mut libc::c_void) -> usize;
+}
+
+/// `_URC_NO_REASON`: go on to the next frame.
+const URC_NO_REASON: libc::c_int = 0;
+/// `_URC_END_OF_STACK`: stop the walk.
+const URC_END_OF_STACK: libc::c_int = 5;
+
+/// One frame of the handler's walk: its address into the capture, until it is full.
+extern "C" fn store_frame(ctx: *mut libc::c_void, arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the handler's frame counter; `ctx` the unwinder's live context.
+    let (n, ip) = unsafe { (&mut *arg.cast::<usize>(), _Unwind_GetIP(ctx)) };
+    if *n >= MAX_FRAMES || ip == 0 {
+        return URC_END_OF_STACK;
+    }
+    CAPTURE.ips[*n].store(ip, Ordering::Relaxed);
+    *n += 1;
+    URC_NO_REASON
 }
 
 /// The handler's claim: `armed` is the slot's word as it read it, `me` its thread. Claims the

@@ -4,7 +4,10 @@
 //! the runtime, the standard library and loopwatch folded away so the first frame shown is the
 //! user's code.
 
-use super::{Frame, Stack};
+use std::ops::Range;
+use std::sync::Mutex;
+
+use super::{elf, Frame, Stack};
 
 /// Crates whose frames are folded: they are the machinery around the user's code.
 const FOLDED_CRATES: &[&str] = &[
@@ -60,26 +63,14 @@ pub(crate) fn symbolize(ips: &[usize]) -> Stack {
 /// inlined function, innermost first (as debug info tells; without it, one frame).
 pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
     let mut frames = Vec::with_capacity(ips.len());
+    // One symbolizer for the process: the reporter's symbol thread, and tests. Never on a
+    // watched thread.
+    static SYMBOLS: Mutex<Option<Symbols>> = Mutex::new(None);
+    let mut guard = SYMBOLS.lock().unwrap_or_else(|p| p.into_inner());
+    let symbols = guard.get_or_insert_with(Symbols::default);
     for &ip in ips {
         let before = frames.len();
-        backtrace::resolve(ip as *mut std::ffi::c_void, |sym| {
-            let (location, dependency) = match (sym.filename(), sym.lineno()) {
-                (Some(file), Some(line)) => {
-                    let file = file.to_string_lossy();
-                    // Debug info holds the build machine's absolute paths: shown as
-                    // loopwatch shows every path (relative to the crate, or `src/…`).
-                    let shown = crate::paths::show(&file);
-                    (Some(format!("{}:{line}", shown.path)), shown.dependency)
-                }
-                _ => (None, false),
-            };
-            frames.push(Frame {
-                function: sym.name().map(|n| format!("{n:#}")),
-                location,
-                ip,
-                dependency,
-            });
-        });
+        symbols.frames(ip, &mut frames);
         if frames.len() == before {
             frames.push(Frame {
                 function: None,
@@ -90,6 +81,237 @@ pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
         }
     }
     frames
+}
+
+type Reader = gimli::EndianSlice<'static, gimli::LittleEndian>;
+
+/// The modules of this process, each loaded at its first address.
+#[derive(Default)]
+struct Symbols {
+    modules: Vec<Module>,
+    /// When the module list was last read: an address in no known module (a library loaded
+    /// since) reads it again, at most once a second.
+    listed: Option<std::time::Instant>,
+}
+
+/// One loaded object: where it is mapped, and its symbols once read.
+struct Module {
+    path: String,
+    bias: u64,
+    ranges: Vec<Range<u64>>,
+    symbols: Option<Option<Loaded>>,
+}
+
+/// A module's functions (by address) and, with debug info, its DWARF.
+struct Loaded {
+    data: &'static [u8],
+    functions: Vec<Function>,
+    dwarf: Option<addr2line::Context<Reader>>,
+}
+
+/// A function of the symbol table: its start and size (file addresses), and where its name is
+/// in the mapped file.
+#[derive(Clone, Copy)]
+struct Function {
+    start: u64,
+    name_at: u64,
+    size: u32,
+    name_len: u32,
+}
+
+impl Symbols {
+    /// Pushes the frames of return address `ip` (none if no module holds it).
+    fn frames(&mut self, ip: usize, out: &mut Vec<Frame>) {
+        let avma = ip as u64;
+        let mut found = self.module_of(avma);
+        if found.is_none() && self.listed.is_none_or(|t| t.elapsed().as_secs() >= 1) {
+            self.list();
+            found = self.module_of(avma);
+        }
+        let Some(m) = found.and_then(|i| self.modules.get_mut(i)) else {
+            return;
+        };
+        let bias = m.bias;
+        let Some(loaded) = m.symbols.get_or_insert_with(|| Loaded::open(&m.path)) else {
+            return;
+        };
+        // A return address is one past its call: look the call up.
+        let probe = avma.saturating_sub(1).wrapping_sub(bias);
+        let symtab = loaded.name_of(probe);
+        let before = out.len();
+        if let Some(dwarf) = &loaded.dwarf {
+            if let Ok(mut iter) = dwarf.find_frames(probe).skip_all_loads() {
+                while let Ok(Some(f)) = iter.next() {
+                    let function = f
+                        .function
+                        .as_ref()
+                        .and_then(|n| n.raw_name().ok())
+                        .map(|raw| demangled(&raw));
+                    let (location, dependency) = match f.location {
+                        Some(addr2line::Location {
+                            file: Some(file),
+                            line: Some(line),
+                            ..
+                        }) => {
+                            // Debug info holds the build machine's absolute paths: shown as
+                            // loopwatch shows every path (relative to the crate, or `src/…`).
+                            let shown = crate::paths::show(file);
+                            (Some(format!("{}:{line}", shown.path)), shown.dependency)
+                        }
+                        _ => (None, false),
+                    };
+                    out.push(Frame {
+                        function,
+                        location,
+                        ip,
+                        dependency,
+                    });
+                }
+            }
+        }
+        if out.len() > before {
+            // The outermost frame is the function the symbol table names.
+            if let Some(last) = out.last_mut().filter(|l| l.function.is_none()) {
+                last.function = symtab;
+            }
+        } else if symtab.is_some() {
+            out.push(Frame {
+                function: symtab,
+                location: None,
+                ip,
+                dependency: false,
+            });
+        }
+    }
+
+    fn module_of(&self, avma: u64) -> Option<usize> {
+        self.modules
+            .iter()
+            .position(|m| m.ranges.iter().any(|r| r.contains(&avma)))
+    }
+
+    /// Reads the list of loaded objects, keeping what is already loaded of those still there.
+    fn list(&mut self) {
+        self.listed = Some(std::time::Instant::now());
+        let mut found: Vec<Module> = Vec::new();
+        // SAFETY: dl_iterate_phdr calls `each` with a valid `dl_phdr_info` for every loaded
+        // object; `each` only reads it and pushes to the `Vec` passed as `data`.
+        unsafe {
+            libc::dl_iterate_phdr(Some(each), (&mut found as *mut Vec<Module>).cast());
+        }
+        for m in &mut found {
+            if let Some(old) = self
+                .modules
+                .iter_mut()
+                .find(|o| o.path == m.path && o.bias == m.bias)
+            {
+                m.symbols = old.symbols.take();
+            }
+        }
+        self.modules = found;
+    }
+}
+
+unsafe extern "C" fn each(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: `data` is the `Vec` `list` passed; `info` is valid for this call.
+    let (out, info) = unsafe { (&mut *data.cast::<Vec<Module>>(), &*info) };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: dlpi_phdr points to dlpi_phnum program headers of the object.
+        let phdrs =
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
+        let bias = info.dlpi_addr;
+        let ranges: Vec<Range<u64>> = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_LOAD)
+            .map(|p| bias + p.p_vaddr..bias + p.p_vaddr + p.p_memsz)
+            .collect();
+        let name = if info.dlpi_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a non-null dlpi_name is a NUL-terminated string.
+            unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        // The executable comes first, with no name.
+        let path = if name.is_empty() && out.is_empty() {
+            "/proc/self/exe".to_string()
+        } else {
+            name
+        };
+        if !path.is_empty() && !ranges.is_empty() {
+            out.push(Module {
+                path,
+                bias,
+                ranges,
+                symbols: None,
+            });
+        }
+    }));
+    0
+}
+
+impl Loaded {
+    /// Maps the module's file and reads its symbols; `None` if it cannot be read (the vDSO,
+    /// a deleted library, not ELF).
+    fn open(path: &str) -> Option<Loaded> {
+        let data = elf::map(path).ok()?;
+        let file = elf::Elf::parse(data).ok()?;
+        let base = data.as_ptr() as u64;
+        let mut functions = Vec::new();
+        file.functions(&mut |name, value, size| {
+            if let (Ok(size), Ok(name_len)) = (u32::try_from(size), u32::try_from(name.len())) {
+                functions.push(Function {
+                    start: value,
+                    name_at: name.as_ptr() as u64 - base,
+                    size,
+                    name_len,
+                });
+            }
+        });
+        functions.sort_by_key(|f| f.start);
+        functions.shrink_to_fit();
+        let dwarf = file
+            .section(".debug_info")
+            .filter(|d| !d.is_empty())
+            .and_then(|_| {
+                let dwarf = gimli::Dwarf::load(|id| {
+                    Ok::<_, ()>(gimli::EndianSlice::new(
+                        file.section(id.name()).unwrap_or(&[]),
+                        gimli::LittleEndian,
+                    ))
+                })
+                .ok()?;
+                addr2line::Context::from_dwarf(dwarf).ok()
+            });
+        Some(Loaded {
+            data,
+            functions,
+            dwarf,
+        })
+    }
+
+    /// The symbol table's name (demangled) of the function holding file address `probe`.
+    fn name_of(&self, probe: u64) -> Option<String> {
+        let i = self.functions.partition_point(|f| f.start <= probe);
+        let f = self.functions.get(i.checked_sub(1)?)?;
+        // A size of 0 (some assembly) covers up to the next function.
+        if f.size != 0 && probe >= f.start.saturating_add(u64::from(f.size)) {
+            return None;
+        }
+        let at = usize::try_from(f.name_at).ok()?;
+        let raw = self.data.get(at..at + f.name_len as usize)?;
+        Some(demangled(&String::from_utf8_lossy(raw)))
+    }
+}
+
+/// A symbol as shown: a Rust name demangled without its hash, any other as it is.
+fn demangled(raw: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(raw))
 }
 
 /// Drops the frames up to and including the signal trampoline (the handler and the unwinder),

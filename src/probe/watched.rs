@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
-use atomic_waker::AtomicWaker;
+use futures_util::task::AtomicWaker;
 
 use crate::board::{Board, CLOCK_UNKNOWN, PROBE};
 use crate::probe::layer::current_task_id;
