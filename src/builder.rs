@@ -130,7 +130,9 @@ impl Builder {
     /// Turns the OTLP export on or off. By default it is on when an
     /// `OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}ENDPOINT` variable is set (and
     /// `OTEL_SDK_DISABLED` is not `true`), or when [`otlp_endpoint`](Builder::otlp_endpoint) is
-    /// called. Env: `LOOPWATCH_OTLP` (`1`/`0`) overrides everything.
+    /// called. Env: `LOOPWATCH_OTLP` (`1`/`0`) overrides everything. Needs the `otlp` cargo
+    /// feature: without it, turning the export on in code is a named error from
+    /// [`build`](Builder::build), and the `OTEL_*` variables are ignored.
     pub fn otlp(mut self, on: bool) -> Self {
         self.otlp.on = Some(on);
         self
@@ -139,7 +141,8 @@ impl Builder {
     /// Sends OTLP to this collector (and turns the export on): the base address, as in
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` (`http://collector:4317` for gRPC, `http://collector:4318`
     /// for HTTP, where `/v1/traces` and `/v1/metrics` are added). As with OpenTelemetry's own
-    /// SDKs, a value given in code wins over `OTEL_EXPORTER_OTLP_*ENDPOINT`.
+    /// SDKs, a value given in code wins over `OTEL_EXPORTER_OTLP_*ENDPOINT`. Needs the `otlp`
+    /// cargo feature (see [`otlp`](Builder::otlp)).
     pub fn otlp_endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.otlp.endpoint = Some(endpoint.into());
         self
@@ -469,7 +472,9 @@ impl Builder {
     /// and a `fmt` layer that prints to stderr, filtered by `RUST_LOG` (a list of `level` and
     /// `target=level`, e.g. `warn,my_app=debug`; default `info`; a value it cannot read is
     /// warned about and `info` used: for span and field filters, build your own subscriber
-    /// with tracing-subscriber's `EnvFilter` and [`build`](Builder::build)'s layer), in
+    /// with tracing-subscriber's `EnvFilter` and [`build`](Builder::build)'s layer), with
+    /// loopwatch's reports in one short line each ([`LogFields`](crate::LogFields)); with the
+    /// `ansi` feature, in
     /// colour only when stderr is a terminal and `NO_COLOR` is not set (a redirected log gets
     /// no escape codes).
     ///
@@ -485,11 +490,17 @@ impl Builder {
             .with(layer)
             .with(
                 tracing_subscriber::fmt::layer()
+                    .fmt_fields(crate::LogFields::default())
                     .with_writer(std::io::stderr)
-                    .with_ansi(colour(
-                        std::io::IsTerminal::is_terminal(&std::io::stderr()),
-                        std::env::var_os("NO_COLOR"),
-                    ))
+                    // tracing-subscriber panics (in a debug build) on colour without its
+                    // `ansi` feature.
+                    .with_ansi(
+                        cfg!(feature = "ansi")
+                            && colour(
+                                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                                std::env::var_os("NO_COLOR"),
+                            ),
+                    )
                     .with_filter(filter),
             )
             .try_init()

@@ -40,29 +40,62 @@ pub(crate) const BLOCKING_POOL_FULL: &str = "the blocking pool is full: jobs tha
 /// `""` for a call loopwatch cannot name).
 pub(crate) fn syscall(name: &str) -> &'static str {
     match name {
-        "nanosleep" | "clock_nanosleep" => {
-            "std::thread::sleep on an async worker: use tokio::time::sleep"
-        }
-        "futex" | "futex_waitv" => {
-            "a lock or blocking channel holds the worker: shorten the critical section, or use \
-             the async primitive (tokio::sync::Mutex, tokio::sync::mpsc)"
-        }
-        "fsync" | "fdatasync" | "sync" | "syncfs" | "sync_file_range" => {
-            "a blocking fsync on an async worker: move it to tokio::task::spawn_blocking"
-        }
-        "epoll_wait" | "epoll_pwait" | "epoll_pwait2" => {
-            "a nested event loop (block_on inside a task?) blocks the worker: await the future \
-             instead"
-        }
+        "nanosleep" | "clock_nanosleep" => SLEEP,
+        "futex" | "futex_waitv" => LOCK,
+        "fsync" | "fdatasync" | "sync" | "syncfs" | "sync_file_range" => FSYNC,
+        "epoll_wait" | "epoll_pwait" | "epoll_pwait2" => NESTED_LOOP,
         "read" | "readv" | "pread64" | "preadv2" | "recvfrom" | "recvmsg" | "recvmmsg"
         | "write" | "writev" | "pwrite64" | "pwritev2" | "sendto" | "sendmsg" | "sendmmsg"
         | "connect" | "accept" | "accept4" | "poll" | "ppoll" | "select" | "pselect6"
-        | "openat" | "open" | "sendfile" | "splice" => {
-            "blocking I/O on an async worker: use the tokio equivalent (tokio::net, tokio::fs) or \
-             tokio::task::spawn_blocking"
-        }
-        _ => "a blocking system call on an async worker: move it to tokio::task::spawn_blocking",
+        | "openat" | "open" | "sendfile" | "splice" => BLOCKING_IO,
+        _ => BLOCKING_CALL,
     }
+}
+
+const SLEEP: &str = "std::thread::sleep on an async worker: use tokio::time::sleep";
+const LOCK: &str = "a lock or blocking channel holds the worker: shorten the critical section, \
+     or use the async primitive (tokio::sync::Mutex, tokio::sync::mpsc)";
+const FSYNC: &str = "a blocking fsync on an async worker: move it to tokio::task::spawn_blocking";
+const NESTED_LOOP: &str = "a nested event loop (block_on inside a task?) blocks the worker: await \
+     the future instead";
+const BLOCKING_IO: &str = "blocking I/O on an async worker: use the tokio equivalent (tokio::net, \
+     tokio::fs) or tokio::task::spawn_blocking";
+const BLOCKING_CALL: &str =
+    "a blocking system call on an async worker: move it to tokio::task::spawn_blocking";
+
+/// Each stall hint, and the few words of it a one-line log message has room for.
+const SHORT: &[(&str, &str)] = &[
+    (CPU, "move it to spawn_blocking or a CPU pool, or yield"),
+    (STARVED, "the host is out of CPU, not this code"),
+    (
+        THROTTLED,
+        "the CPU quota ran out: raise it or size the runtime to it",
+    ),
+    (
+        CPU_POOL_WAITING,
+        "a CPU pool job waits in a call: wait on async tasks instead",
+    ),
+    (SLEEP, "std::thread::sleep: use tokio::time::sleep"),
+    (
+        LOCK,
+        "a lock holds the worker: shorten it or use tokio::sync",
+    ),
+    (FSYNC, "fsync: move it to spawn_blocking"),
+    (NESTED_LOOP, "a nested block_on: await the future instead"),
+    (
+        BLOCKING_IO,
+        "blocking I/O: use tokio::net/tokio::fs or spawn_blocking",
+    ),
+    (BLOCKING_CALL, "a blocking call: move it to spawn_blocking"),
+];
+
+/// The short form of a stall's `hint` for a one-line log message (the whole hint stays in the
+/// report and its `hint` field); a hint with no short form as it is.
+pub(crate) fn short(hint: &'static str) -> &'static str {
+    SHORT
+        .iter()
+        .find(|(full, _)| *full == hint)
+        .map_or(hint, |(_, short)| short)
 }
 
 #[cfg(test)]
@@ -77,5 +110,31 @@ mod tests {
         assert!(syscall("fdatasync").contains("spawn_blocking"));
         assert!(syscall("epoll_wait").contains("block_on"));
         assert_eq!(syscall(""), syscall("made_up"));
+    }
+
+    #[test]
+    fn every_stall_hint_has_a_short_form_that_keeps_its_key_words() {
+        for call in [
+            "nanosleep",
+            "futex",
+            "fsync",
+            "epoll_wait",
+            "read",
+            "made_up",
+        ] {
+            let full = syscall(call);
+            assert_ne!(short(full), full, "{call}");
+        }
+        for (full, s) in SHORT {
+            assert!(s.len() <= 64, "{s}");
+            assert!(s.len() < full.len(), "{s}");
+        }
+        assert!(short(SLEEP).contains("tokio::time::sleep"));
+        assert!(short(CPU).contains("spawn_blocking"));
+        assert_eq!(
+            short(BLOCKING_POOL_FULL),
+            BLOCKING_POOL_FULL,
+            "a notice's hint"
+        );
     }
 }

@@ -38,6 +38,8 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_op_in_unsafe_fn)]
+// `init`, `try_init` and `LogFields` are named in the docs of items that exist without them.
+#![cfg_attr(not(feature = "fmt"), allow(rustdoc::broken_intra_doc_links))]
 
 /// The README's examples, compiled and run as doctests (the crate's front page is the short
 /// one above).
@@ -54,6 +56,8 @@ mod export;
 mod guard;
 mod hints;
 mod kinds;
+#[cfg(feature = "fmt")]
+mod log_fields;
 mod paths;
 mod probe;
 mod report;
@@ -81,6 +85,9 @@ pub use error::Error;
 pub use export::table::{MetricDef, MetricKind, MetricUnit, DURATION_BUCKETS, METRICS};
 pub use guard::Guard;
 pub use kinds::TaskKind;
+#[cfg(feature = "fmt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fmt")))]
+pub use log_fields::LogFields;
 pub use probe::blocking::spawn_blocking;
 #[cfg(feature = "rayon")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
@@ -95,7 +102,8 @@ pub use snapshot::{
     Histogram, KindPolls, OtlpStats, PollTime, RuntimeLag, Snapshot, StallCount, POLL_BUCKETS_NS,
 };
 pub use stall::{
-    CpuTime, LayerKind, StackStatus, Stall, StallState, TaskInfo, Victim, Victims, WorkerInfo,
+    CpuTime, LayerKind, StackStatus, Stall, StallState, Summary, TaskInfo, Victim, Victims,
+    WorkerInfo,
 };
 
 /// A [`Builder`] with the defaults (and `LOOPWATCH_*` variables applied when it is built).

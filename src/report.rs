@@ -336,6 +336,7 @@ fn event(s: &Stall, update: bool) {
         victims.worst_ms = s.victims.worst_wait.as_secs_f64() * 1e3,
         victims.kinds = victim_kinds.as_str(),
         stack = stack.as_deref(),
-        "{msg}: {s}"
+        "{msg}: {}",
+        s.summary()
     );
 }

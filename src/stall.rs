@@ -276,6 +276,15 @@ impl Stall {
         }
     }
 
+    /// The report in one line of about 200 characters, as loopwatch's log event says it: the
+    /// task, where (its span, the top frame of its code), how long, the cause (with the
+    /// runner-up only when it took a quarter or more of the sampled time), a short hint and
+    /// the tasks that waited. The whole report is this `Stall`'s `Display`; every fact is a
+    /// field of the event.
+    pub fn summary(&self) -> Summary<'_> {
+        Summary(self)
+    }
+
     /// The task's label: its name, else its site, else `unknown`.
     pub fn task_label(&self) -> &str {
         self.task
@@ -283,6 +292,79 @@ impl Stall {
             .as_deref()
             .or(self.task.site.as_deref())
             .unwrap_or("unknown")
+    }
+}
+
+/// A stall's report in one line: see [`Stall::summary`].
+#[derive(Debug, Clone, Copy)]
+pub struct Summary<'a>(&'a Stall);
+
+impl fmt::Display for Summary<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        let state = match s.state {
+            StallState::Running if s.probe_free => "running, seen with no probe",
+            StallState::Ended if s.probe_free => "ended, seen with no probe",
+            StallState::Running => "running",
+            StallState::Ended if s.caught_at_end => "caught as it ended",
+            StallState::Ended => "ended",
+        };
+        write!(f, "stall #{} ({state}): task {}", s.id, s.task_label())?;
+        // A span is `name (file:line)`: the name says enough here.
+        let span = s
+            .task
+            .span
+            .as_deref()
+            .map(|sp| sp.split(" (").next().unwrap_or(sp));
+        if let Some(span) = span {
+            write!(f, " in span {span}")?;
+        }
+        let top = s.stack.as_ref().and_then(|st| st.top_user_frame());
+        if let Some((func, at)) = top.and_then(|t| Some((t.function_name()?, &t.location))) {
+            // The function is said unless the task's name says it, or its span does and the
+            // location says where (without debug info, the function is all there is).
+            let said = s.task.named_by_stack
+                || (at.is_some()
+                    && span.is_some_and(|sp| func == sp || func.ends_with(&format!("::{sp}"))));
+            if !said {
+                write!(f, " in {func}")?;
+            }
+            if let Some(at) = at {
+                write!(f, " at {at}")?;
+            }
+        }
+        write!(
+            f,
+            " held {} worker {} for {:.1?}; cause: {}",
+            s.layer, s.worker.index, s.duration, s.cause
+        )?;
+        let runner_up = s
+            .cause_shares
+            .iter()
+            .filter(|c| c.cause != s.cause)
+            .find(|c| c.share >= 0.25);
+        if let Some(c) = runner_up {
+            write!(f, " ({} {:.0}%)", c.cause, c.share * 100.0)?;
+        }
+        if let (Cause::Cpu, Some(x)) = (s.cause, s.cpu.and_then(|c| c.stretch())) {
+            if x >= 1.5 {
+                write!(f, ", stretched x{x:.1}")?;
+            }
+        }
+        if let Some(h) = s.hint {
+            write!(f, "; hint: {}", crate::hints::short(h))?;
+        }
+        let v = &s.victims;
+        if v.count > 0 {
+            write!(
+                f,
+                "; {} task{} waited behind it (worst {:.1?})",
+                v.count,
+                if v.count == 1 { "" } else { "s" },
+                v.worst_wait
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -504,6 +586,113 @@ mod tests {
         let mut s = tests_support::stall();
         s.stack = Some(Arc::new(Stack { frames, folded: 3 }));
         s
+    }
+
+    fn a_full_stall() -> Stall {
+        let mut s = with_stack(vec![
+            frame("std::thread::sleep", true),
+            Frame {
+                location: Some("src/report.rs:154".into()),
+                ..frame("app::render_report::{{closure}}::{{closure}}", false)
+            },
+        ]);
+        s.id = 12;
+        s.state = StallState::Ended;
+        s.duration = Duration::from_micros(61_300);
+        s.task.name = Some("GET /report".into());
+        s.task.id = Some(4411);
+        s.task.site = Some("src/main.rs:40:5".into());
+        s.task.span = Some("render_report (src/report.rs:149)".into());
+        s.worker.thread_name = Some("tokio-runtime-worker".into());
+        s.worker.tid = Some(29571);
+        s.cause = Cause::Cpu;
+        s.cause_shares = vec![
+            CauseShare {
+                cause: Cause::Starved,
+                share: 0.52,
+            },
+            CauseShare {
+                cause: Cause::Cpu,
+                share: 0.48,
+            },
+        ];
+        s.cpu = Some(CpuTime {
+            cpu: Duration::from_millis(48),
+            sampled: Duration::from_millis(100),
+        });
+        s.hint = Cause::Cpu.hint();
+        s.victims = Victims {
+            tracked: true,
+            count: 37,
+            total_wait: Duration::from_millis(900),
+            worst_wait: Duration::from_micros(45_200),
+            ..Victims::default()
+        };
+        s
+    }
+
+    #[test]
+    fn the_summary_says_who_where_how_long_why_and_who_waited_in_one_short_line() {
+        let s = a_full_stall();
+        let line = s.summary().to_string();
+        assert_eq!(
+            line,
+            "stall #12 (ended): task GET /report in span render_report at src/report.rs:154 \
+             held async worker 0 for 61.3ms; cause: cpu (starved 52%), stretched x2.1; hint: \
+             move it to spawn_blocking or a CPU pool, or yield; 37 tasks waited behind it \
+             (worst 45.2ms)"
+        );
+        assert!(line.len() <= 250, "{}", line.len());
+        // The common case: no runner-up, no victims.
+        let mut plain = s.clone();
+        plain.cause_shares.clear();
+        plain.cpu = None;
+        plain.victims = Victims::default();
+        assert!(
+            plain.summary().to_string().len() <= 200,
+            "{}",
+            plain.summary()
+        );
+        assert!(
+            s.to_string().len() > line.len(),
+            "the whole report says more"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_the_runner_up_cause_only_when_it_is_material() {
+        let mut s = a_full_stall();
+        s.cause_shares[0].share = 0.2;
+        s.cause_shares[1].share = 0.8;
+        s.cpu = None;
+        let line = s.summary().to_string();
+        assert!(line.contains("; cause: cpu; hint"), "{line}");
+        // Without a location, the function is all there is to say where.
+        s.stack = Some(Arc::new(Stack {
+            frames: vec![frame("app::render_report::{{closure}}", false)],
+            folded: 0,
+        }));
+        let line = s.summary().to_string();
+        assert!(
+            line.contains("in span render_report in app::render_report held"),
+            "{line}"
+        );
+        s = a_full_stall();
+        // The function is said when nothing else names it.
+        s.task.span = None;
+        let line = s.summary().to_string();
+        assert!(
+            line.contains("task GET /report in app::render_report at src/report.rs:154 held"),
+            "{line}"
+        );
+        // A task named by its stack is not named twice.
+        s.task.name = Some("app::render_report".into());
+        s.task.named_by_stack = true;
+        let line = s.summary().to_string();
+        assert!(
+            line.contains("task app::render_report at src/report.rs:154 held"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! nothing was ever reported.) And when the application set its own global subscriber first,
 //! `init()` says what to do instead.
 
+#![cfg(feature = "fmt")]
 mod common;
 
 #[cfg(tokio_unstable)]
