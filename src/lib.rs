@@ -13,7 +13,7 @@
 //! ```
 //!
 //! ```text
-//! WARN loopwatch: stall detected: stall #1 on async worker 0 (tokio-rt-worker, tid 29571): task GET /report … held the worker for 60.0ms (threshold 10ms) …; cause: cpu; hint: CPU-bound poll: move the work to tokio::task::spawn_blocking …
+//! WARN loopwatch: stall ended: stall #4 (ended): task http-connection in span render_report at examples/demo.rs:154 held async worker 0 for 53.6ms; cause: cpu; hint: move it to spawn_blocking or a CPU pool, or yield
 //! ```
 //!
 //! # Where to start
