@@ -135,7 +135,7 @@ y += 8
 
 def var(name, query):
     return {"name": name, "label": name, "type": "query", "datasource": DS,
-            "query": {"query": query, "refId": name}, "definition": query,
+            "query": {"query": query, "refId": name},
             "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]}}
 
@@ -153,7 +153,7 @@ dashboard = {
     "time": {"from": "now-1h", "to": "now"},
     "templating": {"list": [
         {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-         "current": {}, "hide": 0},
+         "hide": 0},
         var("job", "label_values(loopwatch_polls_total, job)"),
         var("instance", 'label_values(loopwatch_polls_total{job=~"$job"}, instance)'),
     ]},
@@ -165,4 +165,4 @@ out = os.path.join(os.path.dirname(__file__), "..", "dashboards", "loopwatch.jso
 with open(out, "w") as f:
     json.dump(dashboard, f, indent=2)
     f.write("\n")
-print(f"wrote {os.path.normpath(out)}: {len(panels)} panels")
+print(f"wrote {os.path.relpath(out, os.path.join(os.path.dirname(__file__), '..'))}: {len(panels)} panels")

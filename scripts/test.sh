@@ -150,6 +150,14 @@ step "exporters/ and dashboards/: structure, and every metric they name is in th
 python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
 python3 scripts/check_exporters.py
 
+step "the dashboard type-checks against Grafana's own schema (@grafana/schema, tsc --strict)"
+if ! command -v npm >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+python3 scripts/dashboard_schema.py
+
 step "Prometheus rules: promtool check rules, promtool test rules"
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
