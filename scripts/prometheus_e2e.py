@@ -64,6 +64,37 @@ def wait_for(what, fn, timeout):
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+def start_prometheus(work, job, target, prom):
+    """Debian's prometheus on `prom`, scraping `target` every second, with loopwatch's rules
+    and alerts loaded (evaluated every second); returns once it is ready."""
+    with open(os.path.join(work, "prometheus.yml"), "w") as f:
+        f.write(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "rule_files:\n"
+            f"  - {ROOT}/exporters/prometheus/loopwatch-rules.yml\n"
+            f"  - {ROOT}/exporters/prometheus/loopwatch-alerts.yml\n"
+            f"scrape_configs:\n  - job_name: {job}\n"
+            f"    static_configs:\n      - targets: ['{target}']\n"
+        )
+    prom_log = open(os.path.join(work, "prometheus.log"), "w")
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={work}/prometheus.yml",
+            f"--storage.tsdb.path={work}/data",
+            f"--web.listen-address={prom}",
+        ],
+        stdout=prom_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for("prometheus to be ready", lambda: "Ready" in get(f"http://{prom}/-/ready"), 60)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 def dashboard_queries():
     with open(os.path.join(ROOT, "dashboards", "loopwatch.json")) as f:
         dash = json.load(f)
@@ -89,29 +120,7 @@ def main():
     work = tempfile.mkdtemp(prefix="loopwatch-prom-")
     procs = []
     try:
-        with open(os.path.join(work, "prometheus.yml"), "w") as f:
-            f.write(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                "rule_files:\n"
-                f"  - {ROOT}/exporters/prometheus/loopwatch-rules.yml\n"
-                f"  - {ROOT}/exporters/prometheus/loopwatch-alerts.yml\n"
-                "scrape_configs:\n  - job_name: loopwatch-demo\n"
-                f"    static_configs:\n      - targets: ['{metrics}']\n"
-            )
-        prom_log = open(os.path.join(work, "prometheus.log"), "w")
-        procs.append(
-            subprocess.Popen(
-                [
-                    "prometheus",
-                    f"--config.file={work}/prometheus.yml",
-                    f"--storage.tsdb.path={work}/data",
-                    f"--web.listen-address={prom}",
-                ],
-                stdout=prom_log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        wait_for("prometheus to be ready", lambda: "Ready" in get(f"http://{prom}/-/ready"), 60)
+        procs.append(start_prometheus(work, "loopwatch-demo", metrics, prom))
 
         env = dict(
             os.environ,

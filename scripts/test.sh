@@ -171,6 +171,9 @@ step "a real Prometheus server scrapes the demo while it stalls; promtool checks
 cargo build -q --example demo
 timeout 300 python3 scripts/prometheus_e2e.py target/debug/examples/demo
 
+step "a newcomer's walk-through: the README's axum service, built as written, reports a stall and fires an alert"
+timeout 900 python3 scripts/newcomer.py
+
 step "release demo, no debug info: stack frames still name the user's functions"
 capture cargo build -q --release --example demo
 capture timeout 300 cargo run -q --release --example demo
