@@ -4,6 +4,7 @@
 Starts the demo (its /metrics on a free loopback port, one 5 s stall a third of the way in) and
 Debian's `prometheus` (scraping it every second, also on loopback), then asserts over
 Prometheus' HTTP API:
+  - every panel of dashboards/loopwatch.json shows data;
   - the in-progress gauge is 1 while the long stall runs (so an alert can fire before it ends);
   - the stall counters by cause, after it;
   - histogram_quantile over the poll and stall duration histograms;
@@ -204,24 +205,22 @@ def main():
         polls = query(prom, "rate(loopwatch_polls_total[30s]) > 0")
         assert polls, "no poll rate"
 
-        # The dashboard's queries all run; the main panels have data.
-        must_have_data = {
-            "Stalls per second by cause",
-            "Time stalled (share of one worker)",
-            "Top stalling task kinds (last hour)",
-            "Poll duration p99 by layer",
-            "Worker busy ratio",
-            "Oldest running stall",
-            "Loop lag p99 by runtime",
-            "Blocking pool",
-            "Stall duration p50 / p99 by layer",
-        }
+        # The dashboard's queries all run, and every panel shows data: at least one of its
+        # queries returns a series. (A single query may be empty where what it shows is off in
+        # the demo: OTLP drops with no OTLP, CPU-pool jobs with no pool, the queues that need
+        # --cfg tokio_unstable; each panel has another query that is not.)
+        with_data, empty = set(), []
+        titles = set()
         for title, q in dashboard_queries():
-            result = query(prom, q)
-            if title in must_have_data:
-                assert result, f"dashboard panel {title!r} has no data: {q}"
-                must_have_data.discard(title)
-        assert not must_have_data, f"panels not found in the dashboard: {must_have_data}"
+            titles.add(title)
+            if query(prom, q):
+                with_data.add(title)
+            else:
+                empty.append(f"{title}: {q}")
+        for e in empty:
+            print(f"empty query (another of its panel has data): {e}")
+        no_data = titles - with_data
+        assert not no_data, f"dashboard panels with no data at all: {sorted(no_data)}"
         print("dashboard queries: ok")
         rules = json.loads(get(f"http://{prom}/api/v1/rules"))["data"]["groups"]
         health = {r["name"]: r["health"] for g in rules for r in g["rules"]}
