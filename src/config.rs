@@ -147,6 +147,9 @@ pub const ENV_SAMPLE_EVERY: &str = "LOOPWATCH_SAMPLE_EVERY";
 pub const ENV_DIAGNOSE: &str = "LOOPWATCH_DIAGNOSE";
 /// Environment variable: turn stack capture off with `0`.
 pub const ENV_STACKS: &str = "LOOPWATCH_STACKS";
+/// Environment variable: `1` gives stack frames `file:line` and inlined functions from the
+/// debug info (see [`Builder::stack_locations`](crate::Builder::stack_locations)).
+pub const ENV_STACK_LOCATIONS: &str = "LOOPWATCH_STACK_LOCATIONS";
 /// Environment variable: the signal number used to capture stacks (default `SIGRTMIN+6`).
 pub const ENV_STACK_SIGNAL: &str = "LOOPWATCH_STACK_SIGNAL";
 /// Environment variable: at most this many stack captures per second (0 = none).
@@ -182,6 +185,9 @@ pub struct Config {
     pub diagnose: bool,
     /// Capture the stalled thread's stack (needs `diagnose`; Linux).
     pub stacks: bool,
+    /// Frames get `file:line` and inlined functions from the debug info (else names from the
+    /// symbol table alone).
+    pub stack_locations: bool,
     /// Sample the workers inside polls to find kinds whose short polls, none a stall, keep the
     /// async workers asleep in system calls ("death by a thousand cuts"; needs `diagnose`;
     /// Linux).
@@ -230,6 +236,7 @@ impl Default for Config {
             diagnose: true,
             thousand_cuts: true,
             stacks: true,
+            stack_locations: false,
             stack_signal: None,
             max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,
             schedule_delay: true,
@@ -262,6 +269,7 @@ pub(crate) struct EnvOverrides {
     pub(crate) sample_every: Option<(u32, String)>,
     pub(crate) diagnose: Option<bool>,
     pub(crate) stacks: Option<bool>,
+    pub(crate) stack_locations: Option<bool>,
     pub(crate) schedule_delay: Option<bool>,
     pub(crate) stack_signal: Option<i32>,
     pub(crate) max_stacks_per_sec: Option<u32>,
@@ -325,6 +333,7 @@ impl EnvOverrides {
             (ENV_ENABLE, &mut out.enabled),
             (ENV_DIAGNOSE, &mut out.diagnose),
             (ENV_STACKS, &mut out.stacks),
+            (ENV_STACK_LOCATIONS, &mut out.stack_locations),
             (ENV_SCHEDULE_DELAY, &mut out.schedule_delay),
         ] {
             if let Some(v) = get(var)? {

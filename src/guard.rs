@@ -385,11 +385,11 @@ impl Guard {
         }
     }
 
-    /// Waits up to `timeout` until loopwatch has loaded the program's symbol tables (it does so
-    /// on its own thread at start, in a fraction of a second; a binary with full debug info
-    /// takes longest). Until then stall reports carry no stack frames (their stack status is
-    /// `loading`). Returns whether they are loaded. A service that wants frames for stalls in
-    /// its first moments can call this once at start-up.
+    /// Loads the program's symbol tables now, on a thread of loopwatch's own, and waits up to
+    /// `timeout` for them. Without this call they are read at the first stack (nothing is
+    /// read before a stall needs it), and that first report goes out without frames (stack
+    /// status `loading`) and is sent once more with them. Returns whether they are loaded. A
+    /// service that wants frames in its very first reports can call this once at start-up.
     pub fn wait_for_symbols(&self, timeout: Duration) -> bool {
         crate::diagnose::symbols::wait_for_symbols(timeout)
     }

@@ -19,7 +19,10 @@ pub(crate) type Callback = Arc<dyn Fn(&Stall) + Send + Sync + 'static>;
 
 pub(crate) fn run(shared: Arc<Shared>, reports: Receiver<Report>, callbacks: Vec<Callback>) {
     crate::board::mark_own_thread();
-    let mut stacks = Stacks::new(shared.cfg.stacks && shared.cfg.diagnose);
+    let mut stacks = Stacks::new(
+        shared.cfg.stacks && shared.cfg.diagnose,
+        shared.cfg.stack_locations,
+    );
     let deliver = |stall: &Stall, update: bool| {
         if catch_unwind(AssertUnwindSafe(|| emit(&shared, stall, update))).is_err() {
             shared.caught_panics.fetch_add(1, Ordering::Relaxed);

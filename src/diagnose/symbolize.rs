@@ -85,6 +85,12 @@ pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
 
 type Reader = gimli::EndianSlice<'static, gimli::LittleEndian>;
 
+/// Whether frames get `file:line` and inlined functions from the modules' debug info
+/// (`Builder::stack_locations`), read once a module is first looked up. Off: the symbol
+/// table's names alone.
+pub(crate) static LOCATIONS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// The modules of this process, each loaded at its first address.
 #[derive(Default)]
 struct Symbols {
@@ -275,8 +281,10 @@ impl Loaded {
         });
         functions.sort_by_key(|f| f.start);
         functions.shrink_to_fit();
-        let dwarf = file
-            .section(".debug_info")
+        let dwarf = LOCATIONS
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| file.section(".debug_info"))
+            .flatten()
             .filter(|d| !d.is_empty())
             .and_then(|_| {
                 let dwarf = gimli::Dwarf::load(|id| {

@@ -22,8 +22,8 @@ const SYMBOLIZE_WAIT: Duration = Duration::from_millis(5);
 const SYMBOLIZE_WAIT_ENDED: Duration = Duration::from_millis(5);
 
 /// Symbolizes on a thread of its own (`loopwatch-symbols`), so the reporter never waits more
-/// than [`SYMBOLIZE_WAIT`]: the first stacks of a process can take hundreds of milliseconds
-/// (its debug info is parsed on first use).
+/// than [`SYMBOLIZE_WAIT`]: the first stack of a process reads the symbol tables (tens of
+/// milliseconds; hundreds with `stack_locations`, whose debug info is parsed on first use).
 /// Finished stacks by stall id, and the condition variable that says one has arrived.
 type Done = Arc<(Mutex<HashMap<u64, Arc<Stack>>>, Condvar)>;
 
@@ -45,9 +45,12 @@ impl Symbolizer {
         std::thread::Builder::new()
             .name("loopwatch-symbols".into())
             .spawn(move || {
-                warm_up();
+                lower_priority();
                 while let Ok((id, raw)) = rx.recv() {
+                    // The first job reads the symbol tables (tens of milliseconds, more with
+                    // `stack_locations`): nothing is read before a stack needs it.
                     let stack = catch_unwind(|| symbolize(&raw)).unwrap_or_default();
+                    SYMBOLS_READY.store(true, Ordering::Release);
                     let (map, cv) = &*out;
                     if let Ok(mut m) = map.lock() {
                         if m.len() >= 1024 {
@@ -133,8 +136,15 @@ pub(crate) struct Stacks {
 
 impl Stacks {
     /// The reporter's stacks: with a symbolizer thread when `on` (stacks asked for and
-    /// diagnosis on), or none (every raw stack is then left unsymbolized).
-    pub(crate) fn new(on: bool) -> Stacks {
+    /// diagnosis on), or none (every raw stack is then left unsymbolized); frames with
+    /// `file:line` when `locations` (process-wide from then on).
+    pub(crate) fn new(on: bool, locations: bool) -> Stacks {
+        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
+        if on && locations {
+            super::symbolize::LOCATIONS.store(true, Ordering::Relaxed);
+        }
+        #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
+        let _ = locations;
         Stacks {
             symbolizer: on.then(Symbolizer::start).flatten(),
             submitted: HashSet::new(),
@@ -304,10 +314,29 @@ fn symbolize(_raw: &[usize]) -> Stack {
     Stack::default()
 }
 
-/// Set once the symbol tables are loaded.
+/// Set once the symbol tables of the executable are loaded (by the first stack, or by
+/// [`wait_for_symbols`]).
 static SYMBOLS_READY: AtomicBool = AtomicBool::new(false);
 
+/// Loads the symbol tables now (on a thread of its own, once) and waits up to `timeout` for
+/// them: loopwatch otherwise reads them at the first stack, so a process that never stalls
+/// never pays for them.
 pub(crate) fn wait_for_symbols(timeout: Duration) -> bool {
+    static LOAD: std::sync::Once = std::sync::Once::new();
+    if !SYMBOLS_READY.load(Ordering::Acquire) {
+        LOAD.call_once(|| {
+            let spawned = std::thread::Builder::new()
+                .name("loopwatch-symbols-load".into())
+                .spawn(|| {
+                    crate::board::mark_own_thread();
+                    let _ = catch_unwind(|| symbolize(&[wait_for_symbols as *const () as usize]));
+                    SYMBOLS_READY.store(true, Ordering::Release);
+                });
+            if spawned.is_err() {
+                SYMBOLS_READY.store(true, Ordering::Release); // nothing to wait for
+            }
+        });
+    }
     let deadline = Instant::now() + timeout;
     while !SYMBOLS_READY.load(Ordering::Acquire) {
         if Instant::now() >= deadline {
@@ -318,30 +347,13 @@ pub(crate) fn wait_for_symbols(timeout: Duration) -> bool {
     true
 }
 
-/// Loads the symbol tables, once per process, at idle priority (Linux `SCHED_IDLE`: bulk work
-/// nobody waits on never takes a core from the service); then this thread symbolizes stalls at
-/// a lowered priority (nice 10).
-fn warm_up() {
+/// The symbolizer thread runs at a lowered priority (nice 10): symbolizing is work nobody
+/// waits on, and never takes a core from the service.
+fn lower_priority() {
     crate::board::mark_own_thread();
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    if !ONCE.is_completed() {
-        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-        // SAFETY: sched_setscheduler on the calling thread (0) with a valid, zeroed param.
-        unsafe {
-            let param: libc::sched_param = std::mem::zeroed();
-            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-        }
-        ONCE.call_once(|| {
-            #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-            let _ = catch_unwind(|| symbolize(&[warm_up as *const () as usize]));
-            SYMBOLS_READY.store(true, Ordering::Release);
-        });
-    }
     #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-    // SAFETY: sched_setscheduler and setpriority on the calling thread (0), valid arguments.
+    // SAFETY: setpriority on the calling thread (0), valid arguments.
     unsafe {
-        let param: libc::sched_param = std::mem::zeroed();
-        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
         libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }

@@ -27,10 +27,13 @@ pub(crate) struct Reading {
 }
 
 impl Reading {
-    /// What this reading alone says.
+    /// What this reading alone says. A thread in the kernel's TASK_RUNNING may be on a CPU or
+    /// waiting for one (a busy host): one reading cannot tell, so it says nothing (`unknown`,
+    /// until a second reading gives an interval whose CPU time decides). A thread asleep in a
+    /// call is in that call.
     pub(crate) fn instant_cause(&self) -> Cause {
         match self.activity {
-            Activity::Running => Cause::Cpu,
+            Activity::Running => Cause::Unknown,
             Activity::Syscall(nr) => Cause::Syscall(Syscall::from_nr(nr)),
             Activity::Blocked | Activity::Unknown => Cause::Unknown,
         }
@@ -219,8 +222,34 @@ mod tests {
     fn no_interval_falls_back_to_the_instant_reading() {
         let mut t = Tally::default();
         assert_eq!(t.verdict(10), Cause::Unknown);
-        t.set_instant(Cause::Cpu);
-        assert_eq!(t.verdict(10), Cause::Cpu);
+        t.set_instant(Cause::Syscall(Syscall::from_nr(230)));
+        assert_eq!(t.verdict(10), Cause::Syscall(Syscall::from_nr(230)));
+    }
+
+    #[test]
+    fn one_reading_of_a_runnable_thread_is_no_verdict_of_cpu() {
+        // Running or waiting for a CPU: one look at TASK_RUNNING cannot tell (on a busy host
+        // a starved poll reads just like a spinning one).
+        let r = Reading {
+            at_ns: 5_000_000,
+            cpu_ns: Some(123),
+            activity: Activity::Running,
+        };
+        assert_eq!(r.instant_cause(), Cause::Unknown);
+        let mut t = Tally::default();
+        t.set_instant(r.instant_cause());
+        assert_eq!(t.verdict(10_000_000), Cause::Unknown);
+        // A second reading gives the interval: no CPU time in it, runnable: starved.
+        fold(
+            &mut t,
+            &r,
+            &Reading {
+                at_ns: 7_500_000,
+                cpu_ns: Some(123 + 10_000),
+                activity: Activity::Running,
+            },
+        );
+        assert_eq!(t.verdict(10_000_000), Cause::Starved);
     }
 
     #[test]
@@ -287,7 +316,7 @@ mod tests {
             &r(1000, 100, Activity::Unknown),
         );
         assert_eq!(t.verdict(u64::MAX), Cause::Starved);
-        // No CPU clock: the reading alone.
+        // No CPU clock: the reading alone, and a runnable thread's reading alone says nothing.
         let mut t = Tally::default();
         let no_cpu = Reading {
             at_ns: 1000,
@@ -295,6 +324,6 @@ mod tests {
             activity: Activity::Running,
         };
         fold(&mut t, &r(0, 0, Activity::Running), &no_cpu);
-        assert_eq!(t.verdict(u64::MAX), Cause::Cpu);
+        assert_eq!(t.verdict(u64::MAX), Cause::Unknown);
     }
 }

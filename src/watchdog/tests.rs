@@ -784,6 +784,35 @@ fn a_runnable_thread_whose_cpu_clock_stands_still_is_starved() {
 }
 
 #[test]
+fn a_late_watchdog_that_reads_a_starved_poll_once_does_not_call_it_cpu() {
+    // The watchdog itself was descheduled (a busy host): it saw the poll at 1 ms, then not
+    // until 14 ms, where it flags it on its first and only reading. The thread is runnable;
+    // one look cannot tell running from waiting for a CPU, and its CPU clock stood still.
+    let mut rig = rig(config(|_| {}));
+    rig.script(TID, Activity::Running, 0.0);
+    let slot = [FakeSlot::new(TID)];
+    slot[0].start(rig.word, 7, MS / 2);
+    rig.tick(MS, &slot);
+    rig.tick(14 * MS, &slot);
+    let s = rig.one_stall();
+    assert_eq!(rig.core.kernel_mut().reads.len(), 1);
+    assert_ne!(s.cause, Cause::Cpu, "{s:#?}");
+    assert_eq!(s.cause, Cause::Unknown);
+    assert_eq!(s.hint, None, "no advice for the code from one look");
+    // Its next readings give intervals with no CPU time in them: starved, by its end.
+    rig.tick(15 * MS, &slot);
+    rig.tick(16 * MS, &slot);
+    slot[0].end_exactly(17 * MS);
+    rig.tick(18 * MS, &slot);
+    let ended = rig
+        .stalls()
+        .into_iter()
+        .find(|s| s.state == StallState::Ended)
+        .expect("its ended report");
+    assert_eq!(ended.cause, Cause::Starved, "{ended:#?}");
+}
+
+#[test]
 fn a_thread_asleep_in_a_system_call_is_that_call() {
     let nanosleep = (0..512)
         .find(|&nr| crate::diagnose::syscalls::name(nr) == Some("nanosleep"))

@@ -80,7 +80,20 @@ fn many_short_blocking_polls_are_reported_and_their_async_twin_is_not() {
         twin.thousand_cuts_reports, 0,
         "tokio::time::sleep blocks nothing: {twin:#?}"
     );
-    assert_eq!(twin.stalls_total, 0);
+    // Its code never holds a worker: on a busy host a poll of it can still wait past the
+    // threshold for a CPU, and that is the host's (starved, or unknown from a single look at a
+    // runnable thread), never the code's.
+    let blamed: Vec<_> = twin
+        .stalls_by
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.cause,
+                loopwatch::Cause::Cpu | loopwatch::Cause::Syscall(_)
+            )
+        })
+        .collect();
+    assert!(blamed.is_empty(), "{blamed:#?}");
 
     // Two workers asleep nearly all of 10.8 s: at least half of one worker's time, sampled.
     let asleep = asleep_in_nanosleep(&blocking);
