@@ -31,8 +31,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    // 1. loopwatch: one line. Stall reports are WARN events printed to stderr.
-    let guard = loopwatch::try_init()?;
+    // 1. loopwatch: one line. Stall reports are WARN events printed to stderr; here with
+    // `file:line` in stack frames (read from the debug info; off by default, which names
+    // frames from the symbol table alone and costs the least memory).
+    let guard = loopwatch::builder().stack_locations(true).try_init()?;
     // Optional: have the symbol tables loaded before the first stall, so even the first
     // reports carry stack frames (loopwatch loads them in the background either way).
     guard.wait_for_symbols(Duration::from_secs(10));

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! ```text
-//! WARN loopwatch: stall ended: stall #4 (ended): task http-connection in span render_report at examples/demo.rs:154 held async worker 0 for 53.6ms; cause: cpu; hint: move it to spawn_blocking or a CPU pool, or yield
+//! WARN loopwatch: stall ended: stall #4 (ended): task http-connection in span render_report at examples/demo.rs:156 held async worker 0 for 53.6ms; cause: cpu; hint: move it to spawn_blocking or a CPU pool, or yield
 //! ```
 //!
 //! # Where to start
