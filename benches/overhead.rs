@@ -265,6 +265,102 @@ fn cpu_time() -> Duration {
     }
 }
 
+/// The memory symbols cost: each variant (names from the symbol table; with
+/// `stack_locations`, `file:line` from the debug info) in a fresh process of this binary, its
+/// RSS (heap and mapped file pages apart) before the first stall and once that stall's report
+/// has its frames, and how long the frames took.
+fn symbols_cost() {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let size = std::fs::metadata(&exe).map(|m| m.len()).unwrap_or(0);
+    println!();
+    println!(
+        "## Symbols: RSS before and after the first stack (this bench binary, {:.0} MB)",
+        size as f64 / 1e6
+    );
+    println!();
+    println!("| frames | RSS before MiB (heap / file) | after the first stack MiB (heap / file) | first frames after |");
+    println!("|---|---:|---:|---:|");
+    for (variant, label) in [
+        ("names", "names (default)"),
+        ("locations", "`stack_locations(true)`"),
+    ] {
+        let out = std::process::Command::new(&exe)
+            .env("LOOPWATCH_BENCH_ONLY", format!("symbols:{variant}"))
+            .output()
+            .expect("runs itself");
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().find_map(|l| l.strip_prefix("symbols ")) {
+            Some(row) => println!("| {label} | {row} |"),
+            None => println!(
+                "| {label} | failed: {} |",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ),
+        }
+    }
+}
+
+/// One variant of [`symbols_cost`], in its own process: one 100 ms CPU stall with stacks on.
+fn symbols_child(locations: bool) {
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| -> f64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        (field("RssAnon:"), field("RssFile:"))
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let (_layer, guard) = loopwatch::builder()
+        .ignore_env()
+        .metrics(loopwatch::MetricsExport::Off)
+        .stack_locations(locations)
+        .on_stall(move |s| {
+            if s.stack.as_ref().is_some_and(|st| !st.frames.is_empty()) {
+                let _ = tx.try_send(());
+            }
+        })
+        .build()
+        .expect("loopwatch starts");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    rt.block_on(async {}); // the runtime's threads are up
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rss();
+    let t = Instant::now();
+    rt.block_on(rt.spawn(guard.watch("stall", async {
+        let end = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < end {
+            std::hint::spin_loop();
+        }
+    })))
+    .unwrap();
+    let took = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map(|_| t.elapsed());
+    let after = rss();
+    match took {
+        Ok(took) => println!(
+            "symbols {:.1} / {:.1} | {:.1} / {:.1} | {:.0} ms",
+            before.0,
+            before.1,
+            after.0,
+            after.1,
+            took.as_secs_f64() * 1e3
+        ),
+        Err(_) => println!("symbols no frames within 60 s"),
+    }
+}
+
 /// Resets the peak RSS (VmHWM) so the next reading is this run's own peak (Linux >= 4.0).
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -424,6 +520,14 @@ fn main() {
             instructions(&v["instructions:".len()..]);
             return;
         }
+        Ok("symbols") => {
+            symbols_cost();
+            return;
+        }
+        Ok(v) if v.starts_with("symbols:") => {
+            symbols_child(&v["symbols:".len()..] == "locations");
+            return;
+        }
         _ => {}
     }
     // `cargo bench` passes `--bench`; ignore arguments.
@@ -508,6 +612,7 @@ fn main() {
     watchdog_cost();
     otlp_cost(scale);
     detection_latency(scale);
+    symbols_cost();
 }
 
 /// How late the *running* report is: from a stall's start to the moment `on_stall` sees it

@@ -24,7 +24,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prometheus_e2e import ROOT, free_port, get, query, start_prometheus, wait_for  # noqa: E402
+from prometheus_e2e import (  # noqa: E402
+    ROOT, free_port, get, print_logs, query, start_prometheus, wait_for,
+)
 
 WORK = os.path.join(ROOT, "target", "newcomer")
 SECTION = "### An axum service on stable tokio"
@@ -143,12 +145,7 @@ def main():
         assert "GET /report" in kinds, kinds
         print("newcomer walk-through: ok")
     except BaseException:
-        for name in ("service.log", "prometheus.log"):
-            path = os.path.join(work, name)
-            if os.path.exists(path):
-                print(f"--- {name} (last 40 lines)", file=sys.stderr)
-                with open(path) as f:
-                    print("".join(f.readlines()[-40:]), file=sys.stderr)
+        print_logs(work, "service.log", "prometheus.log")
         raise
     finally:
         stop.set()

@@ -96,6 +96,16 @@ def start_prometheus(work, job, target, prom):
     return proc
 
 
+def print_logs(work, *names):
+    """The last lines of each log in `work`, to stderr (a failed run says why)."""
+    for name in names:
+        path = os.path.join(work, name)
+        if os.path.exists(path):
+            print(f"--- {name} (last 40 lines)", file=sys.stderr)
+            with open(path) as f:
+                print("".join(f.readlines()[-40:]), file=sys.stderr)
+
+
 def dashboard_queries():
     with open(os.path.join(ROOT, "dashboards", "loopwatch.json")) as f:
         dash = json.load(f)
@@ -233,12 +243,7 @@ def main():
         assert rc == 0, f"demo exited with {rc}"
         print("prometheus e2e: ok")
     except BaseException:
-        for name in ("demo.log", "prometheus.log"):
-            path = os.path.join(work, name)
-            if os.path.exists(path):
-                print(f"--- {name} (last 40 lines)", file=sys.stderr)
-                with open(path) as f:
-                    print("".join(f.readlines()[-40:]), file=sys.stderr)
+        print_logs(work, "demo.log", "prometheus.log")
         raise
     finally:
         for p in procs:

@@ -56,6 +56,18 @@ fn map_new(path: &str) -> Result<&'static [u8], String> {
     Ok(unsafe { std::slice::from_raw_parts(at.cast::<u8>(), len) })
 }
 
+/// The file name the loader gives a loaded object (`""` for the executable).
+pub(crate) fn object_name(info: &libc::dl_phdr_info) -> String {
+    if info.dlpi_name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a non-null dlpi_name is a NUL-terminated string, alive for the callback.
+        unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(
         b.get(at..at.checked_add(2)?)?.try_into().ok()?,

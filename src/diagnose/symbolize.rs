@@ -235,14 +235,7 @@ unsafe extern "C" fn each(
             .filter(|p| p.p_type == libc::PT_LOAD)
             .map(|p| bias + p.p_vaddr..bias + p.p_vaddr + p.p_memsz)
             .collect();
-        let name = if info.dlpi_name.is_null() {
-            String::new()
-        } else {
-            // SAFETY: a non-null dlpi_name is a NUL-terminated string.
-            unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }
-                .to_string_lossy()
-                .into_owned()
-        };
+        let name = elf::object_name(info);
         // The executable comes first, with no name.
         let path = if name.is_empty() && out.is_empty() {
             "/proc/self/exe".to_string()

@@ -209,14 +209,7 @@ fn module(info: &libc::dl_phdr_info) -> Option<Module<Vec<u8>>> {
         .end;
     // SAFETY: [eh_frame, seg_end) lies inside a mapped PT_LOAD segment of the object.
     let eh_bytes = unsafe { copy(bias + eh_frame, seg_end - eh_frame) };
-    let name = if info.dlpi_name.is_null() {
-        String::new()
-    } else {
-        // SAFETY: a non-null dlpi_name is a NUL-terminated string.
-        unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    let name = super::elf::object_name(info);
     Some(Module::new(
         name,
         bias + text.start..bias + text.end,
