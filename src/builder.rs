@@ -226,7 +226,10 @@ impl Builder {
     }
 
     /// How many live spans the layer can follow. Default
-    /// [`DEFAULT_MAX_LIVE_SPANS`](crate::DEFAULT_MAX_LIVE_SPANS).
+    /// [`DEFAULT_MAX_LIVE_SPANS`](crate::DEFAULT_MAX_LIVE_SPANS) (2,097,152). Memory grows with
+    /// the spans alive at once, 24 bytes an entry: a first table of up to 65,536 entries (1.5
+    /// MiB), then tables of twice the size as they are outgrown (about 48 MiB for a million).
+    /// A span past the limit is not followed, and is counted (`Snapshot::dropped_spans`).
     pub fn max_live_spans(mut self, n: usize) -> Self {
         self.cfg.max_live_spans = n;
         self

@@ -31,8 +31,9 @@ pub const DEFAULT_REPORT_QUEUE: usize = 1024;
 pub const DEFAULT_MAX_THREADS: usize = 1024;
 /// Default number of distinct task kinds (name + spawn site) kept apart; the rest become `other`.
 pub const DEFAULT_MAX_TASK_KINDS: usize = 512;
-/// Default number of live instrumented spans the layer can follow at once.
-pub const DEFAULT_MAX_LIVE_SPANS: usize = 65_536;
+/// Default number of live instrumented spans the layer can follow at once (its table grows with
+/// them: 1.5 MiB up to 65,536 live spans, about 48 MiB at a million).
+pub const DEFAULT_MAX_LIVE_SPANS: usize = 1 << 21;
 /// The largest `report_queue` accepted (its slots are allocated at start: about 8 MiB).
 pub const REPORT_QUEUE_LIMIT: usize = 16_384;
 /// The largest `max_threads` accepted (a slot per thread is allocated at start: about 16 MiB).

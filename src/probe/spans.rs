@@ -1,14 +1,23 @@
-//! A fixed-size, lock-free map from live span ids to what the layer needs on enter: the
-//! culprit word (kind and layer) and the task id.
+//! A lock-free map from live span ids to what the layer needs on enter: the culprit word
+//! (kind and layer) and the task id.
 //!
 //! Written when a span is created and removed when it closes (both off the poll path), read on
-//! every enter and exit. A span that finds no room is not followed, and is counted.
+//! every enter and exit. It starts with one table of up to 65,536 entries and adds tables of
+//! twice the size of the last as live spans outgrow it (never moving an entry, so a read needs
+//! no lock), up to the configured number of spans; a span that finds no room then is not
+//! followed, and is counted. A look-up tries the tables in order: a service with up to tens of
+//! thousands of live spans pays for one.
 
 use crate::words::CulpritWord;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// How many neighbouring entries a span id may land in.
 const WINDOW: usize = 8;
+/// Entries of the first table, at most.
+const FIRST: usize = 1 << 16;
+/// Tables at most: enough for 2^16 · (2^19 - 1) entries, far past any limit accepted.
+const TABLES: usize = 19;
 
 #[derive(Debug, Default)]
 struct Entry {
@@ -18,36 +27,27 @@ struct Entry {
 }
 
 #[derive(Debug)]
-pub(crate) struct SpanTable {
+struct Table {
     entries: Box<[Entry]>,
     mask: usize,
-    dropped: AtomicU64,
 }
 
-impl SpanTable {
-    pub(crate) fn new(capacity: usize) -> SpanTable {
-        let size = capacity.next_power_of_two().max(WINDOW);
-        SpanTable {
+impl Table {
+    fn new(size: usize) -> Table {
+        Table {
             entries: (0..size).map(|_| Entry::default()).collect(),
             mask: size - 1,
-            dropped: AtomicU64::new(0),
         }
     }
 
     #[inline]
-    fn home(&self, id: u64) -> usize {
-        (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
+    fn window(&self, id: u64) -> impl Iterator<Item = &Entry> {
+        let home = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask;
+        (0..WINDOW).map(move |i| &self.entries[(home + i) & self.mask])
     }
 
-    /// Spans that found no room.
-    pub(crate) fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn insert(&self, id: u64, word: CulpritWord, task: u64) -> bool {
-        let home = self.home(id);
-        for i in 0..WINDOW {
-            let e = &self.entries[(home + i) & self.mask];
+    fn insert(&self, id: u64, word: CulpritWord, task: u64) -> bool {
+        for e in self.window(id) {
             if e.id.load(Ordering::Relaxed) == 0
                 && e.id
                     .compare_exchange(0, u64::MAX, Ordering::Acquire, Ordering::Relaxed)
@@ -59,32 +59,97 @@ impl SpanTable {
                 return true;
             }
         }
+        false
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct SpanTable {
+    tables: [OnceLock<Table>; TABLES],
+    /// Entries at most, over all tables.
+    limit: usize,
+    dropped: AtomicU64,
+}
+
+impl SpanTable {
+    /// A table that follows up to about `capacity` live spans (its first table allocated now,
+    /// the others as they are needed).
+    pub(crate) fn new(capacity: usize) -> SpanTable {
+        let t = SpanTable {
+            tables: Default::default(),
+            limit: capacity.max(WINDOW),
+            dropped: AtomicU64::new(0),
+        };
+        let _ = t.tables[0].set(Table::new(Self::size(0, t.limit)));
+        t
+    }
+
+    /// The size of table `k`: the first holds up to [`FIRST`] (fewer if the limit is lower),
+    /// each next one twice the one before.
+    fn size(k: usize, limit: usize) -> usize {
+        limit.min(FIRST).next_power_of_two().max(WINDOW) << k
+    }
+
+    /// Spans that found no room.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Entries allocated (for the memory a run costs: 24 bytes each).
+    #[cfg(test)]
+    pub(crate) fn allocated(&self) -> usize {
+        self.tables
+            .iter()
+            .map_while(OnceLock::get)
+            .map(|t| t.entries.len())
+            .sum()
+    }
+
+    pub(crate) fn insert(&self, id: u64, word: CulpritWord, task: u64) -> bool {
+        let mut allocated = 0;
+        for k in 0..TABLES {
+            let table = match self.tables[k].get() {
+                Some(t) => t,
+                None => {
+                    let size = Self::size(k, self.limit);
+                    if allocated >= self.limit {
+                        break;
+                    }
+                    // Racing creators: one table wins, the others' are dropped unused.
+                    self.tables[k].get_or_init(|| Table::new(size))
+                }
+            };
+            if table.insert(id, word, task) {
+                return true;
+            }
+            allocated += table.entries.len();
+        }
         self.dropped.fetch_add(1, Ordering::Relaxed);
         false
     }
 
     #[inline]
     pub(crate) fn get(&self, id: u64) -> Option<(CulpritWord, u64)> {
-        let home = self.home(id);
-        for i in 0..WINDOW {
-            let e = &self.entries[(home + i) & self.mask];
-            if e.id.load(Ordering::Acquire) == id {
-                return Some((
-                    CulpritWord::from_bits(e.word.load(Ordering::Relaxed)),
-                    e.task.load(Ordering::Relaxed),
-                ));
+        for table in self.tables.iter().map_while(OnceLock::get) {
+            for e in table.window(id) {
+                if e.id.load(Ordering::Acquire) == id {
+                    return Some((
+                        CulpritWord::from_bits(e.word.load(Ordering::Relaxed)),
+                        e.task.load(Ordering::Relaxed),
+                    ));
+                }
             }
         }
         None
     }
 
     pub(crate) fn remove(&self, id: u64) {
-        let home = self.home(id);
-        for i in 0..WINDOW {
-            let e = &self.entries[(home + i) & self.mask];
-            if e.id.load(Ordering::Relaxed) == id {
-                e.id.store(0, Ordering::Release);
-                return;
+        for table in self.tables.iter().map_while(OnceLock::get) {
+            for e in table.window(id) {
+                if e.id.load(Ordering::Relaxed) == id {
+                    e.id.store(0, Ordering::Release);
+                    return;
+                }
             }
         }
     }
@@ -105,6 +170,44 @@ mod tests {
         assert_eq!(t.get(7), Some((w(70), 700)));
         t.remove(7);
         assert_eq!(t.get(7), None);
+    }
+
+    #[test]
+    fn a_million_live_spans_are_all_followed_in_tables_added_as_needed() {
+        let t = SpanTable::new(1 << 21);
+        assert_eq!(t.allocated(), 1 << 16, "one table until it is outgrown");
+        let n = 1_000_000u64;
+        for id in 1..=n {
+            assert!(t.insert(id, w(id), id * 10), "span {id}");
+        }
+        assert_eq!(t.dropped(), 0);
+        for id in (1..=n).step_by(997) {
+            assert_eq!(t.get(id), Some((w(id), id * 10)));
+        }
+        // 2^16 + 2^17 + ... : at most 2^21 entries of 24 bytes (48 MiB) for a million.
+        let entries = t.allocated();
+        assert!(entries <= 1 << 21, "{entries}");
+        for id in 1..=n {
+            t.remove(id);
+        }
+        assert_eq!(t.get(5), None);
+        // Removed entries are reused: the table does not grow again.
+        for id in n + 1..=2 * n {
+            assert!(t.insert(id, w(id), 0));
+        }
+        assert_eq!(t.allocated(), entries);
+    }
+
+    #[test]
+    fn past_its_limit_a_span_is_dropped_and_counted() {
+        let t = SpanTable::new(64);
+        let mut followed = 0;
+        for id in 1..=10_000 {
+            followed += u64::from(t.insert(id, w(id), 0));
+        }
+        assert!(followed >= 64, "{followed}");
+        assert!(t.allocated() <= 256, "{}", t.allocated());
+        assert_eq!(t.dropped(), 10_000 - followed);
     }
 
     #[test]
