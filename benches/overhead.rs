@@ -416,6 +416,38 @@ struct Sizes {
     spin: u64,
 }
 
+/// `LOOPWATCH_BENCH_SCALE` (default 1).
+fn scale() -> f64 {
+    std::env::var("LOOPWATCH_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn sizes(scale: f64) -> Sizes {
+    let sc = |n: u64| ((n as f64 * scale) as u64).max(1);
+    Sizes {
+        w1_tasks: 1000,
+        w1_yields: sc(20_000),
+        w2_tasks: sc(2_000_000),
+        w3_tasks: 100,
+        w3_polls: sc(10_000),
+        spin: calibrate_3us(),
+    }
+}
+
+/// W2's peak RSS for variant `vi`, from one run in a fresh process of this binary (VmHWM
+/// cannot be reset on every kernel, and the variants before it would set it).
+fn w2_peak_rss_kib(vi: usize) -> Option<u64> {
+    let out = std::process::Command::new(std::env::current_exe().ok()?)
+        .env("LOOPWATCH_BENCH_ONLY", format!("w2-rss:{vi}"))
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("peak ")?.trim().parse().ok())
+}
+
 /// Runs one workload; returns the number of polls it made.
 fn run(setup: &Setup, w: Workload, s: &Sizes) -> u64 {
     let _default = setup
@@ -524,6 +556,18 @@ fn main() {
             symbols_cost();
             return;
         }
+        Ok(v) if v.starts_with("w2-rss:") => {
+            if let Some(v) = v["w2-rss:".len()..]
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| Variant::all().get(i).copied())
+            {
+                let setup = Setup::new(v);
+                run(&setup, Workload::W2, &sizes(scale()));
+                println!("peak {}", rss_kib().1);
+            }
+            return;
+        }
         Ok(v) if v.starts_with("symbols:") => {
             symbols_child(&v["symbols:".len()..] == "locations");
             return;
@@ -531,19 +575,8 @@ fn main() {
         _ => {}
     }
     // `cargo bench` passes `--bench`; ignore arguments.
-    let scale: f64 = std::env::var("LOOPWATCH_BENCH_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1.0);
-    let sc = |n: u64| ((n as f64 * scale) as u64).max(1);
-    let sizes = Sizes {
-        w1_tasks: 1000,
-        w1_yields: sc(20_000),
-        w2_tasks: sc(2_000_000),
-        w3_tasks: 100,
-        w3_polls: sc(10_000),
-        spin: calibrate_3us(),
-    };
+    let scale = scale();
+    let sizes = sizes(scale);
     let variants = Variant::all();
     let workloads = [Workload::W1, Workload::W2, Workload::W3];
     println!(
@@ -581,6 +614,13 @@ fn main() {
         }
         eprintln!("round {} done", round + 1);
     }
+    // W2's peak RSS per variant, each from a process of its own.
+    for (vi, _) in variants.iter().enumerate() {
+        let wi = workloads.iter().position(|&w| w == Workload::W2).unwrap();
+        if let (Some(m), Some(kib)) = (best[wi][vi].as_mut(), w2_peak_rss_kib(vi)) {
+            m.peak_rss = kib;
+        }
+    }
     for (wi, &w) in workloads.iter().enumerate() {
         println!();
         println!("{}", w.name());
@@ -608,7 +648,10 @@ fn main() {
         }
     }
     println!();
-    println!("peak RSS is the process' peak during that run (VmHWM reset before each run)");
+    println!(
+        "peak RSS: W2's from one run of each variant in a fresh process; W1's and W3's the \
+         process' peak during that run (VmHWM reset before each run where the kernel allows)"
+    );
     watchdog_cost();
     otlp_cost(scale);
     detection_latency(scale);
