@@ -302,9 +302,8 @@ impl Builder {
     /// of each module (Linux). Default off: frames are named from the symbol table alone,
     /// which a release build without debug info has too, and which costs about 0.5 MiB of heap
     /// and 4 MiB of mapped file pages for a 59 MB test binary, against 9.5 MiB and 37 MiB with
-    /// locations (read at the first stack; see docs/PERFORMANCE.md). Process-wide: once a
-    /// guard asks for locations, modules first looked up after that get them. Env:
-    /// `LOOPWATCH_STACK_LOCATIONS`.
+    /// locations (read at the first stack that needs them, once per process; see
+    /// docs/PERFORMANCE.md). Env: `LOOPWATCH_STACK_LOCATIONS`.
     pub fn stack_locations(mut self, on: bool) -> Self {
         self.cfg.stack_locations = on;
         self

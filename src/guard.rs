@@ -391,7 +391,8 @@ impl Guard {
     /// status `loading`) and is sent once more with them. Returns whether they are loaded. A
     /// service that wants frames in its very first reports can call this once at start-up.
     pub fn wait_for_symbols(&self, timeout: Duration) -> bool {
-        crate::diagnose::symbols::wait_for_symbols(timeout)
+        let locations = self.config().stack_locations;
+        crate::diagnose::symbols::wait_for_symbols(timeout, locations)
     }
 
     /// Stops loopwatch now (the same as dropping the guard).

@@ -465,7 +465,7 @@ mod tests {
         assert!(ips.len() > 3, "{ips:?}");
         // In this crate's own tests every frame is loopwatch's, so look before folding: the
         // interrupted function comes right after the signal trampoline.
-        let frames = crate::diagnose::symbolize::resolve(&ips);
+        let frames = crate::diagnose::symbolize::resolve(&ips, false);
         let names: Vec<_> = frames.iter().map(|f| f.to_string()).collect();
         let after = names
             .iter()

@@ -29,7 +29,9 @@ const FOLDED_CRATES: &[&str] = &[
 /// At most this many frames are shown.
 const SHOWN: usize = 24;
 
-pub(crate) fn symbolize(ips: &[usize]) -> Stack {
+/// The frames of `ips`, folded; with `locations`, `file:line` and inlined functions from the
+/// debug info (read at the first such request), else the symbol table's names alone.
+pub(crate) fn symbolize(ips: &[usize], locations: bool) -> Stack {
     // Resolving an address loads the debug info of its compilation unit, which is slow the
     // first time (hundreds of milliseconds in a debug build). The frames that matter are the
     // innermost: stop at SHOWN user frames, or once past the user's frames a long run of
@@ -40,7 +42,7 @@ pub(crate) fn symbolize(ips: &[usize]) -> Stack {
     let mut resolved = 0;
     for (i, &ip) in ips.iter().enumerate() {
         let before = frames.len();
-        frames.extend(resolve(&[ip]));
+        frames.extend(resolve(&[ip], locations));
         resolved = i + 1;
         for f in &frames[before..] {
             if is_machinery(f) {
@@ -61,7 +63,7 @@ pub(crate) fn symbolize(ips: &[usize]) -> Stack {
 
 /// Names every address, folding nothing. An address inside inlined code gives one frame per
 /// inlined function, innermost first (as debug info tells; without it, one frame).
-pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
+pub(crate) fn resolve(ips: &[usize], locations: bool) -> Vec<Frame> {
     let mut frames = Vec::with_capacity(ips.len());
     // One symbolizer for the process: the reporter's symbol thread, and tests. Never on a
     // watched thread.
@@ -70,7 +72,7 @@ pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
     let symbols = guard.get_or_insert_with(Symbols::default);
     for &ip in ips {
         let before = frames.len();
-        symbols.frames(ip, &mut frames);
+        symbols.frames(ip, locations, &mut frames);
         if frames.len() == before {
             frames.push(Frame {
                 function: None,
@@ -84,12 +86,6 @@ pub(crate) fn resolve(ips: &[usize]) -> Vec<Frame> {
 }
 
 type Reader = gimli::EndianSlice<'static, gimli::LittleEndian>;
-
-/// Whether frames get `file:line` and inlined functions from the modules' debug info
-/// (`Builder::stack_locations`), read once a module is first looked up. Off: the symbol
-/// table's names alone.
-pub(crate) static LOCATIONS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
 
 /// The modules of this process, each loaded at its first address.
 #[derive(Default)]
@@ -108,11 +104,13 @@ struct Module {
     symbols: Option<Option<Loaded>>,
 }
 
-/// A module's functions (by address) and, with debug info, its DWARF.
+/// A module's functions (by address) and, once a lookup asked for locations, its DWARF (if
+/// it has debug info).
 struct Loaded {
     data: &'static [u8],
+    file: elf::Elf<'static>,
     functions: Vec<Function>,
-    dwarf: Option<addr2line::Context<Reader>>,
+    dwarf: Option<Option<addr2line::Context<Reader>>>,
 }
 
 /// A function of the symbol table: its start and size (file addresses), and where its name is
@@ -126,8 +124,9 @@ struct Function {
 }
 
 impl Symbols {
-    /// Pushes the frames of return address `ip` (none if no module holds it).
-    fn frames(&mut self, ip: usize, out: &mut Vec<Frame>) {
+    /// Pushes the frames of return address `ip` (none if no module holds it); with
+    /// `locations`, from the debug info where the module has it.
+    fn frames(&mut self, ip: usize, locations: bool, out: &mut Vec<Frame>) {
         let avma = ip as u64;
         let mut found = self.module_of(avma);
         if found.is_none() && self.listed.is_none_or(|t| t.elapsed().as_secs() >= 1) {
@@ -141,11 +140,14 @@ impl Symbols {
         let Some(loaded) = m.symbols.get_or_insert_with(|| Loaded::open(&m.path)) else {
             return;
         };
+        if locations && loaded.dwarf.is_none() {
+            loaded.dwarf = Some(loaded.read_dwarf());
+        }
         // A return address is one past its call: look the call up.
         let probe = avma.saturating_sub(1).wrapping_sub(bias);
         let symtab = loaded.name_of(probe);
         let before = out.len();
-        if let Some(dwarf) = &loaded.dwarf {
+        if let (true, Some(Some(dwarf))) = (locations, &loaded.dwarf) {
             if let Ok(mut iter) = dwarf.find_frames(probe).skip_all_loads() {
                 while let Ok(Some(f)) = iter.next() {
                     let function = f
@@ -274,26 +276,25 @@ impl Loaded {
         });
         functions.sort_by_key(|f| f.start);
         functions.shrink_to_fit();
-        let dwarf = LOCATIONS
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .then(|| file.section(".debug_info"))
-            .flatten()
-            .filter(|d| !d.is_empty())
-            .and_then(|_| {
-                let dwarf = gimli::Dwarf::load(|id| {
-                    Ok::<_, ()>(gimli::EndianSlice::new(
-                        file.section(id.name()).unwrap_or(&[]),
-                        gimli::LittleEndian,
-                    ))
-                })
-                .ok()?;
-                addr2line::Context::from_dwarf(dwarf).ok()
-            });
         Some(Loaded {
             data,
+            file,
             functions,
-            dwarf,
+            dwarf: None,
         })
+    }
+
+    /// The module's DWARF, if it has debug info (uncompressed).
+    fn read_dwarf(&self) -> Option<addr2line::Context<Reader>> {
+        self.file.section(".debug_info").filter(|d| !d.is_empty())?;
+        let dwarf = gimli::Dwarf::load(|id| {
+            Ok::<_, ()>(gimli::EndianSlice::new(
+                self.file.section(id.name()).unwrap_or(&[]),
+                gimli::LittleEndian,
+            ))
+        })
+        .ok()?;
+        addr2line::Context::from_dwarf(dwarf).ok()
     }
 
     /// The symbol table's name (demangled) of the function holding file address `probe`.

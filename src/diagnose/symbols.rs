@@ -36,7 +36,7 @@ struct Symbolizer {
 }
 
 impl Symbolizer {
-    fn start() -> Option<Symbolizer> {
+    fn start(locations: bool) -> Option<Symbolizer> {
         let (jobs, rx) = sync_channel::<(u64, Arc<[usize]>)>(64);
         let done: Done = Arc::default();
         let out = done.clone();
@@ -49,7 +49,7 @@ impl Symbolizer {
                 while let Ok((id, raw)) = rx.recv() {
                     // The first job reads the symbol tables (tens of milliseconds, more with
                     // `stack_locations`): nothing is read before a stack needs it.
-                    let stack = catch_unwind(|| symbolize(&raw)).unwrap_or_default();
+                    let stack = catch_unwind(|| symbolize(&raw, locations)).unwrap_or_default();
                     SYMBOLS_READY.store(true, Ordering::Release);
                     let (map, cv) = &*out;
                     if let Ok(mut m) = map.lock() {
@@ -139,14 +139,8 @@ impl Stacks {
     /// diagnosis on), or none (every raw stack is then left unsymbolized); frames with
     /// `file:line` when `locations` (process-wide from then on).
     pub(crate) fn new(on: bool, locations: bool) -> Stacks {
-        #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-        if on && locations {
-            super::symbolize::LOCATIONS.store(true, Ordering::Relaxed);
-        }
-        #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
-        let _ = locations;
         Stacks {
-            symbolizer: on.then(Symbolizer::start).flatten(),
+            symbolizer: on.then(|| Symbolizer::start(locations)).flatten(),
             submitted: HashSet::new(),
             late: Vec::new(),
             held: Vec::new(),
@@ -305,12 +299,12 @@ impl Stacks {
 }
 
 #[cfg(all(target_os = "linux", not(loopwatch_portable)))]
-fn symbolize(raw: &[usize]) -> Stack {
-    super::symbolize::symbolize(raw)
+fn symbolize(raw: &[usize], locations: bool) -> Stack {
+    super::symbolize::symbolize(raw, locations)
 }
 
 #[cfg(not(all(target_os = "linux", not(loopwatch_portable))))]
-fn symbolize(_raw: &[usize]) -> Stack {
+fn symbolize(_raw: &[usize], _locations: bool) -> Stack {
     Stack::default()
 }
 
@@ -318,18 +312,19 @@ fn symbolize(_raw: &[usize]) -> Stack {
 /// [`wait_for_symbols`]).
 static SYMBOLS_READY: AtomicBool = AtomicBool::new(false);
 
-/// Loads the symbol tables now (on a thread of its own, once) and waits up to `timeout` for
-/// them: loopwatch otherwise reads them at the first stack, so a process that never stalls
+/// Loads the symbol tables now (on a thread of its own, once; with the debug info when
+/// `locations`) and waits up to `timeout` for them: loopwatch otherwise reads them at the first stack, so a process that never stalls
 /// never pays for them.
-pub(crate) fn wait_for_symbols(timeout: Duration) -> bool {
+pub(crate) fn wait_for_symbols(timeout: Duration, locations: bool) -> bool {
     static LOAD: std::sync::Once = std::sync::Once::new();
     if !SYMBOLS_READY.load(Ordering::Acquire) {
         LOAD.call_once(|| {
             let spawned = std::thread::Builder::new()
                 .name("loopwatch-symbols-load".into())
-                .spawn(|| {
+                .spawn(move || {
                     crate::board::mark_own_thread();
-                    let _ = catch_unwind(|| symbolize(&[wait_for_symbols as *const () as usize]));
+                    let here = [wait_for_symbols as *const () as usize];
+                    let _ = catch_unwind(|| symbolize(&here, locations));
                     SYMBOLS_READY.store(true, Ordering::Release);
                 });
             if spawned.is_err() {

@@ -304,7 +304,7 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         t.join().unwrap();
         let ips = ips.expect("unwound while it slept");
-        let names: Vec<String> = super::super::symbolize::resolve(&ips)
+        let names: Vec<String> = super::super::symbolize::resolve(&ips, false)
             .into_iter()
             .filter_map(|f| f.function)
             .collect();

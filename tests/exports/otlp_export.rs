@@ -28,11 +28,13 @@ fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
-fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol) {
+/// `locations`: frames with `file:line` (`stack_locations`), else names alone.
+fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol, locations: bool) {
     let rx = Receiver::start(transport);
     let h = common::harness(
         loopwatch::builder()
             .threshold(THRESHOLD)
+            .stack_locations(locations)
             .metrics(loopwatch::MetricsExport::Off)
             .export_interval(Duration::from_millis(200))
             .otlp_endpoint(rx.endpoint())
@@ -69,11 +71,17 @@ fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol) {
     // all three `code.*` attributes from it.
     if let Some(f) = attr(a, "code.function.name") {
         assert_eq!(f, "exports::common::spin_for", "{a:#?}");
-        assert!(
-            attr(a, "code.file.path").is_some_and(|p| p.ends_with("common/mod.rs")),
-            "{a:#?}"
-        );
-        assert!(attr(a, "code.line.number").is_some(), "{a:#?}");
+        if locations {
+            assert!(
+                attr(a, "code.file.path").is_some_and(|p| p.ends_with("common/mod.rs")),
+                "{a:#?}"
+            );
+            assert!(attr(a, "code.line.number").is_some(), "{a:#?}");
+        } else {
+            // Names alone: no file, and never the spawn site in its place.
+            assert_eq!(attr(a, "code.file.path"), None, "{a:#?}");
+            assert_eq!(attr(a, "code.line.number"), None, "{a:#?}");
+        }
     }
     assert!(attr(a, "loopwatch.stack.status").is_some());
     // Timing: the span covers the poll (start within a tick or so of when it began).
@@ -164,13 +172,17 @@ fn stall_is_exported(transport: Transport, protocol: loopwatch::OtlpProtocol) {
 #[test]
 fn grpc_receives_stall_spans_and_metrics() {
     let _serial = common::serial();
-    stall_is_exported(Transport::Grpc, loopwatch::OtlpProtocol::Grpc);
+    stall_is_exported(Transport::Grpc, loopwatch::OtlpProtocol::Grpc, true);
 }
 
 #[test]
 fn http_protobuf_receives_stall_spans_and_metrics() {
     let _serial = common::serial();
-    stall_is_exported(Transport::Http, loopwatch::OtlpProtocol::HttpProtobuf);
+    stall_is_exported(
+        Transport::Http,
+        loopwatch::OtlpProtocol::HttpProtobuf,
+        false,
+    );
 }
 
 /// Short polls asleep in `clock_nanosleep` (none a stall): their sampled time arrives as a
