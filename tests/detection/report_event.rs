@@ -191,7 +191,7 @@ fn with_log_fields_a_report_is_one_short_line_and_other_events_keep_their_fields
         "duration_ms",
         "cause",
         "stack.status",
-        "worker.tid",
+        "worker.index",
     ] {
         assert!(report.2.contains_key(key), "{key}");
     }
