@@ -302,6 +302,17 @@ fn symbols_cost() {
     }
 }
 
+/// The stall's code: a function of its own, so its frame is in the symbol table (code inlined
+/// into tokio's or loopwatch's generic functions is named by them, and folded, without the
+/// debug info's inlined frames).
+#[inline(never)]
+fn symbols_spin(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
 /// One variant of [`symbols_cost`], in its own process: one 100 ms CPU stall with stacks on.
 fn symbols_child(locations: bool) {
     let rss = || {
@@ -338,10 +349,7 @@ fn symbols_child(locations: bool) {
     let before = rss();
     let t = Instant::now();
     rt.block_on(rt.spawn(guard.watch("stall", async {
-        let end = Instant::now() + Duration::from_millis(100);
-        while Instant::now() < end {
-            std::hint::spin_loop();
-        }
+        symbols_spin(Duration::from_millis(100));
     })))
     .unwrap();
     let took = rx
