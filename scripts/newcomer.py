@@ -48,7 +48,9 @@ async fn user(axum::extract::Path(id): axum::extract::Path<u32>) -> String {
 def readme_section():
     text = open(os.path.join(ROOT, "README.md")).read()
     start = text.index(SECTION)
-    end = min(text.find(h, start + len(SECTION)) % len(text) for h in ("\n## ", "\n### "))
+    # The next heading of its level or above (a `#[tokio::main]` line in its code is none).
+    ends = [text.find(h, start + len(SECTION)) for h in ("\n## ", "\n### ")]
+    end = min((e for e in ends if e >= 0), default=len(text))
     section = text[start:end]
     toml = re.search(r"```toml\n(.*?)```", section, re.S).group(1).strip()
     rust = re.search(r"```rust[^\n]*\n(.*?)```", section, re.S).group(1)
