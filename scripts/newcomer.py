@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prometheus_e2e import (  # noqa: E402
-    ROOT, free_port, get, print_logs, query, start_prometheus, wait_for,
+    ROOT, free_port, get, print_logs, query, start_prometheus, stop_all, wait_for,
 )
 
 WORK = os.path.join(ROOT, "target", "newcomer")
@@ -151,10 +151,7 @@ def main():
         raise
     finally:
         stop.set()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -96,6 +96,14 @@ def start_prometheus(work, job, target, prom):
     return proc
 
 
+def stop_all(procs):
+    """Kills and reaps each process still running."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def print_logs(work, *names):
     """The last lines of each log in `work`, to stderr (a failed run says why)."""
     for name in names:
@@ -246,10 +254,7 @@ def main():
         print_logs(work, "demo.log", "prometheus.log")
         raise
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 

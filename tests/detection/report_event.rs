@@ -9,6 +9,17 @@ use common::Captured;
 use tracing::{Dispatch, Level};
 use tracing_subscriber::prelude::*;
 
+/// A one-worker runtime whose threads send their events to `dispatch`.
+fn runtime_under(dispatch: &Dispatch) -> tokio::runtime::Runtime {
+    let d = dispatch.clone();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&d)))
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn stalls_become_warn_events_with_every_field() {
     let _serial = common::serial();
@@ -27,13 +38,7 @@ fn stalls_become_warn_events_with_every_field() {
             .with(layer)
             .with(captured.clone()),
     );
-    let d = dispatch.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&d)))
-        .build()
-        .unwrap();
+    let rt = runtime_under(&dispatch);
     rt.block_on(rt.spawn(guard.watch("slow-handler", async {
         common::spin_for(Duration::from_millis(40));
     })))
@@ -136,13 +141,7 @@ fn with_log_fields_a_report_is_one_short_line_and_other_events_keep_their_fields
                     .with_writer(move || b.clone()),
             ),
     );
-    let d = dispatch.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .on_thread_start(move || std::mem::forget(tracing::dispatcher::set_default(&d)))
-        .build()
-        .unwrap();
+    let rt = runtime_under(&dispatch);
     rt.block_on(rt.spawn(guard.watch("report-handler", async {
         tracing::info!(user = 7, "an application event");
         common::spin_for(Duration::from_millis(40));
