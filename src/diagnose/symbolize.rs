@@ -145,7 +145,6 @@ impl Symbols {
         }
         // A return address is one past its call: look the call up.
         let probe = avma.saturating_sub(1).wrapping_sub(bias);
-        let symtab = loaded.name_of(probe);
         let before = out.len();
         if let (true, Some(Some(dwarf))) = (locations, &loaded.dwarf) {
             if let Ok(mut iter) = dwarf.find_frames(probe).skip_all_loads() {
@@ -177,14 +176,15 @@ impl Symbols {
                 }
             }
         }
+        // The symbol table's name, looked up (and demangled) only where the debug info gave
+        // none: for the outermost frame, or for an address it does not cover.
         if out.len() > before {
-            // The outermost frame is the function the symbol table names.
             if let Some(last) = out.last_mut().filter(|l| l.function.is_none()) {
-                last.function = symtab;
+                last.function = loaded.name_of(probe);
             }
-        } else if symtab.is_some() {
+        } else if let Some(function) = loaded.name_of(probe) {
             out.push(Frame {
-                function: symtab,
+                function: Some(function),
                 location: None,
                 ip,
                 dependency: false,
