@@ -1114,7 +1114,7 @@ fn instructions(variant: &str) {
             loopwatch::builder()
                 .ignore_env()
                 .diagnose(false)
-                .schedule_delay(variant != "watch-nowake")
+                .schedule_delay(variant != "watch-nowake" && variant != "hooks-nosched")
                 .metrics(loopwatch::MetricsExport::Off)
                 .build()
                 .unwrap()
@@ -1123,7 +1123,7 @@ fn instructions(variant: &str) {
     }
     match variant {
         #[cfg(tokio_unstable)]
-        "hooks" => {
+        "hooks" | "hooks-nosched" => {
             guard.as_ref().unwrap().install_poll_hooks(&mut b);
         }
         #[cfg(tokio_unstable)]
@@ -1136,7 +1136,7 @@ fn instructions(variant: &str) {
             });
         }
         "bare" | "watch" | "watch-nowake" => {}
-        other => panic!("unknown variant {other} (bare, watch, watch-nowake, hooks-empty, hooks)"),
+        other => panic!("unknown variant {other} (bare, watch, watch-nowake, hooks-empty, hooks, hooks-nosched)"),
     }
     let rt = b.build().unwrap();
     let (tasks, yields) = (100u64, 10_000u64);

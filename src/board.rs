@@ -194,7 +194,11 @@ impl Slot {
         let s1 = self.seq.load(Ordering::Acquire);
         let word = CulpritWord::from_bits(self.culprit.load(Ordering::Relaxed));
         let task = self.task.load(Ordering::Relaxed);
-        let named = CulpritWord::from_bits(self.named.load(Ordering::Relaxed));
+        // A named poll names itself; `named` holds a name found inside an unnamed one.
+        let named = match self.named.load(Ordering::Relaxed) {
+            _ if word.is_named() => word,
+            n => CulpritWord::from_bits(n),
+        };
         let inner = CulpritWord::from_bits(self.inner.load(Ordering::Relaxed));
         let start_ns = self.start_ns.load(Ordering::Relaxed);
         fence(Ordering::Acquire);
@@ -353,6 +357,11 @@ pub(crate) struct Board {
     precise_start: bool,
     /// The watchdog's tick: a start read from its clock is at most this much early.
     tick_ns: u64,
+    /// Per layer, how long after its start (as read) a poll may have passed its threshold:
+    /// the threshold less a tick (the start and end read from the watchdog's clock are each
+    /// up to a tick early). The common path of a poll's end compares the clock with its start
+    /// plus this.
+    slow_after_ns: [i64; 4],
     /// A poll that waited at least this long to start is recorded (a possible victim).
     wait_floor_ns: u64,
     /// A probe that knows schedule delays is installed (victims can be found).
@@ -400,7 +409,7 @@ impl Board {
         max_kinds: usize,
     ) -> Board {
         let epoch = Instant::now();
-        Board {
+        let mut board = Board {
             epoch,
             epoch_system: SystemTime::now(),
             clock_ns: Padded(AtomicU64::new(0)),
@@ -409,6 +418,7 @@ impl Board {
             sample_mask: u64::from(sample_every.max(1)) - 1,
             precise_start,
             tick_ns: 0,
+            slow_after_ns: [0; 4],
             wait_floor_ns: thresholds[0].map_or(u64::MAX, |t| {
                 u64::try_from(t.as_nanos() / 10).unwrap_or(u64::MAX)
             }),
@@ -419,7 +429,9 @@ impl Board {
             unwatched_threads: AtomicU64::new(0),
             kinds: Kinds::new(max_kinds),
             blocking: BlockingStats::default(),
-        }
+        };
+        board.set_tick(0);
+        board
     }
 
     /// The board for `cfg`: its layers' thresholds, sampling, start precision and limits.
@@ -435,8 +447,17 @@ impl Board {
             cfg.max_threads,
             cfg.max_task_kinds,
         );
-        board.tick_ns = u64::try_from(cfg.tick.as_nanos()).unwrap_or(u64::MAX);
+        board.set_tick(u64::try_from(cfg.tick.as_nanos()).unwrap_or(u64::MAX));
         board
+    }
+
+    fn set_tick(&mut self, tick_ns: u64) {
+        self.tick_ns = tick_ns;
+        let [a, b, c] = self
+            .thresholds_ns
+            .map(|t| i64::try_from(t.saturating_sub(tick_ns)).unwrap_or(i64::MAX));
+        // Indexed by a culprit word's layer bits (3 is never made: async, as `layer` reads it).
+        self.slow_after_ns = [a, b, c, a];
     }
 
     /// The watchdog's tick, nanoseconds.
@@ -525,13 +546,54 @@ impl Board {
         waited: Wait,
     ) {
         let _ = LOCAL.try_with(|l| {
+            // The common case: this thread's slot on this board, no poll open, the watchdog's
+            // clock running, and nothing to note (a name, a wait, a timed or blocking poll).
+            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.depth.get() == 0 {
+                // SAFETY: `fast` is this board (alive: the caller holds it) only while this
+                // thread holds one of its slots, whose address `slot_ptr` is (the slots
+                // never move).
+                let slot = unsafe { &*l.slot_ptr.get() };
+                let s = slot.seq.load(Ordering::Relaxed);
+                let start = self.clock_ns.0.load(Ordering::Relaxed);
+                if start != CLOCK_UNKNOWN
+                    && (s >> 1) & self.sample_mask != 0
+                    && !word.is_blocking()
+                    && !waited.is_known()
+                {
+                    l.ids[0].set(id);
+                    l.depth.set(1);
+                    // The previous poll's end (even sequence) is published before this
+                    // poll's fields (seqlock), as in `begin`.
+                    fence(Ordering::Release);
+                    slot.culprit.store(word.bits(), Ordering::Relaxed);
+                    slot.task.store(task(), Ordering::Relaxed);
+                    slot.start_ns.store(start, Ordering::Relaxed);
+                    slot.seq.store(s | 1, Ordering::Release);
+                    return;
+                }
+            }
+            self.enter_nested(l, id, word, task(), waited);
+        });
+    }
+
+    /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,
+    /// or a span nested in an open poll.
+    #[inline(never)]
+    fn enter_nested(
+        self: &Arc<Self>,
+        l: &Local,
+        id: u64,
+        word: CulpritWord,
+        task: u64,
+        waited: Wait,
+    ) {
+        {
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l, word) {
                 return;
             }
             let Some(slot) = self.slots.get(l.slot.get()) else {
                 return;
             };
-            let task = task();
             let mut depth = l.depth.get();
             if depth > 0 && is_phantom(slot, task) {
                 self.end_phantom(slot, l);
@@ -545,11 +607,14 @@ impl Board {
                 self.begin(slot, l, word, task, waited);
             } else {
                 // A span nested in the poll: it is the innermost now, and it may name the task.
+                l.dirty.set(true);
                 if let Some(s) = l.stack.get(depth as usize) {
                     s.set(word.bits());
                 }
                 slot.inner.store(word.bits(), Ordering::Relaxed);
+                // A named poll keeps its own name (the outermost).
                 if word.is_named()
+                    && !CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed)).is_named()
                     && (l.named_left.get() || slot.named.load(Ordering::Relaxed) == 0)
                 {
                     l.named_left.set(false);
@@ -570,7 +635,7 @@ impl Board {
                     self.note_wait(slot, polled, waited, timed);
                 }
             }
-        });
+        }
     }
 
     /// `id` (a span's, or [`PROBE`]) is exited on this thread. It closes what was entered
@@ -580,6 +645,38 @@ impl Board {
     #[inline]
     pub(crate) fn exit(self: &Arc<Self>, id: u64) {
         let _ = LOCAL.try_with(|l| {
+            // The common case: the poll entered last ends, with nothing nested left open,
+            // nothing noted, and short on the watchdog's clock (see `end`).
+            if ptr::eq(l.fast.get(), Arc::as_ptr(self))
+                && l.depth.get() == 1
+                && l.ids[0].get() == id
+                && !l.dirty.get()
+            {
+                // SAFETY: as in `enter`.
+                let slot = unsafe { &*l.slot_ptr.get() };
+                let s = slot.seq.load(Ordering::Relaxed);
+                let coarse = self.clock_ns.0.load(Ordering::Relaxed);
+                let word = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
+                let start = slot.start_ns.load(Ordering::Relaxed);
+                // Signed: the watchdog's clock may read behind an exact start, or
+                // CLOCK_UNKNOWN (far behind); neither is a slow poll.
+                if (coarse.wrapping_sub(start) as i64)
+                    < self.slow_after_ns[word.layer_bits() as usize & 3]
+                {
+                    l.depth.set(0);
+                    slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
+                    slot.seq.store((s | 1) + 1, Ordering::Release);
+                    return;
+                }
+            }
+            self.exit_nested(l, id);
+        });
+    }
+
+    /// [`exit`](Self::exit) off its common path: spans nested in the poll.
+    #[inline(never)]
+    fn exit_nested(self: &Arc<Self>, l: &Local, id: u64) {
+        {
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) {
                 return;
             }
@@ -620,16 +717,12 @@ impl Board {
             // its joiner), and a stall flagged then is still that future's.
             let named = slot.named.load(Ordering::Relaxed);
             let closed = l.stack.get(open..depth).unwrap_or(&[]);
+            // (A named poll names itself: `named` is set only inside an unnamed one.)
             if named != 0 && closed.iter().any(|c| c.get() == named) {
-                let outer = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
-                if outer.is_named() {
-                    slot.named.store(outer.bits(), Ordering::Relaxed);
-                } else {
-                    l.named_left.set(true);
-                }
+                l.named_left.set(true);
             }
             l.depth.set(open as u32);
-        });
+        }
     }
 
     /// This thread is about to park (the runtime's `on_thread_park`): no poll runs on it, so
@@ -658,9 +751,24 @@ impl Board {
         }
         slot.end_coarse_ns
             .store(self.clock_ns.0.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.clean(slot, l);
         slot.seq.store((s | 1) + 1, Ordering::Release);
-        l.sample_start.set(None);
         l.depth.set(0);
+    }
+
+    /// Puts back what a poll's start leaves alone (the slot's `named` and `inner`, the
+    /// thread's notes of the poll) after a poll that changed them: a nested span, a named
+    /// culprit, a known wait, or timing. Off the common path: a tiny poll of an unnamed task
+    /// touches none of them.
+    #[cold]
+    fn clean(&self, slot: &Slot, l: &Local) {
+        l.dirty.set(false);
+        slot.named.store(0, Ordering::Relaxed);
+        slot.inner.store(0, Ordering::Relaxed);
+        l.first_named.set(0);
+        l.named_left.set(false);
+        l.wait_noted.set(false);
+        l.sample_start.set(None);
     }
 
     #[inline]
@@ -671,28 +779,22 @@ impl Board {
         fence(Ordering::Release);
         slot.culprit.store(word.bits(), Ordering::Relaxed);
         slot.task.store(task, Ordering::Relaxed);
-        let named = if word.is_named() { word.bits() } else { 0 };
-        slot.named.store(named, Ordering::Relaxed);
-        l.first_named.set(named);
-        l.named_left.set(false);
-        slot.inner.store(0, Ordering::Relaxed);
-        let start = if self.precise_start {
-            self.now_ns() | EXACT
-        } else {
-            match self.clock_ns.0.load(Ordering::Relaxed) {
-                // The watchdog sleeps through an idle spell: this poll may be the first of a
-                // stall it would otherwise see only when it wakes. Reading the clock here is
-                // off the common path (the runtime was idle), and makes the start exact.
-                CLOCK_UNKNOWN => self.now_ns() | EXACT,
-                coarse => coarse,
-            }
-        };
+        // Between polls `named`, `inner` and the thread's notes are clear (see `clean`); a
+        // named poll names itself (see `Slot::read`).
+        let mut start = self.clock_ns.0.load(Ordering::Relaxed);
+        // The watchdog sleeps through an idle spell (its clock reads CLOCK_UNKNOWN): this poll
+        // may be the first of a stall it would otherwise see only when it wakes. Reading the
+        // clock here is off the common path (the runtime was idle), and makes the start exact.
+        if start == CLOCK_UNKNOWN || self.precise_start {
+            start = self.exact_now();
+        }
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
         // Blocking jobs are few and long: every one is timed, and its queue wait kept.
         let sampled = (s >> 1) & self.sample_mask == 0 || word.is_blocking();
-        l.wait_noted.set(waited.is_known());
         if waited.is_known() {
+            l.dirty.set(true);
+            l.wait_noted.set(true);
             let polled = Polled {
                 word,
                 task,
@@ -701,8 +803,21 @@ impl Board {
             self.note_wait(slot, polled, waited, sampled);
         }
         if sampled {
-            l.sample_start.set(Some(Instant::now()));
+            self.start_timing(l);
         }
+    }
+
+    /// The real clock as a poll's exact start (see [`EXACT`]).
+    #[cold]
+    fn exact_now(&self) -> u64 {
+        self.now_ns() | EXACT
+    }
+
+    /// Times this poll with the real clock (one in `sample_every`).
+    #[cold]
+    fn start_timing(&self, l: &Local) {
+        l.dirty.set(true);
+        l.sample_start.set(Some(Instant::now()));
     }
 
     /// Keeps a poll's schedule delay if rare enough: a timed poll's (for the histogram), or a
@@ -727,7 +842,7 @@ impl Board {
         let s = slot.seq.load(Ordering::Relaxed);
         let coarse = self.clock_ns.0.load(Ordering::Relaxed);
         if slot.flagged.load(Ordering::Relaxed) == s {
-            slot.end_ns.store(self.now_ns().max(1), Ordering::Relaxed);
+            self.flagged_end(slot);
         }
         let word = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
         let start = slot.start_ns.load(Ordering::Relaxed);
@@ -736,16 +851,36 @@ impl Board {
         if coarse != CLOCK_UNKNOWN
             && coarse.saturating_sub(start).saturating_add(self.tick_ns) >= threshold
         {
-            self.slow_end(slot, s, word, start, threshold, l.first_named.get());
+            let named = if word.is_named() {
+                word.bits()
+            } else {
+                l.first_named.get()
+            };
+            self.slow_end(slot, s, word, start, threshold, named);
+        }
+        if l.dirty.get() {
+            self.end_noted(slot, l);
         }
         slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
         slot.seq.store((s | 1) + 1, Ordering::Release);
-        // Read first, write only when sampled: no store on the common path.
-        if let Some(t0) = l.sample_start.get() {
-            l.sample_start.set(None);
+    }
+
+    /// The poll the watchdog flagged as a stall ends: its exact end, from the real clock.
+    #[cold]
+    fn flagged_end(&self, slot: &Slot) {
+        slot.end_ns.store(self.now_ns().max(1), Ordering::Relaxed);
+    }
+
+    /// A poll that changed what its start leaves alone ends: its exact duration if it was
+    /// timed, then the slot and the thread's notes are cleared for the next.
+    #[cold]
+    fn end_noted(&self, slot: &Slot, l: &Local) {
+        let timed = l.sample_start.get();
+        self.clean(slot, l);
+        if let Some(t0) = timed {
             let nanos = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
             slot.push(Record {
-                word,
+                word: CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed)),
                 measure: Measure::poll(nanos),
                 start: 0,
                 task: 0,
@@ -819,6 +954,11 @@ impl Board {
         match self.claim() {
             Some(i) => {
                 l.slot.set(i);
+                l.slot_ptr.set(&self.slots[i]);
+                // With exact starts every poll reads the real clock: no common path.
+                if !self.precise_start {
+                    l.fast.set(Arc::as_ptr(self));
+                }
                 true
             }
             None => {
@@ -841,6 +981,9 @@ impl Board {
             {
                 slot.ring
                     .get_or_init(|| (0..RING).map(|_| Sample::default()).collect());
+                // Clear between polls, as a poll's start expects (see `clean`).
+                slot.named.store(0, Ordering::Relaxed);
+                slot.inner.store(0, Ordering::Relaxed);
                 let current = std::thread::current();
                 let meta = ThreadMeta {
                     name: current.name().map(Arc::from),
@@ -936,6 +1079,12 @@ fn is_phantom(slot: &Slot, task: u64) -> bool {
 struct Local {
     board: Cell<*const Board>,
     slot: Cell<usize>,
+    /// `board` while this thread holds one of its slots (else null): the common path's test.
+    fast: Cell<*const Board>,
+    /// The held slot's address (valid while `fast` is not null).
+    slot_ptr: Cell<*const Slot>,
+    /// The open poll changed what a start leaves alone: its end clears it (see `clean`).
+    dirty: Cell<bool>,
     depth: Cell<u32>,
     sample_start: Cell<Option<Instant>>,
     /// The current poll's schedule delay is known (its first probe, or a nested one, said).
@@ -961,9 +1110,20 @@ impl Local {
                 board.release(self.slot.get());
             }
         });
+        self.forget();
+    }
+
+    /// Holds no slot any more: a fresh start for the next board.
+    fn forget(&self) {
         self.board.set(ptr::null());
+        self.fast.set(ptr::null());
+        self.slot_ptr.set(ptr::null());
         self.slot.set(usize::MAX);
         self.depth.set(0);
+        self.dirty.set(false);
+        self.first_named.set(0);
+        self.named_left.set(false);
+        self.wait_noted.set(false);
         self.sample_start.set(None);
     }
 }
@@ -975,9 +1135,7 @@ impl Drop for Hold {
         if let Some(board) = self.0.take() {
             let _ = LOCAL.try_with(|l| {
                 board.release(l.slot.get());
-                l.board.set(ptr::null());
-                l.slot.set(usize::MAX);
-                l.depth.set(0);
+                l.forget();
             });
         }
     }
@@ -988,6 +1146,9 @@ thread_local! {
         Local {
             board: Cell::new(ptr::null()),
             slot: Cell::new(usize::MAX),
+            fast: Cell::new(ptr::null()),
+            slot_ptr: Cell::new(ptr::null()),
+            dirty: Cell::new(false),
             depth: Cell::new(0),
             sample_start: Cell::new(None),
             wait_noted: Cell::new(false),

@@ -13,7 +13,9 @@ use crate::stall::LayerKind;
 //
 // bits 0..2  tag: 0 none, 1 interned kind, 2 `&'static Location` pointer (tokio poll hooks)
 // tag 1:     bits 2..4 layer, bit 4 set if the kind has a name, bits 32..64 kind id
-// tag 2:     the pointer itself (a `Location` is 8-aligned, so its low bits are free); async.
+// tag 2:     the pointer shifted left by 2 (a `Location` is at least 4-aligned, so bits 0..4
+//            are then free: bits 2..4, the layer, read 0, async). One layer read serves every
+//            tag (a poll's end reads it on its common path).
 
 const TAG_MASK: u64 = 0b11;
 const TAG_KIND: u64 = 1;
@@ -55,7 +57,7 @@ impl CulpritWord {
     #[inline]
     #[cfg_attr(not(tokio_unstable), allow(dead_code))]
     pub(crate) fn location(loc: &'static Location<'static>) -> CulpritWord {
-        CulpritWord((loc as *const Location<'static> as u64) | TAG_LOCATION)
+        CulpritWord(((loc as *const Location<'static> as u64) << 2) | TAG_LOCATION)
     }
 
     /// The word as a slot's atomic holds it.
@@ -78,11 +80,13 @@ impl CulpritWord {
     /// The layer of the thread that polls it (a location is always async).
     #[inline]
     pub(crate) const fn layer(self) -> LayerKind {
-        if self.0 & TAG_MASK == TAG_KIND {
-            LayerKind::from_bits((self.0 & LAYER_MASK) >> LAYER_SHIFT)
-        } else {
-            LayerKind::Async
-        }
+        LayerKind::from_bits(self.layer_bits())
+    }
+
+    /// The layer's two bits (0 for a location or none; 3 is never made, read as async).
+    #[inline]
+    pub(crate) const fn layer_bits(self) -> u64 {
+        (self.0 & LAYER_MASK) >> LAYER_SHIFT
     }
 
     /// A job of tokio's blocking pool.
@@ -101,7 +105,7 @@ impl CulpritWord {
         match self.0 & TAG_MASK {
             TAG_KIND => Culprit::Kind((self.0 >> 32) as KindId, self.layer()),
             TAG_LOCATION => {
-                let p = (self.0 & !TAG_MASK) as *const Location<'static>;
+                let p = ((self.0 & !TAG_MASK) >> 2) as *const Location<'static>;
                 // SAFETY: a TAG_LOCATION word is only ever made by `location` from a
                 // `&'static Location<'static>`, so the pointer is valid for the whole program.
                 Culprit::Location(unsafe { &*p })

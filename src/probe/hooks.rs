@@ -23,32 +23,39 @@ pub(crate) fn install<'a>(
 ) -> &'a mut Builder {
     let before = board.clone();
     let after = board.clone();
+    builder.on_after_task_poll(move |_meta: &TaskMeta<'_>| after.exit(PROBE));
     #[cfg(all(feature = "schedule-delay", target_has_atomic = "64"))]
     if schedule_delay {
         builder.track_task_schedule_latency();
         board.set_waits_known();
-    }
-    let _ = schedule_delay;
-    builder
-        .on_before_task_poll(move |meta: &TaskMeta<'_>| {
-            let loc = meta.spawned_at();
+        return builder.on_before_task_poll(move |meta: &TaskMeta<'_>| {
             before.enter(
                 PROBE,
-                CulpritWord::location(loc),
+                CulpritWord::location(meta.spawned_at()),
                 || task_id_u64(meta.id()),
                 waited(meta),
             );
-        })
-        .on_after_task_poll(move |_meta: &TaskMeta<'_>| after.exit(PROBE))
+        });
+    }
+    let _ = schedule_delay;
+    // Without schedule delays the hook never asks tokio for one: its common path is a few
+    // stores to this thread's slot.
+    builder.on_before_task_poll(move |meta: &TaskMeta<'_>| {
+        before.enter(
+            PROBE,
+            CulpritWord::location(meta.spawned_at()),
+            || task_id_u64(meta.id()),
+            Wait::UNKNOWN,
+        );
+    })
 }
 
 /// How long the task waited from its wake to this poll, if tokio tracks it.
+#[cfg(all(feature = "schedule-delay", target_has_atomic = "64"))]
 #[inline]
 fn waited(meta: &TaskMeta<'_>) -> Wait {
-    #[cfg(all(feature = "schedule-delay", target_has_atomic = "64"))]
-    if let Some(d) = meta.schedule_latency() {
-        return Wait::exact(u64::try_from(d.as_nanos()).unwrap_or(Wait::MAX_NANOS));
+    match meta.schedule_latency() {
+        Some(d) => Wait::exact(u64::try_from(d.as_nanos()).unwrap_or(Wait::MAX_NANOS)),
+        None => Wait::UNKNOWN,
     }
-    let _ = meta;
-    Wait::UNKNOWN
 }
