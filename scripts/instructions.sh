@@ -31,7 +31,7 @@ count() {
 read -r bare bare_rest < <(count bare)
 polls=1000100
 printf '%-12s %14s %12s %16s\n' probe instructions "added/poll" "other threads"
-for v in ${LOOPWATCH_INSTR_VARIANTS:-bare watch watch-nowake hooks-empty hooks-nosched hooks}; do
+for v in ${LOOPWATCH_INSTR_VARIANTS:-bare watch watch-nowake hooks-empty hooks-nosched hooks hooks-tokio}; do
   read -r n rest < <(count "$v")
   printf '%-12s %14s %12.1f %16s\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)" "$rest"
 done

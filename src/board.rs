@@ -121,6 +121,16 @@ pub(crate) struct ThreadMeta {
 
 const RING: usize = 1024;
 
+/// Polls noted as queued behind one stall, at most (each is a ring record).
+const MAX_QUEUED: usize = RING / 4;
+
+/// How long an ended stall of `threshold_ns` is held for its victims' records: they are polled
+/// right after it, so a few ticks' worth, between 5 and 100 ms. A worker notes the polls queued
+/// behind a stall for as long.
+pub(crate) fn hold_window_ns(threshold_ns: u64) -> u64 {
+    threshold_ns.clamp(5_000_000, 100_000_000)
+}
+
 /// One thread's state. Aligned so two threads never share a cache line.
 #[repr(align(128))]
 #[derive(Debug)]
@@ -368,6 +378,10 @@ pub(crate) struct Board {
     waits_known: AtomicBool,
     /// Watched futures note their wakes (`schedule_delay`, default on).
     pub(crate) track_wakes: bool,
+    /// Reads how many tasks are queued on the calling worker (its runtime's metrics), set by
+    /// a probe that learns victims from the queue (the poll hooks without tokio's
+    /// schedule-latency tracking). Called only at the end of a stall, on its worker.
+    queue_reader: OnceLock<fn() -> usize>,
     slots: Box<[Slot]>,
     high_water: AtomicUsize,
     unwatched_threads: AtomicU64,
@@ -424,6 +438,7 @@ impl Board {
             }),
             waits_known: AtomicBool::new(false),
             track_wakes: true,
+            queue_reader: OnceLock::new(),
             slots: (0..max_threads).map(|_| Slot::new()).collect(),
             high_water: AtomicUsize::new(0),
             unwatched_threads: AtomicU64::new(0),
@@ -511,6 +526,15 @@ impl Board {
 
     pub(crate) fn waits_known(&self) -> bool {
         self.waits_known.load(Ordering::Relaxed)
+    }
+
+    /// Victims are learnt from the queue: at the end of a stall of the async layer, its worker
+    /// reads with `reader` how many tasks are queued on it, and notes that many of the polls
+    /// that follow as queued behind it (see [`arm_queued`](Self::arm_queued)).
+    #[cfg_attr(not(tokio_unstable), allow(dead_code))]
+    pub(crate) fn set_queue_reader(&self, reader: fn() -> usize) {
+        let _ = self.queue_reader.set(reader);
+        self.set_waits_known();
     }
 
     /// The slots that have ever been claimed.
@@ -729,7 +753,14 @@ impl Board {
     /// a poll still open here is a phantom, ended now.
     pub(crate) fn parked(self: &Arc<Self>) {
         let _ = LOCAL.try_with(|l| {
-            if !ptr::eq(l.board.get(), Arc::as_ptr(self)) || l.depth.get() == 0 {
+            if !ptr::eq(l.board.get(), Arc::as_ptr(self)) {
+                return;
+            }
+            // Its queue is empty: no task polled after this waited behind the last stall.
+            if l.queued_left.get() > 0 {
+                self.disarm_queued(l);
+            }
+            if l.depth.get() == 0 {
                 return;
             }
             if let Some(slot) = self.slots.get(l.slot.get()) {
@@ -805,6 +836,9 @@ impl Board {
         if sampled {
             self.start_timing(l);
         }
+        if l.queued_left.get() > 0 {
+            self.note_queued(slot, l, word, task, start);
+        }
     }
 
     /// The real clock as a poll's exact start (see [`EXACT`]).
@@ -841,11 +875,11 @@ impl Board {
     fn end(&self, slot: &Slot, l: &Local) {
         let s = slot.seq.load(Ordering::Relaxed);
         let coarse = self.clock_ns.0.load(Ordering::Relaxed);
-        if slot.flagged.load(Ordering::Relaxed) == s {
-            self.flagged_end(slot);
-        }
         let word = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
         let start = slot.start_ns.load(Ordering::Relaxed);
+        if slot.flagged.load(Ordering::Relaxed) == s {
+            self.flagged_end(slot, l, word, start, coarse);
+        }
         let threshold = self.thresholds_ns[word.layer() as usize];
         // Perhaps slow: its start and end on the watchdog's clock are each up to a tick early.
         if coarse != CLOCK_UNKNOWN
@@ -856,7 +890,9 @@ impl Board {
             } else {
                 l.first_named.get()
             };
-            self.slow_end(slot, s, word, start, threshold, named);
+            if self.slow_end(slot, s, word, start, threshold, named) {
+                self.arm_queued(l, word, start, coarse);
+            }
         }
         if l.dirty.get() {
             self.end_noted(slot, l);
@@ -867,8 +903,81 @@ impl Board {
 
     /// The poll the watchdog flagged as a stall ends: its exact end, from the real clock.
     #[cold]
-    fn flagged_end(&self, slot: &Slot) {
-        slot.end_ns.store(self.now_ns().max(1), Ordering::Relaxed);
+    fn flagged_end(&self, slot: &Slot, l: &Local, word: CulpritWord, start: u64, coarse: u64) {
+        let end = self.now_ns().max(1);
+        slot.end_ns.store(end, Ordering::Relaxed);
+        self.arm_queued(
+            l,
+            word,
+            start,
+            if coarse == CLOCK_UNKNOWN { end } else { coarse },
+        );
+    }
+
+    /// A stall of the async layer that started at `start` ends on this thread at `end` (the
+    /// watchdog's clock, as the polls that follow read their starts): with a queue reader, the
+    /// tasks queued on this worker now waited behind it. As many of the polls that follow on
+    /// this thread (the worker takes them from its queue), within the victims' hold window, are
+    /// noted as queued behind it (see [`note_queued`](Self::note_queued)). The common path is
+    /// left alone: `fast` is cleared until they are noted.
+    #[cold]
+    fn arm_queued(&self, l: &Local, word: CulpritWord, start: u64, end: u64) {
+        let Some(read) = self.queue_reader.get() else {
+            return;
+        };
+        if word.layer() != LayerKind::Async {
+            return;
+        }
+        // Never let a panic in the runtime's metrics out into the runtime's poll hook.
+        let queued = std::panic::catch_unwind(read).unwrap_or(0);
+        if queued == 0 {
+            return;
+        }
+        l.queued_left
+            .set(u32::try_from(queued.min(MAX_QUEUED)).unwrap_or(u32::MAX));
+        // (A start is never CLOCK_UNKNOWN: `begin` reads the real clock then.)
+        l.queued_from.set(start);
+        l.queued_until
+            .set(end.saturating_add(hold_window_ns(self.thresholds_ns[0])));
+        l.fast.set(ptr::null());
+    }
+
+    /// A poll starts on a thread armed by [`arm_queued`](Self::arm_queued): its task was
+    /// queued behind the stall that ended (its wake is not known, so its wait is not measured).
+    /// The record's measure spans the stall's start to this poll's, so the watchdog can match
+    /// it with the stall.
+    #[cold]
+    fn note_queued(&self, slot: &Slot, l: &Local, word: CulpritWord, task: u64, start: u64) {
+        if start > l.queued_until.get() {
+            self.disarm_queued(l);
+            return;
+        }
+        if word.layer() != LayerKind::Async {
+            return;
+        }
+        l.dirty.set(true);
+        // A watched future nested in this poll keeps no wait of its own: one record a poll.
+        l.wait_noted.set(true);
+        slot.push(Record {
+            word,
+            measure: Measure::queued(start.saturating_sub(l.queued_from.get())),
+            start,
+            task,
+        });
+        let left = l.queued_left.get() - 1;
+        l.queued_left.set(left);
+        if left == 0 {
+            self.disarm_queued(l);
+        }
+    }
+
+    /// No more polls are noted as queued: the common path is back.
+    #[cold]
+    fn disarm_queued(&self, l: &Local) {
+        l.queued_left.set(0);
+        if !self.precise_start && !l.slot_ptr.get().is_null() && ptr::eq(l.board.get(), self) {
+            l.fast.set(l.board.get());
+        }
     }
 
     /// A poll that changed what its start leaves alone ends: its exact duration if it was
@@ -891,7 +1000,7 @@ impl Board {
     /// A poll that may have passed its threshold ends (rare: polls of threshold less a tick,
     /// or longer). A stall the watchdog flagged counts as a slow poll; one it did not see is
     /// timed with the real clock and, past its threshold, counted and handed to the watchdog
-    /// as caught at its end. A phantom is neither.
+    /// as caught at its end (then it returns true). A phantom is neither.
     #[cold]
     fn slow_end(
         &self,
@@ -901,9 +1010,9 @@ impl Board {
         start: u64,
         threshold: u64,
         named: u64,
-    ) {
+    ) -> bool {
         if slot.phantom.load(Ordering::Relaxed) == s {
-            return;
+            return false;
         }
         let slow = || {
             slot.slow_polls.store(
@@ -913,11 +1022,11 @@ impl Board {
         };
         if slot.flagged.load(Ordering::Relaxed) == s {
             slow();
-            return;
+            return false;
         }
         let end = self.now_ns().max(1);
         if end.saturating_sub(caught_from(start, self.tick_ns)) < threshold {
-            return;
+            return false;
         }
         slow();
         slot.caught_seq.store(0, Ordering::Relaxed);
@@ -929,6 +1038,7 @@ impl Board {
         slot.caught_start.store(start, Ordering::Relaxed);
         slot.caught_end.store(end, Ordering::Relaxed);
         slot.caught_seq.store(s | 1, Ordering::Release);
+        true
     }
 
     /// Slow path: this thread polls under this board for the first time (or came back to it).
@@ -1100,6 +1210,14 @@ struct Local {
     /// The culprit that named the poll (`named` on the slot) was left: the next named one
     /// entered takes its place.
     named_left: Cell<bool>,
+    /// Polls still to be noted as queued behind the stall that just ended on this thread
+    /// (see [`Board::arm_queued`]); while non-zero, `fast` is null so every poll starts on the
+    /// full path.
+    queued_left: Cell<u32>,
+    /// That stall's start (board clock, as its poll read it).
+    queued_from: Cell<u64>,
+    /// After this (board clock), the polls that follow are no longer noted.
+    queued_until: Cell<u64>,
 }
 
 impl Local {
@@ -1125,6 +1243,7 @@ impl Local {
         self.named_left.set(false);
         self.wait_noted.set(false);
         self.sample_start.set(None);
+        self.queued_left.set(0);
     }
 }
 
@@ -1157,6 +1276,9 @@ thread_local! {
             ids: [const { Cell::new(0) }; 8],
             first_named: Cell::new(0),
             named_left: Cell::new(false),
+            queued_left: Cell::new(0),
+            queued_from: Cell::new(0),
+            queued_until: Cell::new(0),
         }
     };
     static HOLD: Hold = const { Hold(Cell::new(None)) };
@@ -1363,6 +1485,114 @@ mod tests {
         b.exit(PROBE);
         assert_eq!(b.slots()[0].caught().map(|c| c.seq), Some(poll.seq));
         assert_eq!(b.slots()[0].slow_polls(), 2);
+    }
+
+    /// The queue a scripted reader says the stalled worker holds (only the test below reads it).
+    static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+    fn scripted_queue() -> usize {
+        QUEUED.load(Ordering::Relaxed)
+    }
+
+    /// The records a slot's ring holds that are waits (queued or measured).
+    fn waits(b: &Board) -> Vec<Record> {
+        let mut v = Vec::new();
+        b.slots()[0].drain_samples(|r| v.push(r));
+        v.retain(|r| r.measure.is_wait());
+        v
+    }
+
+    fn on_common_path(b: &Arc<Board>) -> bool {
+        LOCAL.with(|l| ptr::eq(l.fast.get(), Arc::as_ptr(b)))
+    }
+
+    /// One poll of `task` the watchdog flags as a stall; returns what it read of it.
+    fn flagged_poll(b: &Arc<Board>, task: u64) -> SlotRead {
+        b.enter(PROBE, word(1), || task, Wait::UNKNOWN);
+        let stall = read(b);
+        // The watchdog flags it once its clock shows it past the threshold.
+        b.tick(stall.start_ns + b.threshold_ns(LayerKind::Async) + b.tick_ns());
+        b.slots()[0].flag(stall.seq);
+        b.exit(PROBE);
+        stall
+    }
+
+    #[test]
+    fn the_polls_after_a_stall_are_noted_as_queued_behind_it_as_many_as_its_worker_queued() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.set_queue_reader(scripted_queue);
+        assert!(b.waits_known());
+        let poll = |task: u64| {
+            b.enter(PROBE, word(2), || task, Wait::UNKNOWN);
+            b.exit(PROBE);
+        };
+        b.tick(1_000_000);
+        poll(1);
+        assert!(on_common_path(&b));
+        // Three tasks queued on the worker when the stall ends: the next three polls (not the
+        // fourth) are noted, each from the stall's start; then the common path is back.
+        QUEUED.store(3, Ordering::Relaxed);
+        let stall = flagged_poll(&b, 7);
+        assert!(!on_common_path(&b));
+        let after = stall.start_ns + 15_000_000;
+        b.tick(after);
+        for task in 10..14 {
+            poll(task);
+        }
+        let noted = waits(&b);
+        assert_eq!(
+            noted.iter().map(|r| r.task).collect::<Vec<_>>(),
+            [10, 11, 12]
+        );
+        for r in &noted {
+            assert!(r.measure.is_queued() && !r.measure.is_timed_wait(), "{r:?}");
+            assert_eq!((r.start, r.measure.nanos()), (after, 15_000_000));
+        }
+        assert!(on_common_path(&b));
+        // An empty queue at the stall's end: nothing is noted, the common path stays.
+        QUEUED.store(0, Ordering::Relaxed);
+        flagged_poll(&b, 7);
+        assert!(on_common_path(&b));
+        poll(20);
+        assert!(waits(&b).is_empty());
+        // Past the victims' hold window, the polls that follow are no longer the queue's.
+        QUEUED.store(5, Ordering::Relaxed);
+        flagged_poll(&b, 7);
+        b.tick(b.coarse_ns() + hold_window_ns(b.threshold_ns(LayerKind::Async)) + 1_000_000);
+        poll(21);
+        assert!(waits(&b).is_empty());
+        assert!(on_common_path(&b));
+        // A worker that parks has drained its queue: the polls after it are not noted.
+        flagged_poll(&b, 7);
+        poll(22);
+        b.parked();
+        assert!(on_common_path(&b));
+        poll(23);
+        assert_eq!(waits(&b).iter().map(|r| r.task).collect::<Vec<_>>(), [22]);
+        // A stall caught at its end (never flagged) arms the worker too.
+        b.tick(b.now_ns());
+        b.enter(PROBE, word(1), || 8, Wait::UNKNOWN);
+        std::thread::sleep(Duration::from_nanos(
+            b.threshold_ns(LayerKind::Async) + b.tick_ns(),
+        ));
+        b.tick(b.now_ns());
+        b.exit(PROBE);
+        assert!(b.slots()[0].caught().is_some());
+        poll(24);
+        assert_eq!(waits(&b).iter().map(|r| r.task).collect::<Vec<_>>(), [24]);
+    }
+
+    #[test]
+    fn without_a_queue_reader_a_stalls_end_leaves_the_common_path_alone() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.tick(1_000_000);
+        flagged_poll(&b, 7);
+        assert!(on_common_path(&b));
+        b.enter(PROBE, word(2), || 9, Wait::UNKNOWN);
+        b.exit(PROBE);
+        assert!(waits(&b).is_empty());
     }
 
     #[test]

@@ -278,16 +278,30 @@ impl Builder {
         self
     }
 
-    /// Learn each poll's schedule delay (wake to poll), so each stall lists the tasks that
-    /// waited behind it ([`Victims`](crate::Victims)) and timed polls feed the schedule-delay
-    /// histogram. Default on. With the poll hooks (`tokio_unstable`, feature `schedule-delay`)
-    /// it turns on tokio's schedule-latency tracking, which costs tokio a clock read per wake
-    /// and per poll (about +56 ns per poll of a task that yields in a loop); on any tokio it
-    /// makes [`Watched`](crate::Watched) futures note their wakes (about +17 ns per such poll,
-    /// and one allocation per watched future; see docs/PERFORMANCE.md). Env:
+    /// Learn which tasks waited behind each stall ([`Victims`](crate::Victims)) and, where a
+    /// probe measures it, each poll's schedule delay (wake to poll) for the schedule-delay
+    /// histogram. Default on. With the poll hooks (`tokio_unstable`) a stall's victims are the
+    /// tasks queued on its worker when it ended, read from tokio's runtime metrics at its end
+    /// and named by the polls that follow on that worker: nothing on the common path of a poll,
+    /// but their waits are not measured (see
+    /// [`tokio_schedule_latency`](Self::tokio_schedule_latency) for that). On any tokio it makes
+    /// [`Watched`](crate::Watched) futures note their wakes (about +17 ns per such poll, and
+    /// one allocation per watched future; see docs/PERFORMANCE.md). Env:
     /// `LOOPWATCH_SCHEDULE_DELAY`.
     pub fn schedule_delay(mut self, on: bool) -> Self {
         self.cfg.schedule_delay = on;
+        self
+    }
+
+    /// With the poll hooks (`tokio_unstable`, feature `schedule-delay`), turn on tokio's own
+    /// schedule-latency tracking: every task's exact wait from its wake to its poll, so each
+    /// victim's wait is measured and every timed poll feeds the schedule-delay histogram.
+    /// Default off: tokio then reads the clock at every wake and every poll, which more than
+    /// triples what the hooks cost per poll (about +300 instructions on a tiny poll;
+    /// docs/PERFORMANCE.md). Needs [`schedule_delay`](Self::schedule_delay) on. Env:
+    /// `LOOPWATCH_TOKIO_SCHEDULE_LATENCY`.
+    pub fn tokio_schedule_latency(mut self, on: bool) -> Self {
+        self.cfg.tokio_schedule_latency = on;
         self
     }
 
@@ -395,6 +409,9 @@ impl Builder {
         }
         if let Some(v) = env.schedule_delay {
             cfg.schedule_delay = v;
+        }
+        if let Some(v) = env.tokio_schedule_latency {
+            cfg.tokio_schedule_latency = v;
         }
         if let Some(v) = env.stack_signal {
             cfg.stack_signal = Some(v);

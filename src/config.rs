@@ -155,10 +155,14 @@ pub const ENV_STACK_LOCATIONS: &str = "LOOPWATCH_STACK_LOCATIONS";
 pub const ENV_STACK_SIGNAL: &str = "LOOPWATCH_STACK_SIGNAL";
 /// Environment variable: at most this many stack captures per second (0 = none).
 pub const ENV_MAX_STACKS_PER_SEC: &str = "LOOPWATCH_MAX_STACKS_PER_SEC";
-/// Environment variable: `0` keeps tokio's schedule-latency tracking off in
-/// `install_poll_hooks` (no victims, no schedule-delay histogram; saves tokio two clock reads
-/// per wake and poll).
+/// Environment variable: `0` turns victims and schedule delays off (no wake notes in watched
+/// futures, no victims from the poll hooks).
 pub const ENV_SCHEDULE_DELAY: &str = "LOOPWATCH_SCHEDULE_DELAY";
+/// Environment variable: `1` turns on tokio's schedule-latency tracking in
+/// `install_poll_hooks` (exact victim waits and the schedule-delay histogram for every task;
+/// costs tokio two clock reads per wake and poll). See
+/// [`Builder::tokio_schedule_latency`](crate::Builder::tokio_schedule_latency).
+pub const ENV_TOKIO_SCHEDULE_LATENCY: &str = "LOOPWATCH_TOKIO_SCHEDULE_LATENCY";
 
 /// The settings loopwatch runs with, after the builder and the environment were applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,10 +201,15 @@ pub struct Config {
     pub stack_signal: Option<i32>,
     /// At most this many stack captures per second (bursts of as many).
     pub max_stacks_per_sec: u32,
-    /// Learn schedule delays (victims and the schedule-delay histogram): tokio's
-    /// schedule-latency tracking in `install_poll_hooks` (`tokio_unstable` with the
-    /// `schedule-delay` feature), and wake notes in [`Watched`](crate::Watched) futures.
+    /// Learn victims and schedule delays: the tasks queued on a stalled worker, from the poll
+    /// hooks (`install_poll_hooks`, `tokio_unstable`), and wake notes in
+    /// [`Watched`](crate::Watched) futures.
     pub schedule_delay: bool,
+    /// With the poll hooks, turn on tokio's schedule-latency tracking (feature
+    /// `schedule-delay`): every task's exact wait from wake to poll, for victims' waits and the
+    /// schedule-delay histogram. Off by default (it costs tokio two clock reads per wake and
+    /// poll); see [`Builder::tokio_schedule_latency`](crate::Builder::tokio_schedule_latency).
+    pub tokio_schedule_latency: bool,
     /// A job on tokio's blocking pool that runs this long is a stall of the `blocking` layer.
     pub blocking_threshold: Duration,
     /// The blocking pool's size limit (what the runtime was built with), for saturation.
@@ -241,6 +250,7 @@ impl Default for Config {
             stack_signal: None,
             max_stacks_per_sec: DEFAULT_MAX_STACKS_PER_SEC,
             schedule_delay: true,
+            tokio_schedule_latency: false,
             blocking_threshold: DEFAULT_BLOCKING_THRESHOLD,
             max_blocking_threads: DEFAULT_MAX_BLOCKING_THREADS,
             cpu_threshold: DEFAULT_CPU_THRESHOLD,
@@ -272,6 +282,7 @@ pub(crate) struct EnvOverrides {
     pub(crate) stacks: Option<bool>,
     pub(crate) stack_locations: Option<bool>,
     pub(crate) schedule_delay: Option<bool>,
+    pub(crate) tokio_schedule_latency: Option<bool>,
     pub(crate) stack_signal: Option<i32>,
     pub(crate) max_stacks_per_sec: Option<u32>,
     pub(crate) metrics: Option<MetricsExport>,
@@ -336,6 +347,7 @@ impl EnvOverrides {
             (ENV_STACKS, &mut out.stacks),
             (ENV_STACK_LOCATIONS, &mut out.stack_locations),
             (ENV_SCHEDULE_DELAY, &mut out.schedule_delay),
+            (ENV_TOKIO_SCHEDULE_LATENCY, &mut out.tokio_schedule_latency),
         ] {
             if let Some(v) = get(var)? {
                 *slot = Some(parse_bool(&v).map_err(|reason| bad(var, &v, reason))?);
@@ -815,6 +827,20 @@ mod tests {
             let why = check_signal(bad).unwrap_err();
             assert!(why.contains(says), "{bad}: {why}");
         }
+    }
+
+    #[test]
+    fn tokio_schedule_latency_is_read_from_its_variable_and_a_bad_value_is_named() {
+        let env = |v: &'static str| {
+            EnvOverrides::from_lookup(move |name| {
+                (name == ENV_TOKIO_SCHEDULE_LATENCY).then(|| v.into())
+            })
+        };
+        assert_eq!(env("1").unwrap().tokio_schedule_latency, Some(true));
+        assert_eq!(env("off").unwrap().tokio_schedule_latency, Some(false));
+        let bad = env("maybe").unwrap_err().to_string();
+        assert!(bad.contains(ENV_TOKIO_SCHEDULE_LATENCY), "{bad}");
+        assert!(!Config::default().tokio_schedule_latency);
     }
 
     #[test]

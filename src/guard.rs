@@ -260,9 +260,12 @@ impl Guard {
         builder: &'a mut tokio::runtime::Builder,
     ) -> &'a mut tokio::runtime::Builder {
         match &self.inner {
-            Some(i) => {
-                crate::probe::hooks::install(&i.shared.board, builder, self.cfg.schedule_delay)
-            }
+            Some(i) => crate::probe::hooks::install(
+                &i.shared.board,
+                builder,
+                self.cfg.schedule_delay,
+                self.cfg.tokio_schedule_latency,
+            ),
             None => builder,
         }
     }

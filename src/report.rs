@@ -335,6 +335,7 @@ fn event(s: &Stall, update: bool) {
         hint = s.hint,
         stack.status = s.stack_status.as_str(),
         victims.count = s.victims.count,
+        victims.unmeasured = s.victims.unmeasured,
         victims.total_ms = s.victims.total_wait.as_secs_f64() * 1e3,
         victims.worst_ms = s.victims.worst_wait.as_secs_f64() * 1e3,
         victims.kinds = victim_kinds.as_str(),

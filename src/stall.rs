@@ -173,14 +173,22 @@ pub struct Stall {
 /// The tasks that waited behind a stall on its worker: head-of-line blocking, linked to its
 /// cause.
 ///
-/// Known for the polls whose schedule delay (wake to poll) loopwatch learns: every task's with
-/// tokio's poll hooks and schedule-latency tracking (`--cfg tokio_unstable`,
-/// `Guard::install_poll_hooks`, feature `schedule-delay`), and [`Watched`](crate::Watched)
-/// futures' (`watch`, `spawn`) on any tokio. A task polled on the same worker after the stall
-/// whose wait overlapped it is a victim, for the overlap. A task stolen by another worker did
-/// not wait behind it, and is not counted; a task seen only through a `tracing` span has no
-/// known wake and is not counted either. Without either probe, `tracked` is false and the rest
-/// is empty.
+/// Found three ways:
+/// - with tokio's poll hooks (`--cfg tokio_unstable`, `Guard::install_poll_hooks`), by default:
+///   at the stall's end its worker reads how many tasks are queued on it (tokio's runtime
+///   metrics), and the polls that follow on that worker, as many, are its victims. Their waits
+///   are not measured (`unmeasured`); a task another worker stole meanwhile leaves its place
+///   to the next polled there, and one woken into the worker's LIFO slot by a victim can take
+///   a queued task's place in the list (the count stays that of the queue);
+/// - with the poll hooks and [`tokio_schedule_latency`](crate::Builder::tokio_schedule_latency)
+///   (feature `schedule-delay`): tokio times every task from its wake to its poll;
+/// - [`Watched`](crate::Watched) futures (`watch`, `spawn`) on any tokio note their wakes.
+///
+/// With a measured wait, a task polled on the same worker after the stall whose wait
+/// overlapped it is a victim, for the overlap. A task stolen by another worker did not wait
+/// behind it, and is not counted; a task seen only through a `tracing` span has no known wake
+/// and is not counted either. Without any of these probes, `tracked` is false and the rest is
+/// empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Victims {
@@ -188,6 +196,11 @@ pub struct Victims {
     pub tracked: bool,
     /// How many tasks waited behind the stall.
     pub count: u64,
+    /// Of `count`, the tasks found queued on the stalled worker at the stall's end, whose
+    /// waits were not measured (the poll hooks without
+    /// [`tokio_schedule_latency`](crate::Builder::tokio_schedule_latency)): they are in
+    /// `tasks` and `top_kinds` with no wait, and add nothing to `total_wait` or `worst_wait`.
+    pub unmeasured: u64,
     /// Their waits behind it, summed.
     pub total_wait: Duration,
     /// The longest of them.
@@ -206,7 +219,8 @@ pub struct Victim {
     pub kind: Arc<str>,
     /// tokio's task id, when known.
     pub task_id: Option<u64>,
-    /// How long it waited while the stall held the worker.
+    /// How long it waited while the stall held the worker; zero when it was found queued and
+    /// its wait was not measured (see [`Victims::unmeasured`]).
     pub waited: Duration,
 }
 
@@ -358,11 +372,15 @@ impl fmt::Display for Summary<'_> {
         if v.count > 0 {
             write!(
                 f,
-                "; {} task{} waited behind it (worst {:.1?})",
+                "; {} task{} waited behind it",
                 v.count,
                 if v.count == 1 { "" } else { "s" },
-                v.worst_wait
             )?;
+            if v.unmeasured < v.count {
+                write!(f, " (worst {:.1?})", v.worst_wait)?;
+            } else {
+                f.write_str(" (queued on its worker)")?;
+            }
         }
         Ok(())
     }
@@ -443,12 +461,18 @@ impl fmt::Display for Stall {
         if v.count > 0 {
             write!(
                 f,
-                "; {} task{} waited behind it (total {:.1?}, worst {:.1?}",
+                "; {} task{} waited behind it (",
                 v.count,
                 if v.count == 1 { "" } else { "s" },
-                v.total_wait,
-                v.worst_wait
             )?;
+            if v.unmeasured < v.count {
+                write!(f, "total {:.1?}, worst {:.1?}", v.total_wait, v.worst_wait)?;
+                if v.unmeasured > 0 {
+                    write!(f, "; {} more queued, waits not measured", v.unmeasured)?;
+                }
+            } else {
+                f.write_str("queued on its worker, waits not measured")?;
+            }
             for (i, (k, n)) in v.top_kinds.iter().enumerate() {
                 write!(f, "{}{k}×{n}", if i == 0 { "; " } else { ", " })?;
             }
@@ -643,6 +667,37 @@ mod tests {
              (worst 45.2ms)"
         );
         assert!(line.len() <= 250, "{}", line.len());
+        // Victims found queued (the poll hooks' default) have no wait to show: none is made up.
+        let mut queued = s.clone();
+        queued.victims = Victims {
+            tracked: true,
+            count: 37,
+            unmeasured: 37,
+            ..Victims::default()
+        };
+        let line = queued.summary().to_string();
+        assert!(
+            line.ends_with("; 37 tasks waited behind it (queued on its worker)"),
+            "{line}"
+        );
+        assert!(
+            queued
+                .to_string()
+                .contains("; 37 tasks waited behind it (queued on its worker, waits not measured)"),
+            "{queued}"
+        );
+        // Some measured, some not: the waits are the measured ones', and the rest is said.
+        queued.victims.unmeasured = 30;
+        queued.victims.worst_wait = Duration::from_millis(45);
+        queued.victims.total_wait = Duration::from_millis(200);
+        assert!(queued.summary().to_string().ends_with("(worst 45.0ms)"));
+        assert!(
+            queued.to_string().contains(
+                "; 37 tasks waited behind it (total 200.0ms, worst 45.0ms; 30 more queued, \
+                 waits not measured)"
+            ),
+            "{queued}"
+        );
         // The common case: no runner-up, no victims.
         let mut plain = s.clone();
         plain.cause_shares.clear();

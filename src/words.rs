@@ -187,6 +187,9 @@ const fn clamp(nanos: u64) -> u64 {
 const IS_WAIT: u64 = 1 << 63;
 /// A wait that counts for the schedule-delay histogram (the others only find victims).
 const TIMED: u64 = 1 << 62;
+/// Not a wait that was measured: the poll's task was queued behind the stall that ended on its
+/// worker, and the nanoseconds run from that stall's start to this poll's.
+const QUEUED: u64 = 1 << 61;
 
 /// One value a worker hands the watchdog: an exact poll duration (one poll in
 /// `sample_every`), or how long a poll waited to be polled.
@@ -208,6 +211,13 @@ impl Measure {
         Measure(nanos | IS_WAIT | if timed { TIMED } else { 0 })
     }
 
+    /// A poll whose task was queued behind a stall that just ended on its worker (its wake is
+    /// not known): `since_stall_ns` from that stall's start to this poll's.
+    #[inline]
+    pub(crate) const fn queued(since_stall_ns: u64) -> Measure {
+        Measure(clamp(since_stall_ns) | IS_WAIT | QUEUED)
+    }
+
     #[inline]
     pub(crate) const fn bits(self) -> u64 {
         self.0
@@ -216,6 +226,12 @@ impl Measure {
     #[inline]
     pub(crate) const fn from_bits(bits: u64) -> Measure {
         Measure(bits)
+    }
+
+    /// A poll queued behind a stall (see [`queued`](Self::queued)), not a measured wait.
+    #[inline]
+    pub(crate) const fn is_queued(self) -> bool {
+        self.0 & (IS_WAIT | QUEUED) == IS_WAIT | QUEUED
     }
 
     #[inline]

@@ -1456,7 +1456,10 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 }
                 continue;
             }
-            if waited < floor {
+            // A poll queued behind a stall is a victim whatever its span: it was noted only
+            // because a stall had just ended on its worker.
+            let queued = r.measure.is_queued();
+            if waited < floor && !queued {
                 continue;
             }
             let to_ns = if r.start == CLOCK_UNKNOWN {
@@ -1469,6 +1472,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
                 task: r.task,
                 from_ns: to_ns.saturating_sub(waited),
                 to_ns,
+                queued,
             });
         }
         self.waits = waits;

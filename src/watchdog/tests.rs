@@ -133,6 +133,17 @@ impl FakeSlot {
             task,
         });
     }
+
+    /// A poll the worker noted as queued behind the stall that began at `stall_start_ns` (the
+    /// poll hooks' default: its wake is not known).
+    fn push_queued(&self, word: CulpritWord, task: u64, stall_start_ns: u64, start_ns: u64) {
+        self.records.borrow_mut().push(Record {
+            word,
+            measure: Measure::queued(start_ns - stall_start_ns),
+            start: start_ns,
+            task,
+        });
+    }
 }
 
 impl SlotPort for FakeSlot {
@@ -937,6 +948,46 @@ fn tasks_that_waited_through_a_stall_are_its_victims() {
     assert_eq!(s.victims.top_kinds, vec![(Arc::from("queued"), 2)]);
     let counted: u64 = rig.shared.victim_counts.lock().unwrap().values().sum();
     assert_eq!(counted, 2);
+}
+
+#[test]
+fn tasks_found_queued_behind_a_stall_are_victims_whose_waits_are_not_made_up() {
+    let mut rig = rig(config(|_| {}));
+    rig.shared.board.set_waits_known();
+    let queued = CulpritWord::kind(
+        rig.shared.board.kinds.intern(Some("queued"), None),
+        LayerKind::Async,
+        true,
+    );
+    let slot = rig.stalled();
+    rig.stalls();
+    // Its worker noted the polls that followed it, from the start it read (0.5 ms): two
+    // tasks, the stalled task itself again (never its own victim), and one measured wait.
+    slot[0].end_exactly(20 * MS);
+    slot[0].push_queued(queued, 100, MS / 2, 20 * MS);
+    slot[0].push_queued(queued, 101, MS / 2, 21 * MS);
+    slot[0].push_queued(rig.word, 7, MS / 2, 21 * MS);
+    rig.tick(21 * MS, &slot);
+    slot[0].push_wait(queued, 102, 4 * MS, 22 * MS);
+    rig.tick(31 * MS, &slot);
+    let s = rig.one_stall();
+    let v = &s.victims;
+    assert_eq!((v.count, v.unmeasured), (3, 2), "{v:#?}");
+    // Only the measured wait is a wait: 2 ms behind the stall (18..20 ms).
+    assert_eq!(v.total_wait, Duration::from_millis(2));
+    assert_eq!(v.worst_wait, Duration::from_millis(2));
+    let listed: Vec<_> = v.tasks.iter().map(|t| (t.task_id, t.waited)).collect();
+    assert_eq!(
+        listed,
+        [
+            (Some(102), Duration::from_millis(2)),
+            (Some(100), Duration::ZERO),
+            (Some(101), Duration::ZERO)
+        ]
+    );
+    assert_eq!(v.top_kinds, vec![(Arc::from("queued"), 3)]);
+    let counted: u64 = rig.shared.victim_counts.lock().unwrap().values().sum();
+    assert_eq!(counted, 3);
 }
 
 #[test]

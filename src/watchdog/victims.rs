@@ -1,7 +1,9 @@
 //! Victims: the tasks that waited behind a stall. A probe that knows schedule delays (tokio's
 //! poll hooks with schedule latency, or watched futures' wake notes) hands the watchdog a wait
-//! record for each long wait; the watchdog holds an ended stall back for a moment
-//! ([`hold_window_ns`]) and counts every wait on the same worker that overlapped it.
+//! record for each long wait; the poll hooks without them hand it a *queued* record for each
+//! of the polls that follow a stall on its worker, as many as were queued on it at the stall's
+//! end. The watchdog holds an ended stall back for a moment ([`hold_window_ns`]) and counts
+//! every record on the same worker that overlapped it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,11 +24,7 @@ const MAX_RECENT: usize = 512;
 /// A wait older than this (board nanoseconds) cannot belong to a stall still to be seen ending.
 const RECENT_HORIZON_NS: u64 = 1_000_000_000;
 
-/// How long an ended stall of `threshold_ns` is held for its victims' records: they are polled
-/// right after it, so a few ticks' worth, between 5 and 100 ms.
-pub(crate) fn hold_window_ns(threshold_ns: u64) -> u64 {
-    threshold_ns.clamp(5_000_000, 100_000_000)
-}
+pub(crate) use crate::board::hold_window_ns;
 
 /// A task that waited at least the wait floor before a poll on this slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +35,9 @@ pub(crate) struct WaitRec {
     /// From its wake to its poll's start (board clock).
     pub(crate) from_ns: u64,
     pub(crate) to_ns: u64,
+    /// Queued behind a stall that ended on its worker, its wake not known: `from_ns` is that
+    /// stall's start, and the wait is not measured.
+    pub(crate) queued: bool,
 }
 
 /// An ended stall waiting for its victims' records.
@@ -58,6 +59,8 @@ pub(crate) struct VictimAcc {
     /// The stalled task's id (0: unknown): a task never waits behind its own poll.
     stalled_task: u64,
     pub(crate) count: u64,
+    /// Of `count`, those queued behind the stall whose waits were not measured.
+    pub(crate) unmeasured: u64,
     pub(crate) total_ns: u64,
     pub(crate) worst_ns: u64,
     /// The longest waits (kind, task id, ns), at most [`MAX_VICTIMS`].
@@ -90,9 +93,18 @@ impl VictimAcc {
             return;
         }
         self.count += 1;
+        *self.kinds.entry(w.kind).or_insert(0) += 1;
+        // A queued task's wait is not known: it is listed (with no wait) only while there is
+        // room, and adds nothing to the waits.
+        if w.queued {
+            self.unmeasured += 1;
+            if self.top.len() < MAX_VICTIMS {
+                self.top.push((w.kind, w.task, 0));
+            }
+            return;
+        }
         self.total_ns = self.total_ns.saturating_add(overlap);
         self.worst_ns = self.worst_ns.max(overlap);
-        *self.kinds.entry(w.kind).or_insert(0) += 1;
         if self.waits.len() < MAX_WAITS {
             self.waits.push(overlap);
         }
@@ -124,6 +136,7 @@ impl VictimAcc {
         Victims {
             tracked: true,
             count: self.count,
+            unmeasured: self.unmeasured,
             total_wait: Duration::from_nanos(self.total_ns),
             worst_wait: Duration::from_nanos(self.worst_ns),
             tasks,
@@ -192,7 +205,55 @@ mod tests {
             task,
             from_ns,
             to_ns,
+            queued: false,
         }
+    }
+
+    fn queued(task: u64, stall_start: u64, polled: u64) -> WaitRec {
+        WaitRec {
+            queued: true,
+            ..wait(task, stall_start, polled)
+        }
+    }
+
+    #[test]
+    fn a_queued_task_counts_as_a_victim_with_no_wait_and_makes_way_for_measured_ones() {
+        let mut acc = VictimAcc::of(7);
+        // Queued behind the stall [10, 30]: polled after it, noted from its start.
+        acc.add(&queued(1, 10, 31), 10, 30);
+        acc.add(&queued(2, 10, 32), 10, 30);
+        // The stalled task itself, and a record of a later stall, are not its victims.
+        acc.add(&queued(7, 10, 33), 10, 30);
+        acc.add(&queued(3, 40, 45), 10, 30);
+        acc.add(&wait(4, 0, 31), 10, 30);
+        assert_eq!((acc.count, acc.unmeasured), (3, 2));
+        assert_eq!((acc.total_ns, acc.worst_ns), (20, 20));
+        assert_eq!(acc.waits, vec![20]);
+        let v = acc.victims(&Kinds::new(4));
+        assert_eq!((v.count, v.unmeasured), (3, 2));
+        // The measured wait first; the queued ones with no wait.
+        let listed: Vec<_> = v.tasks.iter().map(|t| (t.task_id, t.waited)).collect();
+        assert_eq!(
+            listed,
+            vec![
+                (Some(4), Duration::from_nanos(20)),
+                (Some(1), Duration::ZERO),
+                (Some(2), Duration::ZERO)
+            ]
+        );
+        // Full of queued ones, a measured wait still takes a place.
+        let mut acc = VictimAcc::of(0);
+        for task in 1..=MAX_VICTIMS as u64 {
+            acc.add(&queued(task, 0, 101), 0, 100);
+        }
+        acc.add(&wait(99, 50, 101), 0, 100);
+        let v = acc.victims(&Kinds::new(4));
+        assert_eq!(
+            (v.count, v.unmeasured),
+            (MAX_VICTIMS as u64 + 1, MAX_VICTIMS as u64)
+        );
+        assert_eq!(v.tasks.len(), MAX_VICTIMS);
+        assert_eq!(v.tasks[0].task_id, Some(99));
     }
 
     #[test]

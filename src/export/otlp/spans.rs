@@ -240,6 +240,11 @@ fn victim_attrs(s: &Stall, attrs: &mut Vec<KeyValue>) {
     }
     let v = &s.victims;
     attrs.push(KeyValue::new("loopwatch.victims.count", v.count as i64));
+    // Of them, found queued with no measured wait (the waits below are the others').
+    attrs.push(KeyValue::new(
+        "loopwatch.victims.unmeasured",
+        v.unmeasured as i64,
+    ));
     attrs.push(KeyValue::new(
         "loopwatch.victims.total_wait_ms",
         v.total_wait.as_secs_f64() * 1e3,
