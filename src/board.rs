@@ -433,9 +433,12 @@ impl Board {
             precise_start,
             tick_ns: 0,
             slow_after_ns: [0; 4],
-            wait_floor_ns: thresholds[0].map_or(u64::MAX, |t| {
-                u64::try_from(t.as_nanos() / 10).unwrap_or(u64::MAX)
-            }),
+            // At most a wait's largest value, so `Wait::is_quiet` can tell a chosen wait.
+            wait_floor_ns: thresholds[0]
+                .map_or(u64::MAX, |t| {
+                    u64::try_from(t.as_nanos() / 10).unwrap_or(u64::MAX)
+                })
+                .min(Wait::MAX_NANOS),
             waits_known: AtomicBool::new(false),
             track_wakes: true,
             queue_reader: OnceLock::new(),
@@ -571,7 +574,8 @@ impl Board {
     ) {
         let _ = LOCAL.try_with(|l| {
             // The common case: this thread's slot on this board, no poll open, the watchdog's
-            // clock running, and nothing to note (a name, a wait, a timed or blocking poll).
+            // clock running, and nothing to note (a wait long enough for a victim or chosen
+            // for the histogram, a timed or blocking poll).
             if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.depth.get() == 0 {
                 // SAFETY: `fast` is this board (alive: the caller holds it) only while this
                 // thread holds one of its slots, whose address `slot_ptr` is (the slots
@@ -582,7 +586,7 @@ impl Board {
                 if start != CLOCK_UNKNOWN
                     && (s >> 1) & self.sample_mask != 0
                     && !word.is_blocking()
-                    && !waited.is_known()
+                    && waited.is_quiet(self.wait_floor_ns)
                 {
                     l.ids[0].set(id);
                     l.depth.set(1);

@@ -159,6 +159,14 @@ impl Wait {
         self.0 != u64::MAX
     }
 
+    /// Nothing to note for a poll the board does not time: unknown, or shorter than
+    /// `floor_ns` (not a victim's) and not chosen for the histogram. `floor_ns` is below
+    /// `1 << 61`.
+    #[inline]
+    pub(crate) const fn is_quiet(self, floor_ns: u64) -> bool {
+        self.0 == u64::MAX || self.0 & !COARSE < floor_ns
+    }
+
     #[inline]
     pub(crate) const fn nanos(self) -> u64 {
         self.0 & NANOS
@@ -254,6 +262,27 @@ impl Measure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_is_quiet_when_unknown_or_short_and_not_chosen() {
+        let floor = 1_000_000;
+        assert!(Wait::UNKNOWN.is_quiet(floor));
+        for w in [Wait::exact(999_999), Wait::coarse(999_999), Wait::coarse(0)] {
+            assert!(w.is_quiet(floor), "{w:?}");
+        }
+        for w in [
+            Wait::exact(floor),
+            Wait::coarse(floor),
+            Wait::chosen(0),
+            Wait::chosen(999_999),
+            Wait::exact(Wait::MAX_NANOS),
+        ] {
+            assert!(!w.is_quiet(floor), "{w:?}");
+        }
+        // The highest floor (the board's, with no async threshold) keeps a chosen wait apart.
+        assert!(Wait::coarse(Wait::MAX_NANOS - 1).is_quiet(Wait::MAX_NANOS));
+        assert!(!Wait::chosen(1).is_quiet(Wait::MAX_NANOS));
+    }
 
     #[test]
     fn a_kind_word_keeps_its_kind_layer_and_name() {

@@ -7,6 +7,7 @@ pub(crate) mod cpu;
 pub(crate) mod hooks;
 pub(crate) mod layer;
 pub(crate) mod spans;
+pub(crate) mod task_waker;
 pub(crate) mod threads;
 #[cfg(feature = "tower")]
 pub mod tower;

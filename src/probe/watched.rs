@@ -13,10 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::task::AtomicWaker;
-
 use crate::board::{Board, CLOCK_UNKNOWN, PROBE};
 use crate::probe::layer::current_task_id;
+use crate::probe::task_waker::TaskWaker;
 use crate::stall::LayerKind;
 use crate::words::{CulpritWord, Wait};
 
@@ -70,7 +69,7 @@ fn wake_note(board: &Arc<Board>) -> (Arc<WakeNote>, Waker) {
         woken_at: AtomicU64::new(0),
         polling: AtomicBool::new(false),
         exact_next: AtomicBool::new(false),
-        task: AtomicWaker::new(),
+        task: TaskWaker::new(),
     });
     let waker = Waker::from(note.clone());
     (note, waker)
@@ -101,7 +100,7 @@ struct WakeNote {
     /// The next wake is one of the exactly timed ones.
     exact_next: AtomicBool,
     /// The waker of the task that polled the future last.
-    task: AtomicWaker,
+    task: TaskWaker,
 }
 
 impl WakeNote {
@@ -164,8 +163,8 @@ impl Wake for WakeNote {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.note();
-        // A wake that finds no waker came after the previous wake and before the poll that
-        // registers the next one: that poll is under way and sees what the wake announced.
+        // Before the first poll there is no task to wake (and nothing polled the inner future
+        // with this waker yet).
         self.task.wake();
     }
 }
@@ -256,7 +255,8 @@ impl<F: Future> Future for Watched<F> {
         };
         let waited = note.take_wait();
         // Registered before the future is polled: a wake during the poll reaches the task.
-        note.task.register(cx.waker());
+        // SAFETY: only this future's poll registers (`&mut self`: one poller at a time).
+        unsafe { note.task.register(cx.waker()) };
         board.enter(PROBE, *this.word, || task_id(this.task), waited);
         note.polling.store(true, Ordering::Relaxed);
         let out = {

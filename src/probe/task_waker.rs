@@ -1,0 +1,223 @@
+//! The task waker a watched future's wake note forwards to: the waker of the task that polls
+//! the future, kept across wakes.
+//!
+//! `futures`' `AtomicWaker` hands its waker *out* on each wake, so every poll after a wake has
+//! to clone the task's waker again (an atomic reference count in tokio) with two
+//! compare-exchanges around it, and every wake takes it with two more read-modify-writes: for
+//! a task that yields in a loop that was most of what wake notes cost. Here the waker stays in
+//! place: a wake wakes it by reference, and a poll whose task's waker did not change (the
+//! common case: a spawned task's waker never does) only compares it, with no read-modify-write
+//! at all.
+//!
+//! The protocol is `AtomicWaker`'s, less the taking. A state word has two bits: `REGISTERING`
+//! (the poller is replacing the waker) and `WAKING` (a waker is reading it). Only the poller
+//! (the future's `poll`, which has `&mut` access to the future, so one at a time) writes the
+//! waker, and only while it holds `REGISTERING` set from an idle state; a wake reads it only
+//! after setting `WAKING` from an idle state. So the waker is never read while it is written:
+//!
+//! - `register` with the waker it holds: nothing to write, and reading it beside a wake that
+//!   reads it too is no race;
+//! - `register` with another waker: `REGISTERING` is set from idle (else a wake is reading: the
+//!   new waker is woken at once instead, and the task's next poll registers again), the waker
+//!   replaced, and the state put back to idle; if a wake came meanwhile (`WAKING` set), it did
+//!   not read the waker, so the new one is woken here;
+//! - `wake`: `WAKING` is set; if the state was idle the waker is read and woken by reference,
+//!   then `WAKING` cleared; if a registration is under way, that registration wakes; if another
+//!   wake is reading, that wake wakes the task.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Waker;
+
+const IDLE: usize = 0;
+const REGISTERING: usize = 1;
+const WAKING: usize = 2;
+
+/// The waker of the task polling a watched future (see the module's docs).
+pub(crate) struct TaskWaker {
+    state: AtomicUsize,
+    waker: UnsafeCell<Option<Waker>>,
+}
+
+// SAFETY: `waker` is written only by `register` while it holds `REGISTERING` (set from
+// `IDLE`), and read by `wake` only while it holds `WAKING` (set from `IDLE`) or by `register`
+// itself (the only writer, one at a time: `register` takes `&self` but is called only from the
+// future's `poll`, which has `&mut` access; see `Watched::poll`). `Waker` is `Send + Sync`.
+unsafe impl Send for TaskWaker {}
+unsafe impl Sync for TaskWaker {}
+
+impl std::fmt::Debug for TaskWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskWaker")
+            .field("state", &self.state.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TaskWaker {
+    pub(crate) const fn new() -> TaskWaker {
+        TaskWaker {
+            state: AtomicUsize::new(IDLE),
+            waker: UnsafeCell::new(None),
+        }
+    }
+
+    /// The task polling the future now has `waker`.
+    ///
+    /// # Safety
+    ///
+    /// Called by one thread at a time (the poller of the future that owns the note).
+    #[inline]
+    pub(crate) unsafe fn register(&self, waker: &Waker) {
+        // SAFETY: only this caller writes `waker` (the function's contract); a concurrent
+        // wake may read it too, which is no race.
+        if let Some(held) = unsafe { &*self.waker.get() } {
+            if held.will_wake(waker) {
+                // A wake after this poll's start still reaches the task: it wakes `held`,
+                // which wakes the same task.
+                return;
+            }
+        }
+        self.replace(waker);
+    }
+
+    #[cold]
+    fn replace(&self, waker: &Waker) {
+        match self
+            .state
+            .compare_exchange(IDLE, REGISTERING, Ordering::Acquire, Ordering::Acquire)
+        {
+            Ok(_) => {
+                // SAFETY: `REGISTERING` is held, set from `IDLE`: no wake reads the waker.
+                unsafe { *self.waker.get() = Some(waker.clone()) };
+                if self
+                    .state
+                    .compare_exchange(REGISTERING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    // A wake came while the waker was replaced and left it to this call.
+                    self.state.store(IDLE, Ordering::Release);
+                    waker.wake_by_ref();
+                }
+            }
+            // A wake is reading the old waker (or, were the contract broken, another
+            // registration runs): wake the new task now; its next poll registers again.
+            Err(_) => waker.wake_by_ref(),
+        }
+    }
+
+    /// Wakes the task that polled the future last (none before the first poll).
+    #[inline]
+    pub(crate) fn wake(&self) {
+        if self.state.fetch_or(WAKING, Ordering::AcqRel) == IDLE {
+            // SAFETY: `WAKING` is held, set from `IDLE`: no registration writes the waker
+            // until it is cleared.
+            if let Some(w) = unsafe { &*self.waker.get() } {
+                w.wake_by_ref();
+            }
+            self.state.fetch_and(!WAKING, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    /// A waker that counts its wakes.
+    struct Count(AtomicU64);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(AtomicU64::new(0)));
+        let w = Waker::from(c.clone());
+        (c, w)
+    }
+
+    fn wakes(c: &Count) -> u64 {
+        c.0.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_wake_reaches_the_registered_task_and_leaves_its_waker_in_place() {
+        let tw = TaskWaker::new();
+        // Before any poll there is no task to wake.
+        tw.wake();
+        let (a, wa) = counter();
+        // SAFETY: one thread.
+        unsafe { tw.register(&wa) };
+        tw.wake();
+        tw.wake();
+        assert_eq!(wakes(&a), 2);
+        // The same task again: nothing is cloned (the waker's count does not move).
+        let refs = Arc::strong_count(&a);
+        unsafe { tw.register(&wa.clone()) };
+        assert_eq!(Arc::strong_count(&a), refs);
+        // Another task: it is the one woken from now on, and the old waker is dropped.
+        let (b, wb) = counter();
+        unsafe { tw.register(&wb) };
+        assert_eq!(Arc::strong_count(&a), refs - 1);
+        tw.wake();
+        assert_eq!((wakes(&a), wakes(&b)), (2, 1));
+    }
+
+    #[test]
+    fn a_registration_that_meets_a_wake_wakes_the_new_task_itself() {
+        let tw = TaskWaker::new();
+        let (a, wa) = counter();
+        // A wake is reading the waker: the new one cannot be stored, so it is woken.
+        tw.state.store(WAKING, Ordering::Relaxed);
+        unsafe { tw.register(&wa) };
+        assert_eq!(wakes(&a), 1);
+        tw.state.store(IDLE, Ordering::Relaxed);
+        // Registered later, it is stored and woken by the next wake.
+        unsafe { tw.register(&wa) };
+        tw.wake();
+        assert_eq!(wakes(&a), 2);
+    }
+
+    #[test]
+    fn no_wake_is_lost_while_wakers_race_with_registrations() {
+        // Two tasks' wakers registered in turn on one thread while another thread wakes: every
+        // wake after a registration reaches a task (counted as at least one wake per round).
+        let tw = Arc::new(TaskWaker::new());
+        let (a, wa) = counter();
+        let (b, wb) = counter();
+        let rounds = 20_000u64;
+        let go = Arc::new(AtomicU64::new(0));
+        let waker_thread = {
+            let (tw, go) = (tw.clone(), go.clone());
+            std::thread::spawn(move || {
+                for r in 1..=rounds {
+                    while go.load(Ordering::Acquire) < r {
+                        std::hint::spin_loop();
+                    }
+                    tw.wake();
+                }
+            })
+        };
+        for r in 1..=rounds {
+            let before = wakes(&a) + wakes(&b);
+            // SAFETY: this thread is the only registrar.
+            unsafe { tw.register(if r % 2 == 0 { &wa } else { &wb }) };
+            go.store(r, Ordering::Release);
+            // The wake of this round reaches one of the tasks (or the registration woke one).
+            while wakes(&a) + wakes(&b) == before {
+                std::hint::spin_loop();
+            }
+        }
+        waker_thread.join().unwrap();
+        assert!(wakes(&a) + wakes(&b) >= rounds);
+    }
+}
