@@ -1109,19 +1109,29 @@ fn instructions(variant: &str) {
     let mut b = tokio::runtime::Builder::new_current_thread();
     b.enable_all();
     let mut guard = None;
-    if variant != "bare" && variant != "hooks-empty" {
-        guard = Some(
-            loopwatch::builder()
-                .ignore_env()
-                .diagnose(false)
-                .schedule_delay(variant != "watch-nowake" && variant != "hooks-nosched")
-                .tokio_schedule_latency(variant == "hooks-tokio")
-                .metrics(loopwatch::MetricsExport::Off)
-                .build()
-                .unwrap()
-                .1,
-        );
+    let mut layer = None;
+    if !matches!(variant, "bare" | "hooks-empty" | "span-registry") {
+        let (l, g) = loopwatch::builder()
+            .ignore_env()
+            .diagnose(false)
+            .schedule_delay(variant != "watch-nowake" && variant != "hooks-nosched")
+            .tokio_schedule_latency(variant == "hooks-tokio")
+            .metrics(loopwatch::MetricsExport::Off)
+            .build()
+            .unwrap();
+        guard = Some(g);
+        layer = Some(l);
     }
+    // The span variants: each task instrumented with a span, under tracing's registry alone or
+    // with loopwatch's layer (in a `tokio_unstable` build tokio's task spans come too).
+    let spans = variant.starts_with("span-");
+    let _dispatch = spans.then(|| {
+        let d = match layer.take().filter(|_| variant == "span-layer") {
+            Some(l) => tracing::Dispatch::new(tracing_subscriber::registry().with(l)),
+            None => tracing::Dispatch::new(tracing_subscriber::registry()),
+        };
+        tracing::dispatcher::set_default(&d)
+    });
     match variant {
         #[cfg(tokio_unstable)]
         "hooks" | "hooks-nosched" | "hooks-tokio" => {
@@ -1136,9 +1146,9 @@ fn instructions(variant: &str) {
                 std::hint::black_box(m);
             });
         }
-        "bare" | "watch" | "watch-nowake" => {}
+        "bare" | "watch" | "watch-nowake" | "span-registry" | "span-layer" => {}
         other => panic!(
-            "unknown variant {other} (bare, watch, watch-nowake, hooks-empty, hooks, hooks-nosched, hooks-tokio)"
+            "unknown variant {other} (bare, watch, watch-nowake, hooks-empty, hooks, hooks-nosched, hooks-tokio, span-registry, span-layer)"
         ),
     }
     let rt = b.build().unwrap();
@@ -1153,6 +1163,7 @@ fn instructions(variant: &str) {
                 };
                 match &guard {
                     Some(g) if variant.starts_with("watch") => tokio::spawn(g.watch("w", fut)),
+                    _ if spans => tokio::spawn(fut.instrument(tracing::info_span!("w"))),
                     _ => tokio::spawn(fut),
                 }
             })

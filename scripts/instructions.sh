@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || apt-get install -y valgrind
-export RUSTFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=target/unstable
+# LOOPWATCH_INSTR_STABLE=1 counts the stable-tokio build (no poll hooks, no tokio task spans:
+# the span rows are then one span per poll).
+if [ -z "${LOOPWATCH_INSTR_STABLE:-}" ]; then
+  export RUSTFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=target/unstable
+fi
 bin=${LOOPWATCH_INSTR_BIN:-$(cargo bench --bench overhead --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*overhead[^"]*\)".*/\1/p' | tail -n 1)}
 # Prints "polling-thread-instructions other-threads-instructions" for one probe.
@@ -31,7 +35,7 @@ count() {
 read -r bare bare_rest < <(count bare)
 polls=1000100
 printf '%-12s %14s %12s %16s\n' probe instructions "added/poll" "other threads"
-for v in ${LOOPWATCH_INSTR_VARIANTS:-bare watch watch-nowake hooks-empty hooks-nosched hooks hooks-tokio}; do
+for v in ${LOOPWATCH_INSTR_VARIANTS:-bare watch watch-nowake hooks-empty hooks-nosched hooks hooks-tokio span-registry span-layer}; do
   read -r n rest < <(count "$v")
   printf '%-12s %14s %12.1f %16s\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)" "$rest"
 done

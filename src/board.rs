@@ -121,6 +121,10 @@ pub(crate) struct ThreadMeta {
 
 const RING: usize = 1024;
 
+/// Nested entries whose ids (and culprits) a thread keeps; deeper ones are followed by depth
+/// alone.
+const MAX_DEPTH: usize = 8;
+
 /// Polls noted as queued behind one stall, at most (each is a ring record).
 const MAX_QUEUED: usize = RING / 4;
 
@@ -672,6 +676,15 @@ impl Board {
     /// ignored). An exit that matches nothing open on this thread is ignored.
     #[inline]
     pub(crate) fn exit(self: &Arc<Self>, id: u64) {
+        self.exit_if(id, &|| true);
+    }
+
+    /// [`exit`](Self::exit) for a probe that may exit ids it never entered (the layer, which
+    /// sees every span): `followed` says whether `id` is one it entered. It is asked only where
+    /// the board cannot tell by itself, past [`MAX_DEPTH`] nested entries (whose ids are not
+    /// kept), so the common path needs no look-up.
+    #[inline]
+    pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: &dyn Fn() -> bool) {
         let _ = LOCAL.try_with(|l| {
             // The common case: the poll entered last ends, with nothing nested left open,
             // nothing noted, and short on the watchdog's clock (see `end`).
@@ -697,13 +710,13 @@ impl Board {
                     return;
                 }
             }
-            self.exit_nested(l, id);
+            self.exit_nested(l, id, followed);
         });
     }
 
     /// [`exit`](Self::exit) off its common path: spans nested in the poll.
     #[inline(never)]
-    fn exit_nested(self: &Arc<Self>, l: &Local, id: u64) {
+    fn exit_nested(self: &Arc<Self>, l: &Local, id: u64, followed: &dyn Fn() -> bool) {
         {
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) {
                 return;
@@ -716,7 +729,7 @@ impl Board {
                 return;
             }
             // The open entry this exit closes: the innermost with its id. Deeper than the
-            // id stack, the innermost (as before ids were kept).
+            // id stack, the innermost (as before ids were kept), if the probe entered this id.
             let open = match l.ids.get(depth - 1) {
                 // The common case: what was entered last.
                 Some(top) if top.get() == id => depth - 1,
@@ -724,7 +737,8 @@ impl Board {
                     Some(k) => k,
                     None => return,
                 },
-                None => depth - 1,
+                None if followed() => depth - 1,
+                None => return,
             };
             if open == 0 {
                 l.depth.set(0);
@@ -1205,9 +1219,9 @@ struct Local {
     wait_noted: Cell<bool>,
     own: Cell<bool>,
     /// The culprit words of the spans nested in the current poll (`stack[d]` at depth `d`).
-    stack: [Cell<u64>; 8],
+    stack: [Cell<u64>; MAX_DEPTH],
     /// What was entered at each depth (`ids[0]`: the poll's outermost), to match exits.
-    ids: [Cell<u64>; 8],
+    ids: [Cell<u64>; MAX_DEPTH],
     /// The first named culprit of the current poll, kept when its span is left (`named` on
     /// the slot follows what is open): the name of a poll caught at its end.
     first_named: Cell<u64>,
@@ -1276,8 +1290,8 @@ thread_local! {
             sample_start: Cell::new(None),
             wait_noted: Cell::new(false),
             own: Cell::new(false),
-            stack: [const { Cell::new(0) }; 8],
-            ids: [const { Cell::new(0) }; 8],
+            stack: [const { Cell::new(0) }; MAX_DEPTH],
+            ids: [const { Cell::new(0) }; MAX_DEPTH],
             first_named: Cell::new(0),
             named_left: Cell::new(false),
             queued_left: Cell::new(0),
@@ -1383,6 +1397,32 @@ mod tests {
         assert_eq!(read(&b).seq, poll, "still in its poll");
         b.exit(TASK_SPAN);
         assert_eq!(read(&b).seq, poll + 1);
+    }
+
+    #[test]
+    fn past_the_kept_depth_only_an_exit_the_probe_followed_closes_the_innermost() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        let deepest = MAX_DEPTH as u64 + 2;
+        for id in 1..=deepest {
+            b.enter(id, word(id), || 1, Wait::UNKNOWN);
+        }
+        let depth = || LOCAL.with(|l| l.depth.get() as u64);
+        assert_eq!(depth(), deepest);
+        // A span the layer does not follow (its exit reaches the board unlooked-up).
+        b.exit_if(1_000, &|| false);
+        assert_eq!(depth(), deepest);
+        // One it entered: the innermost closes.
+        b.exit_if(deepest, &|| true);
+        assert_eq!(depth(), deepest - 1);
+        // Within the kept depth an unknown id is ignored without asking.
+        b.exit_if(MAX_DEPTH as u64 + 1, &|| true);
+        b.exit_if(2_000, &|| panic!("asked"));
+        let poll = read(&b).seq;
+        for id in (1..=MAX_DEPTH as u64).rev() {
+            b.exit_if(id, &|| panic!("asked"));
+        }
+        assert_eq!(read(&b).seq, poll + 1, "the poll ended");
     }
 
     #[test]

@@ -252,9 +252,12 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
     #[inline]
     fn on_exit(&self, id: &Id, _ctx: Context<'_, S>) {
         if let Some(shared) = &self.shared {
-            if shared.spans.get(id.into_u64()).is_some() {
-                shared.board.exit(id.into_u64());
-            }
+            // No look-up in the span table on the common path: the board closes what was
+            // entered with this id on this thread, and ignores an exit that matches nothing
+            // open (a span it does not follow: no two live spans share an id). Only past the
+            // depth whose ids it keeps does it ask.
+            let id = id.into_u64();
+            shared.board.exit_if(id, &|| shared.spans.get(id).is_some());
         }
     }
 
