@@ -367,7 +367,9 @@ pub(crate) struct Board {
     clock_ns: Padded<AtomicU64>,
     /// Per-layer threshold in nanoseconds (`u64::MAX`: the layer is not watched).
     thresholds_ns: [u64; 3],
-    sample_mask: u64,
+    /// `sample_every - 1`, shifted left one bit: a poll's sequence number (twice its count)
+    /// masked with it is 0 for the one poll in `sample_every` the board times.
+    sample_bits: u64,
     precise_start: bool,
     /// The watchdog's tick: a start read from its clock is at most this much early.
     tick_ns: u64,
@@ -433,7 +435,7 @@ impl Board {
             clock_ns: Padded(AtomicU64::new(0)),
             thresholds_ns: thresholds
                 .map(|t| t.map_or(u64::MAX, |d| d.as_nanos().try_into().unwrap_or(u64::MAX))),
-            sample_mask: u64::from(sample_every.max(1)) - 1,
+            sample_bits: (u64::from(sample_every.max(1)) - 1) << 1,
             precise_start,
             tick_ns: 0,
             slow_after_ns: [0; 4],
@@ -521,7 +523,7 @@ impl Board {
     }
 
     pub(crate) fn sample_every(&self) -> u64 {
-        self.sample_mask + 1
+        (self.sample_bits >> 1) + 1
     }
 
     /// A probe that reports schedule delays (tokio's poll hooks with schedule latency, or a
@@ -588,7 +590,7 @@ impl Board {
                 let s = slot.seq.load(Ordering::Relaxed);
                 let start = self.clock_ns.0.load(Ordering::Relaxed);
                 if start != CLOCK_UNKNOWN
-                    && (s >> 1) & self.sample_mask != 0
+                    && s & self.sample_bits != 0
                     && !word.is_blocking()
                     && waited.is_quiet(self.wait_floor_ns)
                 {
@@ -840,7 +842,7 @@ impl Board {
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
         // Blocking jobs are few and long: every one is timed, and its queue wait kept.
-        let sampled = (s >> 1) & self.sample_mask == 0 || word.is_blocking();
+        let sampled = s & self.sample_bits == 0 || word.is_blocking();
         if waited.is_known() {
             l.dirty.set(true);
             l.wait_noted.set(true);
