@@ -13,6 +13,8 @@
 //! (getrusage), so the watchdog's own CPU is included.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
@@ -302,6 +304,98 @@ fn symbols_cost() {
     }
 }
 
+/// Memory per live task: a million tasks (times the scale), each instrumented with a span and
+/// pending, polled once each, under tracing's registry alone and with loopwatch's layer (each
+/// in a fresh process of this binary); RSS after they were all polled, and how many spans the
+/// layer could not follow (it follows 2^21 live spans by default).
+fn live_cost(scale: f64) {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let tasks = ((1_000_000.0 * scale) as u64).max(1_000);
+    println!();
+    println!("## Live tasks: {tasks} pending tasks, one span each, polled once");
+    println!();
+    println!("| subscriber | RSS MiB | spans not followed |");
+    println!("|---|---:|---:|");
+    let mut rss = Vec::new();
+    for (variant, label) in [
+        ("registry", "registry only"),
+        ("layer", "registry + loopwatch layer"),
+    ] {
+        let out = std::process::Command::new(&exe)
+            .env("LOOPWATCH_BENCH_ONLY", format!("live:{variant}"))
+            .env("LOOPWATCH_BENCH_SCALE", scale.to_string())
+            .output()
+            .expect("runs itself");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let row = text.lines().find_map(|l| {
+            let mut it = l.strip_prefix("live ")?.split_whitespace();
+            Some((it.next()?.parse::<u64>().ok()?, it.next()?.to_string()))
+        });
+        match row {
+            Some((kib, dropped)) => {
+                println!("| {label} | {:.1} | {dropped} |", kib as f64 / 1024.0);
+                rss.push(kib);
+            }
+            None => println!(
+                "| {label} | failed: {} | |",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ),
+        }
+    }
+    if let [registry, layer] = rss[..] {
+        println!();
+        println!(
+            "loopwatch's layer: {:.0} bytes per live task (RSS difference / tasks)",
+            (layer.saturating_sub(registry) * 1024) as f64 / tasks as f64
+        );
+    }
+}
+
+fn live_child(variant: &str, scale: f64) {
+    let tasks = ((1_000_000.0 * scale) as u64).max(1_000);
+    let mut guard = None;
+    let d = if variant == "layer" {
+        let (l, g) = loopwatch::builder()
+            .ignore_env()
+            .diagnose(false)
+            .metrics(loopwatch::MetricsExport::Off)
+            .build()
+            .expect("loopwatch builds");
+        guard = Some(g);
+        tracing::Dispatch::new(tracing_subscriber::registry().with(l))
+    } else {
+        tracing::Dispatch::new(tracing_subscriber::registry())
+    };
+    let _default = tracing::dispatcher::set_default(&d);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let polled = Arc::new(AtomicU64::new(0));
+    rt.block_on(async {
+        for _ in 0..tasks {
+            let polled = polled.clone();
+            tokio::spawn(
+                async move {
+                    polled.fetch_add(1, Ordering::Relaxed);
+                    std::future::pending::<()>().await
+                }
+                .instrument(tracing::info_span!("live")),
+            );
+        }
+        while polled.load(Ordering::Relaxed) < tasks {
+            tokio::task::yield_now().await;
+        }
+    });
+    let dropped = guard.as_ref().map_or(0, |g| g.snapshot().dropped_spans);
+    println!("live {} {dropped}", rss_kib().0);
+    // Exit without tearing a million tasks down one by one.
+    std::process::exit(0);
+}
+
 /// The stall's code: a function of its own, so its frame is in the symbol table (code inlined
 /// into tokio's or loopwatch's generic functions is named by them, and folded, without the
 /// debug info's inlined frames).
@@ -580,6 +674,14 @@ fn main() {
             symbols_child(&v["symbols:".len()..] == "locations");
             return;
         }
+        Ok("live") => {
+            live_cost(1.0);
+            return;
+        }
+        Ok(v) if v.starts_with("live:") => {
+            live_child(&v["live:".len()..], scale());
+            return;
+        }
         _ => {}
     }
     // `cargo bench` passes `--bench`; ignore arguments.
@@ -664,6 +766,7 @@ fn main() {
     otlp_cost(scale);
     detection_latency(scale);
     symbols_cost();
+    live_cost(scale);
 }
 
 /// How late the *running* report is: from a stall's start to the moment `on_stall` sees it
@@ -671,7 +774,7 @@ fn main() {
 /// 200 stalls of 30 ms, each after 20 ms of idle (so the idle back-off is in the picture), on
 /// a current-thread runtime. The goal on an idle host: p99 within two ticks of the threshold.
 fn detection_latency(scale: f64) {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
     let n = ((200.0 * scale) as usize).max(20);
     let seen: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let seen2 = seen.clone();
