@@ -3,11 +3,10 @@
 //!
 //! `futures`' `AtomicWaker` hands its waker *out* on each wake, so every poll after a wake has
 //! to clone the task's waker again (an atomic reference count in tokio) with two
-//! compare-exchanges around it, and every wake takes it with two more read-modify-writes: for
-//! a task that yields in a loop that was most of what wake notes cost. Here the waker stays in
-//! place: a wake wakes it by reference, and a poll whose task's waker did not change (the
-//! common case: a spawned task's waker never does) only compares it, with no read-modify-write
-//! at all.
+//! compare-exchanges around it: for a task that yields in a loop that was much of what wake
+//! notes cost. Here the waker stays in place: a poll whose task's waker did not change (the
+//! common case: a spawned task's waker never does) only compares it, with no
+//! read-modify-write at all, and a wake clones it (as `AtomicWaker`'s take would have).
 //!
 //! The protocol is `AtomicWaker`'s, less the taking. A state word has two bits: `REGISTERING`
 //! (the poller is replacing the waker) and `WAKING` (a waker is reading it). Only the poller
@@ -21,9 +20,13 @@
 //!   new waker is woken at once instead, and the task's next poll registers again), the waker
 //!   replaced, and the state put back to idle; if a wake came meanwhile (`WAKING` set), it did
 //!   not read the waker, so the new one is woken here;
-//! - `wake`: `WAKING` is set; if the state was idle the waker is read and woken by reference,
-//!   then `WAKING` cleared; if a registration is under way, that registration wakes; if another
-//!   wake is reading, that wake wakes the task.
+//! - `wake`: `WAKING` is set; if the state was idle the waker is cloned, `WAKING` cleared, and
+//!   only then the clone woken; if a registration is under way, that registration wakes; if
+//!   another wake is reading, that wake wakes the task. The order matters: a wake that finds
+//!   `WAKING` set does nothing, so the wake that holds it must wake the task *after* letting
+//!   go, or the task could run between its wake and the later one's event and miss that event
+//!   (a lost wake: found by `tests/detection/watched_wakes.rs` when the clone was woken while
+//!   `WAKING` was still held).
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,10 +115,13 @@ impl TaskWaker {
         if self.state.fetch_or(WAKING, Ordering::AcqRel) == IDLE {
             // SAFETY: `WAKING` is held, set from `IDLE`: no registration writes the waker
             // until it is cleared.
-            if let Some(w) = unsafe { &*self.waker.get() } {
-                w.wake_by_ref();
+            let waker = unsafe { (*self.waker.get()).clone() };
+            // Acquire: the events of the wakes that found `WAKING` set (and did nothing) are
+            // seen by the task this wakes.
+            self.state.fetch_and(!WAKING, Ordering::AcqRel);
+            if let Some(w) = waker {
+                w.wake();
             }
-            self.state.fetch_and(!WAKING, Ordering::Release);
         }
     }
 }
@@ -185,6 +191,43 @@ mod tests {
         unsafe { tw.register(&wa) };
         tw.wake();
         assert_eq!(wakes(&a), 2);
+    }
+
+    /// A task's waker whose first wake stands for another thread's wake arriving at that very
+    /// moment: it wakes the same `TaskWaker` again, from inside the first wake.
+    struct Reentrant {
+        tw: std::sync::Weak<TaskWaker>,
+        wakes: AtomicU64,
+    }
+
+    impl Wake for Reentrant {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            // The task runs on this wake and sees nothing new; then the second event comes,
+            // and its wake must still reach the task.
+            if self.wakes.fetch_add(1, Ordering::Relaxed) == 0 {
+                if let Some(tw) = self.tw.upgrade() {
+                    tw.wake();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_wake_that_comes_while_another_wakes_the_task_still_reaches_it() {
+        let tw = Arc::new(TaskWaker::new());
+        let task = Arc::new(Reentrant {
+            tw: Arc::downgrade(&tw),
+            wakes: AtomicU64::new(0),
+        });
+        // SAFETY: one thread.
+        unsafe { tw.register(&Waker::from(task.clone())) };
+        tw.wake();
+        // Woken twice: the second wake was not swallowed by the first one's hold on the state.
+        assert_eq!(task.wakes.load(Ordering::Relaxed), 2);
+        assert_eq!(tw.state.load(Ordering::Relaxed), IDLE);
     }
 
     #[test]
