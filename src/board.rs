@@ -125,6 +125,10 @@ const RING: usize = 1024;
 /// alone.
 const MAX_DEPTH: usize = 8;
 
+/// In `Local::fast_open`: no poll the common path started is open. (An entry with this id
+/// takes the full path.)
+const NOT_OPEN: u64 = u64::MAX;
+
 /// Polls noted as queued behind one stall, at most (each is a ring record).
 const MAX_QUEUED: usize = RING / 4;
 
@@ -593,8 +597,10 @@ impl Board {
                     && s & self.sample_bits != 0
                     && !word.is_blocking()
                     && waited.is_quiet(self.wait_floor_ns)
+                    && id != NOT_OPEN
                 {
                     l.ids[0].set(id);
+                    l.fast_open.set(id);
                     l.depth.set(1);
                     // The previous poll's end (even sequence) is published before this
                     // poll's fields (seqlock), as in `begin`.
@@ -622,6 +628,7 @@ impl Board {
         waited: Wait,
     ) {
         {
+            l.settle();
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l, word) {
                 return;
             }
@@ -688,13 +695,9 @@ impl Board {
     #[inline]
     pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: &dyn Fn() -> bool) {
         let _ = LOCAL.try_with(|l| {
-            // The common case: the poll entered last ends, with nothing nested left open,
-            // nothing noted, and short on the watchdog's clock (see `end`).
-            if ptr::eq(l.fast.get(), Arc::as_ptr(self))
-                && l.depth.get() == 1
-                && l.ids[0].get() == id
-                && !l.dirty.get()
-            {
+            // The common case: the poll the common path started ends (`fast_open`: nothing
+            // nested, nothing noted since), and short on the watchdog's clock (see `end`).
+            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.fast_open.get() == id {
                 // SAFETY: as in `enter`.
                 let slot = unsafe { &*l.slot_ptr.get() };
                 let s = slot.seq.load(Ordering::Relaxed);
@@ -706,6 +709,7 @@ impl Board {
                 if (coarse.wrapping_sub(start) as i64)
                     < self.slow_after_ns[word.layer_bits() as usize & 3]
                 {
+                    l.fast_open.set(NOT_OPEN);
                     l.depth.set(0);
                     slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
                     slot.seq.store((s | 1) + 1, Ordering::Release);
@@ -723,6 +727,7 @@ impl Board {
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) {
                 return;
             }
+            l.settle();
             let Some(slot) = self.slots.get(l.slot.get()) else {
                 return;
             };
@@ -793,6 +798,7 @@ impl Board {
     /// the watchdog flagged it) ended by the watchdog as one.
     #[cold]
     fn end_phantom(&self, slot: &Slot, l: &Local) {
+        l.settle();
         let s = slot.seq.load(Ordering::Relaxed);
         // One the watchdog marked (its thread seen parked) is counted there.
         if slot.phantom.load(Ordering::Relaxed) != s {
@@ -1222,6 +1228,10 @@ struct Local {
     own: Cell<bool>,
     /// The culprit words of the spans nested in the current poll (`stack[d]` at depth `d`).
     stack: [Cell<u64>; MAX_DEPTH],
+    /// The id of the poll the common path started, while nothing else happened in it (nothing
+    /// nested, nothing noted): its exit may take the common path, on one compare.
+    /// [`NOT_OPEN`] otherwise: the full path clears it (see [`Local::settle`]).
+    fast_open: Cell<u64>,
     /// What was entered at each depth (`ids[0]`: the poll's outermost), to match exits.
     ids: [Cell<u64>; MAX_DEPTH],
     /// The first named culprit of the current poll, kept when its span is left (`named` on
@@ -1251,8 +1261,16 @@ impl Local {
         self.forget();
     }
 
+    /// Off the common path: the poll the common path started (if any) is the full path's now,
+    /// and its exit takes the full path too.
+    #[inline]
+    fn settle(&self) {
+        self.fast_open.set(NOT_OPEN);
+    }
+
     /// Holds no slot any more: a fresh start for the next board.
     fn forget(&self) {
+        self.fast_open.set(NOT_OPEN);
         self.board.set(ptr::null());
         self.fast.set(ptr::null());
         self.slot_ptr.set(ptr::null());
@@ -1289,6 +1307,7 @@ thread_local! {
             slot_ptr: Cell::new(ptr::null()),
             dirty: Cell::new(false),
             depth: Cell::new(0),
+            fast_open: Cell::new(NOT_OPEN),
             sample_start: Cell::new(None),
             wait_noted: Cell::new(false),
             own: Cell::new(false),
@@ -1425,6 +1444,35 @@ mod tests {
             b.exit_if(id, &|| panic!("asked"));
         }
         assert_eq!(read(&b).seq, poll + 1, "the poll ended");
+    }
+
+    #[test]
+    fn an_exit_ends_a_poll_once_whichever_path_ended_it() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.tick(b.now_ns());
+        // Ended on the common path, then a stray second exit.
+        b.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        let poll = read(&b).seq;
+        b.exit(PROBE);
+        b.exit(PROBE);
+        assert_eq!(read(&b).seq, poll + 1);
+        // Ended on the full path (long on the watchdog's clock), then a stray exit.
+        b.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        let poll = read(&b).seq;
+        b.tick(b.coarse_ns() + b.threshold_ns(LayerKind::Async) * 2);
+        b.exit(PROBE);
+        b.exit(PROBE);
+        assert_eq!(read(&b).seq, poll + 1);
+        // A span nested in a poll the common path started: the poll's exit closes both.
+        b.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        let poll = read(&b).seq;
+        b.enter(GUARD_SPAN, word(2), || 1, Wait::UNKNOWN);
+        b.exit(TASK_SPAN);
+        assert_eq!(read(&b).seq, poll + 1);
+        assert_eq!(read(&b).inner, CulpritWord::NONE, "cleaned at its end");
+        b.exit(GUARD_SPAN);
+        assert_eq!(read(&b).seq, poll + 1);
     }
 
     #[test]
