@@ -220,6 +220,8 @@ pub(crate) struct Core<K: Kernel, S: StackPort> {
     /// stalls count under.
     bare: Vec<BareThread<K::Thread>>,
     bare_gen: u64,
+    /// The last tick's probe-free path read workers at work (see [`Core::watching_workers`]).
+    bare_watching: bool,
     bare_learn_ns: u64,
     bare_kind: Option<KindId>,
     /// A buffer kept across ticks: the threads inside a probe's poll.
@@ -268,11 +270,18 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             published_at: 0,
             bare: Vec::new(),
             bare_gen: 0,
+            bare_watching: false,
             bare_learn_ns: 0,
             bare_kind: None,
             bare_probed: Vec::new(),
             out: Vec::new(),
         }
+    }
+
+    /// The probe-free path follows workers that are not all parked: the watchdog must not sleep
+    /// as long through an idle spell of the probes (see `pace.rs`).
+    pub(crate) fn watching_workers(&self) -> bool {
+        self.bare_watching
     }
 
     /// One tick at board time `now` over `slots`; returns whether anything ran since the last
@@ -385,6 +394,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
     /// The probe-free path (see `bare.rs`): the learnt workers' kernel state, each tick, unless
     /// every worker of every followed runtime is parked.
     fn bare_tick<P: SlotPort>(&mut self, now: u64, slots: &[P]) {
+        self.bare_watching = false;
         let shared = self.shared.clone();
         let reg = &shared.bare;
         let generation = reg.generation();
@@ -448,6 +458,7 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             self.bare_cuts.skip_all(now);
             return;
         }
+        self.bare_watching = true;
         let threshold = shared.board.threshold_ns(LayerKind::Async);
         // The threads inside a probe's poll now: the probe path's to judge.
         let mut probed_tids = std::mem::take(&mut self.bare_probed);

@@ -75,7 +75,7 @@ impl Watchdog {
                 }
             };
             self.flush();
-            let step = pacer.after_tick(active, board.now_ns());
+            let step = pacer.after_tick(active, self.core.watching_workers(), board.now_ns());
             if step.clock_unknown {
                 // Polls that start while we sleep long read "no time" instead of a stale clock,
                 // so their start is taken from when we next see them, never from before.

@@ -714,26 +714,41 @@ fn the_watchdog_sleeps_long_after_two_idle_ticks_with_the_clock_unknown() {
         next_ns: next_ms * MS,
         clock_unknown,
     };
-    assert_eq!(p.after_tick(true, 0), step(1, false));
-    assert_eq!(p.after_tick(false, MS), step(2, false));
-    // Second idle tick in a row: half the threshold, and "no time" on the board meanwhile.
-    assert_eq!(p.after_tick(false, 2 * MS), step(7, true));
-    assert_eq!(p.after_tick(false, 7 * MS), step(12, true));
+    assert_eq!(p.after_tick(true, false, 0), step(1, false));
+    assert_eq!(p.after_tick(false, false, MS), step(2, false));
+    // Second idle tick in a row: the threshold and a tick, and "no time" on the board
+    // meanwhile (a poll that starts then reads an exact start, so it is flagged at most a
+    // tick past its threshold).
+    assert_eq!(p.after_tick(false, false, 2 * MS), step(13, true));
+    assert_eq!(p.after_tick(false, false, 13 * MS), step(24, true));
     // Something ran: back to every tick at once.
-    assert_eq!(p.after_tick(true, 12 * MS), step(13, false));
+    assert_eq!(p.after_tick(true, false, 24 * MS), step(25, false));
+}
+
+#[test]
+fn while_the_probe_free_path_follows_workers_at_work_the_long_sleep_is_half_the_threshold() {
+    let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0);
+    let step = |next_ms: u64, clock_unknown: bool| Step {
+        next_ns: next_ms * MS,
+        clock_unknown,
+    };
+    assert_eq!(p.after_tick(false, true, 0), step(1, false));
+    assert_eq!(p.after_tick(false, true, MS), step(6, true));
+    // The workers parked: the long sleep is the idle one.
+    assert_eq!(p.after_tick(false, false, 6 * MS), step(17, true));
 }
 
 #[test]
 fn a_watchdog_that_fell_behind_skips_the_ticks_it_missed() {
     let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0);
-    assert_eq!(p.after_tick(true, 50 * MS).next_ns, 51 * MS);
+    assert_eq!(p.after_tick(true, false, 50 * MS).next_ns, 51 * MS);
 }
 
 #[test]
-fn no_long_sleep_when_half_the_threshold_is_no_longer_than_a_tick() {
+fn no_long_sleep_when_it_is_no_longer_than_a_tick() {
     let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(2), 0);
     for i in 0..5 {
-        assert!(!p.after_tick(false, i * MS).clock_unknown);
+        assert!(!p.after_tick(false, true, i * MS).clock_unknown);
     }
 }
 
