@@ -296,8 +296,8 @@ impl Builder {
     /// With the poll hooks (`tokio_unstable`, feature `schedule-delay`), turn on tokio's own
     /// schedule-latency tracking: every task's exact wait from its wake to its poll, so each
     /// victim's wait is measured and every timed poll feeds the schedule-delay histogram.
-    /// Default off: tokio then reads the clock at every wake and every poll, which more than
-    /// triples what the hooks cost per poll (about +300 instructions on a tiny poll;
+    /// Default off: tokio then reads the clock at every wake and every poll, which nearly
+    /// quadruples what the hooks cost per poll (about +245 instructions on a tiny poll;
     /// docs/PERFORMANCE.md). Needs [`schedule_delay`](Self::schedule_delay) on. Env:
     /// `LOOPWATCH_TOKIO_SCHEDULE_LATENCY`.
     pub fn tokio_schedule_latency(mut self, on: bool) -> Self {
