@@ -920,16 +920,22 @@ fn the_ended_report_has_the_verdict_of_the_whole_stall() {
 
 // --- victims -------------------------------------------------------------------------------
 
-#[test]
-fn tasks_that_waited_through_a_stall_are_its_victims() {
-    let mut rig = rig(config(|_| {}));
+/// A rig whose board knows waits (stalls are held for their victims), and the culprit word of
+/// a named kind "queued" for the victims.
+fn victims_rig() -> (Rig, CulpritWord) {
+    let rig = rig(config(|_| {}));
     rig.shared.board.set_waits_known();
-    let board = rig.shared.board.clone();
     let queued = CulpritWord::kind(
-        board.kinds.intern(Some("queued"), None),
+        rig.shared.board.kinds.intern(Some("queued"), None),
         LayerKind::Async,
         true,
     );
+    (rig, queued)
+}
+
+#[test]
+fn tasks_that_waited_through_a_stall_are_its_victims() {
+    let (mut rig, queued) = victims_rig();
     let slot = rig.stalled();
     let running = rig.one_stall();
     assert!(running.victims.tracked);
@@ -967,13 +973,7 @@ fn tasks_that_waited_through_a_stall_are_its_victims() {
 
 #[test]
 fn tasks_found_queued_behind_a_stall_are_victims_whose_waits_are_not_made_up() {
-    let mut rig = rig(config(|_| {}));
-    rig.shared.board.set_waits_known();
-    let queued = CulpritWord::kind(
-        rig.shared.board.kinds.intern(Some("queued"), None),
-        LayerKind::Async,
-        true,
-    );
+    let (mut rig, queued) = victims_rig();
     let slot = rig.stalled();
     rig.stalls();
     // Its worker noted the polls that followed it, from the start it read (0.5 ms): two
@@ -1007,13 +1007,7 @@ fn tasks_found_queued_behind_a_stall_are_victims_whose_waits_are_not_made_up() {
 
 #[test]
 fn a_victim_polled_in_the_instant_the_stall_ended_counts() {
-    let mut rig = rig(config(|_| {}));
-    rig.shared.board.set_waits_known();
-    let queued = CulpritWord::kind(
-        rig.shared.board.kinds.intern(Some("queued"), None),
-        LayerKind::Async,
-        true,
-    );
+    let (mut rig, queued) = victims_rig();
     let slot = rig.stalled();
     rig.stalls();
     // The stall ends and its victim is polled before the next tick: its record is drained in
