@@ -341,3 +341,20 @@ pub trait WatchExt: Future + Sized {
 }
 
 impl<F: Future> WatchExt for F {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a watched future costs in memory, as docs/PERFORMANCE.md states it: the wrapper's
+    /// fields beside the future, and with wake notes one allocation of the note (its `Arc`
+    /// counts included). A field added here must be weighed against issue 15's budget.
+    #[test]
+    fn a_watched_future_costs_56_bytes_beside_it_and_a_64_byte_note() {
+        let inline = std::mem::size_of::<Watched<std::future::Ready<()>>>();
+        let note = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<WakeNote>();
+        if cfg!(target_pointer_width = "64") {
+            assert_eq!((inline, note), (56, 64));
+        }
+    }
+}
