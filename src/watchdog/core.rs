@@ -336,7 +336,9 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
             }
 
             let st = &mut self.states[i];
-            if r.stable && r.in_poll() && st.open.is_none() {
+            // A poll its owner caught at its end is over, even if this tick's read of the slot
+            // (taken before the catch was) still shows it running: never flag it too.
+            if r.stable && r.in_poll() && st.open.is_none() && st.caught_seq != r.seq {
                 if st.seen_seq != r.seq {
                     st.seen_seq = r.seq;
                     st.first_seen_ns = now;

@@ -1559,6 +1559,32 @@ fn a_poll_caught_at_its_end_is_an_ended_stall_with_what_was_sampled() {
 }
 
 #[test]
+fn a_poll_caught_between_the_watchdogs_two_reads_of_its_slot_is_reported_once() {
+    // The owner ends the poll past its threshold and publishes the catch in the instant after
+    // the watchdog read its slot (which still shows it running, old enough to flag) and before
+    // it reads the catch: one stall, caught at its end, never also flagged.
+    let mut rig = rig(config(|_| {}));
+    let slot = [FakeSlot::new(TID)];
+    rig.tick(MS, &slot);
+    slot[0].start(rig.word, 7, MS);
+    for t in [3_500_000, 6_000_000, 8_500_000, 11_000_000] {
+        rig.tick(t, &slot);
+    }
+    assert!(rig.stalls().is_empty());
+    // At 13.5 ms the lower bound of its age (from 3.5 ms, first seen) reaches the threshold.
+    slot[0].publish_caught(13_400_000);
+    rig.tick(13_500_000, &slot);
+    slot[0].end(11_000_000);
+    rig.tick(14_000_000, &slot);
+    rig.tick(16_000_000, &slot);
+    let stalls = rig.stalls();
+    assert_eq!(stalls.len(), 1, "{stalls:#?}");
+    assert!(stalls[0].caught_at_end);
+    assert_eq!(stalls[0].state, StallState::Ended);
+    assert_eq!(rig.shared.snapshot().stalls_total, 1);
+}
+
+#[test]
 fn a_flagged_stall_is_not_caught_again() {
     let mut rig = rig(config(|_| {}));
     let slot = rig.stalled();
