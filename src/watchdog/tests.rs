@@ -707,13 +707,22 @@ fn a_blocking_job_that_waited_for_a_thread_gives_one_notice_a_second() {
 
 // --- pacing --------------------------------------------------------------------------------
 
-#[test]
-fn the_watchdog_sleeps_long_after_two_idle_ticks_with_the_clock_unknown() {
-    let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0);
-    let step = |next_ms: u64, clock_unknown: bool| Step {
+/// A pacer of a 1 ms tick for a 10 ms threshold, from 0.
+fn pacer() -> Pacer {
+    Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0)
+}
+
+/// The step "next tick at `next_ms`", with the board's clock unknown meanwhile or not.
+fn step(next_ms: u64, clock_unknown: bool) -> Step {
+    Step {
         next_ns: next_ms * MS,
         clock_unknown,
-    };
+    }
+}
+
+#[test]
+fn the_watchdog_sleeps_long_after_two_idle_ticks_with_the_clock_unknown() {
+    let mut p = pacer();
     assert_eq!(p.after_tick(true, false, 0), step(1, false));
     assert_eq!(p.after_tick(false, false, MS), step(2, false));
     // Second idle tick in a row: the threshold and a tick, and "no time" on the board
@@ -727,11 +736,7 @@ fn the_watchdog_sleeps_long_after_two_idle_ticks_with_the_clock_unknown() {
 
 #[test]
 fn while_the_probe_free_path_follows_workers_at_work_the_long_sleep_is_half_the_threshold() {
-    let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0);
-    let step = |next_ms: u64, clock_unknown: bool| Step {
-        next_ns: next_ms * MS,
-        clock_unknown,
-    };
+    let mut p = pacer();
     assert_eq!(p.after_tick(false, true, 0), step(1, false));
     assert_eq!(p.after_tick(false, true, MS), step(6, true));
     // The workers parked: the long sleep is the idle one.
@@ -740,7 +745,7 @@ fn while_the_probe_free_path_follows_workers_at_work_the_long_sleep_is_half_the_
 
 #[test]
 fn a_watchdog_that_fell_behind_skips_the_ticks_it_missed() {
-    let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(10), 0);
+    let mut p = pacer();
     assert_eq!(p.after_tick(true, false, 50 * MS).next_ns, 51 * MS);
 }
 
