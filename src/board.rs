@@ -379,8 +379,8 @@ pub(crate) struct Board {
     tick_ns: u64,
     /// Per layer, how long after its start (as read) a poll may have passed its threshold:
     /// the threshold less a tick (the start and end read from the watchdog's clock are each
-    /// up to a tick early). The common path of a poll's end compares the clock with its start
-    /// plus this.
+    /// up to a tick early). Both ends of a poll compare the clock with its start plus this
+    /// (see `perhaps_slow`).
     slow_after_ns: [i64; 4],
     /// A poll that waited at least this long to start is recorded (a possible victim).
     wait_floor_ns: u64,
@@ -481,9 +481,13 @@ impl Board {
 
     fn set_tick(&mut self, tick_ns: u64) {
         self.tick_ns = tick_ns;
+        // Below zero where a layer's threshold is shorter than the tick: then a poll whose
+        // clock reads a little behind its exact start may be slow. A layer that is not watched
+        // is never slow.
+        let tick = i64::try_from(tick_ns).unwrap_or(i64::MAX);
         let [a, b, c] = self
             .thresholds_ns
-            .map(|t| i64::try_from(t.saturating_sub(tick_ns)).unwrap_or(i64::MAX));
+            .map(|t| i64::try_from(t).map_or(i64::MAX, |t| t.saturating_sub(tick)));
         // Indexed by a culprit word's layer bits (3 is never made: async, as `layer` reads it).
         self.slow_after_ns = [a, b, c, a];
     }
@@ -704,11 +708,7 @@ impl Board {
                 let coarse = self.clock_ns.0.load(Ordering::Relaxed);
                 let word = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
                 let start = slot.start_ns.load(Ordering::Relaxed);
-                // Signed: the watchdog's clock may read behind an exact start, or
-                // CLOCK_UNKNOWN (far behind); neither is a slow poll.
-                if (coarse.wrapping_sub(start) as i64)
-                    < self.slow_after_ns[word.layer_bits() as usize & 3]
-                {
+                if !self.perhaps_slow(word, start, coarse) {
                     l.fast_open.set(NOT_OPEN);
                     l.depth.set(0);
                     slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
@@ -897,6 +897,18 @@ impl Board {
         }
     }
 
+    /// May a poll of `word` that started at `start` (as read) and ends at `coarse` (the
+    /// watchdog's clock) have passed its threshold? Its start and end on the watchdog's clock
+    /// are each up to a tick early, so: at least the threshold less a tick. The one rule of
+    /// both ends of a poll (the common path's and the full path's). Signed: the watchdog's
+    /// clock may read behind an exact start (slow only for a layer whose threshold is shorter
+    /// than a tick), or [`CLOCK_UNKNOWN`] (far behind: not slow). A layer that is not watched
+    /// (threshold `u64::MAX`) never is. A "perhaps" is then timed with the real clock.
+    #[inline(always)]
+    fn perhaps_slow(&self, word: CulpritWord, start: u64, coarse: u64) -> bool {
+        (coarse.wrapping_sub(start) as i64) >= self.slow_after_ns[word.layer_bits() as usize & 3]
+    }
+
     #[inline]
     fn end(&self, slot: &Slot, l: &Local) {
         let s = slot.seq.load(Ordering::Relaxed);
@@ -906,11 +918,8 @@ impl Board {
         if slot.flagged.load(Ordering::Relaxed) == s {
             self.flagged_end(slot, l, word, start, coarse);
         }
-        let threshold = self.thresholds_ns[word.layer() as usize];
-        // Perhaps slow: its start and end on the watchdog's clock are each up to a tick early.
-        if coarse != CLOCK_UNKNOWN
-            && coarse.saturating_sub(start).saturating_add(self.tick_ns) >= threshold
-        {
+        if self.perhaps_slow(word, start, coarse) {
+            let threshold = self.thresholds_ns[word.layer() as usize];
             let named = if word.is_named() {
                 word.bits()
             } else {
@@ -1362,6 +1371,43 @@ mod tests {
 
     fn read(b: &Board) -> SlotRead {
         b.slots()[0].read()
+    }
+
+    #[test]
+    fn a_poll_is_perhaps_slow_from_its_threshold_less_a_tick_on_the_watchdogs_clock() {
+        const MS: u64 = 1_000_000;
+        // Async 10 ms, blocking 1 ms (shorter than the tick), CPU not watched; tick 2.5 ms.
+        let mut b = Board::new(
+            [
+                Some(Duration::from_millis(10)),
+                Some(Duration::from_millis(1)),
+                None,
+            ],
+            1,
+            false,
+            1,
+            16,
+        );
+        b.set_tick(2_500_000);
+        let on = |layer| CulpritWord::kind(1, layer, false);
+        let start = 100 * MS;
+        // Async: 7.5 ms on the watchdog's clock is perhaps 10 ms; a nanosecond less is not.
+        assert!(b.perhaps_slow(on(LayerKind::Async), start, start + 7_500_000));
+        assert!(!b.perhaps_slow(on(LayerKind::Async), start, start + 7_499_999));
+        // A location (no layer bits) is async.
+        let loc = CulpritWord::location(std::panic::Location::caller());
+        assert!(b.perhaps_slow(loc, start, start + 7_500_000));
+        assert!(!b.perhaps_slow(loc, start, start + 7_499_999));
+        // The clock reads behind an exact start, or is unknown: not slow.
+        let exact = start | EXACT;
+        assert!(!b.perhaps_slow(on(LayerKind::Async), exact, start - 2 * MS));
+        assert!(!b.perhaps_slow(on(LayerKind::Async), start, CLOCK_UNKNOWN));
+        // A threshold shorter than the tick: a clock a little behind an exact start may
+        // already be a slow poll's end (it reads up to a tick early).
+        assert!(b.perhaps_slow(on(LayerKind::Blocking), exact, start - MS));
+        assert!(!b.perhaps_slow(on(LayerKind::Blocking), exact, start - 2 * MS));
+        // A layer that is not watched never is.
+        assert!(!b.perhaps_slow(on(LayerKind::Cpu), start, start + 1_000_000 * MS));
     }
 
     const TASK_SPAN: u64 = 5;
