@@ -36,9 +36,18 @@ use crate::kinds::{KindId, Kinds, OTHER, OWN};
 use crate::stall::LayerKind;
 use crate::words::{Culprit, CulpritWord, Measure, Wait};
 
-/// The board's clock while the watchdog sleeps through an idle spell: "no time". A poll that
-/// starts then has no start from the clock; one that ends then is not timed as slow.
-pub(crate) const CLOCK_UNKNOWN: u64 = u64::MAX;
+/// The board's clock while the watchdog sleeps through an idle spell (and before its first
+/// tick): "no time". A poll that starts then reads the real clock for its start; one that ends
+/// then may be slow (see `Board::perhaps_slow`) and reads the real clock for its end. The top
+/// bit alone, which no real clock value has (2^63 ns is 292 years), so the common path tests it
+/// with a sign test, and a poll's end that reads it is far past any start.
+pub(crate) const CLOCK_UNKNOWN: u64 = 1 << 63;
+
+/// Is `clock` (the board's clock, as read) a time, not [`CLOCK_UNKNOWN`]?
+#[inline(always)]
+pub(crate) const fn clock_known(clock: u64) -> bool {
+    (clock as i64) >= 0
+}
 
 /// The lowest bit of a poll's start: set, the start was read from the real clock (exact:
 /// `precise_start`, or a poll that began while the watchdog slept through an idle spell);
@@ -125,9 +134,12 @@ const RING: usize = 1024;
 /// alone.
 const MAX_DEPTH: usize = 8;
 
-/// In `Local::fast_open`: no poll the common path started is open. (An entry with this id
-/// takes the full path.)
-const NOT_OPEN: u64 = u64::MAX;
+/// In `Local::open`: no poll is open on this thread.
+const IDLE: u64 = u64::MAX;
+
+/// In `Local::open`: a poll is open and the full path follows it (`Local::depth`, `Local::ids`).
+/// Ids from `FULL` up always take the full path.
+const FULL: u64 = u64::MAX - 1;
 
 /// Polls noted as queued behind one stall, at most (each is a ring record).
 const MAX_QUEUED: usize = RING / 4;
@@ -436,7 +448,8 @@ impl Board {
         let mut board = Board {
             epoch,
             epoch_system: SystemTime::now(),
-            clock_ns: Padded(AtomicU64::new(0)),
+            // Until the watchdog's first tick, polls read the real clock.
+            clock_ns: Padded(AtomicU64::new(CLOCK_UNKNOWN)),
             thresholds_ns: thresholds
                 .map(|t| t.map_or(u64::MAX, |d| d.as_nanos().try_into().unwrap_or(u64::MAX))),
             sample_bits: (u64::from(sample_every.max(1)) - 1) << 1,
@@ -583,29 +596,28 @@ impl Board {
         self: &Arc<Self>,
         id: u64,
         word: CulpritWord,
-        task: impl FnOnce() -> u64,
+        mut task: impl FnMut() -> u64,
         waited: Wait,
     ) {
-        let _ = LOCAL.try_with(|l| {
+        let done = LOCAL.try_with(|l| {
             // The common case: this thread's slot on this board, no poll open, the watchdog's
-            // clock running, and nothing to note (a wait long enough for a victim or chosen
-            // for the histogram, a timed or blocking poll).
-            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.depth.get() == 0 {
+            // clock running, a poll of the async layer, and nothing to note (a wait long
+            // enough for a victim or chosen for the histogram, a timed poll).
+            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.open.get() == IDLE {
                 // SAFETY: `fast` is this board (alive: the caller holds it) only while this
                 // thread holds one of its slots, whose address `slot_ptr` is (the slots
                 // never move).
                 let slot = unsafe { &*l.slot_ptr.get() };
                 let s = slot.seq.load(Ordering::Relaxed);
                 let start = self.clock_ns.0.load(Ordering::Relaxed);
-                if start != CLOCK_UNKNOWN
+                if clock_known(start)
                     && s & self.sample_bits != 0
-                    && !word.is_blocking()
+                    && word.is_async()
                     && waited.is_quiet(self.wait_floor_ns)
-                    && id != NOT_OPEN
+                    && id < FULL
                 {
-                    l.ids[0].set(id);
-                    l.fast_open.set(id);
-                    l.depth.set(1);
+                    // Open on the common path: depth 1, `id` at the bottom (see `settle`).
+                    l.open.set(id);
                     // The previous poll's end (even sequence) is published before this
                     // poll's fields (seqlock), as in `begin`.
                     fence(Ordering::Release);
@@ -613,25 +625,21 @@ impl Board {
                     slot.task.store(task(), Ordering::Relaxed);
                     slot.start_ns.store(start, Ordering::Relaxed);
                     slot.seq.store(s | 1, Ordering::Release);
-                    return;
+                    return true;
                 }
             }
-            self.enter_nested(l, id, word, task(), waited);
+            false
         });
+        if done == Ok(false) {
+            self.enter_nested(id, word, task(), waited);
+        }
     }
 
     /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,
     /// or a span nested in an open poll.
     #[inline(never)]
-    fn enter_nested(
-        self: &Arc<Self>,
-        l: &Local,
-        id: u64,
-        word: CulpritWord,
-        task: u64,
-        waited: Wait,
-    ) {
-        {
+    fn enter_nested(self: &Arc<Self>, id: u64, word: CulpritWord, task: u64, waited: Wait) {
+        let _ = LOCAL.try_with(|l| {
             l.settle();
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l, word) {
                 return;
@@ -647,7 +655,7 @@ impl Board {
             if let Some(c) = l.ids.get(depth as usize) {
                 c.set(id);
             }
-            l.depth.set(depth + 1);
+            l.set_depth(depth + 1);
             if depth == 0 {
                 self.begin(slot, l, word, task, waited);
             } else {
@@ -680,7 +688,7 @@ impl Board {
                     self.note_wait(slot, polled, waited, timed);
                 }
             }
-        }
+        });
     }
 
     /// `id` (a span's, or [`PROBE`]) is exited on this thread. It closes what was entered
@@ -699,18 +707,17 @@ impl Board {
     #[inline]
     pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: &dyn Fn() -> bool) {
         let _ = LOCAL.try_with(|l| {
-            // The common case: the poll the common path started ends (`fast_open`: nothing
-            // nested, nothing noted since), and short on the watchdog's clock (see `end`).
-            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.fast_open.get() == id {
+            // The common case: the poll the common path started ends (`open`: nothing
+            // nested, nothing noted since), and short on the watchdog's clock (see `end`; it
+            // is of the async layer).
+            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.open.get() == id && id < FULL {
                 // SAFETY: as in `enter`.
                 let slot = unsafe { &*l.slot_ptr.get() };
                 let s = slot.seq.load(Ordering::Relaxed);
                 let coarse = self.clock_ns.0.load(Ordering::Relaxed);
-                let word = CulpritWord::from_bits(slot.culprit.load(Ordering::Relaxed));
                 let start = slot.start_ns.load(Ordering::Relaxed);
-                if !self.perhaps_slow(word, start, coarse) {
-                    l.fast_open.set(NOT_OPEN);
-                    l.depth.set(0);
+                if !self.perhaps_slow(LayerKind::Async as usize, start, coarse) {
+                    l.open.set(IDLE);
                     slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
                     slot.seq.store((s | 1) + 1, Ordering::Release);
                     return;
@@ -748,7 +755,7 @@ impl Board {
                 None => return,
             };
             if open == 0 {
-                l.depth.set(0);
+                l.set_depth(0);
                 self.end(slot, l);
                 return;
             }
@@ -770,7 +777,7 @@ impl Board {
             if named != 0 && closed.iter().any(|c| c.get() == named) {
                 l.named_left.set(true);
             }
-            l.depth.set(open as u32);
+            l.set_depth(open as u32);
         }
     }
 
@@ -785,6 +792,7 @@ impl Board {
             if l.queued_left.get() > 0 {
                 self.disarm_queued(l);
             }
+            l.settle();
             if l.depth.get() == 0 {
                 return;
             }
@@ -810,7 +818,7 @@ impl Board {
             .store(self.clock_ns.0.load(Ordering::Relaxed), Ordering::Relaxed);
         self.clean(slot, l);
         slot.seq.store((s | 1) + 1, Ordering::Release);
-        l.depth.set(0);
+        l.set_depth(0);
     }
 
     /// Puts back what a poll's start leaves alone (the slot's `named` and `inner`, the
@@ -902,11 +910,14 @@ impl Board {
     /// are each up to a tick early, so: at least the threshold less a tick. The one rule of
     /// both ends of a poll (the common path's and the full path's). Signed: the watchdog's
     /// clock may read behind an exact start (slow only for a layer whose threshold is shorter
-    /// than a tick), or [`CLOCK_UNKNOWN`] (far behind: not slow). A layer that is not watched
-    /// (threshold `u64::MAX`) never is. A "perhaps" is then timed with the real clock.
+    /// than a tick). [`CLOCK_UNKNOWN`] is far past any start: the watchdog sleeps through an
+    /// idle spell (a threshold and a tick), and a poll that ends then may have run through it
+    /// unseen. A layer that is not watched (threshold `u64::MAX`) never is. A "perhaps" is then
+    /// timed with the real clock.
+    /// `layer`: the poll's layer bits ([`CulpritWord::layer_bits`]).
     #[inline(always)]
-    fn perhaps_slow(&self, word: CulpritWord, start: u64, coarse: u64) -> bool {
-        (coarse.wrapping_sub(start) as i64) >= self.slow_after_ns[word.layer_bits() as usize & 3]
+    fn perhaps_slow(&self, layer: usize, start: u64, coarse: u64) -> bool {
+        (coarse.wrapping_sub(start) as i64) >= self.slow_after_ns[layer & 3]
     }
 
     #[inline]
@@ -918,15 +929,20 @@ impl Board {
         if slot.flagged.load(Ordering::Relaxed) == s {
             self.flagged_end(slot, l, word, start, coarse);
         }
-        if self.perhaps_slow(word, start, coarse) {
+        if self.perhaps_slow(word.layer_bits() as usize, start, coarse) {
             let threshold = self.thresholds_ns[word.layer() as usize];
             let named = if word.is_named() {
                 word.bits()
             } else {
                 l.first_named.get()
             };
-            if self.slow_end(slot, s, word, start, threshold, named) {
-                self.arm_queued(l, word, start, coarse);
+            if let Some(end) = self.slow_end(slot, s, word, start, threshold, named) {
+                self.arm_queued(
+                    l,
+                    word,
+                    start,
+                    if clock_known(coarse) { coarse } else { end },
+                );
             }
         }
         if l.dirty.get() {
@@ -1035,7 +1051,7 @@ impl Board {
     /// A poll that may have passed its threshold ends (rare: polls of threshold less a tick,
     /// or longer). A stall the watchdog flagged counts as a slow poll; one it did not see is
     /// timed with the real clock and, past its threshold, counted and handed to the watchdog
-    /// as caught at its end (then it returns true). A phantom is neither.
+    /// as caught at its end (then it returns that end). A phantom is neither.
     #[cold]
     fn slow_end(
         &self,
@@ -1045,9 +1061,9 @@ impl Board {
         start: u64,
         threshold: u64,
         named: u64,
-    ) -> bool {
+    ) -> Option<u64> {
         if slot.phantom.load(Ordering::Relaxed) == s {
-            return false;
+            return None;
         }
         let slow = || {
             slot.slow_polls.store(
@@ -1057,11 +1073,11 @@ impl Board {
         };
         if slot.flagged.load(Ordering::Relaxed) == s {
             slow();
-            return false;
+            return None;
         }
         let end = self.now_ns().max(1);
         if end.saturating_sub(caught_from(start, self.tick_ns)) < threshold {
-            return false;
+            return None;
         }
         slow();
         slot.caught_seq.store(0, Ordering::Relaxed);
@@ -1073,7 +1089,7 @@ impl Board {
         slot.caught_start.store(start, Ordering::Relaxed);
         slot.caught_end.store(end, Ordering::Relaxed);
         slot.caught_seq.store(s | 1, Ordering::Release);
-        true
+        Some(end)
     }
 
     /// Slow path: this thread polls under this board for the first time (or came back to it).
@@ -1237,10 +1253,13 @@ struct Local {
     own: Cell<bool>,
     /// The culprit words of the spans nested in the current poll (`stack[d]` at depth `d`).
     stack: [Cell<u64>; MAX_DEPTH],
-    /// The id of the poll the common path started, while nothing else happened in it (nothing
-    /// nested, nothing noted): its exit may take the common path, on one compare.
-    /// [`NOT_OPEN`] otherwise: the full path clears it (see [`Local::settle`]).
-    fast_open: Cell<u64>,
+    /// What is open on this thread, in one word the common path tests: [`IDLE`] (no poll),
+    /// [`FULL`] (a poll the full path follows: `depth` and `ids` say what is open), or the id
+    /// of the poll the common path started, while nothing else happened in it (nothing
+    /// nested, nothing noted): depth 1 with that id, written as one word (its exit may take
+    /// the common path, on one compare). The full path turns that into `depth` and `ids`
+    /// first (see [`Local::settle`]).
+    open: Cell<u64>,
     /// What was entered at each depth (`ids[0]`: the poll's outermost), to match exits.
     ids: [Cell<u64>; MAX_DEPTH],
     /// The first named culprit of the current poll, kept when its span is left (`named` on
@@ -1270,16 +1289,38 @@ impl Local {
         self.forget();
     }
 
-    /// Off the common path: the poll the common path started (if any) is the full path's now,
-    /// and its exit takes the full path too.
+    /// Off the common path, before `depth` or `ids` are read: the poll the common path
+    /// started (if any) is the full path's now, and its exit takes the full path too.
     #[inline]
     fn settle(&self) {
-        self.fast_open.set(NOT_OPEN);
+        let open = self.open.get();
+        if open < FULL {
+            self.ids[0].set(open);
+            self.depth.set(1);
+            self.open.set(FULL);
+        }
+    }
+
+    /// How many entries are open on this thread, without settling.
+    #[cfg(test)]
+    fn open_depth(&self) -> u32 {
+        match self.open.get() {
+            IDLE => 0,
+            FULL => self.depth.get(),
+            _ => 1,
+        }
+    }
+
+    /// The full path's depth changes: `open` follows.
+    #[inline]
+    fn set_depth(&self, depth: u32) {
+        self.depth.set(depth);
+        self.open.set(if depth == 0 { IDLE } else { FULL });
     }
 
     /// Holds no slot any more: a fresh start for the next board.
     fn forget(&self) {
-        self.fast_open.set(NOT_OPEN);
+        self.open.set(IDLE);
         self.board.set(ptr::null());
         self.fast.set(ptr::null());
         self.slot_ptr.set(ptr::null());
@@ -1316,7 +1357,7 @@ thread_local! {
             slot_ptr: Cell::new(ptr::null()),
             dirty: Cell::new(false),
             depth: Cell::new(0),
-            fast_open: Cell::new(NOT_OPEN),
+            open: Cell::new(IDLE),
             sample_start: Cell::new(None),
             wait_noted: Cell::new(false),
             own: Cell::new(false),
@@ -1389,19 +1430,22 @@ mod tests {
             16,
         );
         b.set_tick(2_500_000);
-        let on = |layer| CulpritWord::kind(1, layer, false);
+        let on = |layer| CulpritWord::kind(1, layer, false).layer_bits() as usize;
         let start = 100 * MS;
         // Async: 7.5 ms on the watchdog's clock is perhaps 10 ms; a nanosecond less is not.
         assert!(b.perhaps_slow(on(LayerKind::Async), start, start + 7_500_000));
         assert!(!b.perhaps_slow(on(LayerKind::Async), start, start + 7_499_999));
         // A location (no layer bits) is async.
         let loc = CulpritWord::location(std::panic::Location::caller());
-        assert!(b.perhaps_slow(loc, start, start + 7_500_000));
-        assert!(!b.perhaps_slow(loc, start, start + 7_499_999));
-        // The clock reads behind an exact start, or is unknown: not slow.
+        assert!(b.perhaps_slow(loc.layer_bits() as usize, start, start + 7_500_000));
+        assert!(!b.perhaps_slow(loc.layer_bits() as usize, start, start + 7_499_999));
+        // The clock reads behind an exact start: not slow.
         let exact = start | EXACT;
         assert!(!b.perhaps_slow(on(LayerKind::Async), exact, start - 2 * MS));
-        assert!(!b.perhaps_slow(on(LayerKind::Async), start, CLOCK_UNKNOWN));
+        // An unknown clock (the watchdog sleeps through an idle spell) is past any start.
+        assert!(b.perhaps_slow(on(LayerKind::Async), start, CLOCK_UNKNOWN));
+        assert!(b.perhaps_slow(on(LayerKind::Async), 1, CLOCK_UNKNOWN));
+        assert!(b.perhaps_slow(on(LayerKind::Async), (1 << 62) | EXACT, CLOCK_UNKNOWN));
         // A threshold shorter than the tick: a clock a little behind an exact start may
         // already be a slow poll's end (it reads up to a tick early).
         assert!(b.perhaps_slow(on(LayerKind::Blocking), exact, start - MS));
@@ -1474,7 +1518,7 @@ mod tests {
         for id in 1..=deepest {
             b.enter(id, word(id), || 1, Wait::UNKNOWN);
         }
-        let depth = || LOCAL.with(|l| l.depth.get() as u64);
+        let depth = || LOCAL.with(|l| u64::from(l.open_depth()));
         assert_eq!(depth(), deepest);
         // A span the layer does not follow (its exit reaches the board unlooked-up).
         b.exit_if(1_000, &|| false);
@@ -1624,6 +1668,42 @@ mod tests {
         b.tick(b.now_ns());
         b.exit(PROBE);
         assert_eq!(b.slots()[0].caught().map(|c| c.seq), Some(poll.seq));
+        assert_eq!(b.slots()[0].slow_polls(), 2);
+    }
+
+    #[test]
+    fn a_slow_poll_that_starts_and_ends_while_the_watchdog_sleeps_is_caught_at_its_end() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        let threshold = b.threshold_ns(LayerKind::Async);
+        // The watchdog sleeps a threshold and a tick through an idle spell: a poll of just
+        // over the threshold can start and end before it wakes. Its start is exact; so is its
+        // end, and it is caught.
+        b.tick(CLOCK_UNKNOWN);
+        b.enter(PROBE, word(1), || 6, Wait::UNKNOWN);
+        let poll = read(&b);
+        std::thread::sleep(Duration::from_nanos(threshold + 1_000_000));
+        b.exit(PROBE);
+        let c = b.slots()[0].caught().expect("caught");
+        assert_eq!((c.seq, c.task, c.start_ns), (poll.seq, 6, poll.start_ns));
+        assert!(c.end_ns >= poll.start_ns + threshold);
+        assert_eq!(b.slots()[0].slow_polls(), 1);
+        // A short one is not.
+        b.enter(PROBE, word(1), || 7, Wait::UNKNOWN);
+        b.exit(PROBE);
+        assert_eq!(b.slots()[0].caught().map(|c| c.seq), Some(poll.seq));
+        assert_eq!(b.slots()[0].slow_polls(), 1);
+        // One that started on the common path an instant before the watchdog went to sleep
+        // (its start is the watchdog's clock) and ends while it sleeps: caught too.
+        b.tick(b.now_ns());
+        b.enter(PROBE, word(1), || 8, Wait::UNKNOWN);
+        let poll = read(&b);
+        assert!(!is_exact(poll.start_ns));
+        b.tick(CLOCK_UNKNOWN);
+        std::thread::sleep(Duration::from_nanos(threshold + b.tick_ns()));
+        b.exit(PROBE);
+        let c = b.slots()[0].caught().expect("caught");
+        assert_eq!((c.seq, c.task), (poll.seq, 8));
         assert_eq!(b.slots()[0].slow_polls(), 2);
     }
 

@@ -95,6 +95,15 @@ impl CulpritWord {
         self.0 & (TAG_MASK | LAYER_MASK) == TAG_KIND | ((LayerKind::Blocking as u64) << LAYER_SHIFT)
     }
 
+    /// A poll of the async layer (a location, or a kind on the async layer): the only polls
+    /// the board's common path takes (its end compares with the async threshold alone).
+    #[inline]
+    pub(crate) const fn is_async(self) -> bool {
+        self.0 & TAG_MASK == TAG_LOCATION
+            || self.0 & (TAG_MASK | LAYER_MASK)
+                == TAG_KIND | ((LayerKind::Async as u64) << LAYER_SHIFT)
+    }
+
     /// An interned kind with a name (a location never has one).
     #[inline]
     pub(crate) const fn is_named(self) -> bool {
