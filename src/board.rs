@@ -596,10 +596,10 @@ impl Board {
         self: &Arc<Self>,
         id: u64,
         word: CulpritWord,
-        mut task: impl FnMut() -> u64,
+        task: impl FnOnce() -> u64,
         waited: Wait,
     ) {
-        let done = LOCAL.try_with(|l| {
+        let _ = LOCAL.try_with(|l| {
             // The common case: this thread's slot on this board, no poll open, the watchdog's
             // clock running, a poll of the async layer, and nothing to note (a wait long
             // enough for a victim or chosen for the histogram, a timed poll).
@@ -625,21 +625,25 @@ impl Board {
                     slot.task.store(task(), Ordering::Relaxed);
                     slot.start_ns.store(start, Ordering::Relaxed);
                     slot.seq.store(s | 1, Ordering::Release);
-                    return true;
+                    return;
                 }
             }
-            false
+            self.enter_nested(l, id, word, task(), waited);
         });
-        if done == Ok(false) {
-            self.enter_nested(id, word, task(), waited);
-        }
     }
 
     /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,
     /// or a span nested in an open poll.
     #[inline(never)]
-    fn enter_nested(self: &Arc<Self>, id: u64, word: CulpritWord, task: u64, waited: Wait) {
-        let _ = LOCAL.try_with(|l| {
+    fn enter_nested(
+        self: &Arc<Self>,
+        l: &Local,
+        id: u64,
+        word: CulpritWord,
+        task: u64,
+        waited: Wait,
+    ) {
+        {
             l.settle();
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) && !self.attach(l, word) {
                 return;
@@ -688,7 +692,7 @@ impl Board {
                     self.note_wait(slot, polled, waited, timed);
                 }
             }
-        });
+        }
     }
 
     /// `id` (a span's, or [`PROBE`]) is exited on this thread. It closes what was entered
