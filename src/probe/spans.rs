@@ -9,7 +9,7 @@
 //! thousands of live spans pays for one.
 
 use crate::words::CulpritWord;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// How many neighbouring entries a span id may land in.
@@ -28,22 +28,54 @@ struct Entry {
 
 #[derive(Debug)]
 struct Table {
+    /// A power of two of them.
     entries: Box<[Entry]>,
     mask: usize,
 }
 
 impl Table {
     fn new(size: usize) -> Table {
+        assert!(size.is_power_of_two());
         Table {
             entries: (0..size).map(|_| Entry::default()).collect(),
             mask: size - 1,
         }
     }
 
+    /// Where `id` lands first.
+    #[inline]
+    fn home(&self, id: u64) -> usize {
+        (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize
+    }
+
+    /// The entry `i` places past `home` (wrapping).
+    #[inline]
+    fn at(&self, home: usize, i: usize) -> &Entry {
+        // SAFETY: `mask` is the length less one, a power of two less one (see `new`), so the
+        // index is in bounds. (The bounds check is most of a look-up's cost otherwise.)
+        unsafe { self.entries.get_unchecked((home + i) & self.mask) }
+    }
+
     #[inline]
     fn window(&self, id: u64) -> impl Iterator<Item = &Entry> {
-        let home = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask;
-        (0..WINDOW).map(move |i| &self.entries[(home + i) & self.mask])
+        let home = self.home(id);
+        (0..WINDOW).map(move |i| self.at(home, i))
+    }
+
+    /// What `id` holds if it is in its home entry (the common case).
+    #[inline]
+    fn get_home(&self, id: u64) -> Option<(CulpritWord, u64)> {
+        let e = self.at(self.home(id), 0);
+        // Relaxed, then a fence on a match only: the entry's fields are read after its id,
+        // as `insert` published them (the id stored last, with release).
+        if e.id.load(Ordering::Relaxed) != id {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        Some((
+            CulpritWord::from_bits(e.word.load(Ordering::Relaxed)),
+            e.task.load(Ordering::Relaxed),
+        ))
     }
 
     fn insert(&self, id: u64, word: CulpritWord, task: u64) -> bool {
@@ -128,8 +160,19 @@ impl SpanTable {
         false
     }
 
+    /// What the layer keeps of live span `id`, if it follows it. Inlined: a span in its home
+    /// entry of the first table (most of them) costs a few instructions.
     #[inline]
     pub(crate) fn get(&self, id: u64) -> Option<(CulpritWord, u64)> {
+        if let Some(found) = self.tables[0].get().and_then(|t| t.get_home(id)) {
+            return Some(found);
+        }
+        self.get_rest(id)
+    }
+
+    /// [`get`](Self::get) past the first table's home entry.
+    #[inline(never)]
+    fn get_rest(&self, id: u64) -> Option<(CulpritWord, u64)> {
         for table in self.tables.iter().map_while(OnceLock::get) {
             for e in table.window(id) {
                 if e.id.load(Ordering::Acquire) == id {
