@@ -404,6 +404,11 @@ pub(crate) struct Board {
     /// a probe that learns victims from the queue (the poll hooks without tokio's
     /// schedule-latency tracking). Called only at the end of a stall, on its worker.
     queue_reader: OnceLock<fn() -> usize>,
+    /// The watchdog sleeps through an idle spell (its clock reads [`CLOCK_UNKNOWN`]): the first
+    /// poll that starts then wakes it (see [`Board::wake_watchdog`]).
+    sleeping: AtomicBool,
+    /// The watchdog's thread, to wake it.
+    watchdog: OnceLock<std::thread::Thread>,
     slots: Box<[Slot]>,
     high_water: AtomicUsize,
     unwatched_threads: AtomicU64,
@@ -465,6 +470,8 @@ impl Board {
             waits_known: AtomicBool::new(false),
             track_wakes: true,
             queue_reader: OnceLock::new(),
+            sleeping: AtomicBool::new(false),
+            watchdog: OnceLock::new(),
             slots: (0..max_threads).map(|_| Slot::new()).collect(),
             high_water: AtomicUsize::new(0),
             unwatched_threads: AtomicU64::new(0),
@@ -537,6 +544,46 @@ impl Board {
             now_ns & !EXACT
         };
         self.clock_ns.0.store(v, Ordering::Relaxed);
+    }
+
+    /// The calling thread is the watchdog (watchdog only, once).
+    pub(crate) fn set_watchdog(&self) {
+        let _ = self.watchdog.set(std::thread::current());
+    }
+
+    /// The watchdog sleeps through an idle spell: its clock reads [`CLOCK_UNKNOWN`] until it
+    /// ticks again, and the first poll that starts meanwhile wakes it (watchdog only).
+    pub(crate) fn sleep_unknown(&self) {
+        // Before the clock: a poll that reads "unknown" then sees `sleeping` (see
+        // `wake_watchdog`'s fence).
+        self.sleeping.store(true, Ordering::Relaxed);
+        self.clock_ns.0.store(CLOCK_UNKNOWN, Ordering::Release);
+    }
+
+    /// The watchdog ticks again (watchdog only). Returns whether a poll woke it.
+    pub(crate) fn awake(&self) -> bool {
+        !self.sleeping.swap(false, Ordering::Relaxed)
+    }
+
+    /// Was the watchdog woken from its idle sleep by a poll (or never sent to sleep)?
+    pub(crate) fn woken(&self) -> bool {
+        !self.sleeping.load(Ordering::Relaxed)
+    }
+
+    /// A poll starts while the watchdog's clock reads "unknown": wake the watchdog if it sleeps
+    /// through an idle spell, so the clock runs again within a wake-up's latency instead of
+    /// up to a threshold and a tick. Once per idle spell (the first poll to see it asleep);
+    /// off the common path (a poll that reads "unknown" takes the full path). Its cost, an
+    /// unpark (one futex wake), is paid once by the first poll after an idle spell; it keeps
+    /// the polls after it on the common path, and their ends from reading the real clock.
+    #[cold]
+    fn wake_watchdog(&self) {
+        fence(Ordering::Acquire);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
+            if let Some(t) = self.watchdog.get() {
+                t.unpark();
+            }
+        }
     }
 
     pub(crate) fn threshold_ns(&self, layer: LayerKind) -> u64 {
@@ -854,6 +901,9 @@ impl Board {
         // The watchdog sleeps through an idle spell (its clock reads CLOCK_UNKNOWN): this poll
         // may be the first of a stall it would otherwise see only when it wakes. Reading the
         // clock here is off the common path (the runtime was idle), and makes the start exact.
+        if start == CLOCK_UNKNOWN {
+            self.wake_watchdog();
+        }
         if start == CLOCK_UNKNOWN || self.precise_start {
             start = self.exact_now();
         }
@@ -1709,6 +1759,40 @@ mod tests {
         let c = b.slots()[0].caught().expect("caught");
         assert_eq!((c.seq, c.task), (poll.seq, 8));
         assert_eq!(b.slots()[0].slow_polls(), 2);
+    }
+
+    #[test]
+    fn the_first_poll_that_starts_while_the_watchdog_sleeps_wakes_it() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        // This thread plays the watchdog: it parks until a poll (on another thread) wakes it.
+        b.set_watchdog();
+        b.tick(b.now_ns());
+        assert!(b.woken(), "awake until sent to sleep");
+        b.sleep_unknown();
+        assert!(!b.woken());
+        let poller = {
+            let b = b.clone();
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || {
+                let _ctx = handle.enter();
+                b.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+                b.exit(PROBE);
+                // A second poll finds it woken already: no second wake.
+                b.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+                b.exit(PROBE);
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !b.woken() && Instant::now() < deadline {
+            std::thread::park_timeout(Duration::from_secs(1));
+        }
+        poller.join().unwrap();
+        assert!(b.woken(), "woken by the poll");
+        assert!(b.awake(), "a poll woke it");
+        // Sent to sleep and waking by its own timer: not woken by a poll.
+        b.sleep_unknown();
+        assert!(!b.awake());
     }
 
     /// The queue a scripted reader says the stalled worker holds (only the test below reads it).

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use self::core::Core;
 use self::pace::Pacer;
-use crate::board::CLOCK_UNKNOWN;
 use crate::diagnose::ports::{ProcKernel, SignalStacks};
 use crate::diagnose::sampler::Sampler;
 use crate::shared::Shared;
@@ -58,6 +57,7 @@ impl Watchdog {
     pub(crate) fn run(mut self) {
         crate::board::mark_own_thread();
         let board = self.shared.board.clone();
+        board.set_watchdog();
         let mut pacer = Pacer::new(
             self.shared.cfg.tick,
             self.shared.cfg.threshold,
@@ -77,16 +77,19 @@ impl Watchdog {
             self.flush();
             let step = pacer.after_tick(active, self.core.watching_workers(), board.now_ns());
             if step.clock_unknown {
-                // Polls that start while we sleep long read "no time" instead of a stale clock,
-                // so their start is taken from when we next see them, never from before.
-                board.tick(CLOCK_UNKNOWN);
+                // Polls that start while we sleep long read "no time" instead of a stale clock
+                // (their start is exact), and the first of them wakes us.
+                board.sleep_unknown();
             }
             while !self.shared.stop.load(Ordering::Acquire) {
                 let now = board.now_ns();
-                if now >= step.next_ns {
+                if now >= step.next_ns || (step.clock_unknown && board.woken()) {
                     break;
                 }
                 std::thread::park_timeout(Duration::from_nanos(step.next_ns - now));
+            }
+            if step.clock_unknown && board.awake() {
+                pacer.woken(board.now_ns());
             }
         }
         // Stopping: stalls held for their victims go out now.

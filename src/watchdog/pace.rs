@@ -2,7 +2,8 @@
 //! poll running, none ended since the last tick) nothing can be stalled yet, so after two idle
 //! ticks it sleeps longer per wake-up. While it sleeps long, the board's clock reads
 //! [`CLOCK_UNKNOWN`](crate::board::CLOCK_UNKNOWN), so a poll that starts then reads the real
-//! clock for its start (exact), never a stale one.
+//! clock for its start (exact), never a stale one, and the first such poll wakes the watchdog
+//! (`Board::wake_watchdog`): it ticks at once and every tick from then on.
 //!
 //! How long: the threshold and a tick, when nothing else needs looking at. A poll that starts
 //! just after the watchdog went to sleep is then at most a threshold and a tick old when it
@@ -79,5 +80,12 @@ impl Pacer {
             next_ns: self.next_ns,
             clock_unknown: long,
         }
+    }
+
+    /// A poll woke the watchdog from its long sleep at `now_ns`: it ticks now, and on from
+    /// here every tick (something runs).
+    pub(crate) fn woken(&mut self, now_ns: u64) {
+        self.idle_ticks = 0;
+        self.next_ns = now_ns;
     }
 }

@@ -735,6 +735,26 @@ fn the_watchdog_sleeps_long_after_two_idle_ticks_with_the_clock_unknown() {
 }
 
 #[test]
+fn a_poll_that_wakes_the_watchdog_from_its_long_sleep_brings_back_every_tick() {
+    let mut p = pacer();
+    p.after_tick(false, false, 0);
+    assert_eq!(p.after_tick(false, false, MS), step(12, true));
+    // A poll woke it at 4 ms: it ticks then (the loop breaks), and every tick after while
+    // something runs.
+    p.woken(4 * MS);
+    assert_eq!(p.after_tick(true, false, 4 * MS), step(5, false));
+    assert_eq!(p.after_tick(true, false, 5 * MS), step(6, false));
+    // Woken by a poll that ended before the tick saw it: still a tick later, not a long
+    // sleep from the one it was woken from.
+    p.after_tick(false, false, 6 * MS);
+    assert_eq!(p.after_tick(false, false, 7 * MS), step(18, true));
+    p.woken(9 * MS);
+    assert_eq!(p.after_tick(false, false, 9 * MS), step(10, false));
+    // Two idle ticks in a row again: the long sleep.
+    assert_eq!(p.after_tick(false, false, 10 * MS), step(21, true));
+}
+
+#[test]
 fn while_the_probe_free_path_follows_workers_at_work_the_long_sleep_is_half_the_threshold() {
     let mut p = pacer();
     assert_eq!(p.after_tick(false, true, 0), step(1, false));
