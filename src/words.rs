@@ -23,6 +23,8 @@ const TAG_LOCATION: u64 = 2;
 const LAYER_SHIFT: u32 = 2;
 const LAYER_MASK: u64 = 0b11 << LAYER_SHIFT;
 const NAMED: u64 = 1 << 4;
+// A location's pointer, shifted left by 2, leaves the layer bits 0 (async).
+const _: () = assert!(std::mem::align_of::<Location<'static>>() >= 4);
 
 /// What a slot is polling: an interned task kind on its layer, or a spawn location (the poll
 /// hooks, resolved to a kind later by the watchdog), or nothing.
@@ -96,12 +98,12 @@ impl CulpritWord {
     }
 
     /// A poll of the async layer (a location, or a kind on the async layer): the only polls
-    /// the board's common path takes (its end compares with the async threshold alone).
+    /// the board's common path takes (its end compares with the async threshold alone). One
+    /// test: the layer bits are 0 for both (a location's are its pointer's lowest bits, 0 for
+    /// a `Location`'s alignment, see the layout above), and for none.
     #[inline]
     pub(crate) const fn is_async(self) -> bool {
-        self.0 & TAG_MASK == TAG_LOCATION
-            || self.0 & (TAG_MASK | LAYER_MASK)
-                == TAG_KIND | ((LayerKind::Async as u64) << LAYER_SHIFT)
+        self.0 & LAYER_MASK == (LayerKind::Async as u64) << LAYER_SHIFT
     }
 
     /// An interned kind with a name (a location never has one).

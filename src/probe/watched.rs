@@ -9,11 +9,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 
-use crate::board::{Board, CLOCK_UNKNOWN, PROBE};
+use futures_task::{waker_ref, ArcWake};
+
+use crate::board::{clock_known, Board, PROBE};
 use crate::probe::layer::current_task_id;
 use crate::probe::task_waker::TaskWaker;
 use crate::stall::LayerKind;
@@ -53,26 +55,27 @@ pin_project_lite::pin_project! {
         // The task it runs in, learnt at its first poll.
         task: u64,
         board: Option<Arc<Board>>,
-        // The waker the future is polled with (when it notes wakes).
-        wake: Option<(Arc<WakeNote>, Waker)>,
-        // Polls so far (from an offset), to choose the exactly timed waits.
-        polls: u32,
-        // What the note's `exact_next` holds (so it is written only when it changes).
-        exact_next: bool,
+        // Its wake note (when it notes wakes): the inner future is polled with a waker that
+        // borrows it (`waker_ref`: nothing stored, no reference count touched per poll).
+        note: Option<Arc<WakeNote>>,
     }
 }
 
-/// A future's wake note and the waker made of it.
-fn wake_note(board: &Arc<Board>) -> (Arc<WakeNote>, Waker) {
+/// A future's wake note.
+fn wake_note(board: &Arc<Board>) -> Arc<WakeNote> {
     let note = Arc::new(WakeNote {
         board: board.clone(),
         woken_at: AtomicU64::new(0),
         polling: AtomicBool::new(false),
         exact_next: AtomicBool::new(false),
+        polls: AtomicU32::new(0),
         task: TaskWaker::new(),
     });
-    let waker = Waker::from(note.clone());
-    (note, waker)
+    // Which polls' waits are timed exactly: one in `sample_every`, from a point that differs
+    // between futures (their note's address), so short-lived futures share it.
+    note.polls
+        .store((Arc::as_ptr(&note) as usize >> 7) as u32, Ordering::Relaxed);
+    note
 }
 
 /// In `woken_at`: woken during its own poll; the wait starts at that poll's end.
@@ -99,6 +102,10 @@ struct WakeNote {
     polling: AtomicBool,
     /// The next wake is one of the exactly timed ones.
     exact_next: AtomicBool,
+    /// Polls so far (from an offset), to choose the exactly timed waits. Only the future's
+    /// poll touches it (one poller at a time: `&mut` access); atomic because the note is
+    /// shared with its wakers.
+    polls: AtomicU32,
     /// The waker of the task that polled the future last.
     task: TaskWaker,
 }
@@ -111,10 +118,10 @@ impl WakeNote {
             return self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT | CHOSEN;
         }
         match self.board.coarse_ns() {
+            t if clock_known(t) => t.clamp(1, STAMP_NANOS),
             // The watchdog sleeps through an idle spell and its clock stops: a poll starting
             // now (this wake's, perhaps) ends the spell, so read the real one.
-            CLOCK_UNKNOWN => self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT,
-            t => t.clamp(1, STAMP_NANOS),
+            _ => self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT,
         }
     }
 
@@ -148,24 +155,20 @@ impl WakeNote {
             return Wait::chosen(self.board.now_ns().saturating_sub(from));
         }
         let now = match self.board.coarse_ns() {
-            CLOCK_UNKNOWN => self.board.now_ns(),
-            t => t,
+            t if clock_known(t) => t,
+            _ => self.board.now_ns(),
         };
         // Good to a tick: for victims, not for the histogram.
         Wait::coarse(now.saturating_sub(from))
     }
 }
 
-impl Wake for WakeNote {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.note();
+impl ArcWake for WakeNote {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.note();
         // Before the first poll there is no task to wake (and nothing polled the inner future
         // with this waker yet).
-        self.task.wake();
+        arc_self.task.wake();
     }
 }
 
@@ -182,31 +185,24 @@ impl<F> Watched<F> {
                 .intern(Some(name), Some((site.file(), site.line(), site.column())));
             CulpritWord::kind(kind, LayerKind::Async, true)
         });
-        // The waker is made here, in the caller's code, so no poll allocates.
-        let wake = board.as_ref().filter(|b| b.track_wakes).map(|b| {
+        // The note is made here, in the caller's code, so no poll allocates.
+        let note = board.as_ref().filter(|b| b.track_wakes).map(|b| {
             // Stalls wait a moment after they end for watched futures' delays.
             b.set_waits_known();
             wake_note(b)
         });
-        // Which polls' waits are timed exactly: one in `sample_every`, from a point that
-        // differs between futures (their note's address), so short-lived futures share it.
-        let polls = wake
-            .as_ref()
-            .map_or(0, |(n, _)| (Arc::as_ptr(n) as usize >> 7) as u32);
         Watched {
             inner,
             word,
             task: 0,
             board,
-            wake,
-            polls,
-            exact_next: false,
+            note,
         }
     }
 
     /// The future is being spawned: its first poll's wait counts from now.
     fn scheduled_now(self) -> Self {
-        if let Some((note, _)) = &self.wake {
+        if let Some(note) = &self.note {
             note.woken_at.store(note.stamp(), Ordering::Relaxed);
         }
         self
@@ -247,7 +243,7 @@ impl<F: Future> Future for Watched<F> {
         let Some(board) = this.board else {
             return this.inner.poll(cx);
         };
-        let Some((note, waker)) = this.wake else {
+        let Some(note) = this.note else {
             // schedule_delay is off: the poll is timed, the waker left alone.
             board.enter(PROBE, *this.word, || task_id(this.task), Wait::UNKNOWN);
             let _exit = ExitOnDrop(board);
@@ -261,13 +257,14 @@ impl<F: Future> Future for Watched<F> {
         note.polling.store(true, Ordering::Relaxed);
         let out = {
             let _exit = ExitOnDrop(board);
-            this.inner.poll(&mut Context::from_waker(waker))
+            this.inner.poll(&mut Context::from_waker(&waker_ref(note)))
         };
         note.polling.store(false, Ordering::Relaxed);
-        *this.polls = this.polls.wrapping_add(1);
-        let exact = u64::from(*this.polls) & (board.sample_every() - 1) == 0;
-        if exact != *this.exact_next {
-            *this.exact_next = exact;
+        // Only this poll writes `polls` (see its docs): a load and a store, no read-modify-write.
+        let polls = note.polls.load(Ordering::Relaxed).wrapping_add(1);
+        note.polls.store(polls, Ordering::Relaxed);
+        let exact = u64::from(polls) & (board.sample_every() - 1) == 0;
+        if exact != note.exact_next.load(Ordering::Relaxed) {
             note.exact_next.store(exact, Ordering::Relaxed);
         }
         if note.woken_at.load(Ordering::Relaxed) == WOKEN_IN_POLL {
@@ -350,11 +347,12 @@ mod tests {
     /// fields beside the future, and with wake notes one allocation of the note (its `Arc`
     /// counts included). A field added here must be weighed against issue 15's budget.
     #[test]
-    fn a_watched_future_costs_56_bytes_beside_it_and_a_64_byte_note() {
-        let inline = std::mem::size_of::<Watched<std::future::Ready<()>>>();
+    fn a_watched_future_costs_32_bytes_beside_it_and_a_64_byte_note() {
+        // Beside a future of no size (a larger one's alignment may pad it).
+        let inline = std::mem::size_of::<Watched<std::future::Pending<()>>>();
         let note = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<WakeNote>();
         if cfg!(target_pointer_width = "64") {
-            assert_eq!((inline, note), (56, 64));
+            assert_eq!((inline, note), (32, 64));
         }
     }
 }
