@@ -1066,9 +1066,8 @@ impl Board {
         if queued == 0 {
             return;
         }
-        l.queued_left
-            .set(u32::try_from(queued.min(MAX_QUEUED)).unwrap_or(u32::MAX));
-        // (A start is never CLOCK_UNKNOWN: `begin` reads the real clock then.)
+        l.queued_left.set(queued.min(MAX_QUEUED) as u32); // at most MAX_QUEUED (256): fits
+                                                          // (A start is never CLOCK_UNKNOWN: `begin` reads the real clock then.)
         l.queued_from.set(start);
         l.queued_until
             .set(end.saturating_add(hold_window_ns(self.thresholds_ns[0])));
