@@ -46,3 +46,40 @@ fn idle_spells_neither_invent_slow_polls_nor_hide_stalls() {
     assert!(s.duration <= ran + slack, "{s:?} vs {ran:?}");
     assert!(s.duration + s.uncertainty >= THRESHOLD * 4, "{s:?}");
 }
+
+/// The watchdog sleeps a threshold and a tick through an idle spell: a poll just over the
+/// threshold that starts then could begin and end within one sleep. Each is still reported
+/// (the poll wakes the watchdog, and an end that reads "no time" is timed with the real clock).
+/// Whether a poll here starts early enough in a sleep to fit in it is up to timing (it rarely
+/// did before the fix); the board's unit test
+/// `a_slow_poll_that_starts_and_ends_while_the_watchdog_sleeps_is_caught_at_its_end` scripts
+/// that case exactly.
+#[test]
+fn a_poll_just_over_the_threshold_after_each_idle_spell_is_reported() {
+    let _serial = common::serial();
+    let h = common::harness(loopwatch::builder().threshold(THRESHOLD).diagnose(false));
+    let rt = h.runtime(1);
+    const N: usize = 5;
+    for i in 0..N {
+        // Long enough for the watchdog's two idle ticks and a long sleep.
+        std::thread::sleep(Duration::from_millis(40));
+        let name = format!("just-over-{i}");
+        rt.block_on(rt.spawn(h.guard.watch(&name, async {
+            common::spin_for(THRESHOLD * 12 / 10);
+        })))
+        .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < N {
+        let s = h
+            .wait_for(common::ENDED_WAIT, |s| {
+                s.state == loopwatch::StallState::Ended
+                    && s.task
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("just-over-"))
+            })
+            .unwrap_or_else(|| panic!("reported: {seen:?} of {N}"));
+        seen.insert(s.task.name.clone().unwrap_or_default());
+    }
+}
