@@ -795,10 +795,15 @@ impl Board {
                 let s = slot.seq.load(Ordering::Relaxed);
                 let coarse = self.clock_ns.0.load(Ordering::Relaxed);
                 let start = slot.start_ns.load(Ordering::Relaxed);
-                if !self.perhaps_slow(LayerKind::Async as usize, start, coarse) {
+                // The watchdog's clock did not move since the poll started: it cannot have
+                // passed its threshold (`perhaps_slow`: the async layer's threshold is more
+                // than a tick, or the common path is off, see `attach`). One compare; a poll
+                // that saw a tick takes the full path, which applies the rule exactly.
+                if coarse == start {
                     l.open.set(IDLE);
                     slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
-                    slot.seq.store((s | 1) + 1, Ordering::Release);
+                    // The common path opened it: its sequence is odd.
+                    slot.seq.store(s + 1, Ordering::Release);
                     return;
                 }
             }
@@ -1197,8 +1202,10 @@ impl Board {
             Some(i) => {
                 l.slot.set(i);
                 l.slot_ptr.set(&self.slots[i]);
-                // With exact starts every poll reads the real clock: no common path.
-                if !self.precise_start {
+                // With exact starts every poll reads the real clock: no common path. Nor
+                // when an async poll may be slow with the watchdog's clock unmoved (its
+                // threshold a tick or less): the common path's end tests only that.
+                if !self.precise_start && self.slow_after_ns[LayerKind::Async as usize] > 0 {
                     l.fast.set(Arc::as_ptr(self));
                 }
                 true
@@ -1752,6 +1759,52 @@ mod tests {
         b.exit(PROBE);
         assert_eq!(b.slots()[0].caught().map(|c| c.seq), Some(poll.seq));
         assert_eq!(b.slots()[0].slow_polls(), 2);
+    }
+
+    /// The common path's end tests only that the watchdog's clock did not move: a poll that
+    /// saw a tick ends on the full path (by the exact rule), and where an async poll may be
+    /// slow with the clock unmoved (its threshold no more than a tick) there is no common path.
+    #[test]
+    fn a_poll_that_saw_the_clock_move_ends_by_the_exact_rule() {
+        let (b, rt) = board();
+        let _ctx = rt.enter();
+        b.tick(b.now_ns());
+        b.enter(PROBE, word(1), || 5, Wait::UNKNOWN);
+        b.exit(PROBE);
+        assert!(on_common_path(&b));
+        // A tick inside a short poll: not slow, not caught, and the next poll is on the
+        // common path again.
+        b.enter(PROBE, word(1), || 6, Wait::UNKNOWN);
+        let poll = read(&b);
+        b.tick(b.coarse_ns() + b.tick_ns());
+        b.exit(PROBE);
+        let after = read(&b);
+        assert_eq!(after.seq, poll.seq + 1);
+        assert_eq!(
+            (b.slots()[0].caught(), b.slots()[0].slow_polls()),
+            (None, 0)
+        );
+        b.enter(PROBE, word(1), || 7, Wait::UNKNOWN);
+        assert!(on_common_path(&b) && LOCAL.with(|l| l.open.get() == PROBE));
+        b.exit(PROBE);
+
+        // Async threshold 1 ms, tick 2.5 ms: a 4 ms poll the watchdog's clock never saw is
+        // still caught at its end (judged from three quarters of a tick after its start).
+        let mut small = Board::new(
+            [Some(Duration::from_millis(1)), None, None],
+            1 << 20,
+            false,
+            1,
+            16,
+        );
+        small.set_tick(2_500_000);
+        let small = Arc::new(small);
+        small.tick(small.now_ns());
+        small.enter(PROBE, word(1), || 8, Wait::UNKNOWN);
+        assert!(!on_common_path(&small));
+        std::thread::sleep(Duration::from_millis(4));
+        small.exit(PROBE);
+        assert_eq!(small.slots()[0].caught().map(|c| c.task), Some(8));
     }
 
     #[test]
