@@ -622,6 +622,19 @@ impl Board {
         (self.sample_bits >> 1) + 1
     }
 
+    /// Is a count (of polls, say) one of the one in `sample_every` the board times?
+    #[inline]
+    pub(crate) fn sampled(&self, count: u64) -> bool {
+        (count << 1) & self.sample_bits == 0
+    }
+
+    /// A known wait at least this long is noted (a possible victim's); a shorter one only
+    /// if chosen for the histogram.
+    #[inline]
+    pub(crate) fn wait_floor_ns(&self) -> u64 {
+        self.wait_floor_ns
+    }
+
     /// A probe that reports schedule delays (tokio's poll hooks with schedule latency, or a
     /// [`Watched`](crate::Watched) future) is in use: stalls wait a little after they end to
     /// collect their victims.

@@ -159,6 +159,10 @@ impl Wait {
         Wait(clamp(nanos) | CHOSEN)
     }
 
+    /// A known wait too short to note: on the watchdog's coarse clock and below the board's
+    /// floor (its nanoseconds, never used, read 0). [`is_quiet`](Self::is_quiet) at once.
+    pub(crate) const QUIET: Wait = Wait(COARSE);
+
     /// Measured on the watchdog's coarse clock: good to a tick, for victims only.
     #[inline]
     pub(crate) const fn coarse(nanos: u64) -> Wait {

@@ -112,7 +112,15 @@ impl TaskWaker {
     /// Wakes the task that polled the future last (none before the first poll).
     #[inline]
     pub(crate) fn wake(&self) {
-        if self.state.fetch_or(WAKING, Ordering::AcqRel) == IDLE {
+        // `WAKING` set from `IDLE` (the common case) in one compare-exchange; else set all the
+        // same, so a registration under way sees it. (A `fetch_or` whose old value is tested
+        // compiles to a compare-exchange loop on x86.)
+        let from_idle = self
+            .state
+            .compare_exchange(IDLE, WAKING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            || self.state.fetch_or(WAKING, Ordering::AcqRel) == IDLE;
+        if from_idle {
             // SAFETY: `WAKING` is held, set from `IDLE`: no registration writes the waker
             // until it is cleared.
             let waker = unsafe { (*self.waker.get()).clone() };

@@ -67,12 +67,12 @@ fn wake_note(board: &Arc<Board>) -> Arc<WakeNote> {
         board: board.clone(),
         woken_at: AtomicU64::new(0),
         polling: AtomicBool::new(false),
-        exact_next: AtomicBool::new(false),
         polls: AtomicU32::new(0),
         task: TaskWaker::new(),
     });
-    // Which polls' waits are timed exactly: one in `sample_every`, from a point that differs
-    // between futures (their note's address), so short-lived futures share it.
+    // Which wakes are timed exactly: those after one poll in `sample_every`, counted from a
+    // point that differs between futures (their note's address), so short-lived futures
+    // share it.
     note.polls
         .store((Arc::as_ptr(&note) as usize >> 7) as u32, Ordering::Relaxed);
     note
@@ -90,8 +90,8 @@ const STAMP_NANOS: u64 = CHOSEN - 1;
 /// The state behind a [`Watched`] future's waker.
 ///
 /// A wake is stamped with the watchdog's clock (one load; exact to a tick, enough to find a
-/// stall's victims), except one wake in `sample_every`, stamped with the real clock for the
-/// schedule-delay histogram: so most polls read no clock at all.
+/// stall's victims), except the wakes after one poll in `sample_every`, stamped with the real
+/// clock for the schedule-delay histogram: so most polls read no clock at all.
 #[derive(Debug)]
 struct WakeNote {
     board: Arc<Board>,
@@ -100,11 +100,9 @@ struct WakeNote {
     woken_at: AtomicU64,
     /// The future is being polled (a wake now needs no clock: the poll's end is its time).
     polling: AtomicBool,
-    /// The next wake is one of the exactly timed ones.
-    exact_next: AtomicBool,
-    /// Polls so far (from an offset), to choose the exactly timed waits. Only the future's
-    /// poll touches it (one poller at a time: `&mut` access); atomic because the note is
-    /// shared with its wakers.
+    /// Polls so far (from an offset): a wake after one in `sample_every` is timed exactly.
+    /// Only the future's poll writes it (one poller at a time: `&mut` access); atomic because
+    /// the note is shared with its wakers, which read it.
     polls: AtomicU32,
     /// The waker of the task that polled the future last.
     task: TaskWaker,
@@ -114,11 +112,17 @@ impl WakeNote {
     /// A stamp for a wake now.
     #[inline]
     fn stamp(&self) -> u64 {
-        if self.exact_next.load(Ordering::Relaxed) {
+        if self
+            .board
+            .sampled(u64::from(self.polls.load(Ordering::Relaxed)))
+        {
             return self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT | CHOSEN;
         }
         match self.board.coarse_ns() {
-            t if clock_known(t) => t.clamp(1, STAMP_NANOS),
+            // The watchdog's clock has its lowest bit clear (see `board::EXACT`): set, a stamp
+            // is never 0 (no wake), and reads at most a nanosecond late. Its nanoseconds stay
+            // below `CHOSEN` (2^62: 146 years after the board's start).
+            t if clock_known(t) => t | 1,
             // The watchdog sleeps through an idle spell and its clock stops: a poll starting
             // now (this wake's, perhaps) ends the spell, so read the real one.
             _ => self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT,
@@ -145,6 +149,21 @@ impl WakeNote {
     #[inline]
     fn take_wait(&self) -> Wait {
         let w = self.woken_at.swap(0, Ordering::Relaxed);
+        // The common case: a coarse stamp (no flag; `WOKEN_IN_POLL` has them all), and a wait
+        // too short to note. The clock's lowest bit set as the stamp's was: a wake and a poll
+        // in one tick wait 0. An unknown clock reads far past any stamp (see `take_wait_from`).
+        if w != 0 && w & (EXACT | CHOSEN) == 0 {
+            let waited = (self.board.coarse_ns() | 1).wrapping_sub(w);
+            if waited < self.board.wait_floor_ns() {
+                return Wait::QUIET;
+            }
+        }
+        self.take_wait_from(w)
+    }
+
+    /// [`take_wait`](Self::take_wait) of the stamp `w`, for any stamp.
+    #[inline(never)]
+    fn take_wait_from(&self, w: u64) -> Wait {
         if w == 0 || w == WOKEN_IN_POLL {
             // Not woken through this future's waker (the first poll, or the task was woken
             // for another future it polls): the wait is unknown.
@@ -155,7 +174,8 @@ impl WakeNote {
             return Wait::chosen(self.board.now_ns().saturating_sub(from));
         }
         let now = match self.board.coarse_ns() {
-            t if clock_known(t) => t,
+            // Its lowest bit set as a coarse stamp's is (see `stamp`).
+            t if clock_known(t) => t | 1,
             _ => self.board.now_ns(),
         };
         // Good to a tick: for victims, not for the histogram.
@@ -263,10 +283,6 @@ impl<F: Future> Future for Watched<F> {
         // Only this poll writes `polls` (see its docs): a load and a store, no read-modify-write.
         let polls = note.polls.load(Ordering::Relaxed).wrapping_add(1);
         note.polls.store(polls, Ordering::Relaxed);
-        let exact = u64::from(polls) & (board.sample_every() - 1) == 0;
-        if exact != note.exact_next.load(Ordering::Relaxed) {
-            note.exact_next.store(exact, Ordering::Relaxed);
-        }
         if note.woken_at.load(Ordering::Relaxed) == WOKEN_IN_POLL {
             // Woken during its own poll (a yield, say): it waits from the poll's end, not
             // through the rest of the poll.
@@ -342,6 +358,74 @@ impl<F: Future> WatchExt for F {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::board::CLOCK_UNKNOWN;
+    use std::time::Duration;
+
+    /// A note on a board whose async threshold is 10 ms (victims' floor 1 ms) and that times
+    /// one poll in 4; the watchdog's clock at `clock`.
+    fn note_at(clock: u64) -> Arc<WakeNote> {
+        let board = Arc::new(Board::new(
+            [Some(Duration::from_millis(10)), None, None],
+            4,
+            false,
+            1,
+            16,
+        ));
+        board.tick(clock);
+        wake_note(&board)
+    }
+
+    /// Wakes are stamped with the watchdog's clock, except after one poll in `sample_every`
+    /// (real clock, chosen for the histogram); a wait below the victims' floor is quiet (no
+    /// note, on the common path), a longer one coarse, one with no wake stamped unknown.
+    #[test]
+    fn a_wake_note_stamps_coarse_except_after_a_sampled_poll_and_short_waits_are_quiet() {
+        const MS: u64 = 1_000_000;
+        let n = note_at(100 * MS);
+        n.polls.store(5, Ordering::Relaxed);
+        let coarse = n.stamp();
+        assert_eq!(coarse, 100 * MS | 1);
+        n.polls.store(8, Ordering::Relaxed);
+        let exact = n.stamp();
+        assert_eq!(exact & (EXACT | CHOSEN), EXACT | CHOSEN);
+        n.polls.store(9, Ordering::Relaxed);
+
+        // No wake noted, or woken in its own poll: unknown.
+        assert_eq!(n.take_wait(), Wait::UNKNOWN);
+        n.woken_at.store(WOKEN_IN_POLL, Ordering::Relaxed);
+        assert_eq!(n.take_wait(), Wait::UNKNOWN);
+        // Woken and polled in one tick, or less than the floor later: quiet.
+        n.note();
+        assert_eq!(n.take_wait(), Wait::QUIET);
+        n.note();
+        n.board.tick(100 * MS + MS - 2);
+        assert_eq!(n.take_wait(), Wait::QUIET);
+        // At the floor: a coarse wait, noted for victims.
+        n.board.tick(100 * MS);
+        n.note();
+        n.board.tick(101 * MS);
+        let w = n.take_wait();
+        assert!(!w.is_quiet(n.board.wait_floor_ns()) && !w.for_histogram(true));
+        assert_eq!(w.nanos(), MS);
+        // The watchdog sleeps through an idle spell: the wait is read off the real clock.
+        n.board.tick(100 * MS);
+        n.note();
+        n.board.tick(CLOCK_UNKNOWN);
+        let w = n.take_wait();
+        assert!(w.is_known() && !w.for_histogram(true));
+        // A chosen wake: exact, for the histogram.
+        n.polls.store(12, Ordering::Relaxed);
+        n.board.tick(100 * MS);
+        n.note();
+        let w = n.take_wait();
+        assert!(w.is_known() && w.for_histogram(false));
+        // Only the first wake since the poll counts.
+        n.polls.store(13, Ordering::Relaxed);
+        n.note();
+        n.board.tick(105 * MS);
+        n.note();
+        assert_eq!(n.take_wait().nanos(), 5 * MS);
+    }
 
     /// What a watched future costs in memory, as docs/PERFORMANCE.md states it: the wrapper's
     /// fields beside the future, and with wake notes one allocation of the note (its `Arc`
