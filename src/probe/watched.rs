@@ -384,7 +384,7 @@ mod tests {
         let n = note_at(100 * MS);
         n.polls.store(5, Ordering::Relaxed);
         let coarse = n.stamp();
-        assert_eq!(coarse, 100 * MS | 1);
+        assert_eq!(coarse, (100 * MS) | 1);
         n.polls.store(8, Ordering::Relaxed);
         let exact = n.stamp();
         assert_eq!(exact & (EXACT | CHOSEN), EXACT | CHOSEN);
