@@ -8,12 +8,11 @@
 //! schedule latency does under `--cfg tokio_unstable`.
 
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
-
-use futures_task::{waker_ref, ArcWake};
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 use crate::board::{clock_known, Board, PROBE};
 use crate::probe::layer::current_task_id;
@@ -56,7 +55,7 @@ pin_project_lite::pin_project! {
         task: u64,
         board: Option<Arc<Board>>,
         // Its wake note (when it notes wakes): the inner future is polled with a waker that
-        // borrows it (`waker_ref`: nothing stored, no reference count touched per poll).
+        // borrows it (see `NOTE_WAKER`: nothing stored, no reference count touched per poll).
         note: Option<Arc<WakeNote>>,
     }
 }
@@ -183,13 +182,56 @@ impl WakeNote {
     }
 }
 
-impl ArcWake for WakeNote {
-    fn wake_by_ref(arc_self: &Arc<Self>) {
-        arc_self.note();
+impl WakeNote {
+    #[inline]
+    fn wake(&self) {
+        self.note();
         // Before the first poll there is no task to wake (and nothing polled the inner future
         // with this waker yet).
-        arc_self.task.wake();
+        self.task.wake();
     }
+
+    /// A waker that borrows this note: for the inner future's poll, while the caller holds
+    /// the note. Not to be dropped (it owns no count); its clones own one each.
+    #[inline]
+    fn borrowed_waker(self: &Arc<Self>) -> ManuallyDrop<Waker> {
+        let raw = RawWaker::new(Arc::as_ptr(self).cast(), &NOTE_WAKER);
+        // SAFETY: `NOTE_WAKER`'s functions are called with `Arc::as_ptr` of a live
+        // `Arc<WakeNote>` (this one, alive while the caller holds it, and it outlives the
+        // poll the waker is lent to); the waker is never dropped, so the count it does not own
+        // is never given back; a clone takes a count of its own.
+        ManuallyDrop::new(unsafe { Waker::from_raw(raw) })
+    }
+}
+
+/// The wakers of a wake note: the data pointer is `Arc::as_ptr` of an `Arc<WakeNote>`, whose
+/// strong count each owned waker holds one of. (Written out, not `std::task::Wake`, for the
+/// borrowed waker of the poll, and for a wake by value that wakes and gives its count back in
+/// one call.)
+static NOTE_WAKER: RawWakerVTable =
+    RawWakerVTable::new(clone_waker, wake_waker, wake_waker_by_ref, drop_waker);
+
+/// SAFETY (the four): `data` is `Arc::as_ptr` of a live `Arc<WakeNote>` (see `NOTE_WAKER`).
+unsafe fn clone_waker(data: *const ()) -> RawWaker {
+    // SAFETY: see above; the clone owns the count taken here.
+    unsafe { Arc::increment_strong_count(data.cast::<WakeNote>()) };
+    RawWaker::new(data, &NOTE_WAKER)
+}
+
+unsafe fn wake_waker(data: *const ()) {
+    // SAFETY: see above; this waker owned one count, given back as `note` drops.
+    let note = unsafe { Arc::from_raw(data.cast::<WakeNote>()) };
+    note.wake();
+}
+
+unsafe fn wake_waker_by_ref(data: *const ()) {
+    // SAFETY: see above.
+    unsafe { &*data.cast::<WakeNote>() }.wake();
+}
+
+unsafe fn drop_waker(data: *const ()) {
+    // SAFETY: see above; this waker owned one count.
+    unsafe { Arc::decrement_strong_count(data.cast::<WakeNote>()) };
 }
 
 impl<F> Watched<F> {
@@ -277,7 +319,8 @@ impl<F: Future> Future for Watched<F> {
         note.polling.store(true, Ordering::Relaxed);
         let out = {
             let _exit = ExitOnDrop(board);
-            this.inner.poll(&mut Context::from_waker(&waker_ref(note)))
+            this.inner
+                .poll(&mut Context::from_waker(&note.borrowed_waker()))
         };
         note.polling.store(false, Ordering::Relaxed);
         // Only this poll writes `polls` (see its docs): a load and a store, no read-modify-write.
@@ -373,6 +416,35 @@ mod tests {
         ));
         board.tick(clock);
         wake_note(&board)
+    }
+
+    /// The note's wakers own one count of the note each (the poll's borrowed one none), and
+    /// every wake, by value or by reference, reaches the task's waker once.
+    #[test]
+    fn a_note_waker_keeps_the_notes_count_and_wakes_the_task() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let n = note_at(0);
+        let task = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let task_waker = Waker::from(task.clone());
+        // SAFETY: one caller (this test) registers.
+        unsafe { n.task.register(&task_waker) };
+        let borrowed = n.borrowed_waker();
+        assert_eq!(Arc::strong_count(&n), 1);
+        borrowed.wake_by_ref();
+        let owned = (*borrowed).clone();
+        assert!(owned.will_wake(&borrowed));
+        assert_eq!(Arc::strong_count(&n), 2);
+        owned.wake_by_ref();
+        owned.clone().wake();
+        assert_eq!(Arc::strong_count(&n), 2);
+        drop(owned);
+        assert_eq!(Arc::strong_count(&n), 1);
+        assert_eq!(task.0.load(Ordering::Relaxed), 3);
     }
 
     /// Wakes are stamped with the watchdog's clock, except after one poll in `sample_every`
