@@ -315,7 +315,12 @@ impl<F: Future> Future for Watched<F> {
         // Registered before the future is polled: a wake during the poll reaches the task.
         // SAFETY: only this future's poll registers (`&mut self`: one poller at a time).
         unsafe { note.task.register(cx.waker()) };
-        board.enter(PROBE, *this.word, || task_id(this.task), waited);
+        if waited == Wait::QUIET {
+            // The common case, with the wait a constant: the board's test of it folds away.
+            board.enter(PROBE, *this.word, || task_id(this.task), Wait::QUIET);
+        } else {
+            enter_waited(board, *this.word, this.task, waited);
+        }
         note.polling.store(true, Ordering::Relaxed);
         let out = {
             let _exit = ExitOnDrop(board);
@@ -333,6 +338,13 @@ impl<F: Future> Future for Watched<F> {
         }
         out
     }
+}
+
+/// A watched poll starts with a wait to note (or unknown): out of line, so the common path's
+/// call sees a constant wait.
+#[inline(never)]
+fn enter_waited(board: &Arc<Board>, word: CulpritWord, task: &mut u64, waited: Wait) {
+    board.enter(PROBE, word, || task_id(task), waited);
 }
 
 /// The task id of the watched future's task, learnt at its first poll.
