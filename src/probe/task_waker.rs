@@ -29,38 +29,38 @@
 //!   `WAKING` was still held).
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Waker;
 
-const IDLE: usize = 0;
-const REGISTERING: usize = 1;
-const WAKING: usize = 2;
+/// The state word's values (an `AtomicU8` kept beside the waker by its owner, so that a wake
+/// note packs it with its other small fields).
+pub(crate) const IDLE: u8 = 0;
+const REGISTERING: u8 = 1;
+const WAKING: u8 = 2;
 
-/// The waker of the task polling a watched future (see the module's docs).
+/// The waker of the task polling a watched future (see the module's docs). Its state word is
+/// its owner's field, passed to each call: always the same one.
 pub(crate) struct TaskWaker {
-    state: AtomicUsize,
     waker: UnsafeCell<Option<Waker>>,
 }
 
 // SAFETY: `waker` is written only by `register` while it holds `REGISTERING` (set from
 // `IDLE`), and read by `wake` only while it holds `WAKING` (set from `IDLE`) or by `register`
 // itself (the only writer, one at a time: `register` takes `&self` but is called only from the
-// future's `poll`, which has `&mut` access; see `Watched::poll`). `Waker` is `Send + Sync`.
+// future's `poll`, which has `&mut` access; see `Watched::poll`), every call with the same
+// state word (their contract). `Waker` is `Send + Sync`.
 unsafe impl Send for TaskWaker {}
 unsafe impl Sync for TaskWaker {}
 
 impl std::fmt::Debug for TaskWaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskWaker")
-            .field("state", &self.state.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
+        f.debug_struct("TaskWaker").finish_non_exhaustive()
     }
 }
 
 impl TaskWaker {
     pub(crate) const fn new() -> TaskWaker {
         TaskWaker {
-            state: AtomicUsize::new(IDLE),
             waker: UnsafeCell::new(None),
         }
     }
@@ -69,9 +69,10 @@ impl TaskWaker {
     ///
     /// # Safety
     ///
-    /// Called by one thread at a time (the poller of the future that owns the note).
+    /// Called by one thread at a time (the poller of the future that owns the note), and with
+    /// the same `state` (starting at [`IDLE`]) as every other call on this `TaskWaker`.
     #[inline]
-    pub(crate) unsafe fn register(&self, waker: &Waker) {
+    pub(crate) unsafe fn register(&self, state: &AtomicU8, waker: &Waker) {
         // SAFETY: only this caller writes `waker` (the function's contract); a concurrent
         // wake may read it too, which is no race.
         if let Some(held) = unsafe { &*self.waker.get() } {
@@ -81,25 +82,25 @@ impl TaskWaker {
                 return;
             }
         }
-        self.replace(waker);
+        // SAFETY: this function's contract.
+        unsafe { self.replace(state, waker) };
     }
 
+    /// # Safety
+    ///
+    /// As [`register`](Self::register).
     #[cold]
-    fn replace(&self, waker: &Waker) {
-        match self
-            .state
-            .compare_exchange(IDLE, REGISTERING, Ordering::Acquire, Ordering::Acquire)
-        {
+    unsafe fn replace(&self, state: &AtomicU8, waker: &Waker) {
+        match state.compare_exchange(IDLE, REGISTERING, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => {
                 // SAFETY: `REGISTERING` is held, set from `IDLE`: no wake reads the waker.
                 unsafe { *self.waker.get() = Some(waker.clone()) };
-                if self
-                    .state
+                if state
                     .compare_exchange(REGISTERING, IDLE, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
                 {
                     // A wake came while the waker was replaced and left it to this call.
-                    self.state.store(IDLE, Ordering::Release);
+                    state.store(IDLE, Ordering::Release);
                     waker.wake_by_ref();
                 }
             }
@@ -110,23 +111,26 @@ impl TaskWaker {
     }
 
     /// Wakes the task that polled the future last (none before the first poll).
+    ///
+    /// # Safety
+    ///
+    /// With the same `state` as every other call on this `TaskWaker`.
     #[inline]
-    pub(crate) fn wake(&self) {
+    pub(crate) unsafe fn wake(&self, state: &AtomicU8) {
         // `WAKING` set from `IDLE` (the common case) in one compare-exchange; else set all the
         // same, so a registration under way sees it. (A `fetch_or` whose old value is tested
         // compiles to a compare-exchange loop on x86.)
-        let from_idle = self
-            .state
+        let from_idle = state
             .compare_exchange(IDLE, WAKING, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
-            || self.state.fetch_or(WAKING, Ordering::AcqRel) == IDLE;
+            || state.fetch_or(WAKING, Ordering::AcqRel) == IDLE;
         if from_idle {
             // SAFETY: `WAKING` is held, set from `IDLE`: no registration writes the waker
             // until it is cleared.
             let waker = unsafe { (*self.waker.get()).clone() };
             // Acquire: the events of the wakes that found `WAKING` set (and did nothing) are
             // seen by the task this wakes.
-            self.state.fetch_and(!WAKING, Ordering::AcqRel);
+            state.fetch_and(!WAKING, Ordering::AcqRel);
             if let Some(w) = waker {
                 w.wake();
             }
@@ -163,9 +167,37 @@ mod tests {
         c.0.load(Ordering::Relaxed)
     }
 
+    /// A task waker with its state word, as a wake note keeps them.
+    struct Tw {
+        state: AtomicU8,
+        tw: TaskWaker,
+    }
+
+    impl Tw {
+        fn new() -> Tw {
+            Tw {
+                state: AtomicU8::new(IDLE),
+                tw: TaskWaker::new(),
+            }
+        }
+
+        /// # Safety
+        ///
+        /// One registering thread at a time.
+        unsafe fn register(&self, waker: &Waker) {
+            // SAFETY: the caller's; always this state.
+            unsafe { self.tw.register(&self.state, waker) }
+        }
+
+        fn wake(&self) {
+            // SAFETY: always this state.
+            unsafe { self.tw.wake(&self.state) }
+        }
+    }
+
     #[test]
     fn a_wake_reaches_the_registered_task_and_leaves_its_waker_in_place() {
-        let tw = TaskWaker::new();
+        let tw = Tw::new();
         // Before any poll there is no task to wake.
         tw.wake();
         let (a, wa) = counter();
@@ -188,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_registration_that_meets_a_wake_wakes_the_new_task_itself() {
-        let tw = TaskWaker::new();
+        let tw = Tw::new();
         let (a, wa) = counter();
         // A wake is reading the waker: the new one cannot be stored, so it is woken.
         tw.state.store(WAKING, Ordering::Relaxed);
@@ -204,7 +236,7 @@ mod tests {
     /// A task's waker whose first wake stands for another thread's wake arriving at that very
     /// moment: it wakes the same `TaskWaker` again, from inside the first wake.
     struct Reentrant {
-        tw: std::sync::Weak<TaskWaker>,
+        tw: std::sync::Weak<Tw>,
         wakes: AtomicU64,
     }
 
@@ -225,7 +257,7 @@ mod tests {
 
     #[test]
     fn a_wake_that_comes_while_another_wakes_the_task_still_reaches_it() {
-        let tw = Arc::new(TaskWaker::new());
+        let tw = Arc::new(Tw::new());
         let task = Arc::new(Reentrant {
             tw: Arc::downgrade(&tw),
             wakes: AtomicU64::new(0),
@@ -242,7 +274,7 @@ mod tests {
     fn no_wake_is_lost_while_wakers_race_with_registrations() {
         // Two tasks' wakers registered in turn on one thread while another thread wakes: every
         // wake after a registration reaches a task (counted as at least one wake per round).
-        let tw = Arc::new(TaskWaker::new());
+        let tw = Arc::new(Tw::new());
         let (a, wa) = counter();
         let (b, wb) = counter();
         let rounds = 20_000u64;

@@ -10,13 +10,15 @@
 use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 use crate::board::{clock_known, Board, PROBE};
+use crate::kinds::KindId;
 use crate::probe::layer::current_task_id;
-use crate::probe::task_waker::TaskWaker;
+use crate::probe::task_waker::{self, TaskWaker};
 use crate::stall::LayerKind;
 use crate::words::{CulpritWord, Wait};
 
@@ -50,31 +52,118 @@ pin_project_lite::pin_project! {
     pub struct Watched<F> {
         #[pin]
         inner: F,
-        word: CulpritWord,
-        // The task it runs in, learnt at its first poll.
-        task: u64,
-        board: Option<Arc<Board>>,
-        // Its wake note (when it notes wakes): the inner future is polled with a waker that
-        // borrows it (see `NOTE_WAKER`: nothing stored, no reference count touched per poll).
-        note: Option<Arc<WakeNote>>,
+        // What loopwatch keeps of it (none with no loopwatch running): one allocation, shared
+        // with its wakers when it notes wakes (the inner future is then polled with a waker
+        // that borrows it, see `NOTE_WAKER`: nothing stored, no count touched per poll).
+        note: Option<NoteRef>,
     }
 }
 
-/// A future's wake note.
-fn wake_note(board: &Arc<Board>) -> Arc<WakeNote> {
-    let note = Arc::new(WakeNote {
+/// What loopwatch keeps of a watched future: its board, name and task, and its wake note. 56
+/// bytes, its own reference count included (the future's and each of its wakers'), so a
+/// watched future costs 64 bytes with the pointer beside it (see the memory test below).
+struct WakeNote {
+    board: Arc<Board>,
+    /// The first wake since the last poll: a board time (`EXACT` set if from the real
+    /// clock, `CHOSEN` if timed for the histogram), or [`WOKEN_IN_POLL`]; 0: no wake.
+    woken_at: AtomicU64,
+    /// The task it runs in, learnt at its first poll (only the poller writes it).
+    task_id: AtomicU64,
+    /// The waker of the task that polled the future last; its state word is `wake_state`.
+    task: TaskWaker,
+    /// References: the future's, and one per waker made from the note.
+    refs: AtomicU32,
+    /// Its task kind (named, async: see [`WakeNote::word`]).
+    kind: KindId,
+    /// Polls so far (from an offset): a wake after one in `sample_every` is timed exactly.
+    /// Only the future's poll writes it (one poller at a time: `&mut` access); atomic because
+    /// the note is shared with its wakers, which read it.
+    polls: AtomicU32,
+    /// The future is being polled (a wake now needs no clock: the poll's end is its time).
+    polling: AtomicBool,
+    /// `task`'s state word (see `TaskWaker`).
+    wake_state: AtomicU8,
+    /// It notes its wakes (`schedule_delay`, default on): its inner poll gets the note's waker.
+    notes_wakes: bool,
+}
+
+// SAFETY: `task` is `Send + Sync` with its state word, `wake_state`, always the one passed
+// (see its uses); every other field is.
+unsafe impl Send for WakeNote {}
+unsafe impl Sync for WakeNote {}
+
+/// One reference to a [`WakeNote`]: the future's (a waker's is its raw pointer, see
+/// [`NOTE_WAKER`]). Dropping it gives the reference back; the last one frees the note.
+struct NoteRef(NonNull<WakeNote>);
+
+// SAFETY: a shared reference to a `Send + Sync` note, counted atomically (as `Arc`).
+unsafe impl Send for NoteRef {}
+unsafe impl Sync for NoteRef {}
+
+impl std::fmt::Debug for NoteRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.get();
+        f.debug_struct("WakeNote")
+            .field("kind", &n.kind)
+            .field("task_id", &n.task_id.load(Ordering::Relaxed))
+            .field("notes_wakes", &n.notes_wakes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NoteRef {
+    fn new(note: WakeNote) -> NoteRef {
+        let r = NoteRef(NonNull::from(Box::leak(Box::new(note))));
+        // Which wakes are timed exactly: those after one poll in `sample_every`, counted from
+        // a point that differs between futures (their note's address), so short-lived futures
+        // share it.
+        r.get()
+            .polls
+            .store((r.0.as_ptr() as usize >> 7) as u32, Ordering::Relaxed);
+        r
+    }
+
+    #[inline]
+    fn get(&self) -> &WakeNote {
+        // SAFETY: this reference keeps the note alive.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// A waker that borrows the note: for the inner future's poll, while this reference is
+    /// held. Not to be dropped (it owns no reference); its clones own one each. Its pointer is
+    /// the allocation's own (not one from a `&WakeNote`), so the last waker may free it.
+    #[inline]
+    fn borrowed_waker(&self) -> ManuallyDrop<Waker> {
+        let raw = RawWaker::new(self.0.as_ptr().cast_const().cast(), &NOTE_WAKER);
+        // SAFETY: `NOTE_WAKER`'s functions are called with a pointer to a live note (this one,
+        // alive while this reference is held, which outlives the poll the waker is lent to);
+        // the waker is never dropped, so the reference it does not own is never given back; a
+        // clone takes one of its own.
+        ManuallyDrop::new(unsafe { Waker::from_raw(raw) })
+    }
+}
+
+impl Drop for NoteRef {
+    fn drop(&mut self) {
+        // SAFETY: this reference was counted, and is given back once.
+        unsafe { WakeNote::release(self.0) };
+    }
+}
+
+/// A future's note on `board`, for a task kind.
+fn wake_note(board: &Arc<Board>, kind: KindId) -> NoteRef {
+    NoteRef::new(WakeNote {
         board: board.clone(),
         woken_at: AtomicU64::new(0),
-        polling: AtomicBool::new(false),
-        polls: AtomicU32::new(0),
+        task_id: AtomicU64::new(0),
         task: TaskWaker::new(),
-    });
-    // Which wakes are timed exactly: those after one poll in `sample_every`, counted from a
-    // point that differs between futures (their note's address), so short-lived futures
-    // share it.
-    note.polls
-        .store((Arc::as_ptr(&note) as usize >> 7) as u32, Ordering::Relaxed);
-    note
+        refs: AtomicU32::new(1),
+        kind,
+        polls: AtomicU32::new(0),
+        polling: AtomicBool::new(false),
+        wake_state: AtomicU8::new(task_waker::IDLE),
+        notes_wakes: board.track_wakes,
+    })
 }
 
 /// In `woken_at`: woken during its own poll; the wait starts at that poll's end.
@@ -86,28 +175,60 @@ const CHOSEN: u64 = 1 << 62;
 /// The nanoseconds of a stamp, without its flags.
 const STAMP_NANOS: u64 = CHOSEN - 1;
 
-/// The state behind a [`Watched`] future's waker.
-///
-/// A wake is stamped with the watchdog's clock (one load; exact to a tick, enough to find a
-/// stall's victims), except the wakes after one poll in `sample_every`, stamped with the real
-/// clock for the schedule-delay histogram: so most polls read no clock at all.
-#[derive(Debug)]
-struct WakeNote {
-    board: Arc<Board>,
-    /// The first wake since the last poll: a board time (`EXACT` set if from the real
-    /// clock, `CHOSEN` if timed for the histogram), or [`WOKEN_IN_POLL`]; 0: no wake.
-    woken_at: AtomicU64,
-    /// The future is being polled (a wake now needs no clock: the poll's end is its time).
-    polling: AtomicBool,
-    /// Polls so far (from an offset): a wake after one in `sample_every` is timed exactly.
-    /// Only the future's poll writes it (one poller at a time: `&mut` access); atomic because
-    /// the note is shared with its wakers, which read it.
-    polls: AtomicU32,
-    /// The waker of the task that polled the future last.
-    task: TaskWaker,
-}
-
+/// A wake note stamps each wake with the watchdog's clock (one load; exact to a tick, enough to
+/// find a stall's victims), except the wakes after one poll in `sample_every`, stamped with the
+/// real clock for the schedule-delay histogram: so most polls read no clock at all.
 impl WakeNote {
+    /// The future's culprit word.
+    #[inline]
+    fn word(&self) -> CulpritWord {
+        CulpritWord::kind(self.kind, LayerKind::Async, true)
+    }
+
+    /// The id of the task the future runs in, learnt at its first poll.
+    #[inline]
+    fn task_id(&self) -> u64 {
+        match self.task_id.load(Ordering::Relaxed) {
+            0 => {
+                let id = current_task_id();
+                self.task_id.store(id, Ordering::Relaxed);
+                id
+            }
+            id => id,
+        }
+    }
+
+    /// Takes one more reference (a waker's).
+    #[inline]
+    fn acquire(&self) {
+        // As `Arc`: a count this high means references leak; stop before it wraps.
+        if self.refs.fetch_add(1, Ordering::Relaxed) > i32::MAX as u32 {
+            std::process::abort();
+        }
+    }
+
+    /// Gives one reference back; the last one frees the note.
+    ///
+    /// # Safety
+    ///
+    /// `note` was made by [`NoteRef::new`], and the caller owns one counted reference to it,
+    /// not used after this.
+    #[inline]
+    unsafe fn release(note: NonNull<WakeNote>) {
+        // SAFETY: the caller's reference keeps it alive until here.
+        if unsafe { note.as_ref() }
+            .refs
+            .fetch_sub(1, Ordering::Release)
+            != 1
+        {
+            return;
+        }
+        // The other references' uses happen before the free (as `Arc`).
+        fence(Ordering::Acquire);
+        // SAFETY: the last reference: made by `Box::leak` in `NoteRef::new`.
+        drop(unsafe { Box::from_raw(note.as_ptr()) });
+    }
+
     /// A stamp for a wake now.
     #[inline]
     fn stamp(&self) -> u64 {
@@ -180,48 +301,37 @@ impl WakeNote {
         // Good to a tick: for victims, not for the histogram.
         Wait::coarse(now.saturating_sub(from))
     }
-}
 
-impl WakeNote {
     #[inline]
     fn wake(&self) {
         self.note();
         // Before the first poll there is no task to wake (and nothing polled the inner future
         // with this waker yet).
-        self.task.wake();
-    }
-
-    /// A waker that borrows this note: for the inner future's poll, while the caller holds
-    /// the note. Not to be dropped (it owns no count); its clones own one each.
-    #[inline]
-    fn borrowed_waker(self: &Arc<Self>) -> ManuallyDrop<Waker> {
-        let raw = RawWaker::new(Arc::as_ptr(self).cast(), &NOTE_WAKER);
-        // SAFETY: `NOTE_WAKER`'s functions are called with `Arc::as_ptr` of a live
-        // `Arc<WakeNote>` (this one, alive while the caller holds it, and it outlives the
-        // poll the waker is lent to); the waker is never dropped, so the count it does not own
-        // is never given back; a clone takes a count of its own.
-        ManuallyDrop::new(unsafe { Waker::from_raw(raw) })
+        // SAFETY: `wake_state` is `task`'s state word, in every call.
+        unsafe { self.task.wake(&self.wake_state) };
     }
 }
 
-/// The wakers of a wake note: the data pointer is `Arc::as_ptr` of an `Arc<WakeNote>`, whose
-/// strong count each owned waker holds one of. (Written out, not `std::task::Wake`, for the
-/// borrowed waker of the poll, and for a wake by value that wakes and gives its count back in
-/// one call.)
+/// The wakers of a wake note: the data pointer is a `WakeNote`'s (made by `NoteRef::new`),
+/// whose count each owned waker holds one reference of. (Written out, not `std::task::Wake`:
+/// the note's own count, the borrowed waker of the poll, and a wake by value that wakes and
+/// gives its reference back in one call.)
 static NOTE_WAKER: RawWakerVTable =
     RawWakerVTable::new(clone_waker, wake_waker, wake_waker_by_ref, drop_waker);
 
-/// SAFETY (the four): `data` is `Arc::as_ptr` of a live `Arc<WakeNote>` (see `NOTE_WAKER`).
+/// SAFETY (the four): `data` points to a live `WakeNote` (see `NOTE_WAKER`).
 unsafe fn clone_waker(data: *const ()) -> RawWaker {
-    // SAFETY: see above; the clone owns the count taken here.
-    unsafe { Arc::increment_strong_count(data.cast::<WakeNote>()) };
+    // SAFETY: see above; the clone owns the reference taken here.
+    unsafe { &*data.cast::<WakeNote>() }.acquire();
     RawWaker::new(data, &NOTE_WAKER)
 }
 
 unsafe fn wake_waker(data: *const ()) {
-    // SAFETY: see above; this waker owned one count, given back as `note` drops.
-    let note = unsafe { Arc::from_raw(data.cast::<WakeNote>()) };
-    note.wake();
+    // SAFETY: see above; this waker owned one reference, given back after the wake.
+    unsafe {
+        (*data.cast::<WakeNote>()).wake();
+        WakeNote::release(NonNull::new_unchecked(data.cast_mut().cast()));
+    }
 }
 
 unsafe fn wake_waker_by_ref(data: *const ()) {
@@ -230,8 +340,8 @@ unsafe fn wake_waker_by_ref(data: *const ()) {
 }
 
 unsafe fn drop_waker(data: *const ()) {
-    // SAFETY: see above; this waker owned one count.
-    unsafe { Arc::decrement_strong_count(data.cast::<WakeNote>()) };
+    // SAFETY: see above; this waker owned one reference.
+    unsafe { WakeNote::release(NonNull::new_unchecked(data.cast_mut().cast())) };
 }
 
 impl<F> Watched<F> {
@@ -241,31 +351,26 @@ impl<F> Watched<F> {
         inner: F,
         site: &'static std::panic::Location<'static>,
     ) -> Self {
-        let word = board.as_ref().map_or(CulpritWord::NONE, |b| {
+        // The note is made here, in the caller's code, so no poll allocates.
+        let note = board.as_ref().map(|b| {
             let kind = b
                 .kinds
                 .intern(Some(name), Some((site.file(), site.line(), site.column())));
-            CulpritWord::kind(kind, LayerKind::Async, true)
+            if b.track_wakes {
+                // Stalls wait a moment after they end for watched futures' delays.
+                b.set_waits_known();
+            }
+            wake_note(b, kind)
         });
-        // The note is made here, in the caller's code, so no poll allocates.
-        let note = board.as_ref().filter(|b| b.track_wakes).map(|b| {
-            // Stalls wait a moment after they end for watched futures' delays.
-            b.set_waits_known();
-            wake_note(b)
-        });
-        Watched {
-            inner,
-            word,
-            task: 0,
-            board,
-            note,
-        }
+        Watched { inner, note }
     }
 
     /// The future is being spawned: its first poll's wait counts from now.
     fn scheduled_now(self) -> Self {
-        if let Some(note) = &self.note {
-            note.woken_at.store(note.stamp(), Ordering::Relaxed);
+        if let Some(note) = self.note.as_ref().map(NoteRef::get) {
+            if note.notes_wakes {
+                note.woken_at.store(note.stamp(), Ordering::Relaxed);
+            }
         }
         self
     }
@@ -302,30 +407,33 @@ impl<F: Future> Future for Watched<F> {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let Some(board) = this.board else {
+        let Some(note_ref) = this.note.as_ref() else {
             return this.inner.poll(cx);
         };
-        let Some(note) = this.note else {
+        let note = note_ref.get();
+        let board = &note.board;
+        if !note.notes_wakes {
             // schedule_delay is off: the poll is timed, the waker left alone.
-            board.enter(PROBE, *this.word, || task_id(this.task), Wait::UNKNOWN);
+            board.enter(PROBE, note.word(), || note.task_id(), Wait::UNKNOWN);
             let _exit = ExitOnDrop(board);
             return this.inner.poll(cx);
-        };
+        }
         let waited = note.take_wait();
         // Registered before the future is polled: a wake during the poll reaches the task.
-        // SAFETY: only this future's poll registers (`&mut self`: one poller at a time).
-        unsafe { note.task.register(cx.waker()) };
+        // SAFETY: only this future's poll registers (`&mut self`: one poller at a time), with
+        // `wake_state`, `task`'s state word in every call.
+        unsafe { note.task.register(&note.wake_state, cx.waker()) };
         if waited == Wait::QUIET {
             // The common case, with the wait a constant: the board's test of it folds away.
-            board.enter(PROBE, *this.word, || task_id(this.task), Wait::QUIET);
+            board.enter(PROBE, note.word(), || note.task_id(), Wait::QUIET);
         } else {
-            enter_waited(board, *this.word, this.task, waited);
+            enter_waited(note, waited);
         }
         note.polling.store(true, Ordering::Relaxed);
         let out = {
             let _exit = ExitOnDrop(board);
             this.inner
-                .poll(&mut Context::from_waker(&note.borrowed_waker()))
+                .poll(&mut Context::from_waker(&note_ref.borrowed_waker()))
         };
         note.polling.store(false, Ordering::Relaxed);
         // Only this poll writes `polls` (see its docs): a load and a store, no read-modify-write.
@@ -343,17 +451,9 @@ impl<F: Future> Future for Watched<F> {
 /// A watched poll starts with a wait to note (or unknown): out of line, so the common path's
 /// call sees a constant wait.
 #[inline(never)]
-fn enter_waited(board: &Arc<Board>, word: CulpritWord, task: &mut u64, waited: Wait) {
-    board.enter(PROBE, word, || task_id(task), waited);
-}
-
-/// The task id of the watched future's task, learnt at its first poll.
-#[inline]
-fn task_id(task: &mut u64) -> u64 {
-    if *task == 0 {
-        *task = current_task_id();
-    }
-    *task
+fn enter_waited(note: &WakeNote, waited: Wait) {
+    note.board
+        .enter(PROBE, note.word(), || note.task_id(), waited);
 }
 
 /// Watches the polls of `future` under the name `name`, with the caller's location as its
@@ -418,7 +518,7 @@ mod tests {
 
     /// A note on a board whose async threshold is 10 ms (victims' floor 1 ms) and that times
     /// one poll in 4; the watchdog's clock at `clock`.
-    fn note_at(clock: u64) -> Arc<WakeNote> {
+    fn note_at(clock: u64) -> NoteRef {
         let board = Arc::new(Board::new(
             [Some(Duration::from_millis(10)), None, None],
             4,
@@ -427,11 +527,12 @@ mod tests {
             16,
         ));
         board.tick(clock);
-        wake_note(&board)
+        wake_note(&board, 1)
     }
 
-    /// The note's wakers own one count of the note each (the poll's borrowed one none), and
-    /// every wake, by value or by reference, reaches the task's waker once.
+    /// The note's wakers own one reference to the note each (the poll's borrowed one none),
+    /// every wake, by value or by reference, reaches the task's waker once, and the last
+    /// reference given back frees the note (and its hold on the board).
     #[test]
     fn a_note_waker_keeps_the_notes_count_and_wakes_the_task() {
         struct Count(std::sync::atomic::AtomicUsize);
@@ -440,23 +541,74 @@ mod tests {
                 self.0.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let n = note_at(0);
+        let r = note_at(0);
+        let n = r.get();
+        let board = n.board.clone();
         let task = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
         let task_waker = Waker::from(task.clone());
         // SAFETY: one caller (this test) registers.
-        unsafe { n.task.register(&task_waker) };
-        let borrowed = n.borrowed_waker();
-        assert_eq!(Arc::strong_count(&n), 1);
+        unsafe { n.task.register(&n.wake_state, &task_waker) };
+        let borrowed = r.borrowed_waker();
+        assert_eq!(n.refs.load(Ordering::Relaxed), 1);
         borrowed.wake_by_ref();
         let owned = (*borrowed).clone();
         assert!(owned.will_wake(&borrowed));
-        assert_eq!(Arc::strong_count(&n), 2);
+        assert_eq!(n.refs.load(Ordering::Relaxed), 2);
         owned.wake_by_ref();
-        owned.clone().wake();
-        assert_eq!(Arc::strong_count(&n), 2);
+        let second = owned.clone();
+        second.wake();
+        assert_eq!(n.refs.load(Ordering::Relaxed), 2);
         drop(owned);
-        assert_eq!(Arc::strong_count(&n), 1);
+        assert_eq!(n.refs.load(Ordering::Relaxed), 1);
         assert_eq!(task.0.load(Ordering::Relaxed), 3);
+        // The future goes, a waker outlives it: the note lives until the waker goes too.
+        let owned = (*borrowed).clone();
+        assert_eq!(Arc::strong_count(&board), 2);
+        drop(r);
+        assert_eq!(Arc::strong_count(&board), 2);
+        owned.wake();
+        assert_eq!(Arc::strong_count(&board), 1);
+        assert_eq!(task.0.load(Ordering::Relaxed), 4);
+    }
+
+    /// A waker the inner future keeps from its poll outlives the watched future: the note
+    /// lives until that waker goes, and its wake still reaches the task that polled last.
+    #[test]
+    fn a_waker_kept_from_a_watched_poll_outlives_the_future() {
+        struct Keep(Option<Waker>);
+        impl Future for Keep {
+            type Output = ();
+            fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+                self.0 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let board = note_at(0).get().board.clone();
+        let task = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let task_waker = Waker::from(task.clone());
+        let mut fut = Box::pin(Watched::new(
+            Some(board.clone()),
+            "keep",
+            Keep(None),
+            std::panic::Location::caller(),
+        ));
+        assert!(fut
+            .as_mut()
+            .poll(&mut Context::from_waker(&task_waker))
+            .is_pending());
+        let kept = fut.as_mut().project().inner.0.take().expect("a waker kept");
+        assert_eq!(Arc::strong_count(&board), 2);
+        drop(fut);
+        assert_eq!(Arc::strong_count(&board), 2);
+        kept.wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1);
+        assert_eq!(Arc::strong_count(&board), 1);
     }
 
     /// Wakes are stamped with the watchdog's clock, except after one poll in `sample_every`
@@ -465,7 +617,8 @@ mod tests {
     #[test]
     fn a_wake_note_stamps_coarse_except_after_a_sampled_poll_and_short_waits_are_quiet() {
         const MS: u64 = 1_000_000;
-        let n = note_at(100 * MS);
+        let r = note_at(100 * MS);
+        let n = r.get();
         n.polls.store(5, Ordering::Relaxed);
         let coarse = n.stamp();
         assert_eq!(coarse, (100 * MS) | 1);
@@ -511,16 +664,16 @@ mod tests {
         assert_eq!(n.take_wait().nanos(), 5 * MS);
     }
 
-    /// What a watched future costs in memory, as docs/PERFORMANCE.md states it: the wrapper's
-    /// fields beside the future, and with wake notes one allocation of the note (its `Arc`
-    /// counts included). A field added here must be weighed against issue 15's budget.
+    /// What a watched future costs in memory, as docs/PERFORMANCE.md states it: the pointer
+    /// beside the future, and one allocation of its note (its reference count included), with
+    /// or without wake notes. Issue 15's budget is 64 bytes: a field added here must fit.
     #[test]
-    fn a_watched_future_costs_32_bytes_beside_it_and_a_64_byte_note() {
+    fn a_watched_future_costs_64_bytes_a_pointer_beside_it_and_a_56_byte_note() {
         // Beside a future of no size (a larger one's alignment may pad it).
         let inline = std::mem::size_of::<Watched<std::future::Pending<()>>>();
-        let note = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<WakeNote>();
+        let note = std::mem::size_of::<WakeNote>();
         if cfg!(target_pointer_width = "64") {
-            assert_eq!((inline, note), (32, 64));
+            assert_eq!((inline, note), (8, 56));
         }
     }
 }
