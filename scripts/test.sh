@@ -75,7 +75,7 @@ cargo test --all-features 2>&1 | tee -a "$log"
 step "tests (--cfg tokio_unstable)"
 "${unstable_env[@]}" cargo test --all-features 2>&1 | tee -a "$log"
 
-step "Miri: the watched future's note, its wakers and the task waker (the hand-written unsafe code)"
+step "Miri: the watched future's note, its wakers, the task waker, the board's slots (the unsafe code)"
 # Stacked borrows and data races in the note's reference count and waker functions (a waker
 # pointer derived from a shared reference was found this way). Nightly's Miri is installed if
 # missing; if it cannot be (no network), the step says so and the run goes on.
@@ -83,11 +83,13 @@ if ! cargo +nightly miri --version >/dev/null 2>&1; then
   rustup toolchain install nightly --profile minimal --component miri,rust-src >/dev/null 2>&1 || true
 fi
 if cargo +nightly miri --version >/dev/null 2>&1; then
-  # Isolation off: the board reads the monotonic and wall clocks. The race test of the task
-  # waker (20,000 rounds) is left to the native runs above.
+  # Isolation off: the board reads the monotonic and wall clocks. Left to the native runs
+  # above: the race test of the task waker (20,000 rounds), and one board test whose short
+  # poll is timed with the real clock (Miri runs a thousand times slower: it is not short).
   MIRIFLAGS=-Zmiri-disable-isolation CARGO_TARGET_DIR=target/miri cargo +nightly miri test \
-    --no-default-features --lib -- probe::watched::tests probe::task_waker::tests \
-    --skip no_wake_is_lost 2>&1 | tee -a "$log"
+    --no-default-features --lib -- probe::watched::tests probe::task_waker::tests board::tests \
+    --skip no_wake_is_lost --skip a_slow_poll_that_starts_and_ends_while_the_watchdog_sleeps \
+    2>&1 | tee -a "$log"
 else
   echo "SKIPPED: nightly Miri could not be installed here"
 fi
