@@ -112,8 +112,20 @@ impl std::fmt::Debug for NoteRef {
 }
 
 impl NoteRef {
-    fn new(note: WakeNote) -> NoteRef {
-        let r = NoteRef(NonNull::from(Box::leak(Box::new(note))));
+    /// A new note of a future on `board`, of task kind `kind`: the future's reference.
+    fn new(board: &Arc<Board>, kind: KindId) -> NoteRef {
+        let r = NoteRef(NonNull::from(Box::leak(Box::new(WakeNote {
+            board: board.clone(),
+            woken_at: AtomicU64::new(0),
+            task_id: AtomicU64::new(0),
+            task: TaskWaker::new(),
+            refs: AtomicU32::new(1),
+            kind,
+            polls: AtomicU32::new(0),
+            polling: AtomicBool::new(false),
+            wake_state: AtomicU8::new(task_waker::IDLE),
+            notes_wakes: board.track_wakes,
+        }))));
         // Which wakes are timed exactly: those after one poll in `sample_every`, counted from
         // a point that differs between futures (their note's address), so short-lived futures
         // share it.
@@ -148,22 +160,6 @@ impl Drop for NoteRef {
         // SAFETY: this reference was counted, and is given back once.
         unsafe { WakeNote::release(self.0) };
     }
-}
-
-/// A future's note on `board`, for a task kind.
-fn wake_note(board: &Arc<Board>, kind: KindId) -> NoteRef {
-    NoteRef::new(WakeNote {
-        board: board.clone(),
-        woken_at: AtomicU64::new(0),
-        task_id: AtomicU64::new(0),
-        task: TaskWaker::new(),
-        refs: AtomicU32::new(1),
-        kind,
-        polls: AtomicU32::new(0),
-        polling: AtomicBool::new(false),
-        wake_state: AtomicU8::new(task_waker::IDLE),
-        notes_wakes: board.track_wakes,
-    })
 }
 
 /// In `woken_at`: woken during its own poll; the wait starts at that poll's end.
@@ -307,8 +303,20 @@ impl WakeNote {
         self.note();
         // Before the first poll there is no task to wake (and nothing polled the inner future
         // with this waker yet).
-        // SAFETY: `wake_state` is `task`'s state word, in every call.
+        // SAFETY: `wake_state` is `task`'s state word (its one other use: `register_task`).
         unsafe { self.task.wake(&self.wake_state) };
+    }
+
+    /// The task polling the future now has `waker`.
+    ///
+    /// # Safety
+    ///
+    /// Called by the future's poll only (one poller at a time: `&mut` access).
+    #[inline]
+    unsafe fn register_task(&self, waker: &Waker) {
+        // SAFETY: one registering thread (the caller's contract), with `wake_state`, `task`'s
+        // state word (its one other use: `wake`).
+        unsafe { self.task.register(&self.wake_state, waker) };
     }
 }
 
@@ -360,7 +368,7 @@ impl<F> Watched<F> {
                 // Stalls wait a moment after they end for watched futures' delays.
                 b.set_waits_known();
             }
-            wake_note(b, kind)
+            NoteRef::new(b, kind)
         });
         Watched { inner, note }
     }
@@ -420,9 +428,8 @@ impl<F: Future> Future for Watched<F> {
         }
         let waited = note.take_wait();
         // Registered before the future is polled: a wake during the poll reaches the task.
-        // SAFETY: only this future's poll registers (`&mut self`: one poller at a time), with
-        // `wake_state`, `task`'s state word in every call.
-        unsafe { note.task.register(&note.wake_state, cx.waker()) };
+        // SAFETY: this future's poll (`&mut self`: one poller at a time).
+        unsafe { note.register_task(cx.waker()) };
         if waited == Wait::QUIET {
             // The common case, with the wait a constant: the board's test of it folds away.
             board.enter(PROBE, note.word(), || note.task_id(), Wait::QUIET);
@@ -527,7 +534,7 @@ mod tests {
             16,
         ));
         board.tick(clock);
-        wake_note(&board, 1)
+        NoteRef::new(&board, 1)
     }
 
     /// The note's wakers own one reference to the note each (the poll's borrowed one none),
@@ -547,7 +554,7 @@ mod tests {
         let task = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
         let task_waker = Waker::from(task.clone());
         // SAFETY: one caller (this test) registers.
-        unsafe { n.task.register(&n.wake_state, &task_waker) };
+        unsafe { n.register_task(&task_waker) };
         let borrowed = r.borrowed_waker();
         assert_eq!(n.refs.load(Ordering::Relaxed), 1);
         borrowed.wake_by_ref();
