@@ -260,11 +260,30 @@ impl WakeNote {
         }
     }
 
+    /// The future's poll ended: a wake noted since its start (see [`take_wait`]) woke the
+    /// task during the poll, so the task waits from now. That is the wake of a yield (noted
+    /// [`WOKEN_IN_POLL`]), or one that read its stamp before the poll started and noted it
+    /// after: its stamp would count the poll's own run as the next poll's wait.
+    ///
+    /// [`take_wait`]: Self::take_wait
+    #[inline]
+    fn poll_ended(&self) {
+        // A wake between the load and the store finds a wake noted and leaves it (its task
+        // is woken from about now, as this stamp says).
+        if self.woken_at.load(Ordering::Relaxed) != 0 {
+            self.woken_at.store(self.stamp(), Ordering::Relaxed);
+        }
+    }
+
     /// How long the future waited from the wake noted (taking the note), as `Board::enter`
-    /// wants it: exact and chosen for the histogram, or coarse, or unknown.
+    /// wants it: exact and chosen for the histogram, or coarse, or unknown. A load and a
+    /// store, not a swap (no read-modify-write per poll): a wake between the two has its note
+    /// cleared (or finds one and notes nothing); if it wakes the task again, the next poll's
+    /// wait is unknown (a wait lost, never one too long).
     #[inline]
     fn take_wait(&self) -> Wait {
-        let w = self.woken_at.swap(0, Ordering::Relaxed);
+        let w = self.woken_at.load(Ordering::Relaxed);
+        self.woken_at.store(0, Ordering::Relaxed);
         // The common case: a coarse stamp (no flag; `WOKEN_IN_POLL` has them all), and a wait
         // too short to note. The clock's lowest bit set as the stamp's was: a wake and a poll
         // in one tick wait 0. An unknown clock reads far past any stamp (see `take_wait_from`).
@@ -446,11 +465,7 @@ impl<F: Future> Future for Watched<F> {
         // Only this poll writes `polls` (see its docs): a load and a store, no read-modify-write.
         let polls = note.polls.load(Ordering::Relaxed).wrapping_add(1);
         note.polls.store(polls, Ordering::Relaxed);
-        if note.woken_at.load(Ordering::Relaxed) == WOKEN_IN_POLL {
-            // Woken during its own poll (a yield, say): it waits from the poll's end, not
-            // through the rest of the poll.
-            note.woken_at.store(note.stamp(), Ordering::Relaxed);
-        }
+        note.poll_ended();
         out
     }
 }
@@ -669,6 +684,42 @@ mod tests {
         n.board.tick(105 * MS);
         n.note();
         assert_eq!(n.take_wait().nanos(), 5 * MS);
+    }
+
+    /// A wake noted during a poll, or one that read its stamp before the poll started and
+    /// noted it after, woke the task during the poll: the next poll waited from the poll's
+    /// end, not through the poll (which is not a wait: a long poll's own task is no victim
+    /// of it).
+    #[test]
+    fn a_wake_noted_during_a_poll_waits_from_the_polls_end() {
+        const MS: u64 = 1_000_000;
+        let r = note_at(100 * MS);
+        let n = r.get();
+        n.polls.store(5, Ordering::Relaxed);
+        // A wake reads its stamp; the poll starts (no wake noted yet: unknown); the wake
+        // notes its stamp; the poll runs 50 ms.
+        let early = n.stamp();
+        assert_eq!(n.take_wait(), Wait::UNKNOWN);
+        assert!(n
+            .woken_at
+            .compare_exchange(0, early, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok());
+        n.board.tick(150 * MS);
+        n.poll_ended();
+        assert_eq!(n.woken_at.load(Ordering::Relaxed), (150 * MS) | 1);
+        // Polled again at once: a quiet wait, not 50 ms.
+        assert_eq!(n.take_wait(), Wait::QUIET);
+        // A yield: woken in its own poll, then waits from the poll's end.
+        n.polling.store(true, Ordering::Relaxed);
+        n.note();
+        n.polling.store(false, Ordering::Relaxed);
+        n.board.tick(160 * MS);
+        n.poll_ended();
+        n.board.tick(162 * MS);
+        assert_eq!(n.take_wait().nanos(), 2 * MS);
+        // No wake during the poll: none noted after it.
+        n.poll_ended();
+        assert_eq!(n.woken_at.load(Ordering::Relaxed), 0);
     }
 
     /// What a watched future costs in memory, as docs/PERFORMANCE.md states it: the pointer
