@@ -8,11 +8,12 @@
 //! common case: a spawned task's waker never does) only compares it, with no
 //! read-modify-write at all, and a wake clones it (as `AtomicWaker`'s take would have).
 //!
-//! The protocol is `AtomicWaker`'s, less the taking. A state word has two bits: `REGISTERING`
-//! (the poller is replacing the waker) and `WAKING` (a waker is reading it). Only the poller
-//! (the future's `poll`, which has `&mut` access to the future, so one at a time) writes the
-//! waker, and only while it holds `REGISTERING` set from an idle state; a wake reads it only
-//! after setting `WAKING` from an idle state. So the waker is never read while it is written:
+//! The protocol is `AtomicWaker`'s, less the taking. A state word has three bits:
+//! `REGISTERING` (the poller is replacing the waker), `WAKING` (a wake is reading it) and
+//! `PENDING` (a wake came while another held the word). Only the poller (the future's `poll`,
+//! which has `&mut` access to the future, so one at a time) writes the waker, and only while
+//! it holds `REGISTERING` set from an idle state; a wake reads it only while it holds
+//! `WAKING`, set from a state with neither. So the waker is never read while it is written:
 //!
 //! - `register` with the waker it holds: nothing to write, and reading it beside a wake that
 //!   reads it too is no race;
@@ -20,13 +21,14 @@
 //!   new waker is woken at once instead, and the task's next poll registers again), the waker
 //!   replaced, and the state put back to idle; if a wake came meanwhile (`WAKING` set), it did
 //!   not read the waker, so the new one is woken here;
-//! - `wake`: `WAKING` is set; if the state was idle the waker is cloned, `WAKING` cleared, and
-//!   only then the clone woken; if a registration is under way, that registration wakes; if
-//!   another wake is reading, that wake wakes the task. The order matters: a wake that finds
-//!   `WAKING` set does nothing, so the wake that holds it must wake the task *after* letting
-//!   go, or the task could run between its wake and the later one's event and miss that event
-//!   (a lost wake: found by `tests/detection/watched_wakes.rs` when the clone was woken while
-//!   `WAKING` was still held).
+//! - `wake`: `WAKING` is set from idle, the waker woken *by reference* (no clone: tokio's
+//!   reference count is not touched for a task woken in its own poll), and `WAKING` cleared.
+//!   A wake that finds the word held sets `PENDING` and does nothing else: the holder finds
+//!   `PENDING` as it lets go, and wakes the task once more. The order matters: the task may run
+//!   on the holder's wake, before the later wake's event, and miss it; the second wake comes
+//!   after that event (a lost wake otherwise: found by `tests/detection/watched_wakes.rs` when
+//!   a wake that found `WAKING` held did nothing, and the holder woke the task before letting
+//!   go).
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -37,6 +39,8 @@ use std::task::Waker;
 pub(crate) const IDLE: u8 = 0;
 const REGISTERING: u8 = 1;
 const WAKING: u8 = 2;
+/// A wake came while another held `WAKING`: the holder wakes the task once more.
+const PENDING: u8 = 4;
 
 /// The waker of the task polling a watched future (see the module's docs). Its state word is
 /// its owner's field, passed to each call: always the same one.
@@ -99,8 +103,10 @@ impl TaskWaker {
                     .compare_exchange(REGISTERING, IDLE, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
                 {
-                    // A wake came while the waker was replaced and left it to this call.
-                    state.store(IDLE, Ordering::Release);
+                    // A wake came while the waker was replaced and left it to this call
+                    // (acquired: its event is seen by the task woken here; a wake after
+                    // this finds the word idle and wakes the task itself).
+                    state.swap(IDLE, Ordering::AcqRel);
                     waker.wake_by_ref();
                 }
             }
@@ -117,24 +123,74 @@ impl TaskWaker {
     /// With the same `state` as every other call on this `TaskWaker`.
     #[inline]
     pub(crate) unsafe fn wake(&self, state: &AtomicU8) {
-        // `WAKING` set from `IDLE` (the common case) in one compare-exchange; else set all the
-        // same, so a registration under way sees it. (A `fetch_or` whose old value is tested
-        // compiles to a compare-exchange loop on x86.)
-        let from_idle = state
+        // `WAKING` set from `IDLE`: the common case, in one compare-exchange.
+        if state
             .compare_exchange(IDLE, WAKING, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
-            || state.fetch_or(WAKING, Ordering::AcqRel) == IDLE;
-        if from_idle {
-            // SAFETY: `WAKING` is held, set from `IDLE`: no registration writes the waker
-            // until it is cleared.
-            let waker = unsafe { (*self.waker.get()).clone() };
-            // Acquire: the events of the wakes that found `WAKING` set (and did nothing) are
-            // seen by the task this wakes.
-            state.fetch_and(!WAKING, Ordering::AcqRel);
-            if let Some(w) = waker {
-                w.wake();
+        {
+            // SAFETY: `WAKING` is held, set from `IDLE` (the caller's `state`).
+            unsafe { self.wake_held(state) };
+        } else {
+            // SAFETY: the caller's.
+            unsafe { self.wake_contended(state) };
+        }
+    }
+
+    /// [`wake`](Self::wake) where the state was not idle: a wake or a registration under way.
+    ///
+    /// # Safety
+    ///
+    /// As [`wake`](Self::wake).
+    #[cold]
+    unsafe fn wake_contended(&self, state: &AtomicU8) {
+        // `PENDING` tells the wake that holds `WAKING` (or the registration that holds
+        // `REGISTERING`) that this wake came: it wakes the task again after this event.
+        let was = state.fetch_or(WAKING | PENDING, Ordering::AcqRel);
+        if was & (WAKING | REGISTERING) == 0 {
+            // Idle again meanwhile: this wake holds `WAKING` (its `PENDING` costs the task one
+            // wake more).
+            // SAFETY: `WAKING` is held, set by this call from a state without it.
+            unsafe { self.wake_held(state) };
+        }
+    }
+
+    /// Wakes the task, `WAKING` held: by reference (no clone of the task's waker), then lets
+    /// go; a wake that came meanwhile (`PENDING`) is one more wake, after its event.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `WAKING` in `state` (the state of this `TaskWaker`), set from a state
+    /// without `WAKING` or `REGISTERING`.
+    #[inline]
+    unsafe fn wake_held(&self, state: &AtomicU8) {
+        loop {
+            // A waker that panics (an executor's bug) lets go of the word as the panic leaves:
+            // the next wake finds it idle (the task is not left unwakeable).
+            let unwinding = LetGo(state);
+            // SAFETY: `WAKING` is held: no registration writes the waker until it is cleared.
+            if let Some(w) = unsafe { &*self.waker.get() } {
+                w.wake_by_ref();
+            }
+            std::mem::forget(unwinding);
+            // Acquire on failure too: the event of a wake that set `PENDING` is seen by the
+            // task the next round wakes.
+            match state.compare_exchange(WAKING, IDLE, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(_) => {
+                    state.fetch_and(!PENDING, Ordering::AcqRel);
+                }
             }
         }
+    }
+}
+
+/// Puts a task waker's state word back to idle when dropped: during a panic out of a wake.
+struct LetGo<'a>(&'a AtomicU8);
+
+impl Drop for LetGo<'_> {
+    #[cold]
+    fn drop(&mut self) {
+        self.0.store(IDLE, Ordering::Release);
     }
 }
 
@@ -267,6 +323,153 @@ mod tests {
         tw.wake();
         // Woken twice: the second wake was not swallowed by the first one's hold on the state.
         assert_eq!(task.wakes.load(Ordering::Relaxed), 2);
+        assert_eq!(tw.state.load(Ordering::Relaxed), IDLE);
+    }
+
+    /// A wake reads the task's waker in place and wakes it by reference: no clone, so tokio's
+    /// reference count on the task is not touched by a wake.
+    #[test]
+    fn a_wake_wakes_the_task_by_reference() {
+        struct ByRef {
+            by_ref: AtomicU64,
+            by_value: AtomicU64,
+        }
+        impl Wake for ByRef {
+            fn wake(self: Arc<Self>) {
+                self.by_value.fetch_add(1, Ordering::Relaxed);
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                self.by_ref.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let tw = Tw::new();
+        let task = Arc::new(ByRef {
+            by_ref: AtomicU64::new(0),
+            by_value: AtomicU64::new(0),
+        });
+        // SAFETY: one thread.
+        unsafe { tw.register(&Waker::from(task.clone())) };
+        let refs = Arc::strong_count(&task);
+        tw.wake();
+        tw.wake();
+        assert_eq!(task.by_ref.load(Ordering::Relaxed), 2);
+        assert_eq!(task.by_value.load(Ordering::Relaxed), 0);
+        assert_eq!(Arc::strong_count(&task), refs);
+    }
+
+    /// A wake that finds another holding the word only marks it; the holder, letting go, wakes
+    /// the task once more (after the second wake's event), and leaves the word idle.
+    #[test]
+    fn a_wake_that_finds_the_word_held_is_woken_again_by_its_holder() {
+        let tw = Tw::new();
+        let (a, wa) = counter();
+        // SAFETY: one thread.
+        unsafe { tw.register(&wa) };
+        tw.state.store(WAKING, Ordering::Relaxed);
+        tw.wake();
+        assert_eq!(wakes(&a), 0);
+        assert_eq!(tw.state.load(Ordering::Relaxed), WAKING | PENDING);
+        // SAFETY: this test holds `WAKING` (set above from idle).
+        unsafe { tw.tw.wake_held(&tw.state) };
+        assert_eq!(wakes(&a), 2);
+        assert_eq!(tw.state.load(Ordering::Relaxed), IDLE);
+        // A registration under way: the wake marks it and leaves the wake to it.
+        tw.state.store(REGISTERING, Ordering::Relaxed);
+        tw.wake();
+        assert_eq!(wakes(&a), 2);
+        assert_eq!(
+            tw.state.load(Ordering::Relaxed),
+            REGISTERING | WAKING | PENDING
+        );
+    }
+
+    /// A task's waker that panics as it wakes (an executor's bug): the panic goes to the
+    /// waker's caller, and the task waker is left idle, so the next wake reaches the task.
+    #[test]
+    fn a_waker_that_panics_leaves_the_task_waker_usable() {
+        struct Panics(AtomicU64);
+        impl Wake for Panics {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref();
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                if self.0.fetch_add(1, Ordering::Relaxed) == 0 {
+                    panic!("an executor's waker panics");
+                }
+            }
+        }
+        let tw = Tw::new();
+        let task = Arc::new(Panics(AtomicU64::new(0)));
+        // SAFETY: one thread.
+        unsafe { tw.register(&Waker::from(task.clone())) };
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tw.wake())).is_err());
+        assert_eq!(tw.state.load(Ordering::Relaxed), IDLE);
+        tw.wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 2);
+    }
+
+    /// Threads publish an event each and wake the task, all at once, round after round: after
+    /// every round the task has seen every event, at a wake that came after it (no event is
+    /// left behind a wake that found another under way and did nothing).
+    #[test]
+    fn every_event_is_seen_by_a_wake_after_it() {
+        struct Seen {
+            events: Arc<AtomicU64>,
+            seen: AtomicU64,
+        }
+        impl Wake for Seen {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref();
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                // The task runs and reads the events published so far, then runs a while
+                // (the window in which another thread's event and wake come).
+                let now = self.events.load(Ordering::Acquire);
+                self.seen.fetch_max(now, Ordering::Relaxed);
+                for _ in 0..500 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        let (threads, rounds) = (2u64, if cfg!(miri) { 5 } else { 5_000 });
+        let tw = Arc::new(Tw::new());
+        let events = Arc::new(AtomicU64::new(0));
+        let task = Arc::new(Seen {
+            events: events.clone(),
+            seen: AtomicU64::new(0),
+        });
+        // SAFETY: one thread registers (this one, before the wakers start).
+        unsafe { tw.register(&Waker::from(task.clone())) };
+        let start = Arc::new(std::sync::Barrier::new(threads as usize + 1));
+        let done = Arc::new(std::sync::Barrier::new(threads as usize + 1));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (tw, events) = (tw.clone(), events.clone());
+                let (start, done) = (start.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..rounds {
+                        start.wait();
+                        events.fetch_add(1, Ordering::Release);
+                        tw.wake();
+                        done.wait();
+                    }
+                })
+            })
+            .collect();
+        let mut missed = 0;
+        for r in 1..=rounds {
+            start.wait();
+            done.wait();
+            if task.seen.load(Ordering::Relaxed) != r * threads {
+                missed += 1;
+                // Caught up by a wake of this thread's, for the next round.
+                tw.wake();
+            }
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(missed, 0, "rounds whose last event no wake saw");
         assert_eq!(tw.state.load(Ordering::Relaxed), IDLE);
     }
 
