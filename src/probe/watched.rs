@@ -11,7 +11,7 @@ use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
@@ -64,8 +64,9 @@ pin_project_lite::pin_project! {
 /// watched future costs 64 bytes with the pointer beside it (see the memory test below).
 struct WakeNote {
     board: Arc<Board>,
-    /// The first wake since the last poll: a board time (`EXACT` set if from the real
-    /// clock, `CHOSEN` if timed for the histogram), or [`WOKEN_IN_POLL`]; 0: no wake.
+    /// The first wake since the last poll's start: a board time (`EXACT` set if from the
+    /// real clock, `CHOSEN` if timed for the histogram); 0: no wake. One noted during a poll
+    /// is stamped again at the poll's end (see [`WakeNote::poll_ended`]).
     woken_at: AtomicU64,
     /// The task it runs in, learnt at its first poll (only the poller writes it).
     task_id: AtomicU64,
@@ -79,8 +80,6 @@ struct WakeNote {
     /// Only the future's poll writes it (one poller at a time: `&mut` access); atomic because
     /// the note is shared with its wakers, which read it.
     polls: AtomicU32,
-    /// The future is being polled (a wake now needs no clock: the poll's end is its time).
-    polling: AtomicBool,
     /// `task`'s state word (see `TaskWaker`).
     wake_state: AtomicU8,
     /// It notes its wakes (`schedule_delay`, default on): its inner poll gets the note's waker.
@@ -122,7 +121,6 @@ impl NoteRef {
             refs: AtomicU32::new(1),
             kind,
             polls: AtomicU32::new(0),
-            polling: AtomicBool::new(false),
             wake_state: AtomicU8::new(task_waker::IDLE),
             notes_wakes: board.track_wakes,
         }))));
@@ -162,8 +160,6 @@ impl Drop for NoteRef {
     }
 }
 
-/// In `woken_at`: woken during its own poll; the wait starts at that poll's end.
-const WOKEN_IN_POLL: u64 = u64::MAX;
 /// In `woken_at`: the stamp is from the real clock, not the watchdog's.
 const EXACT: u64 = 1 << 63;
 /// In `woken_at`: the wake was chosen for the schedule-delay histogram.
@@ -249,21 +245,20 @@ impl WakeNote {
     fn note(&self) {
         if self.woken_at.load(Ordering::Relaxed) == 0 {
             // Only the first wake counts: the task waits from then.
-            let at = if self.polling.load(Ordering::Relaxed) {
-                WOKEN_IN_POLL
-            } else {
-                self.stamp()
-            };
-            let _ = self
-                .woken_at
-                .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
+            // During a poll too (a yield): the poll's end stamps it again.
+            let _ = self.woken_at.compare_exchange(
+                0,
+                self.stamp(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
     /// The future's poll ended: a wake noted since its start (see [`take_wait`]) woke the
-    /// task during the poll, so the task waits from now. That is the wake of a yield (noted
-    /// [`WOKEN_IN_POLL`]), or one that read its stamp before the poll started and noted it
-    /// after: its stamp would count the poll's own run as the next poll's wait.
+    /// task during the poll, so the task waits from now. That is the wake of a yield, or one
+    /// that read its stamp before the poll started and noted it after: their stamps would
+    /// count the poll's own run as the next poll's wait.
     ///
     /// [`take_wait`]: Self::take_wait
     #[inline]
@@ -284,7 +279,7 @@ impl WakeNote {
     fn take_wait(&self) -> Wait {
         let w = self.woken_at.load(Ordering::Relaxed);
         self.woken_at.store(0, Ordering::Relaxed);
-        // The common case: a coarse stamp (no flag; `WOKEN_IN_POLL` has them all), and a wait
+        // The common case: a coarse stamp (no flag), and a wait
         // too short to note. The clock's lowest bit set as the stamp's was: a wake and a poll
         // in one tick wait 0. An unknown clock reads far past any stamp (see `take_wait_from`).
         if w != 0 && w & (EXACT | CHOSEN) == 0 {
@@ -299,7 +294,7 @@ impl WakeNote {
     /// [`take_wait`](Self::take_wait) of the stamp `w`, for any stamp.
     #[inline(never)]
     fn take_wait_from(&self, w: u64) -> Wait {
-        if w == 0 || w == WOKEN_IN_POLL {
+        if w == 0 {
             // Not woken through this future's waker (the first poll, or the task was woken
             // for another future it polls): the wait is unknown.
             return Wait::UNKNOWN;
@@ -455,13 +450,11 @@ impl<F: Future> Future for Watched<F> {
         } else {
             enter_waited(note, waited);
         }
-        note.polling.store(true, Ordering::Relaxed);
         let out = {
             let _exit = ExitOnDrop(board);
             this.inner
                 .poll(&mut Context::from_waker(&note_ref.borrowed_waker()))
         };
-        note.polling.store(false, Ordering::Relaxed);
         // Only this poll writes `polls` (see its docs): a load and a store, no read-modify-write.
         let polls = note.polls.load(Ordering::Relaxed).wrapping_add(1);
         note.polls.store(polls, Ordering::Relaxed);
@@ -649,9 +642,7 @@ mod tests {
         assert_eq!(exact & (EXACT | CHOSEN), EXACT | CHOSEN);
         n.polls.store(9, Ordering::Relaxed);
 
-        // No wake noted, or woken in its own poll: unknown.
-        assert_eq!(n.take_wait(), Wait::UNKNOWN);
-        n.woken_at.store(WOKEN_IN_POLL, Ordering::Relaxed);
+        // No wake noted: unknown.
         assert_eq!(n.take_wait(), Wait::UNKNOWN);
         // Woken and polled in one tick, or less than the floor later: quiet.
         n.note();
@@ -710,9 +701,7 @@ mod tests {
         // Polled again at once: a quiet wait, not 50 ms.
         assert_eq!(n.take_wait(), Wait::QUIET);
         // A yield: woken in its own poll, then waits from the poll's end.
-        n.polling.store(true, Ordering::Relaxed);
         n.note();
-        n.polling.store(false, Ordering::Relaxed);
         n.board.tick(160 * MS);
         n.poll_ended();
         n.board.tick(162 * MS);
