@@ -176,10 +176,11 @@ impl Wait {
 
     /// Nothing to note for a poll the board does not time: unknown, or shorter than
     /// `floor_ns` (not a victim's) and not chosen for the histogram. `floor_ns` is below
-    /// `1 << 61`.
+    /// `1 << 61`. [`Wait::QUIET`] (a coarse wait of nothing) always is: a caller that passes
+    /// the constant has the test fold away.
     #[inline]
     pub(crate) const fn is_quiet(self, floor_ns: u64) -> bool {
-        self.0 == u64::MAX || self.0 & !COARSE < floor_ns
+        self.0 == u64::MAX || self.0 == COARSE || self.0 & !COARSE < floor_ns
     }
 
     #[inline]

@@ -45,7 +45,9 @@ const PENDING: u8 = 4;
 /// The waker of the task polling a watched future (see the module's docs). Its state word is
 /// its owner's field, passed to each call: always the same one.
 pub(crate) struct TaskWaker {
-    waker: UnsafeCell<Option<Waker>>,
+    /// The task's waker; before the first poll, one that does nothing (no `Option` to test
+    /// at each wake and poll).
+    waker: UnsafeCell<Waker>,
 }
 
 // SAFETY: `waker` is written only by `register` while it holds `REGISTERING` (set from
@@ -63,9 +65,9 @@ impl std::fmt::Debug for TaskWaker {
 }
 
 impl TaskWaker {
-    pub(crate) const fn new() -> TaskWaker {
+    pub(crate) fn new() -> TaskWaker {
         TaskWaker {
-            waker: UnsafeCell::new(None),
+            waker: UnsafeCell::new(Waker::noop().clone()),
         }
     }
 
@@ -79,12 +81,10 @@ impl TaskWaker {
     pub(crate) unsafe fn register(&self, state: &AtomicU8, waker: &Waker) {
         // SAFETY: only this caller writes `waker` (the function's contract); a concurrent
         // wake may read it too, which is no race.
-        if let Some(held) = unsafe { &*self.waker.get() } {
-            if held.will_wake(waker) {
-                // A wake after this poll's start still reaches the task: it wakes `held`,
-                // which wakes the same task.
-                return;
-            }
+        if unsafe { &*self.waker.get() }.will_wake(waker) {
+            // A wake after this poll's start still reaches the task: it wakes the waker held,
+            // which wakes the same task.
+            return;
         }
         // SAFETY: this function's contract.
         unsafe { self.replace(state, waker) };
@@ -98,7 +98,7 @@ impl TaskWaker {
         match state.compare_exchange(IDLE, REGISTERING, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => {
                 // SAFETY: `REGISTERING` is held, set from `IDLE`: no wake reads the waker.
-                unsafe { *self.waker.get() = Some(waker.clone()) };
+                unsafe { *self.waker.get() = waker.clone() };
                 if state
                     .compare_exchange(REGISTERING, IDLE, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
@@ -168,9 +168,7 @@ impl TaskWaker {
             // the next wake finds it idle (the task is not left unwakeable).
             let unwinding = LetGo(state);
             // SAFETY: `WAKING` is held: no registration writes the waker until it is cleared.
-            if let Some(w) = unsafe { &*self.waker.get() } {
-                w.wake_by_ref();
-            }
+            unsafe { &*self.waker.get() }.wake_by_ref();
             std::mem::forget(unwinding);
             // Acquire on failure too: the event of a wake that set `PENDING` is seen by the
             // task the next round wakes.

@@ -275,24 +275,35 @@ impl WakeNote {
     /// store, not a swap (no read-modify-write per poll): a wake between the two has its note
     /// cleared (or finds one and notes nothing); if it wakes the task again, the next poll's
     /// wait is unknown (a wait lost, never one too long).
-    #[inline]
+    #[cfg(test)]
     fn take_wait(&self) -> Wait {
+        match self.take_quiet() {
+            Ok(()) => Wait::QUIET,
+            Err(w) => self.take_wait_from(w),
+        }
+    }
+
+    /// [`take_wait`](Self::take_wait) in two steps, as the poll takes it: `Ok` for the common
+    /// case, a wait too short to note ([`Wait::QUIET`]), in a few instructions; else the
+    /// stamp taken, for [`take_wait_from`](Self::take_wait_from) (off the common path).
+    #[inline]
+    fn take_quiet(&self) -> Result<(), u64> {
         let w = self.woken_at.load(Ordering::Relaxed);
         self.woken_at.store(0, Ordering::Relaxed);
-        // The common case: a coarse stamp (no flag), and a wait
-        // too short to note. The clock's lowest bit set as the stamp's was: a wake and a poll
-        // in one tick wait 0. An unknown clock reads far past any stamp (see `take_wait_from`).
+        // The common case: a coarse stamp (no flag), and a wait too short to note. The
+        // clock's lowest bit set as the stamp's was: a wake and a poll in one tick wait 0. An
+        // unknown clock reads far past any stamp (see `take_wait_from`).
         if w != 0 && w & (EXACT | CHOSEN) == 0 {
             let waited = (self.board.coarse_ns() | 1).wrapping_sub(w);
             if waited < self.board.wait_floor_ns() {
-                return Wait::QUIET;
+                return Ok(());
             }
         }
-        self.take_wait_from(w)
+        Err(w)
     }
 
     /// [`take_wait`](Self::take_wait) of the stamp `w`, for any stamp.
-    #[inline(never)]
+    #[inline]
     fn take_wait_from(&self, w: u64) -> Wait {
         if w == 0 {
             // Not woken through this future's waker (the first poll, or the task was woken
@@ -312,7 +323,7 @@ impl WakeNote {
         Wait::coarse(now.saturating_sub(from))
     }
 
-    #[inline]
+    #[inline(always)]
     fn wake(&self) {
         self.note();
         // Before the first poll there is no task to wake (and nothing polled the inner future
@@ -440,15 +451,14 @@ impl<F: Future> Future for Watched<F> {
             let _exit = ExitOnDrop(board);
             return this.inner.poll(cx);
         }
-        let waited = note.take_wait();
+        let quiet = note.take_quiet();
         // Registered before the future is polled: a wake during the poll reaches the task.
         // SAFETY: this future's poll (`&mut self`: one poller at a time).
         unsafe { note.register_task(cx.waker()) };
-        if waited == Wait::QUIET {
+        match quiet {
             // The common case, with the wait a constant: the board's test of it folds away.
-            board.enter(PROBE, note.word(), || note.task_id(), Wait::QUIET);
-        } else {
-            enter_waited(note, waited);
+            Ok(()) => board.enter(PROBE, note.word(), || note.task_id(), Wait::QUIET),
+            Err(stamp) => enter_waited(note, stamp),
         }
         let out = {
             let _exit = ExitOnDrop(board);
@@ -463,10 +473,11 @@ impl<F: Future> Future for Watched<F> {
     }
 }
 
-/// A watched poll starts with a wait to note (or unknown): out of line, so the common path's
-/// call sees a constant wait.
+/// A watched poll starts with a wait to note (or unknown), from the stamp it took: out of
+/// line, so the common path's call sees a constant wait.
 #[inline(never)]
-fn enter_waited(note: &WakeNote, waited: Wait) {
+fn enter_waited(note: &WakeNote, stamp: u64) {
+    let waited = note.take_wait_from(stamp);
     note.board
         .enter(PROBE, note.word(), || note.task_id(), waited);
 }
