@@ -687,7 +687,8 @@ impl Board {
         task: impl FnOnce() -> u64,
         waited: Wait,
     ) {
-        let _ = LOCAL.try_with(|l| {
+        {
+            let Some(l) = local() else { return };
             // The common case: this thread's slot on this board, no poll open, the watchdog's
             // clock running, a poll of the async layer, and nothing to note (a wait long
             // enough for a victim or chosen for the histogram, a timed poll).
@@ -717,7 +718,7 @@ impl Board {
                 }
             }
             self.enter_nested(l, id, word, task(), waited);
-        });
+        }
     }
 
     /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,
@@ -798,7 +799,8 @@ impl Board {
     /// kept), so the common path needs no look-up.
     #[inline]
     pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: &dyn Fn() -> bool) {
-        let _ = LOCAL.try_with(|l| {
+        {
+            let Some(l) = local() else { return };
             // The common case: the poll the common path started ends (`open`: nothing
             // nested, nothing noted since), and short on the watchdog's clock (see `end`; it
             // is of the async layer).
@@ -821,7 +823,7 @@ impl Board {
                 }
             }
             self.exit_nested(l, id, followed);
-        });
+        }
     }
 
     /// [`exit`](Self::exit) off its common path: spans nested in the poll.
@@ -1473,6 +1475,17 @@ thread_local! {
         }
     };
     static HOLD: Hold = const { Hold(Cell::new(None)) };
+}
+
+/// This thread's `LOCAL`, for the probes' common paths. Its closure is only the address, so
+/// that `try_with` is inlined wherever the probe is (a closure holding the whole common path
+/// made `try_with` too large to inline into a caller such as tokio's `Core::poll`).
+#[inline(always)]
+fn local<'a>() -> Option<&'a Local> {
+    let l = LOCAL.try_with(ptr::from_ref).ok()?;
+    // SAFETY: `LOCAL` has no destructor: its storage lives as long as this thread, and the
+    // reference does not leave the probe's call (`'a` is the caller's; no probe keeps it).
+    Some(unsafe { &*l })
 }
 
 /// Marks the calling thread as one of loopwatch's own: it is never watched, so nothing

@@ -437,7 +437,7 @@ impl Drop for ExitOnDrop<'_> {
 impl<F: Future> Future for Watched<F> {
     type Output = F::Output;
 
-    #[inline]
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let Some(note_ref) = this.note.as_ref() else {
