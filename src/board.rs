@@ -790,7 +790,7 @@ impl Board {
     /// ignored). An exit that matches nothing open on this thread is ignored.
     #[inline]
     pub(crate) fn exit(self: &Arc<Self>, id: u64) {
-        self.exit_if(id, &|| true);
+        self.exit_if(id, || true);
     }
 
     /// [`exit`](Self::exit) for a probe that may exit ids it never entered (the layer, which
@@ -798,7 +798,7 @@ impl Board {
     /// the board cannot tell by itself, past [`MAX_DEPTH`] nested entries (whose ids are not
     /// kept), so the common path needs no look-up.
     #[inline]
-    pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: &dyn Fn() -> bool) {
+    pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: impl Fn() -> bool) {
         {
             let Some(l) = local() else { return };
             // The common case: the poll the common path started ends (`open`: nothing
@@ -822,7 +822,7 @@ impl Board {
                     return;
                 }
             }
-            self.exit_nested(l, id, followed);
+            self.exit_nested(l, id, &followed);
         }
     }
 
@@ -1637,17 +1637,17 @@ mod tests {
         let depth = || LOCAL.with(|l| u64::from(l.open_depth()));
         assert_eq!(depth(), deepest);
         // A span the layer does not follow (its exit reaches the board unlooked-up).
-        b.exit_if(1_000, &|| false);
+        b.exit_if(1_000, || false);
         assert_eq!(depth(), deepest);
         // One it entered: the innermost closes.
-        b.exit_if(deepest, &|| true);
+        b.exit_if(deepest, || true);
         assert_eq!(depth(), deepest - 1);
         // Within the kept depth an unknown id is ignored without asking.
-        b.exit_if(MAX_DEPTH as u64 + 1, &|| true);
-        b.exit_if(2_000, &|| panic!("asked"));
+        b.exit_if(MAX_DEPTH as u64 + 1, || true);
+        b.exit_if(2_000, || panic!("asked"));
         let poll = read(&b).seq;
         for id in (1..=MAX_DEPTH as u64).rev() {
-            b.exit_if(id, &|| panic!("asked"));
+            b.exit_if(id, || panic!("asked"));
         }
         assert_eq!(read(&b).seq, poll + 1, "the poll ended");
     }

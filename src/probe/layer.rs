@@ -45,6 +45,25 @@ impl LayerShared {
     }
 }
 
+/// Enters span `id`, of culprit `word` and task `task` (0: not recorded, read now).
+#[inline(always)]
+fn enter_span(shared: &LayerShared, id: u64, word: CulpritWord, task: u64) {
+    shared.board.enter(
+        id,
+        word,
+        || if task != 0 { task } else { current_task_id() },
+        Wait::UNKNOWN,
+    );
+}
+
+/// Enters span `id` if it is followed and not in its home entry (or not followed at all).
+#[inline(never)]
+fn enter_elsewhere(shared: &LayerShared, id: u64) {
+    if let Some((word, task)) = shared.spans.get_rest(id) {
+        enter_span(shared, id, word, task);
+    }
+}
+
 /// The `tracing_subscriber` layer that probes polls. Add it to a registry:
 ///
 /// ```
@@ -238,13 +257,12 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
     #[inline]
     fn on_enter(&self, id: &Id, _ctx: Context<'_, S>) {
         if let Some(shared) = &self.shared {
-            if let Some((word, task)) = shared.spans.get(id.into_u64()) {
-                shared.board.enter(
-                    id.into_u64(),
-                    word,
-                    || if task != 0 { task } else { current_task_id() },
-                    Wait::UNKNOWN,
-                );
+            let id = id.into_u64();
+            // A span in its home entry (most): looked up and entered inline; others out of
+            // line (no result to merge from two look-ups on the common path).
+            match shared.spans.get_home(id) {
+                Some((word, task)) => enter_span(shared, id, word, task),
+                None => enter_elsewhere(shared, id),
             }
         }
     }
@@ -257,7 +275,9 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for LoopwatchLayer {
             // open (a span it does not follow: no two live spans share an id). Only past the
             // depth whose ids it keeps does it ask.
             let id = id.into_u64();
-            shared.board.exit_if(id, &|| shared.spans.get(id).is_some());
+            shared
+                .board
+                .exit_if(id, move || shared.spans.get(id).is_some());
         }
     }
 

@@ -97,7 +97,10 @@ impl Table {
 
 #[derive(Debug)]
 pub(crate) struct SpanTable {
-    tables: [OnceLock<Table>; TABLES],
+    /// The first table (made with the map: no "is it there" test on the common look-up).
+    first: Table,
+    /// The tables added as live spans outgrow the ones before.
+    rest: [OnceLock<Table>; TABLES - 1],
     /// Entries at most, over all tables.
     limit: usize,
     dropped: AtomicU64,
@@ -107,13 +110,13 @@ impl SpanTable {
     /// A table that follows up to about `capacity` live spans (its first table allocated now,
     /// the others as they are needed).
     pub(crate) fn new(capacity: usize) -> SpanTable {
-        let t = SpanTable {
-            tables: Default::default(),
-            limit: capacity.max(WINDOW),
+        let limit = capacity.max(WINDOW);
+        SpanTable {
+            first: Table::new(Self::size(0, limit)),
+            rest: Default::default(),
+            limit,
             dropped: AtomicU64::new(0),
-        };
-        let _ = t.tables[0].set(Table::new(Self::size(0, t.limit)));
-        t
+        }
     }
 
     /// The size of table `k`: the first holds up to [`FIRST`] (fewer if the limit is lower),
@@ -130,26 +133,30 @@ impl SpanTable {
     /// Entries allocated (for the memory a run costs: 24 bytes each).
     #[cfg(test)]
     pub(crate) fn allocated(&self) -> usize {
-        self.tables
-            .iter()
-            .map_while(OnceLock::get)
-            .map(|t| t.entries.len())
-            .sum()
+        self.tables().map(|t| t.entries.len()).sum()
+    }
+
+    /// The tables made so far, in order.
+    fn tables(&self) -> impl Iterator<Item = &Table> {
+        std::iter::once(&self.first).chain(self.rest.iter().map_while(OnceLock::get))
     }
 
     pub(crate) fn insert(&self, id: u64, word: CulpritWord, task: u64) -> bool {
         let mut allocated = 0;
         for k in 0..TABLES {
-            let table = match self.tables[k].get() {
-                Some(t) => t,
-                None => {
-                    let size = Self::size(k, self.limit);
-                    if allocated >= self.limit {
-                        break;
+            let table = match k.checked_sub(1).map(|r| &self.rest[r]) {
+                None => &self.first,
+                Some(t) => match t.get() {
+                    Some(t) => t,
+                    None => {
+                        let size = Self::size(k, self.limit);
+                        if allocated >= self.limit {
+                            break;
+                        }
+                        // Racing creators: one table wins, the others' are dropped unused.
+                        t.get_or_init(|| Table::new(size))
                     }
-                    // Racing creators: one table wins, the others' are dropped unused.
-                    self.tables[k].get_or_init(|| Table::new(size))
-                }
+                },
             };
             if table.insert(id, word, task) {
                 return true;
@@ -160,20 +167,22 @@ impl SpanTable {
         false
     }
 
-    /// What the layer keeps of live span `id`, if it follows it. Inlined: a span in its home
-    /// entry of the first table (most of them) costs a few instructions.
-    #[inline]
+    /// What the layer keeps of live span `id`, if it follows it.
     pub(crate) fn get(&self, id: u64) -> Option<(CulpritWord, u64)> {
-        if let Some(found) = self.tables[0].get().and_then(|t| t.get_home(id)) {
-            return Some(found);
-        }
-        self.get_rest(id)
+        self.get_home(id).or_else(|| self.get_rest(id))
+    }
+
+    /// [`get`](Self::get) of a span in its home entry of the first table (most of them), in a
+    /// few instructions; `None` may mean it is elsewhere (see [`get_rest`](Self::get_rest)).
+    #[inline]
+    pub(crate) fn get_home(&self, id: u64) -> Option<(CulpritWord, u64)> {
+        self.first.get_home(id)
     }
 
     /// [`get`](Self::get) past the first table's home entry.
     #[inline(never)]
-    fn get_rest(&self, id: u64) -> Option<(CulpritWord, u64)> {
-        for table in self.tables.iter().map_while(OnceLock::get) {
+    pub(crate) fn get_rest(&self, id: u64) -> Option<(CulpritWord, u64)> {
+        for table in self.tables() {
             for e in table.window(id) {
                 if e.id.load(Ordering::Acquire) == id {
                     return Some((
@@ -187,7 +196,7 @@ impl SpanTable {
     }
 
     pub(crate) fn remove(&self, id: u64) {
-        for table in self.tables.iter().map_while(OnceLock::get) {
+        for table in self.tables() {
             for e in table.window(id) {
                 if e.id.load(Ordering::Relaxed) == id {
                     e.id.store(0, Ordering::Release);
