@@ -625,7 +625,14 @@ impl Board {
     /// Is a count (of polls, say) one of the one in `sample_every` the board times?
     #[inline]
     pub(crate) fn sampled(&self, count: u64) -> bool {
-        (count << 1) & self.sample_bits == 0
+        self.sampled_seq(count << 1)
+    }
+
+    /// Is the poll of (even) sequence number `seq` (twice the slot's poll count, see
+    /// [`Slot`]) one the board times? The one rule of [`sampled`](Self::sampled) too.
+    #[inline(always)]
+    fn sampled_seq(&self, seq: u64) -> bool {
+        seq & self.sample_bits == 0
     }
 
     /// A known wait at least this long is noted (a possible victim's); a shorter one only
@@ -700,7 +707,7 @@ impl Board {
                 let s = slot.seq.load(Ordering::Relaxed);
                 let start = self.clock_ns.0.load(Ordering::Relaxed);
                 if clock_known(start)
-                    && s & self.sample_bits != 0
+                    && !self.sampled_seq(s)
                     && word.is_async()
                     && waited.is_quiet(self.wait_floor_ns)
                     && id < FULL
@@ -790,7 +797,8 @@ impl Board {
     /// ignored). An exit that matches nothing open on this thread is ignored.
     #[inline]
     pub(crate) fn exit(self: &Arc<Self>, id: u64) {
-        self.exit_if(id, || true);
+        // (A constant closure: no frame for it on the common path.)
+        self.exit_with(id, |l| self.exit_nested(l, id, &|| true));
     }
 
     /// [`exit`](Self::exit) for a probe that may exit ids it never entered (the layer, which
@@ -799,6 +807,12 @@ impl Board {
     /// kept), so the common path needs no look-up.
     #[inline]
     pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: impl Fn() -> bool) {
+        self.exit_with(id, |l| self.exit_nested(l, id, &followed));
+    }
+
+    /// [`exit`](Self::exit)'s common path, and `full` off it.
+    #[inline(always)]
+    fn exit_with(self: &Arc<Self>, id: u64, full: impl FnOnce(&Local)) {
         {
             let Some(l) = local() else { return };
             // The common case: the poll the common path started ends (`open`: nothing
@@ -822,7 +836,7 @@ impl Board {
                     return;
                 }
             }
-            self.exit_nested(l, id, &followed);
+            full(l);
         }
     }
 
@@ -958,7 +972,7 @@ impl Board {
         slot.start_ns.store(start, Ordering::Relaxed);
         slot.seq.store(s | 1, Ordering::Release);
         // Blocking jobs are few and long: every one is timed, and its queue wait kept.
-        let sampled = s & self.sample_bits == 0 || word.is_blocking();
+        let sampled = self.sampled_seq(s) || word.is_blocking();
         if waited.is_known() {
             l.dirty.set(true);
             l.wait_noted.set(true);
