@@ -1208,6 +1208,12 @@ fn cuts_cost(workers: usize, watched: bool) {
 /// One probe on a current_thread runtime, 1M tiny polls, for counting instructions under
 /// `valgrind --tool=callgrind` (deterministic, unlike time on a shared host): see
 /// `scripts/instructions.sh`, which runs it per probe and prints instructions added per poll.
+///
+/// The threshold is 500 ms (tick 125 ms), not the default 10 ms: under valgrind the run is
+/// ~50x slower than native, so at the default it would see ~50x more watchdog ticks per poll
+/// than a native run does (each tick sends the poll it lands in to the full path), and how
+/// many more would depend on how fast valgrind runs on the host that day. The common path is
+/// the same code at any threshold.
 fn instructions(variant: &str) {
     let mut b = tokio::runtime::Builder::new_current_thread();
     b.enable_all();
@@ -1219,6 +1225,7 @@ fn instructions(variant: &str) {
             .diagnose(false)
             .schedule_delay(variant != "watch-nowake" && variant != "hooks-nosched")
             .tokio_schedule_latency(variant == "hooks-tokio")
+            .threshold(Duration::from_millis(500))
             .metrics(loopwatch::MetricsExport::Off)
             .build()
             .unwrap();

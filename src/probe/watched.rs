@@ -451,11 +451,11 @@ impl<F: Future> Future for Watched<F> {
             let _exit = ExitOnDrop(board);
             return this.inner.poll(cx);
         }
-        let quiet = note.take_quiet();
         // Registered before the future is polled: a wake during the poll reaches the task.
+        // (Before the note is taken: a wake between the two is this poll's, a wait of ~0.)
         // SAFETY: this future's poll (`&mut self`: one poller at a time).
         unsafe { note.register_task(cx.waker()) };
-        match quiet {
+        match note.take_quiet() {
             // The common case, with the wait a constant: the board's test of it folds away.
             Ok(()) => board.enter(PROBE, note.word(), || note.task_id(), Wait::QUIET),
             Err(stamp) => enter_waited(note, stamp),
