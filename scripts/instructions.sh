@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Instructions each probe adds per poll, counted by callgrind: 1M tiny polls (100 tasks x 10,000
 # yields) on a current_thread runtime per probe. Counted on the thread that polls (the main
-# thread, which runs the runtime), so the count does not depend on how busy the host is. It is
-# not quite deterministic: a poll that starts while the watchdog's clock reads "unknown" (it
-# sleeps through an idle spell, or valgrind has not scheduled it yet) takes the full path and
-# reads the real clock, and how many do varies with scheduling under valgrind (seen: up to +7
-# per poll between runs of one binary). So each probe is counted LOOPWATCH_INSTR_RUNS times
-# (default 3) and the lowest count is shown: the common path's cost. The watchdog thread's own
-# instructions depend on how many ticks fit in the run, so they are shown apart.
+# thread, which runs the runtime), so the count does not depend on how busy the host is. The
+# workload runs at a 500 ms threshold (tick 125 ms; see `instructions` in the bench): a poll a
+# watchdog tick lands in ends on the full path, and at the default 10 ms valgrind's ~50x
+# slowdown made that ~50x more frequent than natively and varied with the host's load (up to
+# +7 per poll between runs of one binary). Repeated runs now agree to ~0.01 per poll; each
+# probe is still counted LOOPWATCH_INSTR_RUNS times (default 3) and the lowest count shown.
+# The watchdog thread's own instructions depend on how many ticks fit in the run, so they are
+# shown apart.
 # LOOPWATCH_INSTR_BIN=path counts an already built bench binary (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
