@@ -244,14 +244,13 @@ impl WakeNote {
     #[inline]
     fn note(&self) {
         if self.woken_at.load(Ordering::Relaxed) == 0 {
-            // Only the first wake counts: the task waits from then.
-            // During a poll too (a yield): the poll's end stamps it again.
-            let _ = self.woken_at.compare_exchange(
-                0,
-                self.stamp(),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            // Only the first wake counts: the task waits from then. During a poll too (a
+            // yield): the poll's end stamps it again. A store, not a compare-exchange (no
+            // read-modify-write per wake): wakes that find no wake noted at the same instant
+            // each store theirs, and the last stands, nanoseconds after the first (a wait read
+            // that much short; a compare-exchange would not keep a stale stamp out either, as
+            // the poll's take clears the note to 0 again).
+            self.woken_at.store(self.stamp(), Ordering::Relaxed);
         }
     }
 
