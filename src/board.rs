@@ -724,8 +724,22 @@ impl Board {
                     return;
                 }
             }
-            self.enter_nested(l, id, word, task(), waited);
+            self.enter_full(l, id, word, task, waited);
         }
+    }
+
+    /// [`enter`](Self::enter)'s full path, with the task id still to be read (the common
+    /// path's caller keeps nothing live for it).
+    #[inline(never)]
+    fn enter_full(
+        self: &Arc<Self>,
+        l: &Local,
+        id: u64,
+        word: CulpritWord,
+        task: impl FnOnce() -> u64,
+        waited: Wait,
+    ) {
+        self.enter_nested(l, id, word, task(), waited);
     }
 
     /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,
