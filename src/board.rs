@@ -743,8 +743,9 @@ impl Board {
     }
 
     /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,
-    /// or a span nested in an open poll.
-    #[inline(never)]
+    /// or a span nested in an open poll. (Inlined in each probe's `enter_full`: a span nested
+    /// in a task span takes this path at every poll.)
+    #[inline(always)]
     fn enter_nested(
         self: &Arc<Self>,
         l: &Local,
