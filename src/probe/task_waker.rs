@@ -6,7 +6,7 @@
 //! compare-exchanges around it: for a task that yields in a loop that was much of what wake
 //! notes cost. Here the waker stays in place: a poll whose task's waker did not change (the
 //! common case: a spawned task's waker never does) only compares it, with no
-//! read-modify-write at all, and a wake clones it (as `AtomicWaker`'s take would have).
+//! read-modify-write at all, and a wake wakes it where it is, by reference.
 //!
 //! The protocol is `AtomicWaker`'s, less the taking. A state word has three bits:
 //! `REGISTERING` (the poller is replacing the waker), `WAKING` (a wake is reading it) and

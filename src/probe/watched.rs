@@ -270,10 +270,7 @@ impl WakeNote {
     }
 
     /// How long the future waited from the wake noted (taking the note), as `Board::enter`
-    /// wants it: exact and chosen for the histogram, or coarse, or unknown. A load and a
-    /// store, not a swap (no read-modify-write per poll): a wake between the two has its note
-    /// cleared (or finds one and notes nothing); if it wakes the task again, the next poll's
-    /// wait is unknown (a wait lost, never one too long).
+    /// wants it: exact and chosen for the histogram, or coarse, or unknown.
     #[cfg(test)]
     fn take_wait(&self) -> Wait {
         match self.take_quiet() {
@@ -285,6 +282,10 @@ impl WakeNote {
     /// [`take_wait`](Self::take_wait) in two steps, as the poll takes it: `Ok` for the common
     /// case, a wait too short to note ([`Wait::QUIET`]), in a few instructions; else the
     /// stamp taken, for [`take_wait_from`](Self::take_wait_from) (off the common path).
+    ///
+    /// The note is taken with a load and a store, not a swap (no read-modify-write per poll):
+    /// a wake between the two has its note cleared (or finds one and notes nothing); if it
+    /// wakes the task again, the next poll's wait is unknown (a wait lost, never one too long).
     #[inline]
     fn take_quiet(&self) -> Result<(), u64> {
         let w = self.woken_at.load(Ordering::Relaxed);
@@ -701,10 +702,7 @@ mod tests {
         // notes its stamp; the poll runs 50 ms.
         let early = n.stamp();
         assert_eq!(n.take_wait(), Wait::UNKNOWN);
-        assert!(n
-            .woken_at
-            .compare_exchange(0, early, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok());
+        n.woken_at.store(early, Ordering::Relaxed);
         n.board.tick(150 * MS);
         n.poll_ended();
         assert_eq!(n.woken_at.load(Ordering::Relaxed), (150 * MS) | 1);
