@@ -694,6 +694,44 @@ impl Board {
         task: impl FnOnce() -> u64,
         waited: Wait,
     ) {
+        self.enter_with(id, word, task, waited, |l, task| {
+            self.enter_full(l, id, word, task, waited);
+        });
+    }
+
+    /// [`enter`](Self::enter) for a probe that has its task id at hand (the poll hooks, from
+    /// tokio's `TaskMeta`): its full path takes the id as a value (out of line, not one copy per
+    /// probe closure).
+    #[cfg(tokio_unstable)]
+    #[inline]
+    pub(crate) fn enter_task(
+        self: &Arc<Self>,
+        id: u64,
+        word: CulpritWord,
+        task: u64,
+        waited: Wait,
+    ) {
+        self.enter_with(
+            id,
+            word,
+            move || task,
+            waited,
+            |l, _| {
+                self.enter_value(l, id, word, task, waited);
+            },
+        );
+    }
+
+    /// [`enter`](Self::enter)'s common path, and `full` off it.
+    #[inline(always)]
+    fn enter_with<T: FnOnce() -> u64>(
+        self: &Arc<Self>,
+        id: u64,
+        word: CulpritWord,
+        task: T,
+        waited: Wait,
+        full: impl FnOnce(&Local, T),
+    ) {
         {
             let Some(l) = local() else { return };
             // The common case: this thread's slot on this board, no poll open, the watchdog's
@@ -724,7 +762,7 @@ impl Board {
                     return;
                 }
             }
-            self.enter_full(l, id, word, task, waited);
+            full(l, task);
         }
     }
 
@@ -740,6 +778,20 @@ impl Board {
         waited: Wait,
     ) {
         self.enter_nested(l, id, word, task(), waited);
+    }
+
+    /// [`enter_task`](Self::enter_task)'s full path.
+    #[cfg(tokio_unstable)]
+    #[inline(never)]
+    fn enter_value(
+        self: &Arc<Self>,
+        l: &Local,
+        id: u64,
+        word: CulpritWord,
+        task: u64,
+        waited: Wait,
+    ) {
+        self.enter_nested(l, id, word, task, waited);
     }
 
     /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,

@@ -31,10 +31,10 @@ pub(crate) fn install<'a>(
         builder.track_task_schedule_latency();
         board.set_waits_known();
         return builder.on_before_task_poll(move |meta: &TaskMeta<'_>| {
-            before.enter(
+            before.enter_task(
                 PROBE,
                 CulpritWord::location(meta.spawned_at()),
-                || task_id_u64(meta.id()),
+                task_id_u64(meta.id()),
                 waited(meta),
             );
         });
@@ -46,10 +46,10 @@ pub(crate) fn install<'a>(
     // The hook never asks tokio for a schedule delay: its common path is a few stores to this
     // thread's slot.
     builder.on_before_task_poll(move |meta: &TaskMeta<'_>| {
-        before.enter(
+        before.enter_task(
             PROBE,
             CulpritWord::location(meta.spawned_at()),
-            || task_id_u64(meta.id()),
+            task_id_u64(meta.id()),
             Wait::UNKNOWN,
         );
     })
