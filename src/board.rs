@@ -700,8 +700,8 @@ impl Board {
     }
 
     /// [`enter`](Self::enter) for a probe that has its task id at hand (the poll hooks, from
-    /// tokio's `TaskMeta`): its full path takes the id as a value (out of line, not one copy per
-    /// probe closure).
+    /// tokio's `TaskMeta`): the id is read before the common path's tests and handed to the
+    /// full path already read (read after the tests, it cost the hooks one instruction).
     #[cfg(tokio_unstable)]
     #[inline]
     pub(crate) fn enter_task(
@@ -716,8 +716,8 @@ impl Board {
             word,
             move || task,
             waited,
-            |l, _| {
-                self.enter_value(l, id, word, task, waited);
+            |l, task| {
+                self.enter_full(l, id, word, task, waited);
             },
         );
     }
@@ -778,20 +778,6 @@ impl Board {
         waited: Wait,
     ) {
         self.enter_nested(l, id, word, task(), waited);
-    }
-
-    /// [`enter_task`](Self::enter_task)'s full path.
-    #[cfg(tokio_unstable)]
-    #[inline(never)]
-    fn enter_value(
-        self: &Arc<Self>,
-        l: &Local,
-        id: u64,
-        word: CulpritWord,
-        task: u64,
-        waited: Wait,
-    ) {
-        self.enter_nested(l, id, word, task, waited);
     }
 
     /// [`enter`](Self::enter) off its common path: the thread's first poll under this board,
