@@ -159,12 +159,45 @@ const RING: usize = 1024;
 /// alone.
 const MAX_DEPTH: usize = 8;
 
-/// In `Local::open`: no poll is open on this thread.
-const IDLE: u64 = u64::MAX;
-
-/// In `Local::open`: a poll is open and the full path follows it (`Local::depth`, `Local::ids`).
 /// Ids from `FULL` up always take the full path.
 const FULL: u64 = u64::MAX - 1;
+
+/// In `Local::gate`'s low bits (a board's address has them clear): the common path opened a
+/// poll with [`PROBE`].
+const OPEN_PROBE: usize = 1;
+
+/// In `Local::gate`'s low bits: the common path opened a poll with the span id in
+/// `Local::open`.
+const OPEN_SPAN: usize = 2;
+
+// The gate's tags fit in the low bits of a board's address.
+const _: () = assert!(std::mem::align_of::<Board>() > OPEN_PROBE | OPEN_SPAN);
+
+/// The common path's name for `board` in `Local::gate`: its address less the offset of an
+/// `Arc`'s data in its allocation (the header's two counters, padded to the board's
+/// alignment). Any one-to-one map of the address would do; this one is the address the probes
+/// hold (the `Arc`'s pointer), so the compiler folds the offset away and the gate's compare
+/// needs no addition. Tags in the low bits: the allocation is aligned as the board.
+#[inline(always)]
+fn gate_of(board: &Arc<Board>) -> usize {
+    gate_at(Arc::as_ptr(board))
+}
+
+/// [`gate_of`] for a board's address (not null).
+#[inline(always)]
+fn gate_at(board: *const Board) -> usize {
+    board as usize
+}
+
+/// The gate's tag for a poll the common path opens with `id`.
+#[inline(always)]
+const fn open_tag(id: u64) -> usize {
+    if id == PROBE {
+        OPEN_PROBE
+    } else {
+        OPEN_SPAN
+    }
+}
 
 /// Polls noted as queued behind one stall, at most (each is a ring record).
 const MAX_QUEUED: usize = RING / 4;
@@ -734,10 +767,12 @@ impl Board {
     ) {
         {
             let Some(l) = local() else { return };
-            // The common case: this thread's slot on this board, no poll open, the watchdog's
-            // clock running, a poll of the async layer, and nothing to note (a wait long
-            // enough for a victim or chosen for the histogram, a timed poll).
-            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.open.get() == IDLE {
+            let me = gate_of(self);
+            // The common case: this thread's slot on this board, no poll open (one compare:
+            // the gate), the watchdog's clock running, a poll of the async layer, and nothing
+            // to note (a wait long enough for a victim or chosen for the histogram, a timed
+            // poll).
+            if l.gate.get() == me {
                 // SAFETY: `fast` is this board (alive: the caller holds it) only while this
                 // thread holds one of its slots, whose address `slot_ptr` is (the slots
                 // never move).
@@ -751,7 +786,10 @@ impl Board {
                     && id < FULL
                 {
                     // Open on the common path: depth 1, `id` at the bottom (see `settle`).
-                    l.open.set(id);
+                    l.gate.set(me + open_tag(id));
+                    if id != PROBE {
+                        l.open.set(id);
+                    }
                     // The previous poll's end (even sequence) is published before this
                     // poll's fields (seqlock), as in `begin`.
                     fence(Ordering::Release);
@@ -808,7 +846,7 @@ impl Board {
             if let Some(c) = l.ids.get(depth as usize) {
                 c.set(id);
             }
-            l.set_depth(depth + 1);
+            l.set_open(depth + 1);
             if depth == 0 {
                 self.begin(slot, l, word, task, waited);
             } else {
@@ -868,10 +906,12 @@ impl Board {
     fn exit_with(self: &Arc<Self>, id: u64, full: impl FnOnce(&Local)) {
         {
             let Some(l) = local() else { return };
-            // The common case: the poll the common path started ends (`open`: nothing
-            // nested, nothing noted since), and short on the watchdog's clock (see `end`; it
-            // is of the async layer).
-            if ptr::eq(l.fast.get(), Arc::as_ptr(self)) && l.open.get() == id && id < FULL {
+            let me = gate_of(self);
+            // The common case: the poll the common path started ends (the gate, and for a
+            // span its id: nothing nested, nothing noted since), and short on the watchdog's
+            // clock (see `end`; it is of the async layer). For a probe's own poll, one compare.
+            if l.gate.get() == me + open_tag(id) && (id == PROBE || l.open.get() == id) && id < FULL
+            {
                 // SAFETY: as in `enter`.
                 let slot = unsafe { &*l.slot_ptr.get() };
                 let s = slot.seq.load(Ordering::Relaxed);
@@ -882,7 +922,7 @@ impl Board {
                 // than a tick, or the common path is off, see `attach`). One compare; a poll
                 // that saw a tick takes the full path, which applies the rule exactly.
                 if coarse == start {
-                    l.open.set(IDLE);
+                    l.gate.set(me);
                     slot.end_coarse_ns.store(coarse, Ordering::Relaxed);
                     // The common path opened it: its sequence is odd.
                     slot.seq.store(s + 1, Ordering::Release);
@@ -921,7 +961,7 @@ impl Board {
                 None => return,
             };
             if open == 0 {
-                l.set_depth(0);
+                l.set_closed();
                 self.end(slot, l);
                 return;
             }
@@ -943,7 +983,7 @@ impl Board {
             if named != 0 && closed.iter().any(|c| c.get() == named) {
                 l.named_left.set(true);
             }
-            l.set_depth(open as u32);
+            l.set_open(open as u32);
         }
     }
 
@@ -984,7 +1024,7 @@ impl Board {
             .store(self.clock_ns.0.load(Ordering::Relaxed), Ordering::Relaxed);
         self.clean(slot, l);
         slot.seq.store((s | 1) + 1, Ordering::Release);
-        l.set_depth(0);
+        l.set_closed();
     }
 
     /// Puts back what a poll's start leaves alone (the slot's `named` and `inner`, the
@@ -1158,7 +1198,7 @@ impl Board {
         l.queued_from.set(start);
         l.queued_until
             .set(end.saturating_add(hold_window_ns(self.thresholds_ns[0])));
-        l.fast.set(ptr::null());
+        l.set_fast(0);
     }
 
     /// A poll starts on a thread armed by [`arm_queued`](Self::arm_queued): its task was
@@ -1195,7 +1235,7 @@ impl Board {
     fn disarm_queued(&self, l: &Local) {
         l.queued_left.set(0);
         if !self.precise_start && !l.slot_ptr.get().is_null() && ptr::eq(l.board.get(), self) {
-            l.fast.set(l.board.get());
+            l.set_fast(gate_at(l.board.get()));
         }
     }
 
@@ -1288,7 +1328,7 @@ impl Board {
                 // when an async poll may be slow with the watchdog's clock unmoved (its
                 // threshold a tick or less): the common path's end tests only that.
                 if !self.precise_start && self.slow_after_ns[LayerKind::Async as usize] > 0 {
-                    l.fast.set(Arc::as_ptr(self));
+                    l.set_fast(gate_of(self));
                 }
                 true
             }
@@ -1410,9 +1450,18 @@ fn is_phantom(slot: &Slot, task: u64) -> bool {
 struct Local {
     board: Cell<*const Board>,
     slot: Cell<usize>,
-    /// `board` while this thread holds one of its slots (else null): the common path's test.
-    fast: Cell<*const Board>,
-    /// The held slot's address (valid while `fast` is not null).
+    /// `board`'s [`gate_of`] while this thread holds one of its slots and the common path
+    /// may start a poll there (else 0). What the common path tests is `gate`.
+    fast: Cell<usize>,
+    /// The common path's one test, a word: `fast` while no poll is open on this thread (the
+    /// common path may start one); `fast` tagged with [`OPEN_PROBE`] or [`OPEN_SPAN`] while
+    /// the poll the common path started is open and nothing else happened in it (nothing
+    /// nested, nothing noted): depth 1 with [`PROBE`] or the span id in `open` (its exit may
+    /// take the common path, on one compare for a probe). 0 otherwise: no common path (a poll
+    /// the full path follows is open, or `fast` is 0). The full path turns a tagged gate
+    /// into `depth` and `ids` first (see [`Local::settle`]).
+    gate: Cell<usize>,
+    /// The held slot's address (valid while `fast` is not 0).
     slot_ptr: Cell<*const Slot>,
     /// The open poll changed what a start leaves alone: its end clears it (see `clean`).
     dirty: Cell<bool>,
@@ -1424,12 +1473,8 @@ struct Local {
     own: Cell<bool>,
     /// The culprit words of the spans nested in the current poll (`stack[d]` at depth `d`).
     stack: [Cell<u64>; MAX_DEPTH],
-    /// What is open on this thread, in one word the common path tests: [`IDLE`] (no poll),
-    /// [`FULL`] (a poll the full path follows: `depth` and `ids` say what is open), or the id
-    /// of the poll the common path started, while nothing else happened in it (nothing
-    /// nested, nothing noted): depth 1 with that id, written as one word (its exit may take
-    /// the common path, on one compare). The full path turns that into `depth` and `ids`
-    /// first (see [`Local::settle`]).
+    /// The span id of the poll the common path started, while `gate` is tagged
+    /// [`OPEN_SPAN`] (meaningless otherwise).
     open: Cell<u64>,
     /// What was entered at each depth (`ids[0]`: the poll's outermost), to match exits.
     ids: [Cell<u64>; MAX_DEPTH],
@@ -1440,7 +1485,7 @@ struct Local {
     /// entered takes its place.
     named_left: Cell<bool>,
     /// Polls still to be noted as queued behind the stall that just ended on this thread
-    /// (see [`Board::arm_queued`]); while non-zero, `fast` is null so every poll starts on the
+    /// (see [`Board::arm_queued`]); while non-zero, `fast` is 0 so every poll starts on the
     /// full path.
     queued_left: Cell<u32>,
     /// That stall's start (board clock, as its poll read it).
@@ -1460,40 +1505,74 @@ impl Local {
         self.forget();
     }
 
+    /// The id of the poll the common path started and is open, if one is.
+    #[inline]
+    fn common_open(&self) -> Option<u64> {
+        match self.gate.get() & (OPEN_PROBE | OPEN_SPAN) {
+            OPEN_PROBE => Some(PROBE),
+            OPEN_SPAN => Some(self.open.get()),
+            _ => None,
+        }
+    }
+
     /// Off the common path, before `depth` or `ids` are read: the poll the common path
     /// started (if any) is the full path's now, and its exit takes the full path too.
     #[inline]
     fn settle(&self) {
-        let open = self.open.get();
-        if open < FULL {
-            self.ids[0].set(open);
+        // (One test on the common case, nothing to settle: `common_open`'s match cost the
+        // layer's full path, taken at every poll under `tokio_unstable`, ~10 per poll.)
+        let gate = self.gate.get();
+        if gate & (OPEN_PROBE | OPEN_SPAN) != 0 {
+            let id = if gate & OPEN_SPAN != 0 {
+                self.open.get()
+            } else {
+                PROBE
+            };
+            self.ids[0].set(id);
             self.depth.set(1);
-            self.open.set(FULL);
+            self.gate.set(0);
         }
     }
 
     /// How many entries are open on this thread, without settling.
     #[cfg(test)]
     fn open_depth(&self) -> u32 {
-        match self.open.get() {
-            IDLE => 0,
-            FULL => self.depth.get(),
-            _ => 1,
+        match self.common_open() {
+            Some(_) => 1,
+            None => self.depth.get(),
         }
     }
 
-    /// The full path's depth changes: `open` follows.
+    /// The full path follows `depth` (at least 1) open entries (after `settle`): the gate is
+    /// shut.
     #[inline]
-    fn set_depth(&self, depth: u32) {
+    fn set_open(&self, depth: u32) {
         self.depth.set(depth);
-        self.open.set(if depth == 0 { IDLE } else { FULL });
+        self.gate.set(0);
+    }
+
+    /// The full path closed the poll (after `settle`): the gate opens if `fast` says so.
+    #[inline]
+    fn set_closed(&self) {
+        self.depth.set(0);
+        self.gate.set(self.fast.get());
+    }
+
+    /// Whether the common path may start a poll on this thread: on the board whose
+    /// [`gate_of`] is `gate`, or never (0). Set between polls, or inside one the full path
+    /// follows (the gate follows at its end).
+    fn set_fast(&self, gate: usize) {
+        self.fast.set(gate);
+        if self.depth.get() == 0 && self.common_open().is_none() {
+            self.gate.set(gate);
+        }
     }
 
     /// Holds no slot any more: a fresh start for the next board.
     fn forget(&self) {
-        self.open.set(IDLE);
+        self.gate.set(0);
         self.board.set(ptr::null());
-        self.fast.set(ptr::null());
+        self.fast.set(0);
         self.slot_ptr.set(ptr::null());
         self.slot.set(usize::MAX);
         self.depth.set(0);
@@ -1524,11 +1603,12 @@ thread_local! {
         Local {
             board: Cell::new(ptr::null()),
             slot: Cell::new(usize::MAX),
-            fast: Cell::new(ptr::null()),
+            fast: Cell::new(0),
+            gate: Cell::new(0),
             slot_ptr: Cell::new(ptr::null()),
             dirty: Cell::new(false),
             depth: Cell::new(0),
-            open: Cell::new(IDLE),
+            open: Cell::new(0),
             sample_start: Cell::new(0),
             wait_noted: Cell::new(false),
             own: Cell::new(false),
@@ -1878,7 +1958,7 @@ mod tests {
             (None, 0)
         );
         b.enter(PROBE, word(1), || 7, Wait::UNKNOWN);
-        assert!(on_common_path(&b) && LOCAL.with(|l| l.open.get() == PROBE));
+        assert!(on_common_path(&b) && LOCAL.with(|l| l.common_open() == Some(PROBE)));
         b.exit(PROBE);
 
         // Async threshold 1 ms, tick 2.5 ms: a 4 ms poll the watchdog's clock never saw is
@@ -1986,7 +2066,7 @@ mod tests {
     }
 
     fn on_common_path(b: &Arc<Board>) -> bool {
-        LOCAL.with(|l| ptr::eq(l.fast.get(), Arc::as_ptr(b)))
+        LOCAL.with(|l| l.fast.get() == gate_of(b))
     }
 
     /// One poll of `task` the watchdog flags as a stall; returns what it read of it.
@@ -2091,6 +2171,56 @@ mod tests {
         b.parked();
         assert_eq!(read(&b).seq, phantom + 1);
         assert_eq!(b.slots()[0].phantoms(), 1);
+    }
+
+    /// The common path's gate names the board and the id of the poll it opened: an exit of
+    /// another board, or of another id, leaves that poll open (it goes to the full path,
+    /// which ignores it), and the gate opens again once the poll ends.
+    #[test]
+    fn the_gate_keeps_a_common_path_poll_for_its_own_board_and_id() {
+        let (a, rt) = board();
+        let (b, _rt_b) = board();
+        let _ctx = rt.enter();
+        let open = |x: &Board| read(x).seq & 1 == 1;
+        // The thread's first poll under `a` takes the full path (it claims a slot).
+        a.tick(a.now_ns());
+        a.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        a.exit(PROBE);
+        a.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        assert_eq!(LOCAL.with(Local::common_open), Some(PROBE));
+        b.exit(PROBE);
+        a.exit(GUARD_SPAN);
+        assert!(open(&a), "another board's or id's exit leaves it open");
+        a.exit(PROBE);
+        assert!(!open(&a));
+        assert!(on_common_path(&a) && LOCAL.with(|l| l.gate.get() == gate_of(&a)));
+
+        // A span's poll: a probe's exit, or another span's, is not its exit.
+        a.enter(TASK_SPAN, word(1), || 1, Wait::UNKNOWN);
+        assert_eq!(LOCAL.with(Local::common_open), Some(TASK_SPAN));
+        a.exit(PROBE);
+        a.exit(GUARD_SPAN);
+        assert!(open(&a));
+        a.exit(TASK_SPAN);
+        assert!(!open(&a));
+
+        // Another board's enter inside the poll: not watched (this thread is in a poll of
+        // `a`), and the poll, now followed by the full path, ends at its own exit.
+        a.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        b.enter(PROBE, word(2), || 2, Wait::UNKNOWN);
+        assert_eq!(LOCAL.with(Local::common_open), None);
+        assert!(open(&a) && b.slots().is_empty(), "b claimed no slot");
+        b.exit(PROBE);
+        assert!(open(&a));
+        a.exit(PROBE);
+        assert!(!open(&a));
+        a.enter(PROBE, word(1), || 1, Wait::UNKNOWN);
+        assert_eq!(
+            LOCAL.with(Local::common_open),
+            Some(PROBE),
+            "the common path again"
+        );
+        a.exit(PROBE);
     }
 
     #[test]
