@@ -173,17 +173,14 @@ const OPEN_SPAN: usize = 2;
 // The gate's tags fit in the low bits of a board's address.
 const _: () = assert!(std::mem::align_of::<Board>() > OPEN_PROBE | OPEN_SPAN);
 
-/// The common path's name for `board` in `Local::gate`: its address less the offset of an
-/// `Arc`'s data in its allocation (the header's two counters, padded to the board's
-/// alignment). Any one-to-one map of the address would do; this one is the address the probes
-/// hold (the `Arc`'s pointer), so the compiler folds the offset away and the gate's compare
-/// needs no addition. Tags in the low bits: the allocation is aligned as the board.
+/// The common path's name for `board` in `Local::gate`: its address (never 0; the tags go in
+/// its low bits, clear by the board's alignment).
 #[inline(always)]
 fn gate_of(board: &Arc<Board>) -> usize {
     gate_at(Arc::as_ptr(board))
 }
 
-/// [`gate_of`] for a board's address (not null).
+/// [`gate_of`] for a board's address.
 #[inline(always)]
 fn gate_at(board: *const Board) -> usize {
     board as usize
@@ -773,9 +770,9 @@ impl Board {
             // to note (a wait long enough for a victim or chosen for the histogram, a timed
             // poll).
             if l.gate.get() == me {
-                // SAFETY: `fast` is this board (alive: the caller holds it) only while this
-                // thread holds one of its slots, whose address `slot_ptr` is (the slots
-                // never move).
+                // SAFETY: the gate is this board (alive: the caller holds it) only while
+                // `fast` is, that is while this thread holds one of its slots, whose address
+                // `slot_ptr` is (the slots never move).
                 let slot = unsafe { &*l.slot_ptr.get() };
                 let s = slot.seq.load(Ordering::Relaxed);
                 let start = self.clock_ns.0.load(Ordering::Relaxed);
