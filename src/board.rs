@@ -1632,6 +1632,12 @@ fn local<'a>() -> Option<&'a Local> {
     Some(unsafe { &*l })
 }
 
+/// Is a poll the common path started open on this thread (any board)?
+#[cfg(test)]
+pub(crate) fn common_path_poll_open() -> bool {
+    LOCAL.with(|l| l.common_open().is_some())
+}
+
 /// Marks the calling thread as one of loopwatch's own: it is never watched, so nothing
 /// loopwatch does (reporting a stall through `tracing`) feeds back into its probes.
 pub(crate) fn mark_own_thread() {

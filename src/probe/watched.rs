@@ -190,6 +190,12 @@ impl WakeNote {
         }
     }
 
+    /// The id of the task the future runs in, if learnt (else 0), without learning it.
+    #[inline]
+    fn known_task_id(&self) -> u64 {
+        self.task_id.load(Ordering::Relaxed)
+    }
+
     /// Takes one more reference (a waker's).
     #[inline]
     fn acquire(&self) {
@@ -462,7 +468,10 @@ impl<F: Future> Future for Watched<F> {
         unsafe { note.register_task(cx.waker()) };
         match note.take_quiet() {
             // The common case, with the wait a constant: the board's test of it folds away.
-            Ok(()) => board.enter(PROBE, note.word(), || note.task_id(), Wait::QUIET),
+            // The task id as learnt: the first poll, with no wake noted, is never quiet, and
+            // `enter_waited` learns it there (or at the next such poll if it was polled
+            // outside any task then).
+            Ok(()) => board.enter(PROBE, note.word(), || note.known_task_id(), Wait::QUIET),
             Err(stamp) => enter_waited(note, stamp),
         }
         let out = {
@@ -590,6 +599,55 @@ mod tests {
             }
             assert_eq!(board.slots()[0].read().seq, 6, "three polls, each its own");
         }
+    }
+
+    /// Every poll of a watched future names its task on the board, the quiet ones on the
+    /// common path too (they store the id learnt at the first poll, which is never quiet).
+    #[test]
+    fn every_watched_poll_names_its_task() {
+        struct Check {
+            board: Arc<Board>,
+            polls: u32,
+            quiet: u32,
+        }
+        impl Future for Check {
+            type Output = u32;
+            fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
+                let id = crate::probe::layer::current_task_id();
+                assert_ne!(id, 0);
+                assert_eq!(self.board.slots()[0].read().task, id, "poll {}", self.polls);
+                self.quiet += u32::from(crate::board::common_path_poll_open());
+                self.polls += 1;
+                if self.polls == 20 {
+                    return Poll::Ready(self.quiet);
+                }
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let board = Arc::new(Board::new(
+            [Some(Duration::from_millis(500)), None, None],
+            1 << 20,
+            false,
+            1,
+            16,
+        ));
+        board.tick(board.now_ns());
+        let fut = Watched::new(
+            Some(board.clone()),
+            "check",
+            Check {
+                board: board.clone(),
+                polls: 0,
+                quiet: 0,
+            },
+            std::panic::Location::caller(),
+        );
+        let quiet = rt.block_on(async move { tokio::spawn(fut).await.unwrap() });
+        assert!(quiet >= 15, "{quiet} of 20 polls on the common path");
     }
 
     /// A note on a board whose async threshold is 10 ms (victims' floor 1 ms) and that times
