@@ -556,6 +556,20 @@ mod tests {
     use crate::board::CLOCK_UNKNOWN;
     use std::time::Duration;
 
+    /// A board with an async threshold of `threshold_ms` (victims' floor a tenth of it) that
+    /// times one poll in `sample_every`, whose watched futures note their wakes or not.
+    fn test_board(threshold_ms: u64, sample_every: u32, track_wakes: bool) -> Arc<Board> {
+        let mut b = Board::new(
+            [Some(Duration::from_millis(threshold_ms)), None, None],
+            sample_every,
+            false,
+            1,
+            16,
+        );
+        b.track_wakes = track_wakes;
+        Arc::new(b)
+    }
+
     /// A watched future whose poll panics still ends its poll on the board (the exit runs as
     /// the panic unwinds), with wake notes and without: the thread's next poll starts afresh,
     /// not nested in a poll that never ended (which the watchdog would report as a stall).
@@ -573,15 +587,7 @@ mod tests {
             .unwrap();
         let _ctx = rt.enter();
         for notes in [true, false] {
-            let mut b = Board::new(
-                [Some(Duration::from_millis(10)), None, None],
-                4,
-                false,
-                1,
-                16,
-            );
-            b.track_wakes = notes;
-            let board = Arc::new(b);
+            let board = test_board(10, 4, notes);
             board.tick(board.now_ns());
             for _ in 0..3 {
                 let mut fut = Box::pin(Watched::new(
@@ -628,13 +634,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let board = Arc::new(Board::new(
-            [Some(Duration::from_millis(500)), None, None],
-            1 << 20,
-            false,
-            1,
-            16,
-        ));
+        let board = test_board(500, 1 << 20, true);
         board.tick(board.now_ns());
         let fut = Watched::new(
             Some(board.clone()),
@@ -653,13 +653,7 @@ mod tests {
     /// A note on a board whose async threshold is 10 ms (victims' floor 1 ms) and that times
     /// one poll in 4; the watchdog's clock at `clock`.
     fn note_at(clock: u64) -> NoteRef {
-        let board = Arc::new(Board::new(
-            [Some(Duration::from_millis(10)), None, None],
-            4,
-            false,
-            1,
-            16,
-        ));
+        let board = test_board(10, 4, true);
         board.tick(clock);
         NoteRef::new(&board, 1)
     }
