@@ -176,14 +176,8 @@ const _: () = assert!(std::mem::align_of::<Board>() > OPEN_PROBE | OPEN_SPAN);
 /// The common path's name for `board` in `Local::gate`: its address (never 0; the tags go in
 /// its low bits, clear by the board's alignment).
 #[inline(always)]
-fn gate_of(board: &Arc<Board>) -> usize {
-    gate_at(Arc::as_ptr(board))
-}
-
-/// [`gate_of`] for a board's address.
-#[inline(always)]
-fn gate_at(board: *const Board) -> usize {
-    board as usize
+fn gate_of(board: &Board) -> usize {
+    ptr::from_ref(board) as usize
 }
 
 /// The gate's tag for a poll the common path opens with `id`.
@@ -1232,7 +1226,7 @@ impl Board {
     fn disarm_queued(&self, l: &Local) {
         l.queued_left.set(0);
         if !self.precise_start && !l.slot_ptr.get().is_null() && ptr::eq(l.board.get(), self) {
-            l.set_fast(gate_at(l.board.get()));
+            l.set_fast(gate_of(self));
         }
     }
 
