@@ -499,6 +499,10 @@ impl Board {
         max_threads: usize,
         max_kinds: usize,
     ) -> Board {
+        debug_assert!(
+            sample_every.is_power_of_two() && sample_every <= crate::config::MAX_SAMPLE_EVERY,
+            "sample_every is checked by the config"
+        );
         let epoch_ns = mono_ns();
         let mut board = Board {
             epoch_ns,
@@ -718,15 +722,16 @@ impl Board {
         task: impl FnOnce() -> u64,
         waited: Wait,
     ) {
-        self.enter_with(id, word, task, waited, |l, task| {
-            self.enter_full(l, id, word, task, waited);
+        self.enter_with(id, word, task, waited, |task| {
+            self.enter_full(id, word, task, waited);
         });
     }
 
     /// [`enter`](Self::enter) for a probe that has its task id at hand (the poll hooks, from
-    /// tokio's `TaskMeta`): the id is read before the common path's tests and handed to the
-    /// full path already read (read after the tests, it cost the hooks one instruction).
-    #[cfg(tokio_unstable)]
+    /// tokio's `TaskMeta`; a watched future without wake notes, which learns it at its first
+    /// poll): the id is read before the common path's tests and handed to the full path
+    /// already read. (Read after the tests, it cost the hooks one instruction; a watched
+    /// future's learning call there kept the clock and sequence on the stack, 4 more.)
     #[inline]
     pub(crate) fn enter_task(
         self: &Arc<Self>,
@@ -740,8 +745,8 @@ impl Board {
             word,
             move || task,
             waited,
-            |l, task| {
-                self.enter_full(l, id, word, task, waited);
+            |task| {
+                self.enter_full(id, word, task, waited);
             },
         );
     }
@@ -754,7 +759,7 @@ impl Board {
         word: CulpritWord,
         task: T,
         waited: Wait,
-        full: impl FnOnce(&Local, T),
+        full: impl FnOnce(T),
     ) {
         {
             let Some(l) = local() else { return };
@@ -791,21 +796,24 @@ impl Board {
                     return;
                 }
             }
-            full(l, task);
+            full(task);
         }
     }
 
     /// [`enter`](Self::enter)'s full path, with the task id still to be read (the common
-    /// path's caller keeps nothing live for it).
+    /// path's caller keeps nothing live for it). It finds this thread's state again: handed
+    /// it, the common path kept its address in a register for it at every poll (a probe's
+    /// common path addresses it from the thread pointer; 2 instructions at each end of a
+    /// watched poll; see `exit_nested` too).
     #[inline(never)]
     fn enter_full(
         self: &Arc<Self>,
-        l: &Local,
         id: u64,
         word: CulpritWord,
         task: impl FnOnce() -> u64,
         waited: Wait,
     ) {
+        let Some(l) = local() else { return };
         self.enter_nested(l, id, word, task(), waited);
     }
 
@@ -880,7 +888,7 @@ impl Board {
     #[inline]
     pub(crate) fn exit(self: &Arc<Self>, id: u64) {
         // (A constant closure: no frame for it on the common path.)
-        self.exit_with(id, |l| self.exit_nested(l, id, &|| true));
+        self.exit_with(id, || self.exit_nested(id, &|| true));
     }
 
     /// [`exit`](Self::exit) for a probe that may exit ids it never entered (the layer, which
@@ -889,12 +897,12 @@ impl Board {
     /// kept), so the common path needs no look-up.
     #[inline]
     pub(crate) fn exit_if(self: &Arc<Self>, id: u64, followed: impl Fn() -> bool) {
-        self.exit_with(id, |l| self.exit_nested(l, id, &followed));
+        self.exit_with(id, || self.exit_nested(id, &followed));
     }
 
     /// [`exit`](Self::exit)'s common path, and `full` off it.
     #[inline(always)]
-    fn exit_with(self: &Arc<Self>, id: u64, full: impl FnOnce(&Local)) {
+    fn exit_with(self: &Arc<Self>, id: u64, full: impl FnOnce()) {
         {
             let Some(l) = local() else { return };
             let me = gate_of(self);
@@ -920,14 +928,18 @@ impl Board {
                     return;
                 }
             }
-            full(l);
+            full();
         }
     }
 
-    /// [`exit`](Self::exit) off its common path: spans nested in the poll.
+    /// [`exit`](Self::exit) off its common path: spans nested in the poll. It finds this
+    /// thread's state again, as `enter_full` does. (The layer, with both: +6 per poll under
+    /// `tokio_unstable`, where a task span encloses every span it follows and this path is
+    /// taken at every poll; −5 on stable tokio, where it is not.)
     #[inline(never)]
-    fn exit_nested(self: &Arc<Self>, l: &Local, id: u64, followed: &dyn Fn() -> bool) {
+    fn exit_nested(self: &Arc<Self>, id: u64, followed: &dyn Fn() -> bool) {
         {
+            let Some(l) = local() else { return };
             if !ptr::eq(l.board.get(), Arc::as_ptr(self)) {
                 return;
             }
@@ -1962,7 +1974,7 @@ mod tests {
         // still caught at its end (judged from three quarters of a tick after its start).
         let mut small = Board::new(
             [Some(Duration::from_millis(1)), None, None],
-            1 << 20,
+            1 << 16,
             false,
             1,
             16,

@@ -25,6 +25,9 @@ pub const MIN_TICK: Duration = Duration::from_micros(50);
 pub const MAX_DEFAULT_TICK: Duration = Duration::from_millis(10);
 /// Default: one poll in this many (per worker) is timed exactly for the poll-duration histograms.
 pub const DEFAULT_SAMPLE_EVERY: u32 = 64;
+/// The largest `sample_every` (a watched future counts its polls in 16 bits, see
+/// `probe::watched`).
+pub(crate) const MAX_SAMPLE_EVERY: u32 = 1 << 16;
 /// Default capacity of the queue of stall reports between the watchdog and the reporter thread.
 pub const DEFAULT_REPORT_QUEUE: usize = 1024;
 /// Default number of threads that can be watched at once (each gets a slot).
@@ -521,7 +524,7 @@ pub(crate) fn validate(
             ),
         ));
     }
-    if !cfg.sample_every.is_power_of_two() || cfg.sample_every > 65_536 {
+    if !cfg.sample_every.is_power_of_two() || cfg.sample_every > MAX_SAMPLE_EVERY {
         return Err(sample_src.error(
             cfg.sample_every.to_string(),
             "expected a power of two in 1..=65536".into(),

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
@@ -72,14 +72,16 @@ struct WakeNote {
     task_id: AtomicU64,
     /// The waker of the task that polled the future last; its state word is `wake_state`.
     task: TaskWaker,
+    /// Its culprit word (its task kind, named, of the async layer), made once: read as is at
+    /// every poll (see [`WakeNote::word`]).
+    word: u64,
     /// References: the future's, and one per waker made from the note.
     refs: AtomicU32,
-    /// Its task kind (named, async: see [`WakeNote::word`]).
-    kind: KindId,
-    /// Polls so far (from an offset): a wake after one in `sample_every` is timed exactly.
-    /// Only the future's poll writes it (one poller at a time: `&mut` access); atomic because
-    /// the note is shared with its wakers, which read it.
-    polls: AtomicU32,
+    /// Polls so far (from an offset, wrapping): a wake after one in `sample_every` is timed
+    /// exactly. 16 bits are enough: `sample_every` is a power of two up to 65,536
+    /// ([`MAX_SAMPLE_EVERY`](crate::config::MAX_SAMPLE_EVERY)), so it divides the wrap. Only the future's poll writes it (one poller at a time: `&mut`
+    /// access); atomic because the note is shared with its wakers, which read it.
+    polls: AtomicU16,
     /// `task`'s state word (see `TaskWaker`).
     wake_state: AtomicU8,
     /// It notes its wakes (`schedule_delay`, default on): its inner poll gets the note's waker.
@@ -103,7 +105,7 @@ impl std::fmt::Debug for NoteRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.get();
         f.debug_struct("WakeNote")
-            .field("kind", &n.kind)
+            .field("word", &CulpritWord::from_bits(n.word))
             .field("task_id", &n.task_id.load(Ordering::Relaxed))
             .field("notes_wakes", &n.notes_wakes)
             .finish_non_exhaustive()
@@ -118,9 +120,9 @@ impl NoteRef {
             woken_at: AtomicU64::new(0),
             task_id: AtomicU64::new(0),
             task: TaskWaker::new(),
+            word: CulpritWord::kind(kind, LayerKind::Async, true).bits(),
             refs: AtomicU32::new(1),
-            kind,
-            polls: AtomicU32::new(0),
+            polls: AtomicU16::new(0),
             wake_state: AtomicU8::new(task_waker::IDLE),
             notes_wakes: board.track_wakes,
         }))));
@@ -129,7 +131,7 @@ impl NoteRef {
         // share it.
         r.get()
             .polls
-            .store((r.0.as_ptr() as usize >> 7) as u32, Ordering::Relaxed);
+            .store((r.0.as_ptr() as usize >> 7) as u16, Ordering::Relaxed);
         r
     }
 
@@ -174,7 +176,13 @@ impl WakeNote {
     /// The future's culprit word.
     #[inline]
     fn word(&self) -> CulpritWord {
-        CulpritWord::kind(self.kind, LayerKind::Async, true)
+        let word = CulpritWord::from_bits(self.word);
+        // SAFETY: `word` is made of the async layer in `NoteRef::new` and never changed. (Said
+        // so, the board's common path tests the layer of a word read from memory as it does
+        // a constant's: not at all. Made at every poll from the kind instead, it took two
+        // instructions more.)
+        unsafe { std::hint::assert_unchecked(word.is_async()) };
+        word
     }
 
     /// The id of the task the future runs in, learnt at its first poll.
@@ -458,7 +466,7 @@ impl<F: Future> Future for Watched<F> {
         let board = &note.board;
         if !note.notes_wakes {
             // schedule_delay is off: the poll is timed, the waker left alone.
-            board.enter(PROBE, note.word(), || note.task_id(), Wait::UNKNOWN);
+            board.enter_task(PROBE, note.word(), note.task_id(), Wait::UNKNOWN);
             let _exit = ExitOnDrop(note);
             return this.inner.poll(cx);
         }
@@ -608,7 +616,8 @@ mod tests {
     }
 
     /// Every poll of a watched future names its task on the board, the quiet ones on the
-    /// common path too (they store the id learnt at the first poll, which is never quiet).
+    /// common path too (with wake notes they store the id learnt at the first poll, which is
+    /// never quiet).
     #[test]
     fn every_watched_poll_names_its_task() {
         struct Check {
@@ -634,20 +643,27 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let board = test_board(500, 1 << 20, true);
-        board.tick(board.now_ns());
-        let fut = Watched::new(
-            Some(board.clone()),
-            "check",
-            Check {
-                board: board.clone(),
-                polls: 0,
-                quiet: 0,
-            },
-            std::panic::Location::caller(),
-        );
-        let quiet = rt.block_on(async move { tokio::spawn(fut).await.unwrap() });
-        assert!(quiet >= 15, "{quiet} of 20 polls on the common path");
+        // With wake notes and without (`schedule_delay(false)`: the id is learnt at every
+        // poll's start, before the board's tests).
+        for track_wakes in [true, false] {
+            let board = test_board(500, 1 << 16, track_wakes);
+            board.tick(board.now_ns());
+            let fut = Watched::new(
+                Some(board.clone()),
+                "check",
+                Check {
+                    board: board.clone(),
+                    polls: 0,
+                    quiet: 0,
+                },
+                std::panic::Location::caller(),
+            );
+            let quiet = rt.block_on(async move { tokio::spawn(fut).await.unwrap() });
+            assert!(
+                quiet >= 15,
+                "{quiet} of 20 polls on the common path (wake notes: {track_wakes})"
+            );
+        }
     }
 
     /// A note on a board whose async threshold is 10 ms (victims' floor 1 ms) and that times
@@ -737,6 +753,29 @@ mod tests {
         kept.wake();
         assert_eq!(task.0.load(Ordering::Relaxed), 1);
         assert_eq!(Arc::strong_count(&board), 1);
+    }
+
+    /// The note counts polls in 16 bits: across the count's wrap, still exactly one wake in
+    /// `sample_every` is chosen, up to the largest `sample_every` (65,536) and at the least.
+    #[test]
+    fn a_notes_poll_count_chooses_one_wake_in_sample_every_across_its_wrap() {
+        for every in [65_536, 4] {
+            let board = test_board(10, every, true);
+            board.tick(100_000_000);
+            let r = NoteRef::new(&board, 1);
+            let n = r.get();
+            let start = u16::MAX - 2;
+            let mut chosen = 0;
+            for k in 0..2 * 65_536_u32 {
+                n.polls
+                    .store(start.wrapping_add(k as u16), Ordering::Relaxed);
+                chosen += u32::from(n.stamp() & CHOSEN != 0);
+            }
+            assert_eq!(chosen, 2 * 65_536 / every, "sample_every {every}");
+            // The count wrapped to 0, a multiple of any `sample_every`: chosen.
+            n.polls.store(0, Ordering::Relaxed);
+            assert_ne!(n.stamp() & CHOSEN, 0);
+        }
     }
 
     /// Wakes are stamped with the watchdog's clock, except after one poll in `sample_every`
