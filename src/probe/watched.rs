@@ -168,6 +168,10 @@ const EXACT: u64 = 1 << 63;
 const CHOSEN: u64 = 1 << 62;
 /// The nanoseconds of a stamp, without its flags.
 const STAMP_NANOS: u64 = CHOSEN - 1;
+/// The most nanoseconds an exact stamp holds (2^61 - 1: 73 years after the board's start):
+/// below 2^61, a stamp flagged `EXACT | CHOSEN` stays at least 2^61 away from any clock
+/// reading, so the quiet test needs no test of the flags (see `take_quiet`).
+const EXACT_MAX: u64 = (1 << 61) - 1;
 
 /// A wake note stamps each wake with the watchdog's clock (one load; exact to a tick, enough to
 /// find a stall's victims), except the wakes after one poll in `sample_every`, stamped with the
@@ -242,7 +246,7 @@ impl WakeNote {
             .board
             .sampled(u64::from(self.polls.load(Ordering::Relaxed)))
         {
-            return self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT | CHOSEN;
+            return self.board.now_ns().clamp(1, EXACT_MAX) | EXACT | CHOSEN;
         }
         match self.board.coarse_ns() {
             // The watchdog's clock has its lowest bit clear (see `board::EXACT`): set, a stamp
@@ -251,7 +255,7 @@ impl WakeNote {
             t if clock_known(t) => t | 1,
             // The watchdog sleeps through an idle spell and its clock stops: a poll starting
             // now (this wake's, perhaps) ends the spell, so read the real one.
-            _ => self.board.now_ns().clamp(1, STAMP_NANOS) | EXACT,
+            _ => self.board.now_ns().clamp(1, EXACT_MAX) | EXACT,
         }
     }
 
@@ -306,8 +310,14 @@ impl WakeNote {
         self.woken_at.store(0, Ordering::Relaxed);
         // The common case: a coarse stamp (no flag), and a wait too short to note. The
         // clock's lowest bit set as the stamp's was: a wake and a poll in one tick wait 0. An
-        // unknown clock reads far past any stamp (see `take_wait_from`).
-        if w != 0 && w & (EXACT | CHOSEN) == 0 {
+        // unknown clock reads far past any stamp (see `take_wait_from`). An exact stamp
+        // needs no test of its flags: with nanoseconds x (1..=EXACT_MAX) and a known clock c
+        // (below 2^62 ns), the wrapping difference is 2^63 + c + 1 - x for `EXACT` and
+        // 2^62 + c + 1 - x for `EXACT | CHOSEN`, both at least 2^61; with the unknown clock
+        // (2^63) it is 2^64 + 1 - x and 2^64 - 2^62 + 1 - x, at least 2^61 unless x is 1 (a
+        // wake in the board's first nanosecond). Never under the floor, then. (The flags'
+        // test cost 2 instructions more per poll.)
+        if w != 0 {
             let waited = (self.board.coarse_ns() | 1).wrapping_sub(w);
             if waited < self.board.wait_floor_ns() {
                 return Ok(());
@@ -753,6 +763,32 @@ mod tests {
         kept.wake();
         assert_eq!(task.0.load(Ordering::Relaxed), 1);
         assert_eq!(Arc::strong_count(&board), 1);
+    }
+
+    /// An exactly stamped wake (flagged) is never quiet, whatever the watchdog's clock reads
+    /// beside its nanoseconds: the quiet test has no test of the flags of its own.
+    #[test]
+    fn an_exact_stamp_is_never_quiet() {
+        const MS: u64 = 1_000_000;
+        let r = note_at(100 * MS);
+        let n = r.get();
+        for nanos in [2, MS, 100 * MS, EXACT_MAX] {
+            for flags in [EXACT, EXACT | CHOSEN] {
+                for clock in [0, nanos - 1, nanos, nanos + 1, 100 * MS, CLOCK_UNKNOWN] {
+                    n.board.tick(clock);
+                    n.woken_at.store(nanos | flags, Ordering::Relaxed);
+                    assert_eq!(
+                        n.take_quiet(),
+                        Err(nanos | flags),
+                        "stamp {nanos} flags {flags:#x} clock {clock}"
+                    );
+                }
+            }
+        }
+        // A coarse one at the clock is (a wake and a poll in one tick).
+        n.board.tick(100 * MS);
+        n.woken_at.store((100 * MS) | 1, Ordering::Relaxed);
+        assert_eq!(n.take_quiet(), Ok(()));
     }
 
     /// The note counts polls in 16 bits: across the count's wrap, still exactly one wake in
