@@ -1214,12 +1214,20 @@ fn cuts_cost(workers: usize, watched: bool) {
 /// than a native run does (each tick sends the poll it lands in to the full path), and how
 /// many more would depend on how fast valgrind runs on the host that day. The common path is
 /// the same code at any threshold.
+///
+/// Each task's future is spawned as is (`watch` wraps it), except in `bare-inner` and
+/// `watch-inner`: there it is awaited inside an `async` block spawned in its place (a
+/// `.watched()` future awaited in a handler), to compare with each other
+/// (`LOOPWATCH_INSTR_VARIANTS="bare-inner watch-inner" bash scripts/instructions.sh`).
 fn instructions(variant: &str) {
     let mut b = tokio::runtime::Builder::new_current_thread();
     b.enable_all();
     let mut guard = None;
     let mut layer = None;
-    if !matches!(variant, "bare" | "hooks-empty" | "span-registry") {
+    if !matches!(
+        variant,
+        "bare" | "bare-inner" | "hooks-empty" | "span-registry"
+    ) {
         let (l, g) = loopwatch::builder()
             .ignore_env()
             .diagnose(false)
@@ -1256,9 +1264,10 @@ fn instructions(variant: &str) {
                 std::hint::black_box(m);
             });
         }
-        "bare" | "watch" | "watch-nowake" | "span-registry" | "span-layer" => {}
+        "bare" | "bare-inner" | "watch" | "watch-inner" | "watch-nowake" | "span-registry"
+        | "span-layer" => {}
         other => panic!(
-            "unknown variant {other} (bare, watch, watch-nowake, hooks-empty, hooks, hooks-nosched, hooks-tokio, span-registry, span-layer)"
+            "unknown variant {other} (bare, bare-inner, watch, watch-inner, watch-nowake, hooks-empty, hooks, hooks-nosched, hooks-tokio, span-registry, span-layer)"
         ),
     }
     let rt = b.build().unwrap();
@@ -1272,6 +1281,12 @@ fn instructions(variant: &str) {
                     }
                 };
                 match &guard {
+                    // A watched future awaited inside the task's own future (not spawned as is).
+                    Some(g) if variant == "watch-inner" => {
+                        let w = g.watch("w", fut);
+                        tokio::spawn(async move { w.await })
+                    }
+                    None if variant == "bare-inner" => tokio::spawn(async move { fut.await }),
                     Some(g) if variant.starts_with("watch") => tokio::spawn(g.watch("w", fut)),
                     _ if spans => tokio::spawn(fut.instrument(tracing::info_span!("w"))),
                     _ => tokio::spawn(fut),
