@@ -1219,6 +1219,8 @@ fn cuts_cost(workers: usize, watched: bool) {
 /// `watch-inner`: there it is awaited inside an `async` block spawned in its place (a
 /// `.watched()` future awaited in a handler), to compare with each other
 /// (`LOOPWATCH_INSTR_VARIANTS="bare-inner watch-inner" bash scripts/instructions.sh`).
+// Those `async` blocks around one `.await` are the point: a future of the task's own.
+#[allow(clippy::redundant_async_block)]
 fn instructions(variant: &str) {
     let mut b = tokio::runtime::Builder::new_current_thread();
     b.enable_all();
