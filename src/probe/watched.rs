@@ -79,8 +79,9 @@ struct WakeNote {
     refs: AtomicU32,
     /// Polls so far (from an offset, wrapping): a wake after one in `sample_every` is timed
     /// exactly. 16 bits are enough: `sample_every` is a power of two up to 65,536
-    /// ([`MAX_SAMPLE_EVERY`](crate::config::MAX_SAMPLE_EVERY)), so it divides the wrap. Only the future's poll writes it (one poller at a time: `&mut`
-    /// access); atomic because the note is shared with its wakers, which read it.
+    /// ([`MAX_SAMPLE_EVERY`](crate::config::MAX_SAMPLE_EVERY)), so it divides the wrap. Only
+    /// the future's poll writes it (one poller at a time: `&mut` access); atomic because the
+    /// note is shared with its wakers, which read it.
     polls: AtomicU16,
     /// `task`'s state word (see `TaskWaker`).
     wake_state: AtomicU8,
