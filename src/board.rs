@@ -159,9 +159,6 @@ const RING: usize = 1024;
 /// alone.
 const MAX_DEPTH: usize = 8;
 
-/// Ids from `FULL` up always take the full path.
-const FULL: u64 = u64::MAX - 1;
-
 /// In `Local::gate`'s low bits (a board's address has them clear): the common path opened a
 /// poll with [`PROBE`].
 const OPEN_PROBE: usize = 1;
@@ -779,7 +776,6 @@ impl Board {
                     && !self.sampled_seq(s)
                     && word.is_async()
                     && waited.is_quiet(self.wait_floor_ns)
-                    && id < FULL
                 {
                     // Open on the common path: depth 1, `id` at the bottom (see `settle`).
                     l.gate.set(me + open_tag(id));
@@ -909,8 +905,7 @@ impl Board {
             // The common case: the poll the common path started ends (the gate, and for a
             // span its id: nothing nested, nothing noted since), and short on the watchdog's
             // clock (see `end`; it is of the async layer). For a probe's own poll, one compare.
-            if l.gate.get() == me + open_tag(id) && (id == PROBE || l.open.get() == id) && id < FULL
-            {
+            if l.gate.get() == me + open_tag(id) && (id == PROBE || l.open.get() == id) {
                 // SAFETY: as in `enter`.
                 let slot = unsafe { &*l.slot_ptr.get() };
                 let s = slot.seq.load(Ordering::Relaxed);
@@ -2230,6 +2225,20 @@ mod tests {
             "the common path again"
         );
         a.exit(PROBE);
+
+        // Any span id, the largest too, opens and closes its poll on the common path.
+        for id in [u64::MAX - 1, u64::MAX] {
+            a.enter(id, word(1), || 1, Wait::UNKNOWN);
+            assert_eq!(LOCAL.with(Local::common_open), Some(id));
+            a.exit(id - 2);
+            assert!(open(&a));
+            a.exit(id);
+            assert!(!open(&a));
+            assert!(
+                LOCAL.with(|l| l.gate.get() == gate_of(&a)),
+                "the gate open again"
+            );
+        }
     }
 
     #[test]
