@@ -9,8 +9,14 @@
 # probe is still counted LOOPWATCH_INSTR_RUNS times (default 3) and the lowest count shown.
 # The watchdog thread's own instructions depend on how many ticks fit in the run, so they are
 # shown apart.
+# Only the run is counted, not the set-up: on the polling thread, what runs inside the runtime's
+# `block_on` (spawning the tasks, polling them, joining them); on the others, the watchdog's run
+# loop. Counted whole, a thread's total moved by up to 1.6 per poll between runs of one binary:
+# glibc's `calloc` zeroes a big allocation made at set-up (the layer's span table, 1.5 MiB) with
+# a `memset` or hands out fresh pages that need none, depending on what was freed before.
 # LOOPWATCH_INSTR_BIN=path counts an already built bench binary (to compare two builds).
 set -euo pipefail
+shopt -s inherit_errexit # a count that fails stops the script, inside `$(...)` too
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || apt-get install -y valgrind
 # LOOPWATCH_INSTR_STABLE=1 counts the stable-tokio build (no poll hooks, no tokio task spans:
@@ -34,7 +40,10 @@ count_once() {
   local dir
   dir=$(mktemp -d)
   LOOPWATCH_BENCH_ONLY="instructions:$1" valgrind --tool=callgrind --separate-threads=yes \
-    --callgrind-out-file="$dir/cg" "$bin" >/dev/null 2>&1
+    --collect-atstart=no --toggle-collect='tokio::runtime::runtime::Runtime::block_on' \
+    --toggle-collect='loopwatch::watchdog::Watchdog::run' \
+    --callgrind-out-file="$dir/cg" "$bin" >/dev/null 2>&1 ||
+    { echo "instructions.sh: the bench failed under valgrind for $1" >&2; return 1; }
   local main=0 rest=0 f n
   for f in "$dir"/cg-*; do
     n=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$f" | head -n 1)
@@ -44,12 +53,19 @@ count_once() {
     esac
   done
   rm -rf "$dir"
+  if [ "$main" -eq 0 ]; then
+    echo "instructions.sh: nothing counted inside tokio's Runtime::block_on for $1 (renamed or" \
+      "inlined in this tokio?): see --toggle-collect in this script" >&2
+    return 1
+  fi
   echo "$main $rest"
 }
-read -r bare bare_rest < <(count bare)
+line=$(count bare)
+read -r bare _ <<<"$line"
 polls=1000100
 printf '%-12s %14s %12s %16s\n' probe instructions "added/poll" "other threads"
 for v in ${LOOPWATCH_INSTR_VARIANTS:-bare watch watch-nowake hooks-empty hooks-nosched hooks hooks-tokio span-registry span-layer}; do
-  read -r n rest < <(count "$v")
+  line=$(count "$v")
+  read -r n rest <<<"$line"
   printf '%-12s %14s %12.1f %16s\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)" "$rest"
 done
