@@ -64,7 +64,13 @@ line=$(count bare)
 read -r bare _ <<<"$line"
 polls=1000100
 printf '%-12s %14s %12s %16s\n' probe instructions "added/poll" "other threads"
-for v in ${LOOPWATCH_INSTR_VARIANTS:-bare watch watch-nowake hooks-empty hooks-nosched hooks hooks-tokio span-registry span-layer}; do
+# (The poll-hook rows need `tokio_unstable`: a stable build has no hooks to count.)
+if [ -z "${LOOPWATCH_INSTR_STABLE:-}" ]; then
+  variants="bare watch watch-nowake hooks-empty hooks-nosched hooks hooks-tokio span-registry span-layer"
+else
+  variants="bare watch watch-nowake span-registry span-layer"
+fi
+for v in ${LOOPWATCH_INSTR_VARIANTS:-$variants}; do
   line=$(count "$v")
   read -r n rest <<<"$line"
   printf '%-12s %14s %12.1f %16s\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)" "$rest"
