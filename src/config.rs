@@ -450,7 +450,9 @@ impl EnvOverrides {
                 bad(
                     ENV_SAMPLE_EVERY,
                     &v,
-                    format!("not a whole number ({e}); expected a power of two in 1..=65536"),
+                    format!(
+                        "not a whole number ({e}); expected a power of two in 1..={MAX_SAMPLE_EVERY}"
+                    ),
                 )
             })?;
             out.sample_every = Some((n, v));
@@ -527,7 +529,7 @@ pub(crate) fn validate(
     if !cfg.sample_every.is_power_of_two() || cfg.sample_every > MAX_SAMPLE_EVERY {
         return Err(sample_src.error(
             cfg.sample_every.to_string(),
-            "expected a power of two in 1..=65536".into(),
+            format!("expected a power of two in 1..={MAX_SAMPLE_EVERY}"),
         ));
     }
     if let Some(sig) = cfg.stack_signal {

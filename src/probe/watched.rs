@@ -654,8 +654,8 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        // With wake notes and without (`schedule_delay(false)`: the id is learnt at every
-        // poll's start, before the board's tests).
+        // With wake notes and without (`schedule_delay(false)`: the id, learnt at the first
+        // poll, is read at every poll's start, before the board's tests).
         for track_wakes in [true, false] {
             let board = test_board(500, 1 << 16, track_wakes);
             board.tick(board.now_ns());
