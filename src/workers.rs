@@ -78,6 +78,11 @@ impl BareRegistry {
         self.load_roles();
     }
 
+    /// Follows no runtime (a poisoned list counts as one followed).
+    pub(crate) fn follows_none(&self) -> bool {
+        self.runtimes.lock().is_ok_and(|rts| rts.is_empty())
+    }
+
     /// Thread `tid` polled a task of runtime `name` at board time `at_ns`: it is one of its
     /// workers.
     pub(crate) fn learnt(&self, name: &str, tid: u64, at_ns: u64) {

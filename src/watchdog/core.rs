@@ -284,6 +284,17 @@ impl<K: Kernel, S: StackPort> Core<K, S> {
         self.bare_watching
     }
 
+    /// Is nothing due before a deep sleep of the idle watchdog (see `pace`)? Not while the
+    /// probe-free path follows a runtime (it sees work start only by its readings), nor while
+    /// a stall is open or waits for its victims.
+    pub(crate) fn quiet(&self) -> bool {
+        (!self.shared.cfg.diagnose || self.shared.bare.follows_none())
+            && self
+                .states
+                .iter()
+                .all(|st| st.open.is_none() && !st.victims.is_holding())
+    }
+
     /// One tick at board time `now` over `slots`; returns whether anything ran since the last
     /// one (a poll in progress or ended), which paces the watchdog.
     pub(crate) fn tick<P: SlotPort>(&mut self, now: u64, slots: &[P]) -> bool {

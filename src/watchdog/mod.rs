@@ -65,7 +65,12 @@ impl Watchdog {
         );
         while !self.shared.stop.load(Ordering::Acquire) {
             let now = board.now_ns();
-            board.tick(now);
+            // Through an idle spell the clock stays "unknown": a poll that starts during this
+            // tick wakes the watchdog too (see `pace`).
+            let asleep = !pacer.clock_runs();
+            if !asleep {
+                board.tick(now);
+            }
             let active = match catch_unwind(AssertUnwindSafe(|| self.core.tick(now, board.slots())))
             {
                 Ok(active) => active,
@@ -75,11 +80,22 @@ impl Watchdog {
                 }
             };
             self.flush();
-            let step = pacer.after_tick(active, self.core.watching_workers(), board.now_ns());
+            let step = pacer.after_tick(
+                active,
+                self.core.watching_workers(),
+                self.core.quiet(),
+                board.now_ns(),
+            );
             if step.clock_unknown {
-                // Polls that start while we sleep long read "no time" instead of a stale clock
-                // (their start is exact), and the first of them wakes us.
-                board.sleep_unknown();
+                if !asleep {
+                    // Polls that start while we sleep long read "no time" instead of a stale
+                    // clock (their start is exact), and the first of them wakes us.
+                    board.sleep_unknown();
+                }
+            } else if asleep {
+                // Something ran that started before the clock went unknown: it runs again.
+                board.awake();
+                board.tick(board.now_ns());
             }
             while !self.shared.stop.load(Ordering::Acquire) {
                 let now = board.now_ns();
@@ -88,7 +104,10 @@ impl Watchdog {
                 }
                 std::thread::park_timeout(Duration::from_nanos(step.next_ns - now));
             }
-            if step.clock_unknown && board.awake() {
+            // Woken by a poll (it cleared `sleeping`): the clock runs from the next tick. Else
+            // the spell goes on, `sleeping` still set, so a poll that starts from here on
+            // wakes us.
+            if step.clock_unknown && board.woken() {
                 pacer.woken(board.now_ns());
             }
         }

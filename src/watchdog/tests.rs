@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::core::{Core, SlotPort};
-use super::pace::{Pacer, Step};
+use super::pace::{Pacer, Step, DEEP_SLEEP};
 use crate::board::{Board, Caught, Record, SlotRead, ThreadMeta, CLOCK_UNKNOWN};
 use crate::config::Config;
 use crate::diagnose::ports::{Kernel, RequestError, StackPort};
@@ -723,57 +723,124 @@ fn step(next_ms: u64, clock_unknown: bool) -> Step {
 #[test]
 fn the_watchdog_sleeps_long_after_two_idle_ticks_with_the_clock_unknown() {
     let mut p = pacer();
-    assert_eq!(p.after_tick(true, false, 0), step(1, false));
-    assert_eq!(p.after_tick(false, false, MS), step(2, false));
+    assert_eq!(p.after_tick(true, false, false, 0), step(1, false));
+    assert_eq!(p.after_tick(false, false, false, MS), step(2, false));
     // Second idle tick in a row: the threshold and a tick, and "no time" on the board
     // meanwhile (a poll that starts then reads an exact start, so it is flagged at most a
     // tick past its threshold).
-    assert_eq!(p.after_tick(false, false, 2 * MS), step(13, true));
-    assert_eq!(p.after_tick(false, false, 13 * MS), step(24, true));
+    assert_eq!(p.after_tick(false, false, false, 2 * MS), step(13, true));
+    assert_eq!(p.after_tick(false, false, false, 13 * MS), step(24, true));
     // Something ran: back to every tick at once.
-    assert_eq!(p.after_tick(true, false, 24 * MS), step(25, false));
+    assert_eq!(p.after_tick(true, false, false, 24 * MS), step(25, false));
 }
 
 #[test]
 fn a_poll_that_wakes_the_watchdog_from_its_long_sleep_brings_back_every_tick() {
     let mut p = pacer();
-    p.after_tick(false, false, 0);
-    assert_eq!(p.after_tick(false, false, MS), step(12, true));
+    p.after_tick(false, false, false, 0);
+    assert_eq!(p.after_tick(false, false, false, MS), step(12, true));
     // A poll woke it at 4 ms: it ticks then (the loop breaks), and every tick after while
     // something runs.
     p.woken(4 * MS);
-    assert_eq!(p.after_tick(true, false, 4 * MS), step(5, false));
-    assert_eq!(p.after_tick(true, false, 5 * MS), step(6, false));
+    assert_eq!(p.after_tick(true, false, false, 4 * MS), step(5, false));
+    assert_eq!(p.after_tick(true, false, false, 5 * MS), step(6, false));
     // Woken by a poll that ended before the tick saw it: still a tick later, not a long
     // sleep from the one it was woken from.
-    p.after_tick(false, false, 6 * MS);
-    assert_eq!(p.after_tick(false, false, 7 * MS), step(18, true));
+    p.after_tick(false, false, false, 6 * MS);
+    assert_eq!(p.after_tick(false, false, false, 7 * MS), step(18, true));
     p.woken(9 * MS);
-    assert_eq!(p.after_tick(false, false, 9 * MS), step(10, false));
+    assert_eq!(p.after_tick(false, false, false, 9 * MS), step(10, false));
     // Two idle ticks in a row again: the long sleep.
-    assert_eq!(p.after_tick(false, false, 10 * MS), step(21, true));
+    assert_eq!(p.after_tick(false, false, false, 10 * MS), step(21, true));
 }
 
 #[test]
 fn while_the_probe_free_path_follows_workers_at_work_the_long_sleep_is_half_the_threshold() {
     let mut p = pacer();
-    assert_eq!(p.after_tick(false, true, 0), step(1, false));
-    assert_eq!(p.after_tick(false, true, MS), step(6, true));
+    assert_eq!(p.after_tick(false, true, false, 0), step(1, false));
+    assert_eq!(p.after_tick(false, true, false, MS), step(6, true));
     // The workers parked: the long sleep is the idle one.
-    assert_eq!(p.after_tick(false, false, 6 * MS), step(17, true));
+    assert_eq!(p.after_tick(false, false, false, 6 * MS), step(17, true));
+}
+
+#[test]
+fn an_idle_spell_that_a_tick_found_empty_with_the_clock_unknown_sleeps_deep() {
+    let mut p = pacer();
+    assert!(p.clock_runs());
+    p.after_tick(false, false, true, 0);
+    // The first long sleep: a poll that read the clock before it went unknown did not wake
+    // the watchdog, and is at most a threshold and a tick old when it wakes.
+    assert_eq!(p.after_tick(false, false, true, MS), step(12, true));
+    // The tick after it is taken with the clock still unknown (the driver stores none).
+    assert!(!p.clock_runs());
+    // It found nothing: every poll from now on wakes the watchdog, which sleeps deep.
+    let deep = DEEP_SLEEP.as_millis() as u64;
+    assert_eq!(
+        p.after_tick(false, false, true, 12 * MS),
+        step(12 + deep, true)
+    );
+    assert!(!p.clock_runs());
+    assert_eq!(
+        p.after_tick(false, false, true, (12 + deep) * MS),
+        step(12 + 2 * deep, true)
+    );
+    // A poll woke it: the clock runs, every tick.
+    p.woken((20 + 2 * deep) * MS);
+    assert!(p.clock_runs());
+    assert_eq!(
+        p.after_tick(true, false, true, (20 + 2 * deep) * MS),
+        step(21 + 2 * deep, false)
+    );
+}
+
+#[test]
+fn a_poll_from_before_the_clock_went_unknown_brings_back_every_tick_with_the_clock() {
+    let mut p = pacer();
+    p.after_tick(false, false, true, 0);
+    assert_eq!(p.after_tick(false, false, true, MS), step(12, true));
+    // The tick after the first long sleep finds a poll that read the clock before it went
+    // unknown (it did not wake the watchdog): the clock runs again, every tick.
+    assert_eq!(p.after_tick(true, false, true, 12 * MS), step(13, false));
+    assert!(p.clock_runs());
+    // Idle again: the first long sleep again, never a deep one straight after a tick that
+    // stored the clock.
+    p.after_tick(false, false, true, 13 * MS);
+    assert_eq!(p.after_tick(false, false, true, 14 * MS), step(25, true));
+}
+
+#[test]
+fn no_deep_sleep_while_something_else_is_due() {
+    let mut p = pacer();
+    p.after_tick(false, false, false, 0);
+    assert_eq!(p.after_tick(false, false, false, MS), step(12, true));
+    // Not quiet (the probe-free path follows a runtime, or a stall waits for its victims):
+    // the sleep of a threshold and a tick, the clock still unknown.
+    assert_eq!(p.after_tick(false, false, false, 12 * MS), step(23, true));
+    assert!(!p.clock_runs());
+    // Quiet now: deep.
+    let deep = DEEP_SLEEP.as_millis() as u64;
+    assert_eq!(
+        p.after_tick(false, false, true, 23 * MS),
+        step(23 + deep, true)
+    );
+    // Workers at work for the probe-free path: half the threshold, never deep.
+    assert_eq!(
+        p.after_tick(false, true, true, (23 + deep) * MS),
+        step(28 + deep, true)
+    );
 }
 
 #[test]
 fn a_watchdog_that_fell_behind_skips_the_ticks_it_missed() {
     let mut p = pacer();
-    assert_eq!(p.after_tick(true, false, 50 * MS).next_ns, 51 * MS);
+    assert_eq!(p.after_tick(true, false, false, 50 * MS).next_ns, 51 * MS);
 }
 
 #[test]
 fn no_long_sleep_when_it_is_no_longer_than_a_tick() {
     let mut p = Pacer::new(Duration::from_millis(1), Duration::from_millis(2), 0);
     for i in 0..5 {
-        assert!(!p.after_tick(false, true, i * MS).clock_unknown);
+        assert!(!p.after_tick(false, true, false, i * MS).clock_unknown);
     }
 }
 
@@ -1043,6 +1110,28 @@ fn a_victim_polled_in_the_instant_the_stall_ended_counts() {
     rig.tick(40 * MS, &slot);
     let s = rig.one_stall();
     assert_eq!(s.victims.count, 1);
+}
+
+#[test]
+fn the_watchdog_is_quiet_only_with_no_stall_open_or_held_and_no_runtime_followed() {
+    let (mut rig, _) = victims_rig();
+    assert!(rig.core.quiet(), "nothing seen yet");
+    let slot = rig.stalled();
+    rig.one_stall();
+    assert!(!rig.core.quiet(), "a stall open");
+    slot[0].end_exactly(20 * MS);
+    rig.tick(21 * MS, &slot);
+    assert!(rig.stalls().is_empty(), "held for its victims");
+    assert!(!rig.core.quiet(), "a stall held for its victims");
+    rig.tick(31 * MS, &slot);
+    assert_eq!(rig.one_stall().state, StallState::Ended);
+    assert!(rig.core.quiet(), "released");
+    // The probe-free path follows a runtime: it sees work start only by its readings.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rig.shared.bare.add_runtime("api", rt.handle().clone());
+    assert_eq!(rig.core.quiet(), !rig.shared.cfg.diagnose);
 }
 
 #[test]

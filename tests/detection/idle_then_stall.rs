@@ -83,3 +83,35 @@ fn a_poll_just_over_the_threshold_after_each_idle_spell_is_reported() {
         seen.insert(s.task.name.clone().unwrap_or_default());
     }
 }
+
+/// After a long idle spell the watchdog sleeps deep (100 ms per wake-up, the board's clock
+/// "unknown"): a poll that starts then wakes it, so a stall is reported while it still runs,
+/// as after any other idle spell. Three rounds: a watchdog that only saw the stall at its next
+/// deep wake-up would miss the running report of a 50 ms poll more often than not.
+#[test]
+fn a_stall_after_a_long_idle_spell_is_reported_while_it_runs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _serial = common::serial();
+    let h = common::harness(loopwatch::builder().threshold(THRESHOLD).diagnose(false));
+    let rt = h.runtime(1);
+    for i in 0..3 {
+        // Several deep sleeps long.
+        std::thread::sleep(Duration::from_millis(350));
+        let name = format!("after-deep-{i}");
+        let seen_running = Arc::new(AtomicBool::new(false));
+        let (flag, seen, me) = (seen_running.clone(), h.seen.clone(), name.clone());
+        rt.block_on(rt.spawn(h.guard.watch(&name, async move {
+            common::spin_for(THRESHOLD * 5);
+            let reported = seen.lock().unwrap().iter().any(|s| {
+                s.state == loopwatch::StallState::Running && s.task.name.as_deref() == Some(&*me)
+            });
+            flag.store(reported, Ordering::SeqCst);
+        })))
+        .unwrap();
+        assert!(
+            seen_running.load(Ordering::SeqCst),
+            "round {i}: the stall must be reported while the poll still runs"
+        );
+    }
+}
