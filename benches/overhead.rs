@@ -1219,9 +1219,17 @@ fn cuts_cost(workers: usize, watched: bool) {
 /// `watch-inner`: there it is awaited inside an `async` block spawned in its place (a
 /// `.watched()` future awaited in a handler), to compare with each other
 /// (`LOOPWATCH_INSTR_VARIANTS="bare-inner watch-inner" bash scripts/instructions.sh`).
+///
+/// A variant ending in `/spawn` counts spawned tasks instead of polls: 100,000 tasks of one
+/// poll each, spawned in batches of 1,000 and awaited (W2's shape), so what a probe costs per
+/// task (its set-up, first poll and drop) shows.
 // Those `async` blocks around one `.await` are the point: a future of the task's own.
 #[allow(clippy::redundant_async_block)]
 fn instructions(variant: &str) {
+    let (variant, spawn) = match variant.strip_suffix("/spawn") {
+        Some(v) => (v, true),
+        None => (variant, false),
+    };
     let mut b = tokio::runtime::Builder::new_current_thread();
     b.enable_all();
     let mut guard = None;
@@ -1273,31 +1281,44 @@ fn instructions(variant: &str) {
         ),
     }
     let rt = b.build().unwrap();
-    let (tasks, yields) = (100u64, 10_000u64);
+    // Tiny polls: 100 tasks of 10,001 polls, all spawned at once. Spawned tasks: 100,000 of
+    // one poll, 1,000 at a time.
+    let (tasks, yields, batch) = if spawn {
+        (100_000u64, 0u64, 1_000u64)
+    } else {
+        (100u64, 10_000u64, 100u64)
+    };
     rt.block_on(async {
-        let hs: Vec<_> = (0..tasks)
-            .map(|_| {
-                let fut = async move {
-                    for _ in 0..yields {
-                        tokio::task::yield_now().await;
+        for _ in 0..tasks / batch {
+            let hs: Vec<_> = (0..batch)
+                .map(|_| {
+                    let fut = async move {
+                        for _ in 0..yields {
+                            tokio::task::yield_now().await;
+                        }
+                    };
+                    match &guard {
+                        // A watched future awaited inside the task's own future (not spawned
+                        // as is).
+                        Some(g) if variant == "watch-inner" => {
+                            let w = g.watch("w", fut);
+                            tokio::spawn(async move { w.await })
+                        }
+                        None if variant == "bare-inner" => tokio::spawn(async move { fut.await }),
+                        Some(g) if variant.starts_with("watch") => tokio::spawn(g.watch("w", fut)),
+                        _ if spans => tokio::spawn(fut.instrument(tracing::info_span!("w"))),
+                        _ => tokio::spawn(fut),
                     }
-                };
-                match &guard {
-                    // A watched future awaited inside the task's own future (not spawned as is).
-                    Some(g) if variant == "watch-inner" => {
-                        let w = g.watch("w", fut);
-                        tokio::spawn(async move { w.await })
-                    }
-                    None if variant == "bare-inner" => tokio::spawn(async move { fut.await }),
-                    Some(g) if variant.starts_with("watch") => tokio::spawn(g.watch("w", fut)),
-                    _ if spans => tokio::spawn(fut.instrument(tracing::info_span!("w"))),
-                    _ => tokio::spawn(fut),
-                }
-            })
-            .collect();
-        for h in hs {
-            h.await.unwrap();
+                })
+                .collect();
+            for h in hs {
+                h.await.unwrap();
+            }
         }
     });
-    println!("polls {}", tasks * (yields + 1));
+    if spawn {
+        println!("tasks {tasks}");
+    } else {
+        println!("polls {}", tasks * (yields + 1));
+    }
 }

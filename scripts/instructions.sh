@@ -75,3 +75,19 @@ for v in ${LOOPWATCH_INSTR_VARIANTS:-$variants}; do
   read -r n rest <<<"$line"
   printf '%-12s %14s %12.1f %16s\n' "$v" "$n" "$(echo "($n - $bare) / $polls" | bc -l)" "$rest"
 done
+# Per spawned task (W2's shape: 100,000 tasks of one poll, spawned 1,000 at a time and awaited):
+# what a probe costs a task beyond its polls (its set-up, first poll and drop). Off with
+# LOOPWATCH_INSTR_SPAWN=0.
+if [ "${LOOPWATCH_INSTR_SPAWN:-1}" != 0 ]; then
+  line=$(count bare/spawn)
+  read -r bare _ <<<"$line"
+  tasks=100000
+  echo
+  printf '%-12s %14s %12s %16s\n' probe instructions "added/task" "other threads"
+  for v in ${LOOPWATCH_INSTR_VARIANTS:-$variants}; do
+    [ "$v" = bare ] && continue
+    line=$(count "$v/spawn")
+    read -r n rest <<<"$line"
+    printf '%-12s %14s %12.1f %16s\n' "$v" "$n" "$(echo "($n - $bare) / $tasks" | bc -l)" "$rest"
+  done
+fi

@@ -464,8 +464,10 @@ pub(crate) struct Board {
     pub(crate) blocking: BlockingStats,
 }
 
-/// Jobs given to loopwatch's `spawn_blocking` wrappers.
+/// Jobs given to loopwatch's `spawn_blocking` wrappers. A cache line of their own: they are
+/// counted at every job, on any thread, and the board's other fields are read at every poll.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub(crate) struct BlockingStats {
     pub(crate) submitted: AtomicU64,
     pub(crate) started: AtomicU64,
@@ -671,7 +673,11 @@ impl Board {
     /// [`Watched`](crate::Watched) future) is in use: stalls wait a little after they end to
     /// collect their victims.
     pub(crate) fn set_waits_known(&self) {
-        self.waits_known.store(true, Ordering::Relaxed);
+        // Called at every `watch()`: a store each time would take the cache line of the
+        // fields every poll reads (sampling, the quiet-wait floor) from the other workers.
+        if !self.waits_known.load(Ordering::Relaxed) {
+            self.waits_known.store(true, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn waits_known(&self) -> bool {

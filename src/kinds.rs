@@ -21,6 +21,9 @@ pub(crate) const OTHER: KindId = 0;
 /// application's, so never a stall, a histogram sample or a victim. Not in the table.
 pub(crate) const OWN: KindId = KindId::MAX;
 
+/// Entries of the keyed cache (see [`Kinds::intern_at`]).
+const KEYED: usize = 256;
+
 const EMPTY: u8 = 0;
 const WRITING: u8 = 1;
 const READY: u8 = 2;
@@ -72,7 +75,15 @@ struct Entry {
     state: AtomicU8,
     hash: AtomicU64,
     id: AtomicU32,
-    kind: OnceLock<TaskKind>,
+    kind: OnceLock<Interned>,
+}
+
+/// A kind in the table, with its site's parts as interned: a look-up compares them as they
+/// are, parsing nothing (`watch()` interns at every call).
+struct Interned {
+    kind: TaskKind,
+    /// The length of the file's part of `kind.site`, its line and its column (0: none).
+    site: Option<(usize, u32, u32)>,
 }
 
 /// The capped intern table.
@@ -80,6 +91,10 @@ pub(crate) struct Kinds {
     entries: Box<[Entry]>,
     /// `entries` index of each id, in insertion order (`ids[id - 1]`).
     ids: Box<[AtomicUsize]>,
+    /// Kinds found again by a `'static` key (see [`intern_at`](Self::intern_at)): a
+    /// direct-mapped cache, each entry the key shifted left 16 bits with the kind's id in the
+    /// low 16 (0: empty), written once.
+    keyed: Box<[AtomicU64]>,
     len: AtomicUsize,
     cap: usize,
     overflow: AtomicU64,
@@ -112,6 +127,7 @@ impl Kinds {
             len: AtomicUsize::new(0),
             cap,
             overflow: AtomicU64::new(0),
+            keyed: (0..KEYED).map(|_| AtomicU64::new(0)).collect(),
             other: TaskKind::other(),
         }
     }
@@ -134,7 +150,59 @@ impl Kinds {
         self.entries
             .get(slot)
             .and_then(|e| e.kind.get())
+            .map(|i| &i.kind)
             .unwrap_or(&self.other)
+    }
+
+    /// The kind last interned with `key` by [`intern_at`](Self::intern_at), if the cache still
+    /// holds it: for a key that always comes with the same name and site (a span's
+    /// `Metadata`), the kind itself; for one whose name varies (a `watch()` call site), a kind
+    /// whose name is still to be compared.
+    #[inline]
+    pub(crate) fn find_at(&self, key: usize) -> Option<KindId> {
+        let k = key as u64;
+        let cached = self.keyed_entry(k).load(Ordering::Acquire);
+        (k != 0 && cached >> 16 == k).then_some((cached & 0xffff) as KindId)
+    }
+
+    fn keyed_entry(&self, k: u64) -> &AtomicU64 {
+        &self.keyed[(k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize % KEYED]
+    }
+
+    /// [`intern`](Self::intern) for a kind whose site `key` stands for: the address of a
+    /// `'static` value that always comes with the same `site` (a call site's `Location`, a
+    /// span's `Metadata`). Found again from a small cache by that address and the name alone
+    /// (compared with the kind's), without hashing or showing the site's path: `watch()` and
+    /// the layer intern at every future and span. A key seen with several names keeps the
+    /// first; the others take [`intern`](Self::intern).
+    pub(crate) fn intern_at(
+        &self,
+        key: usize,
+        name: Option<&str>,
+        site: Option<(&str, u32, u32)>,
+    ) -> KindId {
+        let name = name.filter(|n| !n.is_empty());
+        if let Some(id) = self.find_at(key) {
+            if self.get(id).name.as_deref() == name {
+                return id;
+            }
+        }
+        let id = self.intern(name, site);
+        let k = key as u64;
+        // The key fits beside a 16-bit id (user-space addresses are below 2^48 but with
+        // 5-level paging). Written once: a key whose name varies does not take the line from
+        // the readers at every call.
+        if k != 0 && k >> 48 == 0 && id != OTHER && id <= 0xffff {
+            // Released: a reader that sees the entry sees the kind (`ids` and the entry are
+            // stored before `intern` returns).
+            let _ = self.keyed_entry(k).compare_exchange(
+                0,
+                (k << 16) | u64::from(id),
+                Ordering::Release,
+                Ordering::Relaxed,
+            );
+        }
+        id
     }
 
     /// Interns a kind from its parts. `site` is `(file, line, column)`; a column of 0 is left out.
@@ -192,10 +260,13 @@ impl Kinds {
                             self.overflow.fetch_add(1, Ordering::Relaxed);
                             return OTHER;
                         }
-                        let _ = e.kind.set(TaskKind {
-                            name: name.map(Arc::from),
-                            site: site.map(|(f, l, c)| Arc::from(format_site(f, l, c))),
-                            dependency,
+                        let _ = e.kind.set(Interned {
+                            kind: TaskKind {
+                                name: name.map(Arc::from),
+                                site: site.map(|(f, l, c)| Arc::from(format_site(f, l, c))),
+                                dependency,
+                            },
+                            site: site.map(|(f, l, c)| (f.len(), l, c)),
                         });
                         e.hash.store(hash, Ordering::Relaxed);
                         e.id.store(n as KindId + 1, Ordering::Relaxed);
@@ -225,11 +296,16 @@ fn cut_name(name: &str) -> String {
     s
 }
 
-fn matches(k: &TaskKind, name: Option<&str>, site: Option<(&str, u32, u32)>) -> bool {
-    k.name.as_deref() == name
-        && match (site, &k.site) {
-            (None, None) => true,
-            (Some((f, l, c)), Some(s)) => site_matches(s, f, l, c),
+fn matches(k: &Interned, name: Option<&str>, site: Option<(&str, u32, u32)>) -> bool {
+    k.kind.name.as_deref() == name
+        && match (site, k.site, &k.kind.site) {
+            (None, None, _) => true,
+            (Some((f, l, c)), Some((len, line, col)), Some(s)) => {
+                l == line
+                    && c == col
+                    && len == f.len()
+                    && s.as_bytes().get(..len) == Some(f.as_bytes())
+            }
             _ => false,
         }
 }
@@ -274,21 +350,6 @@ impl FxHasher {
 }
 
 /// `s == format_site(file, line, col)`, without allocating.
-fn site_matches(s: &str, file: &str, line: u32, col: u32) -> bool {
-    let Some(rest) = s.strip_prefix(file).and_then(|r| r.strip_prefix(':')) else {
-        return false;
-    };
-    let (l, c) = match rest.split_once(':') {
-        Some((l, c)) => (l, Some(c)),
-        None => (rest, None),
-    };
-    l.parse() == Ok(line)
-        && match c {
-            Some(c) => col != 0 && c.parse() == Ok(col),
-            None => col == 0,
-        }
-}
-
 pub(crate) fn format_site(file: &str, line: u32, col: u32) -> String {
     if col == 0 {
         format!("{file}:{line}")
@@ -331,6 +392,66 @@ mod tests {
         // An empty name is no name.
         let c = k.intern(Some(""), Some(("src/y.rs", 3, 0)));
         assert_eq!(k.get(c).label(), "src/y.rs:3");
+    }
+
+    #[test]
+    fn a_site_matches_by_its_parts_only() {
+        let k = Kinds::new(16);
+        let base = k.intern(Some("w"), Some(("src/x.rs", 10, 5)));
+        let again = |f, l, c| k.intern(Some("w"), Some((f, l, c)));
+        assert_eq!(again("src/x.rs", 10, 5), base);
+        for other in [
+            again("src/x.rs", 10, 6),
+            again("src/x.rs", 11, 5),
+            again("src/x.rs", 10, 0),
+            again("src/x.r", 10, 5),
+            again("src/x.rsx", 10, 5),
+        ] {
+            assert_ne!(other, base);
+            assert_ne!(other, OTHER);
+        }
+        // Two sites that read alike ("a.rs:1:2" both: a file whose name has a colon) are two
+        // kinds, each found again.
+        let colon = k.intern(None, Some(("a.rs:1", 2, 0)));
+        let plain = k.intern(None, Some(("a.rs", 1, 2)));
+        assert_ne!(colon, plain);
+        assert_eq!(k.get(colon).site, k.get(plain).site);
+        assert_eq!(k.intern(None, Some(("a.rs:1", 2, 0))), colon);
+        assert_eq!(k.intern(None, Some(("a.rs", 1, 2))), plain);
+        assert_eq!(k.intern(None, None), k.intern(None, None));
+        assert_ne!(k.intern(None, None), colon);
+    }
+
+    #[test]
+    fn a_kind_found_again_by_its_key_is_the_one_its_parts_give() {
+        static SITE_A: u8 = 0;
+        static SITE_B: u8 = 0;
+        let (a, b) = (&SITE_A as *const u8 as usize, &SITE_B as *const u8 as usize);
+        let k = Kinds::new(16);
+        let first = k.intern_at(a, Some("w"), Some(("src/x.rs", 1, 2)));
+        assert_eq!(first, k.intern(Some("w"), Some(("src/x.rs", 1, 2))));
+        assert_eq!(k.intern_at(a, Some("w"), Some(("src/x.rs", 1, 2))), first);
+        // Another name at the same key is another kind, each found again.
+        let other = k.intern_at(a, Some("v"), Some(("src/x.rs", 1, 2)));
+        assert_ne!(other, first);
+        assert_eq!(k.get(other).name.as_deref(), Some("v"));
+        assert_eq!(k.intern_at(a, Some("v"), Some(("src/x.rs", 1, 2))), other);
+        assert_eq!(k.intern_at(a, Some("w"), Some(("src/x.rs", 1, 2))), first);
+        // No name, an empty one: the same kind.
+        let unnamed = k.intern_at(b, None, Some(("src/y.rs", 3, 0)));
+        assert_eq!(k.intern_at(b, Some(""), Some(("src/y.rs", 3, 0))), unnamed);
+        assert_eq!(k.get(unnamed).label(), "src/y.rs:3");
+        // A key too wide to keep, and 0: interned each time, the same kind.
+        for key in [0, 1 << 56] {
+            assert_eq!(k.intern_at(key, Some("w"), Some(("src/x.rs", 1, 2))), first);
+        }
+        // A full table gives OTHER, never cached as a kind.
+        let full = Kinds::new(1);
+        let one = full.intern_at(a, Some("one"), None);
+        assert_ne!(one, OTHER);
+        assert_eq!(full.intern_at(b, Some("two"), None), OTHER);
+        assert_eq!(full.intern_at(b, Some("two"), None), OTHER);
+        assert_eq!(full.overflow(), 2);
     }
 
     #[test]

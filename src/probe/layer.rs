@@ -197,6 +197,18 @@ impl Visit for TaskFields {
 impl LayerShared {
     fn span_created(&self, attrs: &Attributes<'_>, id: &Id) {
         let meta = attrs.metadata();
+        let key = std::ptr::from_ref(meta) as usize;
+        // A span of a callsite seen before (its metadata's address: the same name and site,
+        // always): its kind from the cache, no test of its name or target. Only followed
+        // spans of the application's own are cached (below).
+        if let Some(kind) = self.board.kinds.find_at(key) {
+            self.spans.insert(
+                id.into_u64(),
+                CulpritWord::kind(kind, LayerKind::Async, true),
+                0,
+            );
+            return;
+        }
         let target = meta.target();
         let (word, task) = if meta.name() == "runtime.spawn" && target.starts_with("tokio::task") {
             let mut f = TaskFields {
@@ -232,7 +244,7 @@ impl LayerShared {
             return; // tokio's resource spans: not polls
         } else {
             let site = meta.file().map(|f| (f, meta.line().unwrap_or(0), 0));
-            let kind = self.board.kinds.intern(Some(meta.name()), site);
+            let kind = self.board.kinds.intern_at(key, Some(meta.name()), site);
             (CulpritWord::kind(kind, LayerKind::Async, true), 0)
         };
         self.spans.insert(id.into_u64(), word, task);

@@ -411,9 +411,11 @@ impl<F> Watched<F> {
     ) -> Self {
         // The note is made here, in the caller's code, so no poll allocates.
         let note = board.as_ref().map(|b| {
-            let kind = b
-                .kinds
-                .intern(Some(name), Some((site.file(), site.line(), site.column())));
+            let kind = b.kinds.intern_at(
+                std::ptr::from_ref(site) as usize,
+                Some(name),
+                Some((site.file(), site.line(), site.column())),
+            );
             if b.track_wakes {
                 // Stalls wait a moment after they end for watched futures' delays.
                 b.set_waits_known();
