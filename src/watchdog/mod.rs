@@ -80,12 +80,11 @@ impl Watchdog {
                 }
             };
             self.flush();
-            let step = pacer.after_tick(
-                active,
-                self.core.watching_workers(),
-                self.core.quiet(),
-                board.now_ns(),
-            );
+            // The pacer asks whether anything else is due only of an idle tick taken asleep
+            // (see `pace`): the core's look (a lock, every slot) is left out of the others.
+            let quiet = asleep && !active && self.core.quiet();
+            let step =
+                pacer.after_tick(active, self.core.watching_workers(), quiet, board.now_ns());
             if step.clock_unknown {
                 if !asleep {
                     // Polls that start while we sleep long read "no time" instead of a stale
